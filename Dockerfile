@@ -1,0 +1,19 @@
+# loraplex server image (CPU by default). For GPUs, build with a CUDA base image and
+#   --build-arg TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128"
+FROM python:3.11-slim
+ARG TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+ENV PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+    LORAPLEX_HOST=0.0.0.0 LORAPLEX_STATE_DIR=/var/lib/loraplex LORAPLEX_ADAPTER_ROOT=/adapters
+WORKDIR /opt/loraplex
+RUN pip install --no-cache-dir ${TORCH_SPEC}
+COPY pyproject.toml README.md ./
+COPY server ./server
+COPY adapters ./adapters
+COPY clients ./clients
+RUN pip install --no-cache-dir . && useradd --system --uid 10001 loraplex \
+    && mkdir -p /var/lib/loraplex /adapters && chown loraplex /var/lib/loraplex
+USER loraplex
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s CMD \
+    python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2)"
+ENTRYPOINT ["loraplex", "serve"]

@@ -1,0 +1,264 @@
+"""Tiered adapter cache: disk -> host memory (LRU) -> device slots (LRU, pinning, refcount).
+
+The engine asks `acquire(name)` when it wants to schedule a request for `name`. A device-resident adapter
+answers READY with its slot (refcount + 1); otherwise a background load (disk -> host -> device slot) is
+started and the request waits without blocking others. An adapter used by a running request (refcount > 0)
+or pinned is never evicted. A failing load marks that adapter errored; only its requests fail.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from loraplex.adapters.weights import AdapterWeights
+
+log = logging.getLogger(__name__)
+
+TIERS = ("disk", "host", "device")
+
+
+class SlotState(enum.Enum):
+    READY = "ready"
+    LOADING = "loading"  # a load for this adapter is in flight; try again later
+    NO_SLOT = "no_slot"  # every device slot is pinned or in use by running requests
+    ERRORED = "errored"
+
+
+@dataclass(frozen=True)
+class Acquired:
+    state: SlotState
+    slot: int = -1
+    reason: str | None = None
+
+
+@dataclass
+class CacheStats:
+    """Monotonic counters read by the metrics exporter at scrape time."""
+
+    hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS[1:], 0))
+    misses: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS[1:], 0))
+    evictions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS[1:], 0))
+    bytes_loaded: int = 0
+
+
+@dataclass
+class _Slot:
+    owner: str | None = None
+    ready: bool = False
+
+
+SlotWriter = Callable[[int, AdapterWeights], None]
+
+
+class AdapterCache:
+    """Host LRU of `max_host` adapters and `num_slots` device slots written through `write_slot`."""
+
+    def __init__(self, loader: Callable[[str], AdapterWeights], write_slot: SlotWriter, clear_slot:
+                 Callable[[int], None], *, num_slots: int, max_host: int, workers: int = 2) -> None:
+        self._loader, self._write_slot, self._clear_slot = loader, write_slot, clear_slot
+        self._slots = [_Slot() for _ in range(num_slots)]
+        self._slot_of: dict[str, int] = {}
+        self._device_lru: OrderedDict[str, None] = OrderedDict()
+        self._host: OrderedDict[str, AdapterWeights] = OrderedDict()
+        self._max_host = max_host
+        self._refs: dict[str, int] = {}
+        self._pinned: set[str] = set()
+        self._errors: dict[str, str] = {}
+        self._doomed: set[str] = set()  # unregistered while in use: free the slot on last release
+        self._host_loading: set[str] = set()
+        self._load_info: dict[str, dict[str, float]] = {}
+        self._lock = threading.RLock()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lora-load")
+        self.stats = CacheStats()
+        self.on_ready: Callable[[], None] = lambda: None
+        self.on_load_seconds: Callable[[float], None] = lambda s: None
+
+    # ---- engine side -------------------------------------------------------------------------
+    def acquire(self, name: str) -> Acquired:
+        """READY (+1 ref) when on the device; otherwise start/await a load and say why not yet."""
+        with self._lock:
+            if name in self._errors:
+                return Acquired(SlotState.ERRORED, reason=self._errors[name])
+            if name in self._doomed:  # the old copy is still in use; a re-registered one waits for it
+                return Acquired(SlotState.LOADING)
+            slot = self._slot_of.get(name)
+            if slot is not None and self._slots[slot].ready:
+                self.stats.hits["device"] += 1
+                self._refs[name] = self._refs.get(name, 0) + 1
+                self._device_lru.move_to_end(name)
+                return Acquired(SlotState.READY, slot)
+            if slot is not None:
+                return Acquired(SlotState.LOADING)
+            return self._start_load(name)
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            self._refs[name] -= 1
+            if self._refs[name] == 0:
+                del self._refs[name]
+                self._maybe_free_doomed(name)
+
+    def prefetch(self, name: str) -> None:
+        """Start bringing `name` towards the device as soon as a request for it is queued."""
+        with self._lock:
+            if name not in self._slot_of and name not in self._errors:
+                self._start_load(name)
+
+    def refcount(self, name: str) -> int:
+        with self._lock:
+            return self._refs.get(name, 0)
+
+    # ---- admin side --------------------------------------------------------------------------
+    def pin(self, name: str, pinned: bool = True) -> None:
+        with self._lock:
+            (self._pinned.add if pinned else self._pinned.discard)(name)
+        if pinned:
+            self.prefetch(name)
+
+    def forget(self, name: str) -> None:
+        """Drop every cached copy of `name` (unregistered); a slot still in use is freed on last release."""
+        with self._lock:
+            self._pinned.discard(name)
+            self._errors.pop(name, None)
+            self._host.pop(name, None)
+            self._load_info.pop(name, None)
+            if name in self._slot_of:
+                self._doomed.add(name)
+                self._maybe_free_doomed(name)
+
+    def restore(self, name: str) -> None:
+        """A name registered (again): forget any earlier error so the next request retries the load."""
+        with self._lock:
+            self._errors.pop(name, None)
+
+    def tier(self, name: str) -> str:
+        with self._lock:
+            slot = self._slot_of.get(name)
+            if slot is not None and self._slots[slot].ready:
+                return "device"
+            return "host" if name in self._host else "disk"
+
+    def error(self, name: str) -> str | None:
+        with self._lock:
+            return self._errors.get(name)
+
+    def load_info(self, name: str) -> dict[str, float]:
+        with self._lock:
+            return dict(self._load_info.get(name, {}))
+
+    def resident(self) -> dict[str, list[str]]:
+        """Adapter names per tier (device ones are ready in a slot)."""
+        with self._lock:
+            device = [n for n, s in self._slot_of.items() if self._slots[s].ready]
+            return {"device": device, "host": list(self._host)}
+
+    @property
+    def num_slots(self) -> int:
+        return len(self._slots)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- internals (lock held) ---------------------------------------------------------------
+    def _start_load(self, name: str) -> Acquired:
+        slot = self._reserve_slot()
+        if slot is None:
+            self._prefetch_host(name)
+            return Acquired(SlotState.NO_SLOT)
+        self.stats.misses["device"] += 1
+        self._slots[slot] = _Slot(owner=name, ready=False)
+        self._slot_of[name] = slot
+        self._pool.submit(self._load_job, name, slot)
+        return Acquired(SlotState.LOADING)
+
+    def _reserve_slot(self) -> int | None:
+        for i, s in enumerate(self._slots):
+            if s.owner is None:
+                return i
+        for victim in self._device_lru:  # least recently used first
+            if not self._refs.get(victim) and victim not in self._pinned:
+                slot = self._slot_of[victim]
+                self._free_slot(victim, slot)
+                self.stats.evictions["device"] += 1
+                return slot
+        return None
+
+    def _maybe_free_doomed(self, name: str) -> None:
+        slot = self._slot_of.get(name)
+        if name in self._doomed and not self._refs.get(name) and slot is not None and self._slots[slot].ready:
+            self._free_slot(name, slot)
+            self._doomed.discard(name)
+
+    def _free_slot(self, name: str, slot: int) -> None:
+        self._clear_slot(slot)
+        self._slots[slot] = _Slot()
+        del self._slot_of[name]
+        self._device_lru.pop(name, None)
+
+    def _prefetch_host(self, name: str) -> None:
+        if name not in self._host and name not in self._host_loading:
+            self._host_loading.add(name)
+            self._pool.submit(self._host_job, name)
+
+    # ---- workers -----------------------------------------------------------------------------
+    def _host_job(self, name: str) -> None:
+        try:
+            self._host_get(name)
+        except Exception as exc:  # noqa: BLE001 - any load failure marks only this adapter
+            self._mark_error(name, exc)
+        finally:
+            with self._lock:
+                self._host_loading.discard(name)
+
+    def _load_job(self, name: str, slot: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            weights = self._host_get(name)
+            t_host = time.perf_counter() - t0
+            self._write_slot(slot, weights)
+        except Exception as exc:  # noqa: BLE001 - any load failure marks only this adapter
+            with self._lock:
+                if self._slot_of.get(name) == slot:
+                    self._free_slot(name, slot)
+            self._mark_error(name, exc)
+        else:
+            total = time.perf_counter() - t0
+            with self._lock:
+                if self._slot_of.get(name) == slot:
+                    self._slots[slot].ready = True
+                    self._device_lru[name] = None
+                    self._load_info[name] = {"last_load_seconds": total, "host_load_seconds": t_host,
+                                             "loads": self._load_info.get(name, {}).get("loads", 0) + 1}
+                    self._maybe_free_doomed(name)
+            self.on_load_seconds(total)
+        self.on_ready()
+
+    def _host_get(self, name: str) -> AdapterWeights:
+        with self._lock:
+            weights = self._host.get(name)
+            if weights is not None:
+                self.stats.hits["host"] += 1
+                self._host.move_to_end(name)
+                return weights
+            self.stats.misses["host"] += 1
+        weights = self._loader(name)  # disk read + validation, outside the lock
+        with self._lock:
+            self.stats.bytes_loaded += weights.size_bytes
+            self._host[name] = weights
+            while len(self._host) > self._max_host:
+                self._host.popitem(last=False)
+                self.stats.evictions["host"] += 1
+        return weights
+
+    def _mark_error(self, name: str, exc: Exception) -> None:
+        log.warning("adapter %s failed to load: %s", name, exc)
+        with self._lock:
+            self._errors[name] = str(exc) or type(exc).__name__
+        self.on_ready()

@@ -1,0 +1,89 @@
+"""MultiLoRALinear: wraps one base linear layer and adds per-token multi-adapter LoRA beside it.
+
+    y_t = base(x_t) + scale_s * B_s (A_s x_t)      s = slot of token t (-1: base only)
+
+The base may be nn.Linear or a bitsandbytes Linear4bit / Linear8bitLt: LoRA runs beside it in the compute
+dtype (QLoRA style). Slot stacks are preallocated; the scale is folded into B when a slot is loaded.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loraplex.adapters.context import LoRABatchContext
+from loraplex.adapters.ops import lora_apply
+
+
+class MultiLoRALinear(nn.Module):
+    """A base linear layer plus `num_slots` LoRA slots of rank <= `max_rank`.
+
+    lora_a: [S, R_max, in]; lora_b: [S, out, R_max] (already multiplied by the adapter's scale);
+    ranks[s]: the rank held in slot s for this module (0 = empty or not targeted by that adapter).
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        *,
+        num_slots: int,
+        max_rank: int,
+        context: LoRABatchContext,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features: int = base_layer.in_features
+        self.out_features: int = base_layer.out_features
+        self.max_rank = max_rank
+        self.context = context
+        device = _device_of(base_layer)
+        a = torch.zeros(num_slots, max_rank, self.in_features, dtype=dtype, device=device)
+        b = torch.zeros(num_slots, self.out_features, max_rank, dtype=dtype, device=device)
+        self.register_buffer("lora_a", a, persistent=False)
+        self.register_buffer("lora_b", b, persistent=False)
+        self.ranks: list[int] = [0] * num_slots
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # Some model code reads `proj.weight.dtype` / `.device`; answer for the base layer.
+        return self.base_layer.weight
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.ranks)
+
+    def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        """Load A [r, in] and B [out, r] (scaled by `scale`) into `slot`; r <= max_rank."""
+        r = a.shape[0]
+        if r > self.max_rank:
+            raise ValueError(f"rank {r} exceeds --max-lora-rank {self.max_rank}")
+        if tuple(a.shape) != (r, self.in_features) or tuple(b.shape) != (self.out_features, r):
+            raise ValueError(f"LoRA shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit this layer")
+        self.lora_a[slot, :r].copy_(a, non_blocking=True)
+        self.lora_b[slot, :, :r].copy_(b * scale, non_blocking=True)
+        self.ranks[slot] = r
+
+    def clear_slot(self, slot: int) -> None:
+        """Mark the slot empty; stale values past rank 0 are never read (ops slice to the rank)."""
+        self.ranks[slot] = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        meta = self.context.meta_for(x)
+        if meta is None:
+            return y
+        y = y.contiguous()  # a no-op for nn.Linear; bnb layers may hand back a strided view
+        # x: [..., in] -> [T, in]; y: [..., out] -> [T, out] (a view: the add lands in y)
+        y2d = y.view(-1, self.out_features)
+        lora_apply(y2d, x.reshape(-1, self.in_features), self.lora_a, self.lora_b, self.ranks, meta)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, slots={self.num_slots}, r_max={self.max_rank}"
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")

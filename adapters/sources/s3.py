@@ -1,0 +1,165 @@
+"""Adapters fetched from S3 or an S3-compatible store (MinIO, Ceph, moto) into `state_dir/s3/`.
+
+Credentials come from boto3's usual chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY env vars, profile,
+instance role); the endpoint from the constructor or `LORAPLEX_S3_ENDPOINT`. Sizes are checked with
+HEAD before any download (413), and the download itself is counted again in case the object changed.
+Every boto error becomes an AdapterError with the object's URL, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from loraplex.adapters.errors import (
+    AdapterError,
+    AdapterForbiddenError,
+    AdapterNotFoundError,
+    AdapterTooLargeError,
+    AdapterValidationError,
+)
+from loraplex.adapters.names import validate_adapter_name
+from loraplex.adapters.sources.base import (
+    ADAPTER_FILES,
+    AdapterSource,
+    ByteBudget,
+    copy_capped,
+    prepare_owned_dir,
+    stage_atomically,
+)
+
+ENDPOINT_ENV = "LORAPLEX_S3_ENDPOINT"
+# S3 bucket naming rules (3–63 chars, lowercase, digits, dots, hyphens, alnum at both ends).
+_URL = re.compile(r"s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<prefix>.*))?", re.DOTALL)
+_NOT_FOUND_CODES = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
+_DENIED_CODES = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
+
+
+class S3UnavailableError(AdapterError):
+    """The store could not be reached or answered with a server-side error (502)."""
+
+    status = 502
+
+
+@dataclass(frozen=True)
+class S3Location:
+    """A parsed `s3://bucket/prefix`; the prefix has no leading or trailing slash ("" = bucket root)."""
+
+    bucket: str
+    prefix: str
+
+    def key(self, filename: str) -> str:
+        return f"{self.prefix}/{filename}" if self.prefix else filename
+
+    def url(self, filename: str | None = None) -> str:
+        path = self.key(filename) if filename else self.prefix
+        return f"s3://{self.bucket}/{path}" if path else f"s3://{self.bucket}"
+
+
+def parse_s3_url(url: object) -> S3Location:
+    """`s3://bucket[/prefix]` → S3Location; AdapterValidationError (400) naming what is wrong."""
+    if not isinstance(url, str) or not url.startswith("s3://"):
+        raise AdapterValidationError(f"expected an s3://bucket/prefix URL, got {url!r}", field="path")
+    match = _URL.fullmatch(url)
+    if match is None:
+        raise AdapterValidationError(f"{url!r}: invalid S3 bucket name", field="path")
+    prefix = (match.group("prefix") or "").strip("/")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in prefix):
+        raise AdapterValidationError(f"{url!r}: the key prefix contains control characters", field="path")
+    return S3Location(match.group("bucket"), prefix)
+
+
+class S3Source(AdapterSource[str]):
+    """Copies `<prefix>/adapter_config.json` + `<prefix>/adapter_model.safetensors` into the state dir."""
+
+    def __init__(self, state_dir: Path, endpoint_url: str | None = None, max_bytes: int = 1 << 30) -> None:
+        self.owned_dir = prepare_owned_dir(Path(state_dir) / "s3")
+        self.endpoint_url = endpoint_url or os.environ.get(ENDPOINT_ENV) or None
+        self.max_bytes = max_bytes
+        ByteBudget(max_bytes, "S3 adapter")  # validates max_bytes once, at start
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+
+    def describe(self, ref: str) -> str:
+        return parse_s3_url(ref).url()
+
+    def materialize(self, ref: str, name: str | None = None) -> Path:
+        """Download the two adapter files under `ref` into `state_dir/s3/<label>-<uuid>/`."""
+        location = parse_s3_url(ref)
+        label = validate_adapter_name(name) if name else _url_label(location)
+        client = self._get_client()
+        sizes = {f: self._object_size(client, location, f) for f in ADAPTER_FILES}
+        total = sum(sizes.values())
+        if total > self.max_bytes:
+            raise AdapterTooLargeError(
+                f"adapter at {location.url()} is {total} bytes ({sizes}); the limit is {self.max_bytes}",
+                field="path",
+            )
+        budget = ByteBudget(self.max_bytes, f"adapter at {location.url()}")
+
+        def fill(tmp: Path) -> None:
+            for filename in ADAPTER_FILES:
+                with _s3_errors(location, filename):
+                    body = client.get_object(Bucket=location.bucket, Key=location.key(filename))["Body"]
+                    try:
+                        copy_capped(body, tmp / filename, budget)
+                    finally:
+                        body.close()
+
+        return stage_atomically(self.owned_dir, label, fill)
+
+    def _get_client(self) -> Any:
+        with self._client_lock:  # boto3 clients are thread-safe; creating them is not
+            if self._client is None:
+                config = Config(
+                    s3={"addressing_style": "path"} if self.endpoint_url else None,
+                    retries={"max_attempts": 3, "mode": "standard"},
+                    connect_timeout=10,
+                    read_timeout=60,
+                )
+                with _s3_errors(None, None):
+                    self._client = boto3.session.Session().client(
+                        "s3", endpoint_url=self.endpoint_url, config=config
+                    )
+            return self._client
+
+    @staticmethod
+    def _object_size(client: Any, location: S3Location, filename: str) -> int:
+        with _s3_errors(location, filename):
+            head = client.head_object(Bucket=location.bucket, Key=location.key(filename))
+        return int(head["ContentLength"])
+
+
+def _url_label(location: S3Location) -> str:
+    """A safe directory label when no adapter name is given: a hash of the URL."""
+    return "s3-" + hashlib.sha256(location.url().encode()).hexdigest()[:16]
+
+
+@contextmanager
+def _s3_errors(location: S3Location | None, filename: str | None) -> Iterator[None]:
+    """Translate boto errors into AdapterErrors that name the object."""
+    where = location.url(filename) if location is not None else "the S3 store"
+    try:
+        yield
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        if code in _NOT_FOUND_CODES:
+            raise AdapterNotFoundError(f"{where} does not exist", field="path") from None
+        if code in _DENIED_CODES:
+            raise AdapterForbiddenError(f"access to {where} was denied ({code})", field="path") from None
+        message = error.get("Message") or code
+        raise S3UnavailableError(f"S3 error for {where}: {message}", field="path") from None
+    except BotoCoreError as exc:  # no credentials, endpoint unreachable, stream cut…
+        raise S3UnavailableError(f"cannot fetch {where}: {exc}", field="path") from None

@@ -1,0 +1,338 @@
+"""Load a PEFT LoRA adapter directory into validated fp32 CPU tensors (safetensors only, never pickle).
+
+Everything a user can get wrong is checked from `adapter_config.json` and the safetensors *header* before a
+single tensor is allocated: the header is parsed here by hand (8-byte little-endian length + JSON), so a
+header that declares a [10**9, 10**9] tensor in a 100-byte file is refused without touching memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from loraplex.adapters.errors import AdapterNotFoundError, AdapterValidationError
+from loraplex.adapters.peft_config import LoraSpec, parse_adapter_config
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".ckpt"})
+# safetensors' own limit on the JSON header; anything larger is not a real adapter.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Floating dtypes safetensors can hold that cast losslessly enough to fp32; bool/int are not LoRA weights.
+FLOAT_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+_PEFT_PREFIX = "base_model.model."
+# `<module>.lora_A.weight`, or `<module>.lora_A.<adapter>.weight` as some PEFT paths write it.
+_LORA_KEY = re.compile(r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+# Training-only state PEFT saves beside A/B (VeLoRA's compression embed, MonteCLoRA's sampler priors): in
+# eval mode both variants run plain LoRA on lora_A/lora_B, so these are read past and dropped.
+_TRAINING_ONLY_KEY = re.compile(r"\.(lora_velora_embed|lora_monteclora_sampler\.[A-Za-z_]+)$")
+
+
+@dataclass(frozen=True)
+class TensorHeader:
+    """One safetensors header entry; `start`/`end` are byte offsets into the data section (end exclusive)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class LoraModuleWeights:
+    """One target module's LoRA pair, fp32 on CPU: a [r, in], b [out, r]; delta y = scale · b @ (a @ x)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+
+@dataclass(frozen=True)
+class AdapterWeights:
+    """A validated adapter: its spec, {full base-module name: weights}, and in-memory tensor bytes (fp32)."""
+
+    spec: LoraSpec
+    modules: dict[str, LoraModuleWeights]
+    size_bytes: int
+
+    @property
+    def max_rank(self) -> int:
+        return max(m.rank for m in self.modules.values())
+
+
+def _invalid(message: str, field: str = WEIGHTS_NAME) -> AdapterValidationError:
+    return AdapterValidationError(message, field=field)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# safetensors header
+# ---------------------------------------------------------------------------------------------------------
+
+
+def read_safetensors_header(path: str | Path, max_bytes: int) -> dict[str, TensorHeader]:
+    """Parse and check a safetensors header without reading tensor data; {tensor name: TensorHeader}."""
+    data_size, header_json = _read_header_bytes(Path(path))
+    raw = _parse_header_json(header_json)
+    raw.pop("__metadata__", None)
+    entries = {name: _tensor_entry(name, spec, max_bytes) for name, spec in raw.items()}
+    _check_layout(entries, data_size, max_bytes)
+    return entries
+
+
+def _read_header_bytes(path: Path) -> tuple[int, bytes]:
+    """-> (size of the data section after the header, the header's JSON bytes)."""
+    with path.open("rb") as f:
+        file_size = path.stat().st_size
+        if file_size < 8:
+            raise _invalid(f"{path.name} is truncated: {file_size} bytes, less than the 8-byte header length")
+        header_len = int.from_bytes(f.read(8), "little")
+        if header_len > file_size - 8:
+            raise _invalid(
+                f"{path.name} is truncated or corrupt: header length {header_len} exceeds the "
+                f"{file_size - 8} bytes that follow it"
+            )
+        if header_len > MAX_HEADER_BYTES:
+            raise _invalid(f"{path.name} header is {header_len} bytes, over the {MAX_HEADER_BYTES}-byte cap")
+        return file_size - 8 - header_len, f.read(header_len)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _invalid(f"safetensors header lists tensor {key!r} twice")
+        out[key] = value
+    return out
+
+
+def _parse_header_json(header: bytes) -> dict[str, Any]:
+    try:
+        raw = json.loads(header.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _invalid(f"{WEIGHTS_NAME} has a corrupt header (not JSON): {exc}") from exc
+    if not isinstance(raw, dict):
+        raise _invalid(f"{WEIGHTS_NAME} header must be a JSON object, got {type(raw).__name__}")
+    meta = raw.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _invalid(f"{WEIGHTS_NAME} header __metadata__ must map strings to strings")
+    return raw
+
+
+def _int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+def _tensor_entry(name: str, spec: Any, max_bytes: int) -> TensorHeader:
+    """Check one entry's dtype, shape and offsets; the byte span must equal numel × itemsize exactly."""
+    if not isinstance(spec, dict):
+        raise _invalid(f"header entry for tensor {name!r} is not an object")
+    dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+    if dtype not in FLOAT_ITEMSIZE:
+        raise _invalid(
+            f"tensor {name!r} has dtype {dtype!r}, which cannot be cast to float "
+            f"(supported: {', '.join(FLOAT_ITEMSIZE)})"
+        )
+    if not _int_list(shape) or any(d < 0 for d in shape):
+        raise _invalid(f"tensor {name!r} has an invalid shape {shape!r}")
+    if not _int_list(offsets) or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
+        raise _invalid(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+    # Python ints: no overflow, so [10**9, 10**9] is a plain (huge) number compared before any allocation.
+    declared = math.prod(shape) * FLOAT_ITEMSIZE[dtype]
+    if declared > max_bytes:
+        raise _invalid(
+            f"tensor {name!r} declares shape {shape} ({declared} bytes), over the {max_bytes}-byte limit"
+        )
+    if declared != offsets[1] - offsets[0]:
+        raise _invalid(
+            f"tensor {name!r} declares shape {shape} of {dtype} ({declared} bytes) but its data_offsets "
+            f"{offsets} span {offsets[1] - offsets[0]} bytes"
+        )
+    return TensorHeader(dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _check_layout(entries: dict[str, TensorHeader], data_size: int, max_bytes: int) -> None:
+    """Spans must lie inside the file, not overlap, and tile the data section (the format has no holes)."""
+    total = sum(e.end - e.start for e in entries.values())
+    if total > max_bytes:
+        raise _invalid(f"{WEIGHTS_NAME} declares {total} tensor bytes, over the {max_bytes}-byte limit")
+    cursor, prev = 0, None
+    for name, e in sorted(entries.items(), key=lambda item: (item[1].start, item[1].end)):
+        if e.end > data_size:
+            raise _invalid(
+                f"tensor {name!r} data_offsets [{e.start}, {e.end}] lie outside the file's {data_size} data "
+                "bytes: the file is truncated or corrupt"
+            )
+        if e.start < cursor:
+            raise _invalid(f"tensor {name!r} overlaps tensor {prev!r} in the data section")
+        if e.start > cursor:
+            raise _invalid(f"{WEIGHTS_NAME} has a gap of {e.start - cursor} bytes before tensor {name!r}")
+        cursor, prev = e.end, name
+    if cursor != data_size:
+        raise _invalid(f"{WEIGHTS_NAME} has {data_size - cursor} trailing bytes after the last tensor")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# adapter directory
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_adapter_dir(
+    path: str | Path,
+    module_shapes: Mapping[str, tuple[int, int]],
+    *,
+    max_rank: int,
+    max_bytes: int = 2**31,
+) -> AdapterWeights:
+    """Validate a PEFT LoRA dir against the base model and load it as fp32 CPU tensors.
+
+    module_shapes: {full base-model module name: (in_features, out_features)}, e.g.
+    {"model.layers.0.self_attn.q_proj": (4096, 4096)}. Every check runs on the config and the header
+    before `load_file` allocates anything.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterNotFoundError(f"adapter directory {str(path)!r} does not exist", field="path")
+    spec = parse_adapter_config(path)
+    weights_file = _weights_file(path)
+    header = read_safetensors_header(weights_file, max_bytes)
+    _check_rank(spec, max_rank)
+    _check_targets(spec, module_shapes)
+    pairs = _pair_tensors(header, spec, module_shapes)
+    for module, (key_a, key_b) in pairs.items():
+        _check_pair_shapes(module, header[key_a], header[key_b], key_a, key_b, spec, module_shapes[module])
+    tensors = _load_tensors(weights_file, header)
+    modules = {
+        module: LoraModuleWeights(
+            a=_to_fp32(tensors[key_a], key_a), b=_to_fp32(tensors[key_b], key_b), scale=spec.scale_for(module)
+        )
+        for module, (key_a, key_b) in pairs.items()
+    }
+    size = sum(t.numel() * t.element_size() for m in modules.values() for t in (m.a, m.b))
+    return AdapterWeights(spec=spec, modules=modules, size_bytes=size)
+
+
+def _weights_file(path: Path) -> Path:
+    file = path / WEIGHTS_NAME
+    if file.is_file():
+        return file
+    # Pickle files are only *named* here, never opened: unpickling runs arbitrary code.
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise _invalid(
+            f"safetensors only: found {', '.join(pickles)} but no {WEIGHTS_NAME}; pickle-based weights are "
+            "never loaded. Re-save the adapter with save_pretrained(..., safe_serialization=True)"
+        )
+    raise _invalid(f"{WEIGHTS_NAME} is missing in {path.name}")
+
+
+def _check_rank(spec: LoraSpec, max_rank: int) -> None:
+    ranks = [("r", spec.r)] + [(f"rank_pattern[{k!r}]", v) for k, v in spec.rank_pattern.items()]
+    for name, rank in ranks:
+        if rank > max_rank:
+            raise AdapterValidationError(
+                f"adapter rank {name}={rank} exceeds the server's maximum LoRA rank {max_rank} "
+                "(--max-lora-rank)",
+                field="r",
+            )
+
+
+def _check_targets(spec: LoraSpec, module_shapes: Mapping[str, tuple[int, int]]) -> None:
+    missing = spec.unmatched_targets(module_shapes)
+    if missing:
+        raise AdapterValidationError(
+            f"target_modules {missing} match no module of the base model", field="target_modules"
+        )
+
+
+def _pair_tensors(
+    header: Mapping[str, TensorHeader], spec: LoraSpec, module_shapes: Mapping[str, tuple[int, int]]
+) -> dict[str, tuple[str, str]]:
+    """{module name: (lora_A key, lora_B key)}; refuses unknown tensors, duplicates and half pairs."""
+    found: dict[str, dict[str, str]] = {}
+    for key in (k for k in header if not _TRAINING_ONLY_KEY.search(k)):
+        match = _LORA_KEY.match(key.removeprefix(_PEFT_PREFIX))
+        if match is None:
+            raise _invalid(
+                f"unsupported tensor {key!r}: only lora_A/lora_B weights of linear layers are supported"
+            )
+        module, kind = match["module"], match["kind"]
+        _check_module(key, module, spec, module_shapes)
+        if kind in found.setdefault(module, {}):
+            raise _invalid(f"tensors {found[module][kind]!r} and {key!r} are both {kind} of {module!r}")
+        found[module][kind] = key
+    if not found:
+        raise _invalid(f"{WEIGHTS_NAME} holds no LoRA tensors")
+    for module, kinds in found.items():
+        for kind in ("lora_A", "lora_B"):
+            if kind not in kinds:
+                only = next(iter(kinds.values()))
+                raise _invalid(f"module {module!r} has no {kind} tensor (found only {only!r})")
+    return {module: (kinds["lora_A"], kinds["lora_B"]) for module, kinds in found.items()}
+
+
+def _check_module(
+    key: str, module: str, spec: LoraSpec, module_shapes: Mapping[str, tuple[int, int]]
+) -> None:
+    if module not in module_shapes:
+        raise AdapterValidationError(
+            f"tensor {key!r} targets module {module!r}, which the base model does not have (or is not a "
+            "linear layer)",
+            field="target_modules",
+        )
+    if not spec.targets(module):
+        # PEFT would never wrap this module, so it would drop these weights; serving them would diverge.
+        raise AdapterValidationError(
+            f"tensor {key!r} is for module {module!r}, which target_modules does not select",
+            field="target_modules",
+        )
+
+
+def _check_pair_shapes(
+    module: str,
+    a: TensorHeader,
+    b: TensorHeader,
+    key_a: str,
+    key_b: str,
+    spec: LoraSpec,
+    in_out: tuple[int, int],
+) -> None:
+    """A must be [r_m, in] and B [out, r_m], with r_m the module's rank from r / rank_pattern."""
+    rank, (in_features, out_features) = spec.rank_for(module), in_out
+    for key, got, want in ((key_a, a.shape, (rank, in_features)), (key_b, b.shape, (out_features, rank))):
+        if got != want:
+            raise _invalid(
+                f"tensor {key!r} has shape {list(got)}, expected {list(want)} for module {module!r} "
+                f"(in_features={in_features}, out_features={out_features}, r={rank})"
+            )
+
+
+def _load_tensors(file: Path, header: Mapping[str, TensorHeader]) -> dict[str, torch.Tensor]:
+    try:
+        tensors = load_file(file, device="cpu")
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise _invalid(f"{WEIGHTS_NAME} could not be read: {exc}") from exc
+    # The file could have changed since the header check: insist the tensors are the ones we validated.
+    got = {k: tuple(t.shape) for k, t in tensors.items()}
+    if got != {k: h.shape for k, h in header.items()}:
+        raise _invalid(f"{WEIGHTS_NAME} changed while it was being loaded")
+    return tensors
+
+
+def _to_fp32(tensor: torch.Tensor, key: str) -> torch.Tensor:
+    # copy=True: never keep a view of the (possibly memory-mapped) file, even when it already is fp32.
+    out = tensor.to(dtype=torch.float32, copy=True).contiguous()
+    if not torch.isfinite(out).all():
+        raise _invalid(f"tensor {key!r} contains NaN or infinite values")
+    return out

@@ -1,0 +1,1 @@
+"""loraplex clients: typed Python client for the loraplex HTTP API."""

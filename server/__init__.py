@@ -1,0 +1,1 @@
+"""loraplex server: CLI, configs, HTTP API, engine, model loading, metrics."""

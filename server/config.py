@@ -1,0 +1,75 @@
+"""Frozen, validated configs, one per concern. Built once from CLI flags / env, passed into constructors.
+
+Runtime state is never written back into a config. Validation raises ValueError naming the flag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+QUANTIZE_CHOICES = ("none", "nf4", "int8")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def _require(ok: bool, flag: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{flag}: {message}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What base model to load and how. `path=None` means the built-in demo model."""
+
+    path: Path | None = None
+    quantize: str = "none"
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    served_model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.quantize in QUANTIZE_CHOICES, "--quantize", f"must be one of {QUANTIZE_CHOICES}")
+        _require(self.dtype in DTYPE_CHOICES, "--dtype", f"must be one of {DTYPE_CHOICES}")
+        _require(self.device in DEVICE_CHOICES, "--device", f"must be one of {DEVICE_CHOICES}")
+        _require(self.max_model_len is None or self.max_model_len > 0, "--max-model-len", "must be > 0")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Device-side LoRA capacity: slots per layer and the largest rank a slot holds."""
+
+    max_loras: int = 8
+    max_lora_rank: int = 64
+    max_cpu_loras: int = 32
+
+    def __post_init__(self) -> None:
+        _require(self.max_loras >= 1, "--max-loras", "must be >= 1")
+        _require(self.max_lora_rank >= 1, "--max-lora-rank", "must be >= 1")
+        _require(self.max_cpu_loras >= self.max_loras, "--max-cpu-loras", "must be >= --max-loras")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """HTTP-side settings: where to listen, keys, limits, where adapters may come from."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    adapter_root: Path | None = None
+    state_dir: Path = Path("state")
+    api_key: str | None = None
+    admin_key: str | None = None
+    preload: tuple[tuple[str, str], ...] = ()
+    max_queue: int = 256  # admitted-but-unfinished requests beyond which we answer 429
+    max_body_bytes: int = 4 * 2**20  # JSON request bodies
+    max_upload_bytes: int = 2 * 2**30  # adapter uploads
+    s3_endpoint: str | None = None
+    drain_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _require(0 < self.port < 65536, "--port", "must be in 1..65535")
+        _require(self.max_queue >= 1, "--max-queue", "must be >= 1")
+        _require(self.max_body_bytes >= 1024, "--max-body-bytes", "must be >= 1024")
+        for name, path in self.preload:
+            _require(bool(name) and bool(path), "--preload", f"expects NAME=PATH, got {name}={path}")

@@ -1,0 +1,184 @@
+"""LLMEngine: the synchronous core. `step()` = schedule -> run -> sample -> postprocess.
+
+It knows adapter names and slots, never HTTP. Thread-unsafe by design: the AsyncEngine drives it from one
+thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from loraplex.adapters.cache import AdapterCache
+from loraplex.adapters.inject import LoRAInjection, inject_multi_lora
+from loraplex.adapters.weights import AdapterWeights
+from loraplex.server.config import LoRAConfig
+from loraplex.server.engine.attention import PagedKVCache, register_paged_attention
+from loraplex.server.engine.block_pool import BlockPool
+from loraplex.server.engine.detokenizer import IncrementalDetokenizer
+from loraplex.server.engine.kv_sizing import auto_num_blocks, kv_bytes_per_token
+from loraplex.server.engine.model_runner import ModelRunner
+from loraplex.server.engine.postprocess import Postprocessor
+from loraplex.server.engine.request import Request, RequestOutput, Status
+from loraplex.server.engine.sampler import Sampler, SampleRow, make_generator
+from loraplex.server.engine.sampling_params import SamplingParams
+from loraplex.server.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from loraplex.server.engine.stop import StopStringMatcher
+from loraplex.server.model_loader import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+class RequestRejected(ValueError):
+    """The request can never run (too long for the context or the KV pool); says why with numbers."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_model_len: int = 2048
+    block_size: int = 16
+    num_kv_blocks: int = 0  # 0 = size from free memory
+    scheduler: SchedulerConfig = SchedulerConfig()
+    lora: LoRAConfig = LoRAConfig()
+
+    def __post_init__(self) -> None:
+        if self.max_model_len < 2:
+            raise ValueError("--max-model-len: must be >= 2")
+        if self.block_size < 1 or self.num_kv_blocks < 0:
+            raise ValueError("--block-size must be >= 1 and --num-kv-blocks >= 0")
+
+
+class LLMEngine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig,
+                 adapter_loader: Callable[[str], AdapterWeights] | None = None) -> None:
+        self.config, self.loaded = config, loaded
+        self.tokenizer = loaded.tokenizer
+        model = loaded.model
+        self.lora: LoRAInjection = inject_multi_lora(
+            model, num_slots=config.lora.max_loras, max_rank=config.lora.max_lora_rank, dtype=loaded.dtype)
+        model.set_attn_implementation(register_paged_attention())
+        self.pool, kv = self._make_kv(model, loaded)
+        self.adapters = AdapterCache(adapter_loader or _no_adapters, self.lora.load_slot, self.lora.clear_slot,
+                                     num_slots=config.lora.max_loras, max_host=config.lora.max_cpu_loras)
+        self.scheduler = Scheduler(config.scheduler, self.pool, self.adapters)
+        self.runner = ModelRunner(model, kv, config.block_size, self.lora.context, loaded.device)
+        self.sampler = Sampler()
+        self.post = Postprocessor(_eos_ids(loaded), config.max_model_len)
+        self.requests: dict[str, Request] = {}
+        self.last_batch = (0, 0)  # (sequences, distinct adapters) of the last step, for metrics
+        self.last_step_tokens = 0
+
+    def _make_kv(self, model: torch.nn.Module, loaded: LoadedModel) -> tuple[BlockPool, PagedKVCache]:
+        cfg = model.config.get_text_config()
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = cfg.num_key_value_heads
+        n = self.config.num_kv_blocks or auto_num_blocks(
+            bytes_per_token=kv_bytes_per_token(cfg.num_hidden_layers, kv_heads, head_dim, loaded.dtype),
+            block_size=self.config.block_size, max_num_seqs=self.config.scheduler.max_num_seqs,
+            max_model_len=self.config.max_model_len, device=loaded.device)
+        kv = PagedKVCache(cfg.num_hidden_layers, n * self.config.block_size, kv_heads, head_dim,
+                          loaded.dtype, loaded.device)
+        log.info("KV pool: %d blocks x %d tokens (%.1f MiB)", n, self.config.block_size, kv.bytes / 2**20)
+        return BlockPool(n, self.config.block_size), kv
+
+    # ---- requests ---------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    adapter: str | None = None) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        self.check_fits(len(prompt_ids), params)
+        req = Request(request_id, list(prompt_ids), params, adapter,
+                      make_generator(params.seed, self.loaded.device) if not params.greedy else None,
+                      IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
+                      StopStringMatcher(params.stop))
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+
+    def check_fits(self, prompt_len: int, params: SamplingParams) -> None:
+        limit = self.config.max_model_len
+        if prompt_len < 1:
+            raise RequestRejected("the prompt is empty")
+        if prompt_len >= limit:
+            raise RequestRejected(f"prompt has {prompt_len} tokens; --max-model-len is {limit} "
+                                  "(room is needed for at least one new token)")
+        if prompt_len + params.max_tokens > limit:
+            raise RequestRejected(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) = "
+                                  f"{prompt_len + params.max_tokens} exceeds --max-model-len {limit}")
+        capacity = self.pool.num_blocks * self.pool.block_size
+        if prompt_len + params.max_tokens > capacity:
+            raise RequestRejected(f"prompt + max_tokens = {prompt_len + params.max_tokens} tokens exceeds "
+                                  f"the KV cache capacity of {capacity} tokens")
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.scheduler.finish(req)
+        return self.post.final(req, "abort")
+
+    def fail_adapter(self, adapter: str, reason: str) -> list[RequestOutput]:
+        """End every queued (not yet running) request for `adapter` with an error (e.g. unregistered)."""
+        doomed = [r for r in self.scheduler.waiting if r.adapter == adapter]
+        return [self._fail(r, reason) for r in doomed]
+
+    def fail_running(self, reason: str) -> list[RequestOutput]:
+        return [self._fail(r, reason) for r in list(self.scheduler.running)]
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        self.last_step_tokens = sched.num_tokens
+        outputs = [self._fail(req, reason) for req, reason in sched.failed]
+        if not sched.chunks:
+            return outputs
+        self.last_batch = (len(sched.chunks), len({c.request.slot for c in sched.chunks if c.request.slot >= 0}))
+        logits = self.runner.execute(sched.chunks)
+        sampling = [c for c in sched.chunks if c.samples]
+        tokens = self.sampler.sample(logits, [self._sample_row(c.request) for c in sampling]).tolist()
+        return outputs + self._postprocess(sched, dict(zip((c.request for c in sampling), tokens, strict=True)))
+
+    def _sample_row(self, req: Request) -> SampleRow:
+        return SampleRow(req.params, req.generator, len(req.output_ids), self.post.eos_ids)
+
+    def _postprocess(self, sched: SchedulerOutput, tokens: dict[Request, int]) -> list[RequestOutput]:
+        outputs = []
+        now = time.monotonic()
+        for chunk in sched.chunks:
+            req = chunk.request
+            req.num_computed = chunk.start + chunk.n
+            if req not in tokens or req.status is not Status.RUNNING:
+                continue
+            req.first_token_time = req.first_token_time or now
+            out = self.post.append(req, tokens[req])
+            if out.finished:
+                self.requests.pop(req.request_id, None)
+                self.scheduler.finish(req)
+            outputs.append(out)
+        return outputs
+
+    def _fail(self, req: Request, reason: str) -> RequestOutput:
+        self.requests.pop(req.request_id, None)
+        self.scheduler.finish(req)
+        return self.post.final(req, "error", error=reason)
+
+
+def _eos_ids(loaded: LoadedModel) -> tuple[int, ...]:
+    ids: set[int] = set()
+    gen = getattr(loaded.model, "generation_config", None)
+    for source in (getattr(gen, "eos_token_id", None), loaded.tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return tuple(sorted(ids))
+
+
+def _no_adapters(name: str) -> AdapterWeights:
+    raise LookupError(f"no adapter source configured (asked for {name!r})")

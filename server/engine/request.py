@@ -1,0 +1,65 @@
+"""A request's state inside the engine (prompt, outputs, KV blocks, adapter slot, sampling state)."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from loraplex.server.engine.detokenizer import IncrementalDetokenizer
+from loraplex.server.engine.sampling_params import SamplingParams
+from loraplex.server.engine.stop import StopStringMatcher
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request: a delta, plus the final state when finished."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error"
+    num_prompt_tokens: int
+    num_output_tokens: int
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: str | None
+    generator: torch.Generator | None
+    detokenizer: IncrementalDetokenizer
+    stop_matcher: StopStringMatcher
+    arrival: float = field(default_factory=time.monotonic)
+    output_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    num_computed: int = 0  # tokens whose K/V are in the pool
+    blocks: list[int] = field(default_factory=list)
+    slot: int = -1  # device adapter slot while running (-1 = base only)
+    holds_adapter: bool = False  # True while this request holds a refcount on its adapter
+    finish_reason: str | None = None
+    first_token_time: float | None = None
+    waiting_steps: int = 0  # steps spent blocked at the head of the queue (fairness)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_at(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + outputs."""
+        p = len(self.prompt_ids)
+        if end <= p:
+            return self.prompt_ids[start:end]
+        return (self.prompt_ids + self.output_ids)[start:end]

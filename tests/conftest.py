@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny seeded models per family, their tokenizer, and seeded PEFT adapters.
+
+Everything is built locally once per session (no hub). Heavy imports (transformers, peft) happen inside
+the fixtures so test files that never ask for a model do not pay for them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def family_seed(family: str) -> int:
+    """A fixed weight seed per family, distinct so that llama and mistral (same shape) differ."""
+    from loraplex.server.tiny_models import FAMILIES
+
+    return FAMILIES.index(family)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """`tiny_model_dir(family="llama") -> Path`: a tiny seeded model dir, built once per family."""
+    from loraplex.server.tiny_models import build_model_dir
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    built: dict[str, Path] = {}
+
+    def get(family: str = "llama") -> Path:
+        if family not in built:
+            built[family] = build_model_dir(root / family, family, seed=family_seed(family))
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tokenizer():  # -> PreTrainedTokenizerFast (the tiny models' tokenizer, vocab 512)
+    from loraplex.server.tiny_models import train_tokenizer
+
+    return train_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Callable[[str], Path]
+) -> Callable[..., Path]:
+    """`adapter_dir(family, rank, targets, seed, alpha=None, use_rslora=False) -> Path`, cached per args."""
+    from loraplex.adapters.synthetic import make_peft_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    built: dict[tuple, Path] = {}
+
+    def get(
+        family: str = "llama",
+        rank: int = 8,
+        targets: Sequence[str] = ATTENTION,
+        seed: int = 0,
+        alpha: float | None = None,
+        use_rslora: bool = False,
+    ) -> Path:
+        key = (family, rank, tuple(targets), seed, alpha, use_rslora)
+        if key not in built:
+            out = root / f"adapter-{len(built)}"
+            built[key] = make_peft_adapter(
+                tiny_model_dir(family),
+                out,
+                rank=rank,
+                alpha=alpha,
+                target_modules=tuple(targets),
+                seed=seed,
+                use_rslora=use_rslora,
+            )
+        return built[key]
+
+    return get
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip `@pytest.mark.gpu` tests on machines without CUDA (torch imported only when one exists)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in gpu_items:
+        item.add_marker(skip)
