@@ -1,0 +1,89 @@
+"""Shared helpers for engine tests: build an engine over a tiny model with named adapters, and references."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from loraplex.adapters.weights import load_adapter_dir
+from loraplex.server.config import LoRAConfig, ModelConfig
+from loraplex.server.engine.engine import EngineConfig, LLMEngine
+from loraplex.server.engine.sampling_params import SamplingParams
+from loraplex.server.engine.scheduler import SchedulerConfig
+from loraplex.server.model_loader import load_model
+
+MAX_RANK = 16
+
+
+def make_engine(model_dir: Path, adapters: dict[str, Path], *, max_loras: int = 4, max_cpu_loras: int = 8,
+                num_kv_blocks: int = 256, block_size: int = 4, max_num_seqs: int = 16,
+                max_batch_tokens: int = 256, max_model_len: int = 256) -> LLMEngine:
+    loaded = load_model(ModelConfig(path=model_dir, device="cpu", dtype="float32"))
+    holder: dict[str, LLMEngine] = {}
+
+    def loader(name: str):
+        return load_adapter_dir(adapters[name], holder["engine"].lora.module_shapes(), max_rank=MAX_RANK)
+
+    cfg = EngineConfig(
+        max_model_len=max_model_len, block_size=block_size, num_kv_blocks=num_kv_blocks,
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens),
+        lora=LoRAConfig(max_loras=max_loras, max_lora_rank=MAX_RANK, max_cpu_loras=max_cpu_loras),
+    )
+    holder["engine"] = LLMEngine(loaded, cfg, loader)
+    return holder["engine"]
+
+
+def run_to_completion(engine: LLMEngine, timeout_s: float = 120.0) -> dict[str, list]:
+    """Step until idle; returns request_id -> list of outputs. Adapter loads are asynchronous, so a step
+    that scheduled nothing (everyone waits on a load) sleeps briefly, as the AsyncEngine does."""
+    outs: dict[str, list] = {}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not engine.has_work():
+            return outs
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).append(o)
+        if engine.last_step_tokens == 0:
+            time.sleep(0.001)
+    raise AssertionError("engine did not finish")
+
+
+def tokens_of(outputs: list) -> list[int]:
+    return [t for o in outputs for t in o.new_token_ids]
+
+
+def greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
+
+
+class PeftReference:
+    """HF generate / PeftModel one request at a time: the oracle for greedy tokens."""
+
+    def __init__(self, model_dir: Path, adapters: dict[str, Path]) -> None:
+        base = load_model(ModelConfig(path=model_dir, device="cpu", dtype="float32")).model
+        self.names = list(adapters)
+        self.model = PeftModel.from_pretrained(base, str(adapters[self.names[0]]), adapter_name=self.names[0])
+        for name in self.names[1:]:
+            self.model.load_adapter(str(adapters[name]), adapter_name=name)
+        self.model.eval()
+
+    @torch.no_grad()
+    def generate(self, prompt: list[int], adapter: str | None, max_tokens: int) -> list[int]:
+        """Plain greedy loop with HF's KV cache; EOS neither stops nor is masked (like ignore_eos)."""
+        if adapter is None:
+            with self.model.disable_adapter():
+                return self._greedy(prompt, max_tokens)
+        self.model.set_adapter(adapter)
+        return self._greedy(prompt, max_tokens)
+
+    def _greedy(self, prompt: list[int], max_tokens: int) -> list[int]:
+        ids, cache, out = torch.tensor([prompt]), None, []
+        for _ in range(max_tokens):
+            res = self.model(input_ids=ids, cache=cache, use_cache=True)
+            cache = res.cache
+            out.append(int(res.logits[0, -1].argmax()))
+            ids = torch.tensor([[out[-1]]])
+        return out
