@@ -111,6 +111,11 @@ class AdapterCache:
             if name not in self._slot_of and name not in self._errors:
                 self._start_load(name)
 
+    def put_host(self, name: str, weights: AdapterWeights) -> None:
+        """Seed the host tier with weights already read (e.g. by registration's validation)."""
+        with self._lock:
+            self._insert_host(name, weights)
+
     def refcount(self, name: str) -> int:
         with self._lock:
             return self._refs.get(name, 0)
@@ -251,11 +256,15 @@ class AdapterCache:
         weights = self._loader(name)  # disk read + validation, outside the lock
         with self._lock:
             self.stats.bytes_loaded += weights.size_bytes
-            self._host[name] = weights
-            while len(self._host) > self._max_host:
-                self._host.popitem(last=False)
-                self.stats.evictions["host"] += 1
+            self._insert_host(name, weights)
         return weights
+
+    def _insert_host(self, name: str, weights: AdapterWeights) -> None:
+        self._host[name] = weights
+        self._host.move_to_end(name)
+        while len(self._host) > self._max_host:
+            self._host.popitem(last=False)
+            self.stats.evictions["host"] += 1
 
     def _mark_error(self, name: str, exc: Exception) -> None:
         log.warning("adapter %s failed to load: %s", name, exc)

@@ -49,9 +49,7 @@ def _use_gather(meta: LoRAMeta, mode: str) -> bool:
     return mode == "bgmv" or (mode == "auto" and meta.is_fragmented)
 
 
-def _check(
-    rows: torch.Tensor, stack: torch.Tensor, ranks: Sequence[int], meta: LoRAMeta, stack_name: str
-) -> None:
+def _check(rows: torch.Tensor, stack: torch.Tensor, ranks: Sequence[int], meta: LoRAMeta, stack_name: str) -> None:
     """Host-side shape checks only (no device sync): token count, slot count, ranks within r_max."""
     r_max = stack.shape[1] if stack_name == "a_stack" else stack.shape[2]
     if rows.dim() != 2 or rows.shape[0] != meta.num_tokens:

@@ -13,9 +13,7 @@ import torch
 from loraplex.adapters.ops.meta import LoRAMeta
 
 
-def ref_lora_shrink(
-    x: torch.Tensor, a_stack: torch.Tensor, ranks: Sequence[int], meta: LoRAMeta
-) -> torch.Tensor:
+def ref_lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, ranks: Sequence[int], meta: LoRAMeta) -> torch.Tensor:
     """h [T, R_max]: h[t, :r] = A[s, :r] @ x[t] for tokens with slot s >= 0 and r = ranks[s] > 0; else 0."""
     h = torch.zeros(x.shape[0], a_stack.shape[1], dtype=torch.float64)
     for t, s in enumerate(meta.token_slots.tolist()):

@@ -28,9 +28,7 @@ def _scatter_add_rows(
     y.index_add_(0, idx, delta.to(y.dtype))
 
 
-def _accumulate_rows(
-    y_rows: torch.Tensor, h_rows: torch.Tensor, b_stack: torch.Tensor, slot: int, rank: int
-) -> None:
+def _accumulate_rows(y_rows: torch.Tensor, h_rows: torch.Tensor, b_stack: torch.Tensor, slot: int, rank: int) -> None:
     """y_rows [n, out] += h_rows [n, rank] @ B[slot, :, :rank].T, in place in y's dtype.
 
     addmm_ writes straight into y (no [n, out] temporary) when the dtypes agree; otherwise the delta is

@@ -81,9 +81,7 @@ def make_case(
 def check_all_ops(case: Case, mode: str, tol: dict[str, float]) -> None:
     """shrink, expand (fed the oracle's h) and apply each equal the loop twins; untouched rows exact."""
     h_ref = ref_lora_shrink(case.x, case.a_stack, case.ranks, case.meta)
-    torch.testing.assert_close(
-        lora_shrink(case.x, case.a_stack, case.ranks, case.meta, mode=mode), h_ref, **tol
-    )
+    torch.testing.assert_close(lora_shrink(case.x, case.a_stack, case.ranks, case.meta, mode=mode), h_ref, **tol)
     y_ref = case.y0.clone()
     ref_lora_expand(y_ref, h_ref, case.b_stack, case.ranks, case.meta)
     y_expand, y_apply = case.y0.clone(), case.y0.clone()
@@ -109,9 +107,7 @@ def test_ops_match_loop_twin(n_tokens: int, n_slots: int, layout: str, dtype: to
 @pytest.mark.parametrize(
     ("stack_dtype", "io_dtype"), [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)]
 )
-def test_mixed_dtypes_compute_in_stack_dtype(
-    stack_dtype: torch.dtype, io_dtype: torch.dtype, mode: str
-) -> None:
+def test_mixed_dtypes_compute_in_stack_dtype(stack_dtype: torch.dtype, io_dtype: torch.dtype, mode: str) -> None:
     """x is cast to the stacks' dtype; y keeps its own dtype (QLoRA: fp32 LoRA beside a bf16 base, etc.)."""
     case = make_case(64, 8, "random", stack_dtype, x_dtype=io_dtype, seed=7)
     assert lora_shrink(case.x, case.a_stack, case.ranks, case.meta, mode=mode).dtype == stack_dtype
@@ -168,9 +164,7 @@ def test_only_last_slot_present(mode: str) -> None:
     """Slots absent from the batch (empty slot_tokens / no segments) cost nothing and change nothing."""
     case = make_case(16, 8, "base_only", torch.float32, seed=5)
     meta = LoRAMeta.from_slots([-1] * 4 + [7] * 8 + [-1] * 4)
-    check_all_ops(
-        Case(case.x, case.y0, case.a_stack, case.b_stack, case.ranks, meta), mode, TOLERANCES[torch.float32]
-    )
+    check_all_ops(Case(case.x, case.y0, case.a_stack, case.b_stack, case.ranks, meta), mode, TOLERANCES[torch.float32])
 
 
 def test_base_only_batch_gives_zero_h_and_untouched_y() -> None:
@@ -193,9 +187,7 @@ def test_base_class_unfused_apply_matches_fused(gather: bool) -> None:
 
 
 @pytest.mark.parametrize(("layout", "expected"), [("grouped", "shrink_sgmv"), ("interleaved", "shrink_bgmv")])
-def test_auto_gathers_only_for_fragmented_batches(
-    monkeypatch: pytest.MonkeyPatch, layout: str, expected: str
-) -> None:
+def test_auto_gathers_only_for_fragmented_batches(monkeypatch: pytest.MonkeyPatch, layout: str, expected: str) -> None:
     case = make_case(64, 3, layout, torch.float32, seed=2)
     assert case.meta.is_fragmented == (expected == "shrink_bgmv")
     called: list[str] = []

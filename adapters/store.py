@@ -1,0 +1,149 @@
+"""AdapterStore: registration (name check -> source -> validation -> durable record) and the cache's loader.
+
+Registration validates the adapter against the base model before the record is written, so a registered
+adapter is one that loaded once. Files can still vanish or rot later: the cache's load then fails and
+marks only that adapter errored.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loraplex.adapters.cache import AdapterCache
+from loraplex.adapters.errors import AdapterConflictError, AdapterNotFoundError
+from loraplex.adapters.names import validate_adapter_name
+from loraplex.adapters.registry import AdapterRecord, AdapterRegistry
+from loraplex.adapters.sources.base import AdapterSource
+from loraplex.adapters.sources.local import LocalDirSource
+from loraplex.adapters.sources.s3 import S3Source
+from loraplex.adapters.sources.upload import UploadPayload, UploadSource
+from loraplex.adapters.weights import AdapterWeights, load_adapter_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    state_dir: Path
+    adapter_root: Path | None = None
+    max_lora_rank: int = 64
+    max_upload_bytes: int = 2 * 2**30
+    s3_endpoint: str | None = None
+
+
+class AdapterStore:
+    def __init__(self, config: StoreConfig, module_shapes: Mapping[str, tuple[int, int]], num_slots: int) -> None:
+        self.config = config
+        self.module_shapes = dict(module_shapes)
+        self.num_slots = num_slots
+        self.registry = AdapterRegistry(config.state_dir)
+        self.local = LocalDirSource(config.adapter_root)
+        self.upload = UploadSource(config.state_dir, config.max_upload_bytes)
+        self.s3 = S3Source(config.state_dir, config.s3_endpoint, config.max_upload_bytes)
+        self.cache: AdapterCache | None = None
+        self._pin_lock = threading.Lock()
+
+    def attach(self, cache: AdapterCache) -> None:
+        """Connect the tiered cache and re-pin what the manifest says is pinned."""
+        self.cache = cache
+        for rec in self.registry.list():
+            if rec.pinned:
+                cache.pin(rec.name)
+
+    # ---- registration --------------------------------------------------------------------------
+    def register_path(self, name: str, path: str, pinned: bool = False) -> AdapterRecord:
+        """`path` inside --adapter-root, or an `s3://bucket/prefix` URL."""
+        source: AdapterSource[Any] = self.s3 if str(path).startswith("s3://") else self.local
+        return self._register(name, source, path, pinned)
+
+    def register_upload(self, name: str, payload: UploadPayload, pinned: bool = False) -> AdapterRecord:
+        return self._register(name, self.upload, payload, pinned)
+
+    def _register(self, name: str, source: AdapterSource[Any], ref: Any, pinned: bool) -> AdapterRecord:
+        validate_adapter_name(name)
+        if name in self.registry:
+            raise AdapterConflictError(f"adapter {name!r} is already registered", field="name")
+        with self._pin_lock:
+            self._check_pin_budget(pinned)
+            local_dir = source.materialize(ref, name)
+            try:
+                weights = self.validate(local_dir)
+                record = AdapterRecord(name, source.describe(ref), str(local_dir), pinned, meta=_meta(weights))
+                self.registry.add(record)
+            except BaseException:
+                source.discard(local_dir)
+                raise
+        self._on_registered(record, weights)
+        log.info("registered adapter %s (rank %d, %s)", name, weights.max_rank, record.source)
+        return record
+
+    def _check_pin_budget(self, pinned: bool) -> None:
+        n_pinned = sum(r.pinned for r in self.registry.list())
+        if pinned and n_pinned + 1 >= self.num_slots:
+            raise AdapterConflictError(
+                f"cannot pin more than {self.num_slots - 1} adapters with --max-loras {self.num_slots} "
+                "(one slot must stay free for unpinned adapters)", field="pinned")
+
+    def _on_registered(self, record: AdapterRecord, weights: AdapterWeights) -> None:
+        if self.cache is None:
+            return
+        self.cache.restore(record.name)
+        self.cache.put_host(record.name, weights)  # the validation read doubles as the first host load
+        if record.pinned:
+            self.cache.pin(record.name)
+
+    def validate(self, local_dir: Path) -> AdapterWeights:
+        return load_adapter_dir(local_dir, self.module_shapes, max_rank=self.config.max_lora_rank)
+
+    def unregister(self, name: str) -> AdapterRecord:
+        record = self.registry.remove(name)
+        if self.cache is not None:
+            self.cache.forget(name)
+        self._source_of(record).discard(Path(record.local_dir))
+        log.info("unregistered adapter %s", name)
+        return record
+
+    def _source_of(self, record: AdapterRecord) -> AdapterSource[Any]:
+        if record.source == "upload":
+            return self.upload
+        return self.s3 if record.source.startswith("s3://") else self.local
+
+    # ---- reading -------------------------------------------------------------------------------
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self.registry
+
+    def get(self, name: str) -> AdapterRecord:
+        return self.registry.get(name)
+
+    def names(self) -> list[str]:
+        return [r.name for r in self.registry.list()]
+
+    def load_weights(self, name: str) -> AdapterWeights:
+        """The cache's disk loader: re-read and re-validate the registered files."""
+        if name not in self.registry:
+            raise AdapterNotFoundError(f"adapter {name!r} is not registered", field="model")
+        return self.validate(Path(self.registry.get(name).local_dir))
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """The public record: name, rank, alpha, targets, size, tier, pinned, state (+reason), load stats."""
+        rec = self.registry.get(name)
+        error = self.cache.error(name) if self.cache else None
+        return {
+            "name": rec.name, "source": rec.source, **rec.meta, "pinned": rec.pinned,
+            "tier": self.cache.tier(name) if self.cache else "disk",
+            "state": "errored" if error else "ready", "error": error,
+            "created_at": rec.created_at,
+            "load_stats": self.cache.load_info(name) if self.cache else {},
+        }
+
+
+def _meta(weights: AdapterWeights) -> dict[str, Any]:
+    spec = weights.spec
+    targets = spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
+    return {"rank": weights.max_rank, "alpha": spec.lora_alpha, "target_modules": targets,
+            "size_bytes": weights.size_bytes, "use_rslora": spec.use_rslora}

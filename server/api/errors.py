@@ -1,0 +1,89 @@
+"""Every error leaves as JSON in the caller's dialect, never as a stack trace.
+
+`/v1/*` (OpenAI): {"error": {"message", "type", "code"}}; `/generate*` (TGI): {"error", "error_type"}.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from loraplex.adapters.errors import AdapterError
+from loraplex.server.engine.engine import RequestRejected
+
+log = logging.getLogger(__name__)
+
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                 404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
+                 422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable",
+                 502: "upstream_error"}
+
+
+class ApiError(Exception):
+    """Raised by routes: an HTTP status, a message naming the problem, optional headers and field."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.headers = status, message, param, headers
+
+
+def error_response(request: Request, status: int, message: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    if request.url.path.startswith("/generate"):
+        body: dict = {"error": message, "error_type": _tgi_type(status)}
+    else:
+        kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _tgi_type(status: int) -> str:
+    return {400: "validation", 401: "authentication", 404: "not_found", 413: "validation", 422: "validation",
+            429: "overloaded", 503: "unavailable"}.get(status, "generation" if status >= 500 else "validation")
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    parts, first_field = [], None
+    for err in exc.errors()[:5]:
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        field = ".".join(loc) or "body"
+        first_field = first_field or field
+        parts.append(f"{field}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request", first_field
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(request, exc.status, exc.message, exc.param, exc.headers)
+
+    @app.exception_handler(AdapterError)
+    async def _adapter(request: Request, exc: AdapterError) -> JSONResponse:
+        return error_response(request, exc.status, exc.message, exc.field)
+
+    @app.exception_handler(RequestRejected)
+    async def _rejected(request: Request, exc: RequestRejected) -> JSONResponse:
+        return error_response(request, 400, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, field = _validation_message(exc)
+        return error_response(request, 422, message, field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(request, exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RecursionError)
+    async def _deep(request: Request, exc: RecursionError) -> JSONResponse:
+        return error_response(request, 400, "JSON body is nested too deeply")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(request, 500, "internal server error")

@@ -1,0 +1,151 @@
+"""`loraplex serve`: flags (each also read from LORAPLEX_<FLAG>), configs, uvicorn, SIGTERM drain."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+
+from loraplex.server.config import (
+    DEVICE_CHOICES,
+    DTYPE_CHOICES,
+    QUANTIZE_CHOICES,
+    LoRAConfig,
+    ModelConfig,
+    ServerConfig,
+)
+from loraplex.server.engine.engine import EngineConfig
+from loraplex.server.engine.scheduler import SchedulerConfig
+from loraplex.server.runtime import Runtime, RuntimeConfig
+
+log = logging.getLogger("loraplex")
+
+# (flag, type, default, help); the env var is LORAPLEX_ + flag upper-cased with '-' -> '_'.
+FLAGS: tuple[tuple[str, type, object, str], ...] = (
+    ("--model", str, None, "HF model dir; absent -> the built-in demo model"),
+    ("--quantize", str, "none", f"base weight quantization {QUANTIZE_CHOICES}"),
+    ("--dtype", str, "auto", f"compute dtype {DTYPE_CHOICES}"),
+    ("--device", str, "auto", f"{DEVICE_CHOICES}"),
+    ("--host", str, "127.0.0.1", "listen address"),
+    ("--port", int, 8000, "listen port"),
+    ("--adapter-root", str, None, "registration by path is confined to this directory"),
+    ("--state-dir", str, "state", "durable adapter registry and uploads"),
+    ("--max-loras", int, 8, "device adapter slots (distinct adapters per step)"),
+    ("--max-cpu-loras", int, 32, "adapters kept in host memory (LRU)"),
+    ("--max-lora-rank", int, 64, "largest adapter rank accepted"),
+    ("--max-num-seqs", int, 32, "sequences per engine step"),
+    ("--max-batch-tokens", int, 2048, "tokens per engine step (prefill chunks + decodes)"),
+    ("--max-model-len", int, 2048, "context length limit (prompt + output)"),
+    ("--num-kv-blocks", int, 0, "KV cache blocks (0: sized from free memory)"),
+    ("--block-size", int, 16, "tokens per KV block"),
+    ("--served-model-name", str, None, "name of the base model in the API (default: the model dir name)"),
+    ("--api-key", str, None, "required on generation routes when set"),
+    ("--admin-key", str, None, "required on adapter registration routes when set"),
+    ("--max-queue", int, 256, "in-flight requests admitted before answering 429"),
+    ("--max-body-bytes", int, 4 * 2**20, "largest JSON request body"),
+    ("--max-upload-bytes", int, 2 * 2**30, "largest adapter upload"),
+    ("--s3-endpoint", str, None, "S3-compatible endpoint URL for s3:// adapter paths"),
+    ("--drain-timeout", float, 30.0, "seconds to let in-flight requests finish after SIGTERM"),
+    ("--log-level", str, "info", "debug, info, warning, error"),
+)
+
+
+def _env_name(flag: str) -> str:
+    return "LORAPLEX_" + flag.lstrip("-").upper().replace("-", "_")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraplex", description="Multi-tenant LoRA inference server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="start the HTTP server")
+    for flag, kind, default, help_ in FLAGS:
+        env = os.environ.get(_env_name(flag))
+        serve.add_argument(flag, type=kind, default=kind(env) if env is not None else default,
+                           help=f"{help_} (env {_env_name(flag)}; default {default})")
+    serve.add_argument("--preload", action="append", default=_env_preload(), metavar="NAME=PATH",
+                       help="register an adapter at start (repeatable; env LORAPLEX_PRELOAD, comma-separated)")
+    return parser
+
+
+def _env_preload() -> list[str]:
+    raw = os.environ.get("LORAPLEX_PRELOAD", "")
+    return [p.strip() for p in raw.split(",") if p.strip()]
+
+
+def configs_from_args(args: argparse.Namespace) -> RuntimeConfig:
+    """Turn parsed flags into the frozen configs; ValueError names the flag on bad values."""
+    preload = []
+    for item in args.preload or []:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise ValueError(f"--preload: expected NAME=PATH, got {item!r}")
+        preload.append((name, path))
+    model = ModelConfig(path=Path(args.model) if args.model else None, quantize=args.quantize, dtype=args.dtype,
+                        device=args.device, max_model_len=args.max_model_len,
+                        served_model_name=args.served_model_name)
+    engine = EngineConfig(
+        max_model_len=args.max_model_len, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens),
+        lora=LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                        max_cpu_loras=args.max_cpu_loras))
+    server = ServerConfig(
+        host=args.host, port=args.port, adapter_root=Path(args.adapter_root) if args.adapter_root else None,
+        state_dir=Path(args.state_dir), api_key=args.api_key, admin_key=args.admin_key, preload=tuple(preload),
+        max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, max_upload_bytes=args.max_upload_bytes,
+        s3_endpoint=args.s3_endpoint, drain_timeout_s=args.drain_timeout)
+    return RuntimeConfig(model, engine, server)
+
+
+class DrainingServer(uvicorn.Server):
+    """First SIGTERM/SIGINT: stop admitting (503), let in-flight requests finish, then exit 0."""
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.runtime.draining:  # a second signal: stop now
+            super().handle_exit(sig, frame)
+            return
+        log.info("signal %d: draining %d in-flight requests", sig, self.runtime.active_requests)
+        self.runtime.draining = True
+        threading.Thread(target=self._drain_then_exit, name="loraplex-drain", daemon=True).start()
+
+    def _drain_then_exit(self) -> None:
+        deadline = time.monotonic() + self.runtime.config.server.drain_timeout_s
+        while self.runtime.active_requests > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.should_exit = True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = configs_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    from loraplex.server.api.app import create_app  # heavy imports after argument errors
+
+    runtime = Runtime(config)
+    app = create_app(runtime)
+    uv = uvicorn.Config(app, host=config.server.host, port=config.server.port, log_level=args.log_level,
+                        timeout_graceful_shutdown=5)
+    server = DrainingServer(uv, runtime)
+    server.run()
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    sys.exit(main())

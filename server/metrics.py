@@ -1,0 +1,143 @@
+"""Prometheus metrics: loraplex_* names plus the vllm:* names that LoRA-aware routers read.
+
+Counters/histograms are updated as things happen; gauges describing current state (queue lengths, KV
+usage, adapter residency) are computed at scrape time by a custom collector, so they are never stale.
+Label values come only from registered adapters or the served base name; anything else is "unknown".
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from loraplex.server.engine.engine import LLMEngine
+    from loraplex.server.runtime import Runtime
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("loraplex_requests", "Finished HTTP generation requests",
+                                ["adapter", "endpoint", "status"], registry=r)
+        self.latency = Histogram("loraplex_request_latency_seconds", "End-to-end request latency",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("loraplex_time_to_first_token_seconds", "Time to first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("loraplex_time_per_output_token_seconds", "Mean time per output token after the first",
+                              buckets=TOKEN_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("loraplex_generation_tokens", "Tokens generated", ["adapter"], registry=r)
+        self.batch_size = Histogram("loraplex_batch_size", "Sequences per engine step", buckets=BATCH_BUCKETS,
+                                    registry=r)
+        self.batch_adapters = Histogram("loraplex_batch_distinct_adapters", "Distinct adapters per engine step",
+                                        buckets=BATCH_BUCKETS, registry=r)
+        self.adapter_load = Histogram("loraplex_adapter_load_seconds", "Adapter load time, disk/host to device",
+                                      buckets=LATENCY_BUCKETS, registry=r)
+        r.register(_StateCollector(runtime))
+
+    def label(self, adapter: str | None) -> str:
+        """A label value that never comes from user input: a registered adapter, the base, or 'unknown'."""
+        if adapter is None or adapter == self.runtime.served_model_name:
+            return self.runtime.served_model_name
+        store = self.runtime.store
+        return adapter if store is not None and adapter in store else "unknown"
+
+    def record_request(self, *, endpoint: str, adapter: str | None, status: int, latency_s: float | None = None,
+                       ttft_s: float | None = None, tpot_s: float | None = None, prompt_tokens: int = 0,
+                       generation_tokens: int = 0) -> None:
+        label = self.label(adapter)
+        self.requests.labels(label, endpoint, str(status)).inc()
+        for hist, value in ((self.latency, latency_s), (self.ttft, ttft_s), (self.tpot, tpot_s)):
+            if value is not None:
+                hist.observe(value)
+        self.prompt_tokens.inc(prompt_tokens)
+        if generation_tokens:
+            self.generation_tokens.labels(label).inc(generation_tokens)
+
+    def observe_step(self, engine: LLMEngine) -> None:
+        seqs, adapters = engine.last_batch
+        if engine.last_step_tokens:
+            self.batch_size.observe(seqs)
+            self.batch_adapters.observe(adapters)
+
+    def observe_adapter_load(self, seconds: float) -> None:
+        self.adapter_load.observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _StateCollector(Collector):
+    """Gauges read from the live engine and cache at scrape time."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        rt = self.runtime
+        engine = rt.engine.engine if rt.engine is not None else None
+        running = _snapshot(engine.scheduler.running) if engine else []
+        waiting = _snapshot(engine.scheduler.waiting) if engine else []
+        kv = engine.pool.usage if engine else 0.0
+        yield _gauge("loraplex_num_requests_running", "Requests in the running batch", len(running))
+        yield _gauge("loraplex_num_requests_waiting", "Requests queued in the engine", len(waiting))
+        yield _gauge("loraplex_kv_cache_usage_ratio", "Fraction of KV blocks in use", kv)
+        yield _gauge("vllm:num_requests_running", "Requests in the running batch (vLLM name)", len(running))
+        yield _gauge("vllm:num_requests_waiting", "Requests queued (vLLM name)", len(waiting))
+        yield _gauge("vllm:gpu_cache_usage_perc", "KV cache usage, 0..1 (vLLM name)", kv)
+        yield from self._adapter_metrics(engine, running, waiting)
+
+    def _adapter_metrics(self, engine: LLMEngine | None, running: list, waiting: list) -> Iterator:
+        store, slots = self.runtime.store, self.runtime.config.engine.lora.max_loras
+        yield _gauge("loraplex_adapter_slots_total", "Device adapter slots", slots)
+        yield _gauge("loraplex_adapters_registered", "Registered adapters", len(store.names()) if store else 0)
+        info = GaugeMetricFamily("vllm:lora_requests_info", "Running/waiting LoRA adapters (value: timestamp)",
+                                 labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+        info.add_metric([str(slots), _names(running), _names(waiting)], time.time())
+        yield info
+        if engine is None:
+            return
+        cache = engine.adapters
+        resident = cache.resident()
+        res = GaugeMetricFamily("loraplex_adapters_resident", "Adapters resident per tier", labels=["tier"])
+        for tier in ("device", "host"):
+            res.add_metric([tier], len(resident[tier]))
+        res.add_metric(["disk"], len(store.names()) if store else 0)
+        yield res
+        for name, field, help_ in (("hits", "hits", "Cache hits"), ("misses", "misses", "Cache misses"),
+                                   ("evictions", "evictions", "Cache evictions")):
+            fam = CounterMetricFamily(f"loraplex_adapter_cache_{name}", f"{help_} per tier", labels=["tier"])
+            for tier, value in getattr(cache.stats, field).items():
+                fam.add_metric([tier], value)
+            yield fam
+
+
+def _snapshot(items: Iterable) -> list:
+    """Copy a queue the engine thread mutates; a copy that races a mutation is simply retried."""
+    for _ in range(10):
+        try:
+            return list(items)
+        except RuntimeError:  # "deque mutated during iteration"
+            continue
+    return []
+
+
+def _gauge(name: str, help_: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, help_, value=value)
+
+
+def _names(requests: list) -> str:
+    """Comma-separated distinct adapter names of these requests (registered names only, by construction)."""
+    return ",".join(sorted({r.adapter for r in requests if r.adapter}))
