@@ -102,9 +102,7 @@ def check_model_dir(model_dir: Path) -> dict:
     if not isinstance(config, dict):
         raise ModelLoadError(f"--model: {config_path} must hold a JSON object")
     if "auto_map" in config:
-        raise ModelLoadError(
-            f"--model: {config_path} asks for custom code (auto_map); loraplex never runs remote code"
-        )
+        raise ModelLoadError(f"--model: {config_path} asks for custom code (auto_map); loraplex never runs remote code")
     architectures = config.get("architectures") or []
     if len(architectures) != 1 or architectures[0] not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(
@@ -112,9 +110,7 @@ def check_model_dir(model_dir: Path) -> dict:
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     if not any(model_dir.glob("*.safetensors")):
-        raise ModelLoadError(
-            f"--model: no *.safetensors weights in {model_dir} (pickle checkpoints are refused)"
-        )
+        raise ModelLoadError(f"--model: no *.safetensors weights in {model_dir} (pickle checkpoints are refused)")
     return config
 
 
@@ -153,12 +149,15 @@ def targetable_modules(model: nn.Module) -> dict[str, tuple[int, int]]:
 
     bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear and keep the logical in/out features
     (their packed weight shape differs), so they are reported with the shapes an adapter must match.
+    A linear already wrapped as `<name>.base_layer` (PEFT, MultiLoRALinear) is reported as `<name>`, so
+    the answer is the same before and after adapter injection.
     """
-    return {
-        name: (module.in_features, module.out_features)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in TARGET_MODULE_NAMES
-    }
+    found = {}
+    for name, module in model.named_modules():
+        name = name.removesuffix(".base_layer")
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in TARGET_MODULE_NAMES:
+            found[name] = (module.in_features, module.out_features)
+    return found
 
 
 class _DropInt8CastNotice(logging.Filter):

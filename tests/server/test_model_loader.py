@@ -9,6 +9,7 @@ import shutil
 import bitsandbytes as bnb
 import pytest
 import torch
+from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from loraplex.server.config import ModelConfig
@@ -35,9 +36,7 @@ TINY_SHAPES = {
     "mlp.up_proj": (64, 128),
     "mlp.down_proj": (128, 64),
 }
-EXPECTED_TARGETS = {
-    f"model.layers.{layer}.{name}": shape for layer in range(2) for name, shape in TINY_SHAPES.items()
-}
+EXPECTED_TARGETS = {f"model.layers.{layer}.{name}": shape for layer in range(2) for name, shape in TINY_SHAPES.items()}
 
 
 def copy_with_config(src, dst, **changes):
@@ -217,3 +216,11 @@ def test_int8_cast_notice_does_not_flood_the_log(tiny_model_dir, caplog):
 def test_targetable_modules_report_logical_shapes(tiny_model_dir, quantize):
     loaded = load_model(ModelConfig(path=tiny_model_dir("qwen2"), quantize=quantize))
     assert targetable_modules(loaded.model) == EXPECTED_TARGETS
+
+
+def test_targetable_modules_see_through_lora_wrappers(tiny_model_dir, adapter_dir):
+    model = load_model(ModelConfig(path=tiny_model_dir("llama"))).model
+    peft = PeftModel.from_pretrained(model, adapter_dir("llama", 4, ("q_proj", "down_proj"), 0))
+    # PEFT wraps q_proj/down_proj (the linear moves to `.base_layer`); the inner model keeps its names.
+    assert "model.layers.0.self_attn.q_proj.base_layer" in dict(peft.base_model.model.named_modules())
+    assert targetable_modules(peft.base_model.model) == EXPECTED_TARGETS

@@ -1,0 +1,131 @@
+"""Scheduler policy with a fake adapter cache: budgets, slot limits, loading waits, fairness, preemption."""
+
+from __future__ import annotations
+
+from loraplex.adapters.cache import Acquired, SlotState
+from loraplex.server.engine.block_pool import BlockPool
+from loraplex.server.engine.request import Request, Status
+from loraplex.server.engine.sampling_params import SamplingParams
+from loraplex.server.engine.scheduler import Scheduler, SchedulerConfig
+
+
+class FakeCache:
+    """`slots` device slots; adapters in `loading` answer LOADING until moved to ready."""
+
+    def __init__(self, slots: int, loading: set[str] | None = None) -> None:
+        self.slots: dict[str, int] = {}
+        self.refs: dict[str, int] = {}
+        self.num_slots = slots
+        self.loading = loading or set()
+
+    def prefetch(self, name: str) -> None:
+        pass
+
+    def acquire(self, name: str) -> Acquired:
+        if name in self.loading:
+            return Acquired(SlotState.LOADING)
+        if name not in self.slots:
+            free = set(range(self.num_slots)) - set(self.slots.values())
+            idle = [n for n in self.slots if not self.refs.get(n)]
+            if not free and not idle:
+                return Acquired(SlotState.NO_SLOT)
+            slot = min(free) if free else self.slots.pop(idle[0])
+            self.slots[name] = slot
+        self.refs[name] = self.refs.get(name, 0) + 1
+        return Acquired(SlotState.READY, self.slots[name])
+
+    def release(self, name: str) -> None:
+        self.refs[name] -= 1
+
+
+def _req(rid: str, n_prompt: int = 4, adapter: str | None = None, max_tokens: int = 4) -> Request:
+    return Request(rid, list(range(5, 5 + n_prompt)), SamplingParams(max_tokens=max_tokens), adapter, None,
+                   detokenizer=None, stop_matcher=None)  # type: ignore[arg-type]
+
+
+def _fake_run(sched: Scheduler, out) -> None:
+    """What the engine does after a step: mark computed, append a token to sampling requests, finish."""
+    for c in out.chunks:
+        c.request.num_computed = c.start + c.n
+        if c.samples:
+            c.request.output_ids.append(1)
+            if len(c.request.output_ids) >= c.request.params.max_tokens:
+                sched.finish(c.request)
+
+
+def test_token_budget_chunks_long_prompts():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_batch_tokens=10), BlockPool(64, 4), FakeCache(4))
+    sched.add(_req("long", n_prompt=25))
+    sched.add(_req("short", n_prompt=3))
+    first = sched.schedule()
+    assert [(c.request.request_id, c.n) for c in first.chunks] == [("long", 10)]
+    assert not first.chunks[0].samples
+    _fake_run(sched, first)
+    second = sched.schedule()
+    assert [(c.request.request_id, c.n) for c in second.chunks] == [("long", 10)]
+
+
+def test_loading_adapter_waits_without_blocking_others():
+    cache = FakeCache(4, loading={"cold"})
+    sched = Scheduler(SchedulerConfig(), BlockPool(64, 4), cache)
+    sched.add(_req("c", adapter="cold"))
+    sched.add(_req("h", adapter="hot"))
+    sched.add(_req("b"))
+    out = sched.schedule()
+    assert {c.request.request_id for c in out.chunks} == {"h", "b"}
+    assert [r.request_id for r in sched.waiting] == ["c"]
+    _fake_run(sched, out)
+    cache.loading.clear()
+    assert [c.request.request_id for c in sched.schedule().chunks if c.start == 0] == ["c"]
+
+
+def test_at_most_max_loras_distinct_adapters_per_step():
+    sched = Scheduler(SchedulerConfig(), BlockPool(256, 4), FakeCache(2))
+    for i in range(6):
+        sched.add(_req(f"r{i}", adapter=f"a{i % 3}"))
+    out = sched.schedule()
+    assert len({c.request.adapter for c in out.chunks}) == 2
+    assert {r.adapter for r in sched.waiting} == {"a2"}
+
+
+def test_cold_adapter_is_not_starved_by_a_hot_one():
+    cfg = SchedulerConfig(max_num_seqs=4, starvation_steps=8)
+    sched = Scheduler(cfg, BlockPool(1024, 4), FakeCache(1))
+    sched.add(_req("hot0", adapter="hot", max_tokens=6))
+    sched.schedule()
+    sched.add(_req("cold", adapter="cold", max_tokens=2))
+    cold_ran_at = None
+    for step in range(200):
+        sched.add(_req(f"hot{step + 1}", adapter="hot", max_tokens=6))  # a never-ending hot stream
+        out = sched.schedule()
+        if any(c.request.request_id == "cold" for c in out.chunks):
+            cold_ran_at = step
+            break
+        _fake_run(sched, out)
+    assert cold_ran_at is not None, "the cold adapter starved"
+
+
+def test_pool_exhaustion_preempts_newest_and_recomputes():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4), BlockPool(4, 4), FakeCache(2))  # 16 positions
+    preempted = []
+    sched.on_preempt = preempted.append
+    sched.add(_req("old", n_prompt=7, max_tokens=8))
+    sched.add(_req("new", n_prompt=7, max_tokens=8))
+    for _ in range(40):
+        if not sched.has_work():
+            break
+        _fake_run(sched, sched.schedule())
+    assert [r.request_id for r in preempted][:1] == ["new"]
+    assert not sched.has_work()
+    assert sched.pool.num_free == 4
+
+
+def test_finish_returns_blocks_and_adapter_refs():
+    cache = FakeCache(2)
+    sched = Scheduler(SchedulerConfig(), BlockPool(16, 4), cache)
+    r = _req("x", n_prompt=9, adapter="a")
+    sched.add(r)
+    sched.schedule()
+    assert r.status is Status.RUNNING and sched.pool.num_free == 16 - 3 and cache.refs["a"] == 1
+    sched.finish(r)
+    assert sched.pool.num_free == 16 and cache.refs["a"] == 0 and r.status is Status.FINISHED
