@@ -73,6 +73,9 @@ class AdapterCache:
         self._errors: dict[str, str] = {}
         self._doomed: set[str] = set()  # unregistered while in use: free the slot on last release
         self._host_loading: set[str] = set()
+        # Incarnation of each name, bumped by `forget`: a load job started for an unregistered copy must not
+        # mark a later registration under the same name errored, nor seed its host tier with stale weights.
+        self._epoch: dict[str, int] = {}
         self._load_info: dict[str, dict[str, float]] = {}
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lora-load")
@@ -130,6 +133,7 @@ class AdapterCache:
     def forget(self, name: str) -> None:
         """Drop every cached copy of `name` (unregistered); a slot still in use is freed on last release."""
         with self._lock:
+            self._epoch[name] = self._epoch.get(name, 0) + 1
             self._pinned.discard(name)
             self._errors.pop(name, None)
             self._host.pop(name, None)
@@ -146,7 +150,8 @@ class AdapterCache:
     def tier(self, name: str) -> str:
         with self._lock:
             slot = self._slot_of.get(name)
-            if slot is not None and self._slots[slot].ready:
+            # A doomed slot holds the unregistered copy (still in use), not the name's current registration.
+            if slot is not None and self._slots[slot].ready and name not in self._doomed:
                 return "device"
             return "host" if name in self._host else "disk"
 
@@ -180,7 +185,7 @@ class AdapterCache:
         self.stats.misses["device"] += 1
         self._slots[slot] = _Slot(owner=name, ready=False)
         self._slot_of[name] = slot
-        self._pool.submit(self._load_job, name, slot)
+        self._pool.submit(self._load_job, name, slot, self._epoch.get(name, 0))
         return Acquired(SlotState.LOADING)
 
     def _reserve_slot(self) -> int | None:
@@ -210,42 +215,45 @@ class AdapterCache:
     def _prefetch_host(self, name: str) -> None:
         if name not in self._host and name not in self._host_loading:
             self._host_loading.add(name)
-            self._pool.submit(self._host_job, name)
+            self._pool.submit(self._host_job, name, self._epoch.get(name, 0))
 
     # ---- workers -----------------------------------------------------------------------------
-    def _host_job(self, name: str) -> None:
+    def _host_job(self, name: str, epoch: int) -> None:
         try:
-            self._host_get(name)
+            self._host_get(name, epoch)
         except Exception as exc:  # noqa: BLE001 - any load failure marks only this adapter
-            self._mark_error(name, exc)
+            self._mark_error(name, exc, epoch)
         finally:
             with self._lock:
                 self._host_loading.discard(name)
 
-    def _load_job(self, name: str, slot: int) -> None:
+    def _load_job(self, name: str, slot: int, epoch: int) -> None:
         t0 = time.perf_counter()
         try:
-            weights = self._host_get(name)
+            weights = self._host_get(name, epoch)
             t_host = time.perf_counter() - t0
             self._write_slot(slot, weights)
         except Exception as exc:  # noqa: BLE001 - any load failure marks only this adapter
             with self._lock:
                 if self._slot_of.get(name) == slot:
                     self._free_slot(name, slot)
-            self._mark_error(name, exc)
+                    self._doomed.discard(name)  # an unregistered copy that never loaded has nothing to free
+            self._mark_error(name, exc, epoch)
         else:
             total = time.perf_counter() - t0
             with self._lock:
                 if self._slot_of.get(name) == slot:
                     self._slots[slot].ready = True
                     self._device_lru[name] = None
-                    self._load_info[name] = {"last_load_seconds": total, "host_load_seconds": t_host,
-                                             "loads": self._load_info.get(name, {}).get("loads", 0) + 1}
+                    if self._epoch.get(name, 0) == epoch:
+                        loads = self._load_info.get(name, {}).get("loads", 0) + 1
+                        self._load_info[name] = {"last_load_seconds": total, "host_load_seconds": t_host,
+                                                 "loads": loads}
                     self._maybe_free_doomed(name)
             self.on_load_seconds(total)
         self.on_ready()
 
-    def _host_get(self, name: str) -> AdapterWeights:
+    def _host_get(self, name: str, epoch: int) -> AdapterWeights:
         with self._lock:
             weights = self._host.get(name)
             if weights is not None:
@@ -256,7 +264,8 @@ class AdapterCache:
         weights = self._loader(name)  # disk read + validation, outside the lock
         with self._lock:
             self.stats.bytes_loaded += weights.size_bytes
-            self._insert_host(name, weights)
+            if self._epoch.get(name, 0) == epoch:  # else the name was unregistered meanwhile: keep nothing
+                self._insert_host(name, weights)
         return weights
 
     def _insert_host(self, name: str, weights: AdapterWeights) -> None:
@@ -266,8 +275,9 @@ class AdapterCache:
             self._host.popitem(last=False)
             self.stats.evictions["host"] += 1
 
-    def _mark_error(self, name: str, exc: Exception) -> None:
+    def _mark_error(self, name: str, exc: Exception, epoch: int) -> None:
         log.warning("adapter %s failed to load: %s", name, exc)
         with self._lock:
-            self._errors[name] = str(exc) or type(exc).__name__
+            if self._epoch.get(name, 0) == epoch:
+                self._errors[name] = str(exc) or type(exc).__name__
         self.on_ready()

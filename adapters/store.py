@@ -8,6 +8,7 @@ marks only that adapter errored.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -46,7 +47,10 @@ class AdapterStore:
         self.upload = UploadSource(config.state_dir, config.max_upload_bytes)
         self.s3 = S3Source(config.state_dir, config.s3_endpoint, config.max_upload_bytes)
         self.cache: AdapterCache | None = None
-        self._pin_lock = threading.Lock()
+        # Makes "pin budget check + manifest write + cache hand-off" and "manifest removal + cache forget"
+        # atomic with respect to each other. File copies and validation (slow) run outside it.
+        self._lock = threading.Lock()
+        self._remove_orphans()
 
     def attach(self, cache: AdapterCache) -> None:
         """Connect the tiered cache and re-pin what the manifest says is pinned."""
@@ -68,17 +72,21 @@ class AdapterStore:
         validate_adapter_name(name)
         if name in self.registry:
             raise AdapterConflictError(f"adapter {name!r} is already registered", field="name")
-        with self._pin_lock:
-            self._check_pin_budget(pinned)
-            local_dir = source.materialize(ref, name)
-            try:
-                weights = self.validate(local_dir)
-                record = AdapterRecord(name, source.describe(ref), str(local_dir), pinned, meta=_meta(weights))
-                self.registry.add(record)
-            except BaseException:
+        self._check_pin_budget(pinned)  # early, before any download; checked again atomically below
+        local_dir = source.materialize(ref, name)
+        committed = False
+        try:
+            weights = self.validate(local_dir)
+            record = AdapterRecord(name, source.describe(ref), str(local_dir), pinned, meta=_meta(weights))
+            with self._lock:
+                self._check_pin_budget(pinned)
+                self.registry.add(record)  # 409 here when a concurrent registration of `name` won
+                committed = True
+                self._on_registered(record, weights)
+        except BaseException:
+            if not committed:  # a copy nothing refers to (upload/S3); in-place local dirs are never deleted
                 source.discard(local_dir)
-                raise
-        self._on_registered(record, weights)
+            raise
         log.info("registered adapter %s (rank %d, %s)", name, weights.max_rank, record.source)
         return record
 
@@ -101,12 +109,23 @@ class AdapterStore:
         return load_adapter_dir(local_dir, self.module_shapes, max_rank=self.config.max_lora_rank)
 
     def unregister(self, name: str) -> AdapterRecord:
-        record = self.registry.remove(name)
-        if self.cache is not None:
-            self.cache.forget(name)
+        with self._lock:
+            record = self.registry.remove(name)
+            if self.cache is not None:
+                self.cache.forget(name)
         self._source_of(record).discard(Path(record.local_dir))
         log.info("unregistered adapter %s", name)
         return record
+
+    def _remove_orphans(self) -> None:
+        """Delete copied adapter dirs no record refers to: a kill -9 between the copy's final rename and the
+        manifest write leaves one behind (the registry itself stays consistent: the adapter is absent)."""
+        referenced = {Path(r.local_dir).resolve() for r in self.registry.list()}
+        for owned in (self.upload.owned_dir, self.s3.owned_dir):
+            for entry in owned.iterdir() if owned is not None else ():
+                if entry.is_dir() and not entry.is_symlink() and entry.resolve() not in referenced:
+                    log.info("removing %s: an adapter copy that no registry entry refers to", entry)
+                    shutil.rmtree(entry, ignore_errors=True)
 
     def _source_of(self, record: AdapterRecord) -> AdapterSource[Any]:
         if record.source == "upload":

@@ -7,7 +7,7 @@ the fixtures so test files that never ask for a model do not pay for them.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -50,9 +50,7 @@ def tokenizer():  # -> PreTrainedTokenizerFast (the tiny models' tokenizer, voca
 
 
 @pytest.fixture(scope="session")
-def adapter_dir(
-    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Callable[[str], Path]
-) -> Callable[..., Path]:
+def adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Callable[[str], Path]) -> Callable[..., Path]:
     """`adapter_dir(family, rank, targets, seed, alpha=None, use_rslora=False) -> Path`, cached per args."""
     from loraplex.adapters.synthetic import make_peft_adapter
 
@@ -82,6 +80,22 @@ def adapter_dir(
         return built[key]
 
     return get
+
+
+@pytest.fixture
+def single_torch_thread() -> Iterator[None]:
+    """Run torch ops on one intra-op thread for the test, then restore the setting.
+
+    Tiny models gain nothing from a second thread, and on the shared 2-core machines OpenMP's barrier
+    waits under CPU steal made a 64-step greedy loop 5-35x slower (0.2 s → up to 9 s, measured).
+    Opt in per module: `pytestmark = pytest.mark.usefixtures("single_torch_thread")`.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -38,6 +38,8 @@ TINY_SHAPES = {
 }
 EXPECTED_TARGETS = {f"model.layers.{layer}.{name}": shape for layer in range(2) for name, shape in TINY_SHAPES.items()}
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 
 def copy_with_config(src, dst, **changes):
     """A copy of a model dir whose config.json has `changes` applied."""

@@ -32,6 +32,8 @@ TEXTS = [
 ]
 PROMPTS = ["The quick brown fox", "Le café est", "User: What is the capital", "def add(a, b):"]
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 
 def greedy(model: torch.nn.Module, ids: list[int], steps: int = 16) -> list[int]:
     """Plain greedy loop (no cache, no eos stop): the reference the engine is compared against."""
@@ -74,9 +76,7 @@ def test_tokenizer_special_tokens_and_chat_template(tokenizer):
         tokenize=False,
         add_generation_prompt=True,
     )
-    assert text == (
-        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-    )
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_tokenizer_is_deterministic_and_saves(tmp_path):
@@ -234,9 +234,7 @@ def test_adapter_is_seeded_and_same_from_dir_or_model(tmp_path, tiny_model_dir):
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
     def tensors(base, name, seed):
-        return load_file(
-            make_peft_adapter(base, tmp_path / name, rank=4, seed=seed) / "adapter_model.safetensors"
-        )
+        return load_file(make_peft_adapter(base, tmp_path / name, rank=4, seed=seed) / "adapter_model.safetensors")
 
     from_dir, from_model, other = tensors(base_dir, "a", 7), tensors(model, "b", 7), tensors(model, "c", 8)
     assert all(torch.equal(from_dir[k], from_model[k]) for k in from_dir)

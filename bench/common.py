@@ -1,0 +1,183 @@
+"""Shared benchmark helpers: machine facts, interleaved median-of-N timing, JSON/PNG output, bench assets.
+
+Bench assets (the `bench-small` model and seeded PEFT adapters) are built once into
+`~/.cache/loraplex/bench` (or `$LORAPLEX_BENCH_CACHE`) and reused; they are never committed. Each one is
+built in a temporary sibling directory and renamed into place, so an interrupted build is never reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from loraplex.adapters.synthetic import PRESETS, make_peft_adapter
+from loraplex.server.tiny_models import bench_small_config, build_model_dir
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def cache_root() -> Path:
+    default = Path.home() / ".cache" / "loraplex" / "bench"
+    return Path(os.environ.get("LORAPLEX_BENCH_CACHE", default))
+
+
+# ---- machine facts ---------------------------------------------------------------------------------------
+def machine_facts(device: torch.device | str = "cpu") -> dict[str, object]:
+    """What a reader needs to compare runs: cores, torch, device, and how busy the machine was."""
+    device = torch.device(device)
+    facts: dict[str, object] = {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": _cpu_model(),
+        "device": str(device),
+        "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+    }
+    if device.type == "cuda":
+        facts["gpu"] = torch.cuda.get_device_name(device)
+    return facts
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def print_facts(facts: dict[str, object]) -> None:
+    print("machine: " + "  ".join(f"{k}={v}" for k, v in facts.items()), flush=True)
+
+
+# ---- timing ----------------------------------------------------------------------------------------------
+def interleaved(cases: dict[str, Callable[[], float]], repeats: int,
+                log: Callable[[str], None] | None = print) -> dict[str, list[float]]:
+    """Run every case once per round, `repeats` rounds, so machine drift hits all cases alike.
+
+    Each case returns its own measurement (e.g. tokens/s). Returns {case: [one value per round]}.
+    The case order rotates each round so no case always runs right after the same neighbour.
+    """
+    names = list(cases)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(cases[name]())
+            if log is not None:
+                log(f"  round {r + 1}/{repeats} {name}: {samples[name][-1]:.1f}")
+    return samples
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def paired_ratio(num: Sequence[float], den: Sequence[float]) -> float:
+    """Median of the per-round ratios: A and B of one round ran back to back, so their ratio is less noisy."""
+    return median([a / b for a, b in zip(num, den, strict=True)])
+
+
+class Stopwatch:
+    """Wall time of a block, with a CUDA sync on both ends when the device is a GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.seconds = 0.0
+
+    def __enter__(self) -> Stopwatch:
+        self._sync()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sync()
+        self.seconds = time.perf_counter() - self._start
+
+
+# ---- output ----------------------------------------------------------------------------------------------
+def write_json(path: Path, data: dict[str, object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+def bar_chart(path: Path, title: str, groups: dict[str, dict[str, float]], ylabel: str,
+              hlines: dict[str, float] | None = None) -> None:
+    """Grouped bars: groups = {group label: {series label: value}}; optional labelled horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a server; must precede pyplot's import
+    import matplotlib.pyplot as plt
+
+    series = list(dict.fromkeys(s for g in groups.values() for s in g))
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) * max(1, len(series)) / 2), 4.5))
+    for i, name in enumerate(series):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        ys = [vals.get(name, 0.0) for vals in groups.values()]
+        bars = ax.bar(xs, ys, width, label=name)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    for label, y in (hlines or {}).items():
+        ax.axhline(y, linestyle="--", linewidth=1, color="gray")
+        ax.text(len(groups) - 0.5, y, f" {label}", va="bottom", ha="right", fontsize=7, color="gray")
+    ax.set_xticks(range(len(groups)), list(groups), fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+# ---- bench assets ----------------------------------------------------------------------------------------
+def _build_once(final: Path, build: Callable[[Path], object]) -> Path:
+    """Build into a temporary sibling and rename into place; reuse a complete earlier build."""
+    if final.is_dir() and (final / ".complete").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        build(tmp)
+        (tmp / ".complete").touch()
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def bench_small_dir(seed: int = 0) -> Path:
+    """The bench-small model (SmolLM2-135M's Llama shape, seeded random fp32 weights), built once."""
+    return _build_once(cache_root() / f"bench-small-s{seed}",
+                       lambda d: build_model_dir(d, "llama", seed=seed, config=bench_small_config()))
+
+
+def bench_adapters(base_dir: Path, preset: str, count: int, seed0: int = 1000) -> list[Path]:
+    """`count` distinct seeded adapters of a PRESETS shape (S1, P) for `base_dir`, built once each."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown adapter preset {preset!r}; expected one of {sorted(PRESETS)}")
+    shape = PRESETS[preset]
+    root = cache_root() / "adapters" / base_dir.name
+    return [
+        _build_once(root / f"{preset}-{i:04d}",
+                    lambda d, i=i: make_peft_adapter(base_dir, d, rank=shape.rank,
+                                                     target_modules=shape.target_modules, seed=seed0 + i))
+        for i in range(count)
+    ]

@@ -1,0 +1,283 @@
+"""The generation path shared by the OpenAI and TGI routes.
+
+Every generation request goes through the same checks, cheapest and most specific first, and nothing
+holds an admission slot until the request is known to be runnable:
+
+    auth (dependency, 401) → ready / draining (dependency, 503) → body schema (422)
+    → adapter (404) → prompt (422 / 400) → fits the context (400) → admission (429, Retry-After) → run
+
+After admission a `Generation` owns the request. Whatever ends it — the last token, an engine error, the
+client going away — `Generation.aclose()` runs exactly once: the engine request is aborted if it is still
+running (its KV blocks and adapter refcount return at once), the admission slot is released, and the
+request is recorded in the metrics (status 499 when the client left before the end, as nginx does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from loraplex.adapters.errors import AdapterError
+from loraplex.server.api.errors import ApiError
+from loraplex.server.engine.engine import RequestRejected
+from loraplex.server.engine.request import RequestOutput
+from loraplex.server.engine.sampling_params import SamplingParams
+from loraplex.server.runtime import Runtime
+
+# Seconds a client is told to wait after a 429; admission frees up as soon as any request finishes.
+RETRY_AFTER_S = 1
+# Longest user-supplied name quoted back in an error message (names are otherwise unbounded here).
+_MAX_QUOTED = 200
+CLIENT_GONE = 499  # nginx's "client closed request": recorded, never sent
+
+
+def runtime_of(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+# ---- readiness and admission ---------------------------------------------------------------------
+def require_ready(request: Request) -> None:
+    """FastAPI dependency: 503 while the model loads, after a failed start, or while draining."""
+    check_ready(runtime_of(request))
+
+
+def check_ready(rt: Runtime) -> None:
+    if rt.draining:
+        raise ApiError(503, "the server is shutting down (draining in-flight requests); send new requests "
+                            "to another replica")
+    if rt.load_error:
+        raise ApiError(503, f"the model failed to load: {rt.load_error}")
+    if not rt.ready:
+        raise ApiError(503, "the model is still loading; retry shortly", headers={"Retry-After": "5"})
+
+
+def admit(rt: Runtime) -> None:
+    """Take one admission slot or answer 429. The caller must release it (Generation.aclose does)."""
+    check_ready(rt)  # draining may have begun while the request was being prepared
+    if not rt.try_admit():
+        limit = rt.config.server.max_queue
+        raise ApiError(429, f"the server is at capacity ({limit} requests in flight, --max-queue {limit}); "
+                            f"retry after {RETRY_AFTER_S}s", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+@contextlib.contextmanager
+def recorded_rejections(rt: Runtime, endpoint: str, model: str | None, arrival: float) -> Iterator[None]:
+    """Count requests refused while being prepared (404/400/422/429/503) in the metrics, then re-raise."""
+    try:
+        yield
+    except (ApiError, AdapterError, RequestRejected) as exc:
+        status = exc.status if isinstance(exc, ApiError | AdapterError) else 400
+        rt.metrics.record_request(endpoint=endpoint, adapter=model, status=status,
+                                  latency_s=time.perf_counter() - arrival)
+        raise
+
+
+# ---- adapters, prompts, parameters ---------------------------------------------------------------
+def quote(name: str) -> str:
+    return repr(name if len(name) <= _MAX_QUOTED else name[:_MAX_QUOTED] + "...")
+
+
+def resolve_adapter(rt: Runtime, name: str | None, *, param: str, empty_is_base: bool) -> str | None:
+    """The adapter to run, or None for the base model: `name` is the served base name or a registered
+    adapter (`empty_is_base`: None / "" also mean the base, as TGI's `adapter_id` does)."""
+    if (name is None or name == "") and empty_is_base:
+        return None
+    if name == rt.served_model_name:
+        return None
+    if name is not None and rt.store is not None and name in rt.store:
+        return name
+    raise ApiError(404, f"model {quote(name or '')} not found: it is neither the served base model "
+                        f"{rt.served_model_name!r} nor a registered adapter (see GET /v1/models)", param=param)
+
+
+async def encode_text(rt: Runtime, text: str, *, add_special_tokens: bool = True) -> list[int]:
+    """Tokenize off the event loop: a prompt near the body limit takes a noticeable time to encode."""
+    tokenizer = rt.loaded.tokenizer
+    return await run_in_threadpool(tokenizer.encode, text, add_special_tokens=add_special_tokens)
+
+
+def check_token_ids(rt: Runtime, ids: Sequence[int], *, param: str) -> list[int]:
+    """Token ids given directly must exist in the model's vocabulary."""
+    vocab = rt.loaded.model.config.get_text_config().vocab_size
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ApiError(400, f"{param}: token id {bad} is outside the vocabulary [0, {vocab})", param=param)
+    return list(ids)
+
+
+def make_params(**kwargs: Any) -> SamplingParams:
+    """SamplingParams re-checks what the schemas check, plus cross-field rules (min_tokens <= max_tokens)."""
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as exc:
+        message = str(exc)
+        raise ApiError(422, message, param=message.split(" ", 1)[0]) from exc
+
+
+def context_room(rt: Runtime, prompt_len: int) -> int:
+    """Tokens left for generation after the prompt (at least 1, so an over-long prompt is reported as such)."""
+    return max(1, rt.config.engine.max_model_len - prompt_len)
+
+
+# ---- running one request -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One request ready to run: what the caller asked for, resolved and validated."""
+
+    endpoint: str  # metrics label, e.g. "/v1/completions"
+    model: str | None  # the name the caller used (echoed back); None = base via TGI's empty adapter_id
+    adapter: str | None  # registered adapter name, None = base model only
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    arrival: float  # time.perf_counter() when the request arrived
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+def start(rt: Runtime, req: GenerationRequest) -> Generation:
+    """Check the request fits the context (400, before any slot is taken), admit it (429), start it."""
+    rt.engine.engine.check_fits(len(req.prompt_ids), req.params)
+    admit(rt)
+    return Generation(rt, req)
+
+
+class Generation:
+    """An admitted request. Iterate `outputs()` (once); always `await aclose()` (idempotent)."""
+
+    def __init__(self, rt: Runtime, req: GenerationRequest) -> None:
+        self.rt, self.req = rt, req
+        self._outs = rt.engine.generate(list(req.prompt_ids), req.params, req.adapter, req.request_id)
+        self.token_ids: list[int] = []
+        self.token_texts: list[str] = []  # text emitted with each token (a held partial char comes later)
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self._first_token_at: float | None = None
+        self._last_token_at: float | None = None
+        self._closed = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self.token_texts)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.req.prompt_ids)
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        async for out in self._outs:
+            self._observe(out)
+            yield out
+
+    def _observe(self, out: RequestOutput) -> None:
+        if out.new_token_ids:
+            now = time.perf_counter()
+            self._first_token_at = self._first_token_at or now
+            self._last_token_at = now
+            self.token_ids.extend(out.new_token_ids)
+            # One engine step appends one token per request; should a step ever carry several, its text
+            # goes with the last of them.
+            self.token_texts.extend([""] * (len(out.new_token_ids) - 1) + [out.new_text])
+        elif out.new_text and self.token_texts:
+            self.token_texts[-1] += out.new_text
+        if out.finished:
+            self.finish_reason, self.error = out.finish_reason, out.error
+
+    async def collect(self, request: Request) -> None:
+        """Run to the end. If the client disconnects first, stop early (aclose then aborts the request)."""
+        async def drain() -> None:
+            async for _ in self.outputs():
+                pass
+
+        work = asyncio.ensure_future(drain())
+        watch = asyncio.ensure_future(_until_disconnected(request))
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (work, watch):
+                task.cancel()
+            await asyncio.gather(work, watch, return_exceptions=True)
+        if work.cancelled() or work.exception() is not None:
+            await work  # re-raise: CancelledError when the client left, or the engine's exception
+
+    def raise_for_error(self) -> None:
+        """After `collect`: an engine failure becomes an HTTP error (the message comes from the engine)."""
+        if self.finish_reason == "error":
+            raise ApiError(self.failure_status, self.error or "generation failed")
+
+    @property
+    def failure_status(self) -> int:
+        gone = self.req.adapter is not None and (self.rt.store is None or self.req.adapter not in self.rt.store)
+        return 404 if gone else 500  # unregistered meanwhile, or a server-side fault (e.g. corrupt files)
+
+    @property
+    def status(self) -> int:
+        if self.finish_reason in ("stop", "length"):
+            return 200
+        return self.failure_status if self.finish_reason == "error" else CLIENT_GONE
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._outs.aclose()  # unfinished: the engine aborts the request and frees its KV blocks
+        finally:
+            self.rt.release()
+            self._record()
+
+    def _record(self) -> None:
+        now = time.perf_counter()
+        first, last, n = self._first_token_at, self._last_token_at, len(self.token_ids)
+        self.rt.metrics.record_request(
+            endpoint=self.req.endpoint, adapter=self.req.adapter, status=self.status,
+            latency_s=now - self.req.arrival,
+            ttft_s=first - self.req.arrival if first is not None else None,
+            tpot_s=(last - first) / (n - 1) if first is not None and last is not None and n > 1 else None,
+            prompt_tokens=self.num_prompt_tokens, generation_tokens=n)
+
+
+async def _until_disconnected(request: Request) -> None:
+    # The body has been read, so the next ASGI message is the disconnect (or the server sends it once
+    # the response is complete, when this task is cancelled anyway).
+    while (await request.receive())["type"] != "http.disconnect":
+        continue
+
+
+# ---- server-sent events --------------------------------------------------------------------------
+def sse(payload: dict[str, Any] | str) -> str:
+    """One SSE event: `data: <json>\\n\\n` (a str payload, e.g. "[DONE]", goes as is)."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+class EventStream(StreamingResponse):
+    """`text/event-stream` whose generation is closed however the response ends.
+
+    Starlette cancels the streaming task when the client disconnects; the events generator and then the
+    generation are closed here in every case, so the engine aborts the request and the slot is released
+    at once rather than whenever the garbage collector finalizes the generator.
+    """
+
+    def __init__(self, events: AsyncIterator[str], generation: Generation) -> None:
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._events = events
+        self._generation = generation
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with contextlib.suppress(RuntimeError):  # RuntimeError: still running (cannot happen here)
+                await self._events.aclose()  # type: ignore[attr-defined]
+            await self._generation.aclose()
