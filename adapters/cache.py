@@ -79,6 +79,8 @@ class AdapterCache:
         self._load_info: dict[str, dict[str, float]] = {}
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lora-load")
+        # Host prefetches get their own worker: a burst of them must never queue ahead of device loads.
+        self._host_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-prefetch")
         self.stats = CacheStats()
         self.on_ready: Callable[[], None] = lambda: None
         self.on_load_seconds: Callable[[float], None] = lambda s: None
@@ -99,7 +101,9 @@ class AdapterCache:
                 return Acquired(SlotState.READY, slot)
             if slot is not None:
                 return Acquired(SlotState.LOADING)
-            return self._start_load(name)
+            # No host prefetch on NO_SLOT here: the scheduler retries every step, and with more waiting
+            # adapters than host room, prefetching each time would evict them from host in a circle.
+            return self._start_load(name, host_fallback=False, evict=True)
 
     def release(self, name: str) -> None:
         with self._lock:
@@ -108,11 +112,13 @@ class AdapterCache:
                 del self._refs[name]
                 self._maybe_free_doomed(name)
 
-    def prefetch(self, name: str) -> None:
-        """Start bringing `name` towards the device as soon as a request for it is queued."""
+    def prefetch(self, name: str, *, evict: bool = False) -> None:
+        """Start bringing `name` towards the device as soon as a request for it is queued: into a free slot,
+        else into host memory. It evicts nothing (unless `evict`, for pinning): a speculative load must not
+        take the slot of an adapter whose queued requests are about to run."""
         with self._lock:
             if name not in self._slot_of and name not in self._errors:
-                self._start_load(name)
+                self._start_load(name, host_fallback=True, evict=evict)
 
     def put_host(self, name: str, weights: AdapterWeights) -> None:
         """Seed the host tier with weights already read (e.g. by registration's validation)."""
@@ -128,7 +134,7 @@ class AdapterCache:
         with self._lock:
             (self._pinned.add if pinned else self._pinned.discard)(name)
         if pinned:
-            self.prefetch(name)
+            self.prefetch(name, evict=True)
 
     def forget(self, name: str) -> None:
         """Drop every cached copy of `name` (unregistered); a slot still in use is freed on last release."""
@@ -175,12 +181,14 @@ class AdapterCache:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._host_pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- internals (lock held) ---------------------------------------------------------------
-    def _start_load(self, name: str) -> Acquired:
-        slot = self._reserve_slot()
+    def _start_load(self, name: str, *, host_fallback: bool, evict: bool) -> Acquired:
+        slot = self._reserve_slot(evict)
         if slot is None:
-            self._prefetch_host(name)
+            if host_fallback:
+                self._prefetch_host(name)
             return Acquired(SlotState.NO_SLOT)
         self.stats.misses["device"] += 1
         self._slots[slot] = _Slot(owner=name, ready=False)
@@ -188,10 +196,12 @@ class AdapterCache:
         self._pool.submit(self._load_job, name, slot, self._epoch.get(name, 0))
         return Acquired(SlotState.LOADING)
 
-    def _reserve_slot(self) -> int | None:
+    def _reserve_slot(self, evict: bool) -> int | None:
         for i, s in enumerate(self._slots):
             if s.owner is None:
                 return i
+        if not evict:
+            return None
         for victim in self._device_lru:  # least recently used first
             if not self._refs.get(victim) and victim not in self._pinned:
                 slot = self._slot_of[victim]
@@ -215,7 +225,7 @@ class AdapterCache:
     def _prefetch_host(self, name: str) -> None:
         if name not in self._host and name not in self._host_loading:
             self._host_loading.add(name)
-            self._pool.submit(self._host_job, name, self._epoch.get(name, 0))
+            self._host_pool.submit(self._host_job, name, self._epoch.get(name, 0))
 
     # ---- workers -----------------------------------------------------------------------------
     def _host_job(self, name: str, epoch: int) -> None:

@@ -4,6 +4,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 LORAPLEX_EXTRAS=dev bash scripts/bootstrap.sh
+# Services the tests talk to for real (installed from Debian's packages when absent).
+bash scripts/install_prometheus.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff check .
 set +e

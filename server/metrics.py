@@ -116,9 +116,10 @@ class _StateCollector(Collector):
             res.add_metric([tier], len(resident[tier]))
         res.add_metric(["disk"], len(store.names()) if store else 0)
         yield res
-        for name, field, help_ in (("hits", "hits", "Cache hits"), ("misses", "misses", "Cache misses"),
-                                   ("evictions", "evictions", "Cache evictions")):
-            fam = CounterMetricFamily(f"loraplex_adapter_cache_{name}", f"{help_} per tier", labels=["tier"])
+        for name, field, help_ in (("adapter_cache_hits", "hits", "Cache hits"),
+                                   ("adapter_cache_misses", "misses", "Cache misses"),
+                                   ("adapter_evictions", "evictions", "Cache evictions")):
+            fam = CounterMetricFamily(f"loraplex_{name}", f"{help_} per tier", labels=["tier"])
             for tier, value in getattr(cache.stats, field).items():
                 fam.add_metric([tier], value)
             yield fam

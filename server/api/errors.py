@@ -34,7 +34,7 @@ class ApiError(Exception):
 
 def error_response(request: Request, status: int, message: str, param: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    if request.url.path.startswith("/generate"):
+    if request.url.path.startswith("/generate") or request.url.path == "/":  # "/": TGI compat route
         body: dict = {"error": message, "error_type": _tgi_type(status)}
     else:
         kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")

@@ -17,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,8 @@ from loraplex.server.engine.engine import RequestRejected
 from loraplex.server.engine.request import RequestOutput
 from loraplex.server.engine.sampling_params import SamplingParams
 from loraplex.server.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 # Seconds a client is told to wait after a 429; admission frees up as soon as any request finishes.
 RETRY_AFTER_S = 1
@@ -84,6 +87,16 @@ def recorded_rejections(rt: Runtime, endpoint: str, model: str | None, arrival: 
 
 
 # ---- adapters, prompts, parameters ---------------------------------------------------------------
+def refuse_unsupported(features: Sequence[tuple[str, str]]) -> None:
+    """400 naming every requested feature this server does not implement (never silently ignored).
+
+    `features`: (field, what was asked for) pairs, as the schemas' `unsupported()` list them.
+    """
+    if features:
+        asked = "; ".join(what for _, what in features)
+        raise ApiError(400, f"not supported by this server: {asked}", param=features[0][0])
+
+
 def quote(name: str) -> str:
     return repr(name if len(name) <= _MAX_QUOTED else name[:_MAX_QUOTED] + "...")
 
@@ -159,6 +172,7 @@ class Generation:
         self._outs = rt.engine.generate(list(req.prompt_ids), req.params, req.adapter, req.request_id)
         self.token_ids: list[int] = []
         self.token_texts: list[str] = []  # text emitted with each token (a held partial char comes later)
+        self.token_logprobs: list[float | None] = []  # None while the engine reports no logprobs
         self.finish_reason: str | None = None
         self.error: str | None = None
         self._first_token_at: float | None = None
@@ -187,13 +201,24 @@ class Generation:
             # One engine step appends one token per request; should a step ever carry several, its text
             # goes with the last of them.
             self.token_texts.extend([""] * (len(out.new_token_ids) - 1) + [out.new_text])
+            self.token_logprobs.extend(token_logprobs(out))
         elif out.new_text and self.token_texts:
             self.token_texts[-1] += out.new_text
         if out.finished:
             self.finish_reason, self.error = out.finish_reason, out.error
 
-    async def collect(self, request: Request) -> None:
-        """Run to the end. If the client disconnects first, stop early (aclose then aborts the request)."""
+    async def complete(self, request: Request) -> bool:
+        """Run a non-streamed request to the end and close it. False if the client disconnected first (the
+        request was aborted); an engine failure raises ApiError with the engine's message."""
+        try:
+            finished = await self._collect(request)
+        finally:
+            await self.aclose()
+        if finished and self.finish_reason == "error":
+            raise ApiError(self.failure_status, self.error or "generation failed")
+        return finished
+
+    async def _collect(self, request: Request) -> bool:
         async def drain() -> None:
             async for _ in self.outputs():
                 pass
@@ -206,13 +231,11 @@ class Generation:
             for task in (work, watch):
                 task.cancel()
             await asyncio.gather(work, watch, return_exceptions=True)
-        if work.cancelled() or work.exception() is not None:
-            await work  # re-raise: CancelledError when the client left, or the engine's exception
-
-    def raise_for_error(self) -> None:
-        """After `collect`: an engine failure becomes an HTTP error (the message comes from the engine)."""
-        if self.finish_reason == "error":
-            raise ApiError(self.failure_status, self.error or "generation failed")
+        if work.cancelled():
+            return False
+        if work.exception() is not None:
+            raise work.exception()
+        return True
 
     @property
     def failure_status(self) -> int:
@@ -246,6 +269,13 @@ class Generation:
             prompt_tokens=self.num_prompt_tokens, generation_tokens=n)
 
 
+def token_logprobs(out: RequestOutput) -> list[float | None]:
+    """Log-probabilities of `out.new_token_ids` when the engine reports them (an optional
+    `RequestOutput.logprobs`, one float per new token), else None for each token."""
+    reported = getattr(out, "logprobs", None)
+    return list(reported) if reported is not None else [None] * len(out.new_token_ids)
+
+
 async def _until_disconnected(request: Request) -> None:
     # The body has been read, so the next ASGI message is the disconnect (or the server sends it once
     # the response is complete, when this task is cancelled anyway).
@@ -265,19 +295,32 @@ class EventStream(StreamingResponse):
 
     Starlette cancels the streaming task when the client disconnects; the events generator and then the
     generation are closed here in every case, so the engine aborts the request and the slot is released
-    at once rather than whenever the garbage collector finalizes the generator.
+    at once rather than whenever the garbage collector finalizes the generator. An unexpected exception
+    while streaming can no longer change the status (the headers are sent): it becomes the events that
+    `error_events(message)` returns, in the caller's dialect.
     """
 
-    def __init__(self, events: AsyncIterator[str], generation: Generation) -> None:
-        super().__init__(events, media_type="text/event-stream",
+    def __init__(self, events: AsyncGenerator[str, None], generation: Generation,
+                 error_events: Callable[[str], str]) -> None:
+        self._events = _guarded(events, error_events, generation.req.request_id)
+        super().__init__(self._events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._events = events
         self._generation = generation
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            with contextlib.suppress(RuntimeError):  # RuntimeError: still running (cannot happen here)
-                await self._events.aclose()  # type: ignore[attr-defined]
+            await self._events.aclose()
             await self._generation.aclose()
+
+
+async def _guarded(events: AsyncGenerator[str, None], error_events: Callable[[str], str],
+                   request_id: str) -> AsyncGenerator[str, None]:
+    async with contextlib.aclosing(events):
+        try:
+            async for event in events:
+                yield event
+        except Exception:  # noqa: BLE001 - reported in-band; CancelledError/GeneratorExit pass through
+            log.exception("request %s failed while streaming", request_id)
+            yield error_events(f"internal error while streaming (request {request_id}); see the server log")

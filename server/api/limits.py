@@ -53,7 +53,7 @@ class BodySizeLimit:
 
 async def _reject(scope: Scope, send: Callable[[Message], Awaitable[None]], limit: int) -> None:
     message = f"request body exceeds the limit of {limit} bytes"
-    if scope["path"].startswith("/generate"):
+    if scope["path"].startswith("/generate") or scope["path"] == "/":  # "/": TGI compat route
         body: dict[str, Any] = {"error": message, "error_type": "validation"}
     else:
         body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": 413}}

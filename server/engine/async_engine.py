@@ -137,8 +137,8 @@ class AsyncEngine:
         except Exception:  # noqa: BLE001 - a model failure must end requests, not the loop
             log.exception("engine step failed; failing the running requests")
             outputs = self.engine.fail_running("internal engine error during the forward pass")
+        self.on_step(self.engine)  # before delivery: a scrape right after a response sees this step
         self._deliver(outputs)
-        self.on_step(self.engine)
         if self.engine.last_step_tokens == 0 and self.engine.has_work():
             with self._cv:  # everyone waits on adapter loads: sleep until one lands (or briefly)
                 if not self._inbox:

@@ -1,0 +1,358 @@
+"""AdapterStore: registration by path and upload, the durable record, the hand-off to the cache,
+unregistering, concurrency (same name, distinct names, pin budget) and leftovers of a crash."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraplex.adapters.cache import AdapterCache
+from loraplex.adapters.errors import (
+    AdapterBadNameError,
+    AdapterConflictError,
+    AdapterForbiddenError,
+    AdapterNotFoundError,
+    AdapterValidationError,
+)
+from loraplex.adapters.store import AdapterStore, StoreConfig
+from loraplex.adapters.weights import AdapterWeights
+
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def module_shapes(tiny_model_dir) -> dict[str, tuple[int, int]]:
+    """The shapes the server validates against: those of the injected MultiLoRA layers of the tiny llama."""
+    from loraplex.adapters.inject import inject_multi_lora
+    from loraplex.server.config import ModelConfig
+    from loraplex.server.model_loader import load_model
+
+    model = load_model(ModelConfig(path=tiny_model_dir("llama"), device="cpu", dtype="float32")).model
+    return inject_multi_lora(model, num_slots=1, max_rank=8, dtype=torch.float32).module_shapes()
+
+
+@pytest.fixture(scope="module")
+def good(adapter_dir) -> Path:
+    return adapter_dir("llama", 8, ("q_proj", "v_proj"), 3)
+
+
+@pytest.fixture(scope="module")
+def other(adapter_dir) -> Path:
+    return adapter_dir("llama", 4, ("q_proj", "k_proj", "v_proj", "o_proj"), 4)
+
+
+@pytest.fixture
+def root(tmp_path, good, other) -> Path:
+    root = tmp_path / "root"
+    for i in range(6):
+        shutil.copytree(good, root / f"good{i}")
+    shutil.copytree(other, root / "other")
+    return root
+
+
+class FakeDevice:
+    """Slot writer/clearer for a real AdapterCache: which adapter (by weights identity) sits in each slot."""
+
+    def __init__(self, n: int) -> None:
+        self.slots: list[AdapterWeights | None] = [None] * n
+
+    def write(self, slot: int, w: AdapterWeights) -> None:
+        self.slots[slot] = w
+
+    def clear(self, slot: int) -> None:
+        self.slots[slot] = None
+
+
+@pytest.fixture
+def make_store(tmp_path, root, module_shapes) -> Callable[..., AdapterStore]:
+    caches: list[AdapterCache] = []
+
+    def build(num_slots: int = 3, attach: bool = True, state: Path | None = None) -> AdapterStore:
+        store = AdapterStore(StoreConfig(state or tmp_path / "state", root, max_lora_rank=16, max_upload_bytes=10**6),
+                             module_shapes, num_slots)
+        if attach:
+            device = FakeDevice(num_slots)
+            cache = AdapterCache(store.load_weights, device.write, device.clear, num_slots=num_slots, max_host=4)
+            cache.device = device  # for the tests' eyes
+            caches.append(cache)
+            store.attach(cache)
+        return store
+
+    yield build
+    for cache in caches:
+        cache.close()
+
+
+def files_of(adapter: Path) -> dict[str, bytes]:
+    return {name: (adapter / name).read_bytes() for name in (CONFIG, WEIGHTS)}
+
+
+def tar_gz(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def upload_dirs(store: AdapterStore) -> list[str]:
+    return sorted(p.name for p in store.upload.owned_dir.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# registering and describing
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_register_path_validates_records_and_describes(make_store, root):
+    store = make_store()
+    record = store.register_path("g", "good0")
+    assert record.source == "local:good0" and Path(record.local_dir) == (root / "good0").resolve()
+    info = store.describe("g")
+    assert {k: info[k] for k in ("name", "rank", "alpha", "pinned", "state", "error")} == {
+        "name": "g", "rank": 8, "alpha": 16, "pinned": False, "state": "ready", "error": None}
+    assert sorted(info["target_modules"]) == ["q_proj", "v_proj"]  # PEFT writes a set: order varies
+    # 2 layers x (q: A 8x64 + B 64x8, v: A 8x64 + B 32x8) fp32
+    assert info["size_bytes"] == 2 * (8 * 64 + 64 * 8 + 8 * 64 + 32 * 8) * 4
+    assert info["tier"] == "host"  # the validation read seeded the host tier
+    assert "g" in store and store.names() == ["g"] and store.get("g") == record
+    assert info["created_at"] > 0 and info["load_stats"] == {}
+
+
+def test_without_a_cache_the_tier_is_disk(make_store):
+    store = make_store(attach=False)
+    store.register_path("g", "good0")
+    assert store.describe("g")["tier"] == "disk" and store.describe("g")["state"] == "ready"
+
+
+def test_the_record_survives_a_restart(make_store, tmp_path):
+    store = make_store()
+    store.register_path("g", "good0", pinned=True)
+    store.register_upload("u", files_of(store.local.resolve("other")))
+    again = make_store()
+    assert again.names() == ["g", "u"] and again.get("g").pinned and again.get("u").source == "upload"
+    assert again.cache._pinned == {"g"}  # attach re-pins what the manifest says is pinned
+    assert torch.equal(again.load_weights("u").modules["model.layers.0.self_attn.q_proj"].a,
+                       store.load_weights("u").modules["model.layers.0.self_attn.q_proj"].a)
+
+
+def test_uploads_as_files_streams_or_archive(make_store, other):
+    store = make_store()
+    files = files_of(other)
+    store.register_upload("as-bytes", files)
+    store.register_upload("as-streams", {k: io.BytesIO(v) for k, v in files.items()})
+    store.register_upload("as-archive", io.BytesIO(tar_gz(files)))
+    metas = [store.get(n).meta for n in ("as-bytes", "as-streams", "as-archive")]
+    assert metas[0] == metas[1] == metas[2] and metas[0]["rank"] == 4
+    assert [d.rsplit("-", 1)[0] for d in upload_dirs(store)] == ["as-archive", "as-bytes", "as-streams"]
+
+
+@pytest.mark.parametrize(("name", "error"), [("a/b", AdapterBadNameError), ("", AdapterBadNameError),
+                                             ("..", AdapterBadNameError)])
+def test_bad_names_are_refused_before_anything_is_read(make_store, name, error):
+    store = make_store()
+    with pytest.raises(error):
+        store.register_upload(name, {CONFIG: b"x", WEIGHTS: b"y"})
+    assert upload_dirs(store) == []
+
+
+def test_duplicates_are_409_and_leave_no_copy(make_store, other):
+    store = make_store()
+    store.register_path("d", "good0")
+    for call in (lambda: store.register_path("d", "good1"), lambda: store.register_upload("d", files_of(other))):
+        with pytest.raises(AdapterConflictError, match="already registered"):
+            call()
+    assert upload_dirs(store) == [] and store.get("d").source == "local:good0"
+
+
+def test_invalid_adapters_are_refused_and_their_upload_discarded(make_store, other, root):
+    store = make_store()
+    files = files_of(other)
+    with pytest.raises(AdapterValidationError, match=CONFIG):
+        store.register_upload("bad", {CONFIG: b"{]", WEIGHTS: files[WEIGHTS]})
+    with pytest.raises(AdapterValidationError):
+        store.register_upload("bad", {CONFIG: files[CONFIG], WEIGHTS: files[WEIGHTS][:-4]})
+    cfg = json.loads(files[CONFIG])
+    cfg["r"] = 32
+    with pytest.raises(AdapterValidationError, match="32.*16"):
+        store.register_upload("bad", {CONFIG: json.dumps(cfg).encode(), WEIGHTS: files[WEIGHTS]})
+    with pytest.raises(AdapterForbiddenError):
+        store.register_path("bad", "../root/../..")
+    with pytest.raises(AdapterNotFoundError):
+        store.register_path("bad", "nope")
+    assert upload_dirs(store) == [] and store.names() == [] and (root / "other" / WEIGHTS).exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# unregistering
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_unregister_removes_record_copy_and_cached_copies_but_never_user_files(make_store, root, other):
+    store = make_store()
+    store.register_path("p", "good0")
+    store.register_upload("u", files_of(other))
+    assert store.unregister("u").name == "u" and upload_dirs(store) == []
+    assert store.unregister("p").source == "local:good0"
+    assert (root / "good0" / WEIGHTS).exists() and store.names() == []
+    assert store.cache.resident() == {"device": [], "host": []}
+    for call in (lambda: store.unregister("p"), lambda: store.describe("p"), lambda: store.load_weights("p")):
+        with pytest.raises(AdapterNotFoundError, match="'p'"):
+            call()
+
+
+def test_registering_again_after_unregister_serves_the_new_files(make_store, root, other):
+    store = make_store()
+    store.register_path("x", "good0")
+    slot_weights = _acquire(store.cache, "x")
+    store.cache.release("x")
+    store.unregister("x")
+    store.register_path("x", "other")
+    again = _acquire(store.cache, "x")
+    assert again is not slot_weights and slot_weights.max_rank == 8 and again.max_rank == 4
+
+
+def _acquire(cache: AdapterCache, name: str) -> AdapterWeights:
+    import time
+
+    from loraplex.adapters.cache import SlotState
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        got = cache.acquire(name)
+        if got.state is SlotState.READY:
+            return cache.device.slots[got.slot]
+        assert got.state is not SlotState.ERRORED, got.reason
+        time.sleep(0.002)
+    raise AssertionError("never ready")
+
+
+def test_files_vanishing_after_registration_mark_only_that_adapter_errored(make_store, root):
+    store = make_store(num_slots=2)
+    store.register_path("gone", "good0")
+    store.register_path("fine", "good1")
+    store.cache.forget("gone")  # drop the host copy seeded by registration (as LRU eviction would)
+    store.cache.restore("gone")
+    shutil.rmtree(root / "good0")
+    with pytest.raises(AssertionError, match="does not exist"):
+        _acquire(store.cache, "gone")
+    info = store.describe("gone")
+    assert info["state"] == "errored" and "does not exist" in info["error"]
+    assert store.describe("fine")["state"] == "ready" and _acquire(store.cache, "fine").max_rank == 8
+
+
+# ---------------------------------------------------------------------------------------------------------
+# concurrency
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _run(n: int, target: Callable[[int], None]) -> None:
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+
+
+def test_concurrent_registrations_of_one_name_give_one_winner_and_one_copy(make_store, other, monkeypatch):
+    store = make_store()
+    validate, barrier = store.validate, threading.Barrier(4, timeout=10)
+
+    def in_lockstep(local_dir: Path) -> AdapterWeights:
+        barrier.wait()  # every thread has its own copy and validates before anyone writes the manifest
+        return validate(local_dir)
+
+    monkeypatch.setattr(store, "validate", in_lockstep)
+    results: list[str] = []
+
+    def register(i: int) -> None:
+        try:
+            if i % 2:
+                store.register_upload("same", files_of(other))
+            else:
+                store.register_path("same", f"good{i}")
+            results.append("ok")
+        except AdapterConflictError:
+            results.append("409")
+
+    _run(4, register)
+    assert sorted(results) == ["409", "409", "409", "ok"]
+    source = store.get("same").source
+    assert len(upload_dirs(store)) == (1 if source == "upload" else 0)  # the losers' copies are gone
+
+
+def test_distinct_names_validate_in_parallel(make_store, monkeypatch):
+    """Slow validation (big files, S3) of one adapter must not hold up the registration of another."""
+    store = make_store()
+    validate, barrier = store.validate, threading.Barrier(4, timeout=10)
+
+    def in_lockstep(local_dir: Path) -> AdapterWeights:
+        barrier.wait()  # would time out (BrokenBarrierError) if registrations were serialized
+        return validate(local_dir)
+
+    monkeypatch.setattr(store, "validate", in_lockstep)
+    errors: list[Exception] = []
+
+    def register(i: int) -> None:
+        try:
+            store.register_path(f"n{i}", f"good{i}")
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    _run(4, register)
+    assert errors == [] and sorted(store.names()) == ["n0", "n1", "n2", "n3"]
+
+
+def test_pin_budget_keeps_one_slot_free_even_under_races(make_store, monkeypatch):
+    store = make_store(num_slots=3)
+    validate, barrier = store.validate, threading.Barrier(4, timeout=10)
+    monkeypatch.setattr(store, "validate", lambda d: (barrier.wait(), validate(d))[1])
+    outcomes: list[str] = []
+
+    def register(i: int) -> None:
+        try:
+            store.register_path(f"pin{i}", f"good{i}", pinned=True)
+            outcomes.append("ok")
+        except AdapterConflictError as exc:
+            assert "--max-loras 3" in str(exc) and exc.field == "pinned"
+            outcomes.append("409")
+
+    _run(4, register)
+    assert sorted(outcomes) == ["409", "409", "ok", "ok"]
+    assert sum(store.get(n).pinned for n in store.names()) == 2
+    monkeypatch.setattr(store, "validate", validate)
+    store.register_path("unpinned", "good5")  # unpinned registrations are not limited
+    with pytest.raises(AdapterConflictError, match="cannot pin more than 2"):
+        store.register_path("pin9", "good5", pinned=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# crash leftovers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_copies_no_record_refers_to_are_removed_at_start(make_store, other, tmp_path):
+    store = make_store()
+    store.register_upload("kept", files_of(other))
+    kept = upload_dirs(store)
+    # What a kill -9 between the upload's final rename and the manifest write leaves behind:
+    orphan = store.upload.owned_dir / "lost-0123456789abcdef"
+    orphan.mkdir()
+    (orphan / CONFIG).write_bytes(b"{}")
+    s3_orphan = store.s3.owned_dir / "s3lost-0123"
+    s3_orphan.mkdir()
+    stray_file = store.upload.owned_dir / "note.txt"
+    stray_file.write_text("not ours to judge")
+    again = make_store()
+    assert upload_dirs(again) == sorted([*kept, "note.txt"]) and not s3_orphan.exists()
+    assert again.names() == ["kept"] and again.load_weights("kept").max_rank == 4

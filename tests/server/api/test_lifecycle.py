@@ -1,0 +1,170 @@
+"""Admission, disconnects and draining on live servers (BAD_INPUTS.md rows 31 and 32, and the
+"client disconnects mid-stream" fault).
+
+- row 31: with --max-queue 2, requests beyond two in flight get 429 + Retry-After; admitted ones complete.
+- disconnect: a client that leaves mid-stream (or mid non-streamed request) gets its request aborted:
+  KV usage, running requests and running adapters return to zero, and the request is counted as 499.
+- row 32: after SIGTERM new requests get 503, the in-flight stream finishes with its full output, the
+  process exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+COMPLETIONS = "/v1/completions"
+
+
+@pytest.fixture(scope="module")
+def queued(server_factory, adapter_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lifecycle-root")
+    shutil.copytree(adapter_dir("llama", 8, ("q_proj", "k_proj", "v_proj", "o_proj"), 4), root / "a1")
+    return server_factory("--preload", "a1=a1", "--max-queue", "2", adapter_root=root)
+
+
+def body(max_tokens, *, stream=True, model="a1"):
+    return {"model": model, "prompt": "The weather today", "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": stream, "stream_options": {"include_usage": True} if stream else None}
+
+
+def data_lines(lines):
+    return (line[len("data: "):] for line in lines if line.startswith("data: "))
+
+
+def read_to_end(lines) -> tuple[str, list[dict]]:
+    """Rest of an OpenAI stream: (text, chunks); asserts it ends with [DONE]."""
+    chunks = [json.loads(d) if d != "[DONE]" else d for d in data_lines(lines)]
+    assert chunks and chunks[-1] == "[DONE]", chunks[-3:]
+    chunks = chunks[:-1]
+    assert not any("error" in c for c in chunks), chunks
+    return "".join(c["choices"][0]["text"] for c in chunks if c["choices"]), chunks
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def scrape(live) -> str:
+    return httpx.get(live.url + "/metrics").text
+
+
+# ---- row 31 -------------------------------------------------------------------------------------
+def test_31_requests_beyond_the_queue_get_429_and_admitted_ones_complete(queued):
+    url = queued.url + COMPLETIONS
+    with httpx.stream("POST", url, json=body(48), timeout=120) as s1, \
+            httpx.stream("POST", url, json=body(48), timeout=120) as s2:
+        streams = [s1.iter_lines(), s2.iter_lines()]
+        for lines in streams:
+            next(data_lines(lines))  # both admitted and producing: the two slots are taken
+        with ThreadPoolExecutor(4) as pool:
+            refused = list(pool.map(lambda path: httpx.post(queued.url + path, timeout=60, json=(
+                {"inputs": "hi"} if path.startswith("/generate") else body(4, stream=False))),
+                [COMPLETIONS, COMPLETIONS, "/generate", "/generate_stream"]))
+        for r in refused:
+            assert r.status_code == 429, r.text
+            assert int(r.headers["retry-after"]) >= 1
+            assert "--max-queue 2" in r.text
+        assert refused[2].json()["error_type"] == "overloaded"
+        for lines in streams:
+            _, chunks = read_to_end(lines)
+            assert chunks[-1]["usage"]["completion_tokens"] == 48
+    # Slots are back: the next request is admitted.
+    assert httpx.post(url, json=body(2, stream=False), timeout=60).status_code == 200
+
+
+def test_31_concurrent_burst_admits_at_most_the_queue(queued):
+    def one(_):
+        with httpx.stream("POST", queued.url + COMPLETIONS, json=body(40), timeout=120) as r:
+            if r.status_code != 200:
+                r.read()
+                return r.status_code, r.headers.get("retry-after"), None
+            return 200, None, read_to_end(r.iter_lines())[1][-1]["usage"]["completion_tokens"]
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(one, range(6)))
+    admitted = [r for r in results if r[0] == 200]
+    refused = [r for r in results if r[0] != 200]
+    assert admitted and refused, results
+    assert all(status == 429 and retry for status, retry, _ in refused), results
+    assert all(tokens == 40 for _, _, tokens in admitted), results
+
+
+# ---- client disconnects -------------------------------------------------------------------------
+def wait_idle(live, timeout=15.0) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        text = scrape(live)
+        idle = metric(text, "vllm:num_requests_running") == 0 and metric(text, "loraplex_kv_cache_usage_ratio") == 0
+        if idle or time.monotonic() > deadline:
+            return text
+        time.sleep(0.05)
+
+
+def gone_count(live, endpoint) -> float:
+    return metric(scrape(live), "loraplex_requests_total", f'{{adapter="a1",endpoint="{endpoint}",status="499"}}')
+
+
+def test_disconnect_mid_stream_frees_kv_blocks_and_adapter(queued):
+    before = gone_count(queued, COMPLETIONS)
+    with httpx.stream("POST", queued.url + COMPLETIONS, json=body(200), timeout=120) as r:
+        lines = data_lines(r.iter_lines())
+        for _ in range(3):
+            next(lines)
+        busy = scrape(queued)
+        assert metric(busy, "vllm:num_requests_running") == 1
+        assert metric(busy, "loraplex_kv_cache_usage_ratio") > 0
+        assert 'running_lora_adapters="a1"' in busy
+    # Leaving the block closed the connection with ~190 tokens still to go.
+    idle = wait_idle(queued)
+    assert metric(idle, "vllm:num_requests_running") == 0
+    assert metric(idle, "loraplex_kv_cache_usage_ratio") == 0
+    assert 'running_lora_adapters=""' in idle
+    assert gone_count(queued, COMPLETIONS) == before + 1
+
+
+@pytest.mark.parametrize("path", [COMPLETIONS, "/generate"])
+def test_disconnect_during_non_streamed_request_aborts_it(queued, path):
+    before = gone_count(queued, path)
+    payload = body(200, stream=False) if path == COMPLETIONS else {
+        "inputs": "The weather today", "parameters": {"adapter_id": "a1", "max_new_tokens": 200,
+                                                      "ignore_eos_token": True}}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(queued.url + path, json=payload, timeout=httpx.Timeout(60, read=0.5))
+    idle = wait_idle(queued)
+    assert metric(idle, "loraplex_kv_cache_usage_ratio") == 0
+    deadline = time.monotonic() + 10
+    while gone_count(queued, path) != before + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gone_count(queued, path) == before + 1
+
+
+# ---- row 32 -------------------------------------------------------------------------------------
+def test_32_sigterm_drains_in_flight_and_refuses_new(server_factory):
+    live = server_factory()
+    base = httpx.get(live.url + "/v1/models").json()["data"][0]["id"]
+    url = live.url + COMPLETIONS
+    expected = httpx.post(url, json=body(80, stream=False, model=base), timeout=120).json()["choices"][0]["text"]
+    with httpx.stream("POST", url, json=body(80, model=base), timeout=120) as r:
+        lines = r.iter_lines()
+        first = json.loads(next(data_lines(lines)))
+        live.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while httpx.get(live.url + "/ready").status_code != 503 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        refused = httpx.post(url, json=body(2, stream=False, model=base), timeout=30)
+        refused_tgi = httpx.post(live.url + "/generate", json={"inputs": "hi"}, timeout=30)
+        text, chunks = read_to_end(lines)
+    assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+    assert refused_tgi.status_code == 503 and refused_tgi.json()["error_type"] == "unavailable"
+    assert first["choices"][0]["text"] + text == expected
+    assert chunks[-1]["usage"]["completion_tokens"] == 80
+    assert live.proc.wait(timeout=60) == 0

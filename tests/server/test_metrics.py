@@ -1,0 +1,220 @@
+"""Metrics: every documented name is exposed on /metrics with its type and labels, values follow real
+requests, label values come only from registered adapters, and the router-facing vllm:* gauges carry what
+the inference extension's model-server protocol expects.
+
+Runs the app in-process (a real Runtime on the tiny model, FastAPI's TestClient) to stay fast.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections import deque
+from types import SimpleNamespace
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from loraplex.adapters.cache import CacheStats
+from loraplex.server.metrics import Metrics
+
+ADAPTERS = ("alpha", "beta")
+MAX_LORAS = 4
+
+# DESIGN.md's metric list: family name (as the parser reports it: counters without _total) -> (type, labels).
+DOCUMENTED = {
+    "loraplex_requests": ("counter", {"adapter", "endpoint", "status"}),
+    "loraplex_request_latency_seconds": ("histogram", set()),
+    "loraplex_time_to_first_token_seconds": ("histogram", set()),
+    "loraplex_time_per_output_token_seconds": ("histogram", set()),
+    "loraplex_prompt_tokens": ("counter", set()),
+    "loraplex_generation_tokens": ("counter", {"adapter"}),
+    "loraplex_num_requests_running": ("gauge", set()),
+    "loraplex_num_requests_waiting": ("gauge", set()),
+    "loraplex_batch_size": ("histogram", set()),
+    "loraplex_batch_distinct_adapters": ("histogram", set()),
+    "loraplex_kv_cache_usage_ratio": ("gauge", set()),
+    "loraplex_adapter_cache_hits": ("counter", {"tier"}),
+    "loraplex_adapter_cache_misses": ("counter", {"tier"}),
+    "loraplex_adapter_evictions": ("counter", {"tier"}),
+    "loraplex_adapter_load_seconds": ("histogram", set()),
+    "loraplex_adapters_resident": ("gauge", {"tier"}),
+    "loraplex_adapter_slots_total": ("gauge", set()),
+    "loraplex_adapters_registered": ("gauge", set()),
+    "vllm:lora_requests_info": ("gauge", {"max_lora", "running_lora_adapters", "waiting_lora_adapters"}),
+    "vllm:num_requests_running": ("gauge", set()),
+    "vllm:num_requests_waiting": ("gauge", set()),
+    "vllm:gpu_cache_usage_perc": ("gauge", set()),
+}
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory, tiny_model_dir, adapter_dir):
+    """A loaded runtime serving two preloaded adapters, behind the real app."""
+    from loraplex.server.api.app import create_app
+    from loraplex.server.cli import build_parser, configs_from_args
+    from loraplex.server.runtime import Runtime
+
+    base = tmp_path_factory.mktemp("metrics")
+    root = base / "adapters"
+    for i, name in enumerate(ADAPTERS):
+        shutil.copytree(adapter_dir("llama", rank=4, seed=i), root / name)
+    args = ["serve", "--model", str(tiny_model_dir("llama")), "--state-dir", str(base / "state"),
+            "--adapter-root", str(root), "--device", "cpu", "--dtype", "float32", "--max-model-len", "256",
+            "--num-kv-blocks", "256", "--block-size", "8", "--max-loras", str(MAX_LORAS),
+            "--served-model-name", "base", *[f"--preload={n}={n}" for n in ADAPTERS]]
+    runtime = Runtime(configs_from_args(build_parser().parse_args(args)))
+    runtime.load()
+    assert runtime.load_error is None, runtime.load_error
+    with TestClient(create_app(runtime, load_in_background=False)) as c:
+        yield c
+
+
+def scrape(client: TestClient) -> dict:
+    resp = client.get("/metrics")
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/plain")
+    return {f.name: f for f in text_string_to_metric_families(resp.text)}
+
+
+def value(families: dict, sample_name: str, **labels: str) -> float:
+    """The sample's value; 0 when the labelled series does not exist yet (counters start lazily)."""
+    family = families[_family_of(sample_name)]
+    for s in family.samples:
+        if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items()):
+            return s.value
+    return 0.0
+
+
+def _family_of(sample_name: str) -> str:
+    for suffix in ("_total", "_count", "_sum", "_bucket"):
+        if sample_name.endswith(suffix) and sample_name[: -len(suffix)] in DOCUMENTED:
+            return sample_name[: -len(suffix)]
+    return sample_name
+
+
+def complete(client: TestClient, model: str, max_tokens: int = 4) -> dict:
+    resp = client.post("/v1/completions", json={"model": model, "prompt": "hello world", "max_tokens": max_tokens,
+                                                "temperature": 0, "ignore_eos": True})
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def test_every_documented_metric_is_exposed_with_its_type_and_labels(client):
+    complete(client, "alpha")  # labelled counters appear with their first observation
+    families = scrape(client)
+    missing = sorted(set(DOCUMENTED) - set(families))
+    assert not missing, f"not exposed: {missing}"
+    for name, (kind, labels) in DOCUMENTED.items():
+        family = families[name]
+        assert family.type == kind, f"{name} is a {family.type}, documented as a {kind}"
+        assert family.samples, f"{name} has no samples"
+        for s in family.samples:
+            assert set(s.labels) - {"le"} == labels, f"{s.name} labels {sorted(s.labels)}, want {sorted(labels)}"
+
+
+def test_values_follow_a_completion(client):
+    before = scrape(client)
+    body = complete(client, "beta", max_tokens=5)
+    after = scrape(client)
+
+    def delta(sample: str, **labels: str) -> float:
+        return value(after, sample, **labels) - value(before, sample, **labels)
+
+    # The engine thread records a step's batch histograms just after delivering that step's tokens, so the
+    # last step's observation may land after the HTTP answer: give it a moment (bounded) before checking.
+    for _ in range(100):
+        if delta("loraplex_batch_size_count") >= 5:
+            break
+        time.sleep(0.05)
+        after = scrape(client)
+
+    ok = {"adapter": "beta", "endpoint": "/v1/completions", "status": "200"}
+    assert delta("loraplex_requests_total", **ok) == 1
+    assert delta("loraplex_generation_tokens_total", adapter="beta") == body["usage"]["completion_tokens"] == 5
+    assert delta("loraplex_prompt_tokens_total") == body["usage"]["prompt_tokens"] > 0
+    for hist in ("loraplex_request_latency_seconds", "loraplex_time_to_first_token_seconds",
+                 "loraplex_time_per_output_token_seconds"):
+        assert delta(f"{hist}_count") == 1, hist
+        assert delta(f"{hist}_sum") > 0, hist
+    assert delta("loraplex_batch_size_count") >= 5  # at least one engine step per generated token
+    assert value(after, "loraplex_adapters_registered") == len(ADAPTERS)
+    assert value(after, "loraplex_adapter_slots_total") == MAX_LORAS
+    assert value(after, "loraplex_adapters_resident", tier="disk") == len(ADAPTERS)
+    assert 1 <= value(after, "loraplex_adapters_resident", tier="device") <= MAX_LORAS
+    hits_misses = sum(value(after, f"loraplex_adapter_cache_{k}_total", tier=t)
+                      for k in ("hits", "misses") for t in ("host", "device"))
+    assert hits_misses >= 2  # alpha's and beta's device lookups at least
+    # Idle again: nothing running or waiting, every KV block returned.
+    for name in ("loraplex_num_requests_running", "loraplex_num_requests_waiting", "vllm:num_requests_running",
+                 "vllm:num_requests_waiting"):
+        assert value(after, name) == 0, name
+    assert value(after, "loraplex_kv_cache_usage_ratio") == value(after, "vllm:gpu_cache_usage_perc") == 0
+
+
+def test_lora_requests_info_value_is_a_fresh_timestamp(client):
+    t0 = time.time()
+    (sample,) = scrape(client)["vllm:lora_requests_info"].samples
+    assert t0 - 1 <= sample.value <= time.time() + 1
+    assert sample.labels == {"max_lora": str(MAX_LORAS), "running_lora_adapters": "", "waiting_lora_adapters": ""}
+
+
+def _all_label_values(families: dict) -> set[str]:
+    return {v for f in families.values() for s in f.samples for v in s.labels.values()}
+
+
+@pytest.mark.parametrize("name", ["no-such-adapter", 'evil"} 1\n# HELP x', "a" * 300])
+def test_unknown_model_names_never_become_label_values(client, name):
+    before = scrape(client)
+    resp = client.post("/v1/completions", json={"model": name, "prompt": "hi", "max_tokens": 4, "temperature": 0})
+    assert resp.status_code == 404, resp.text
+    tgi = client.post("/generate", json={"inputs": "hi", "parameters": {"adapter_id": name, "max_new_tokens": 4}})
+    assert tgi.status_code == 404, tgi.text
+    after = scrape(client)  # parses: a hostile name cannot break the exposition format either
+    assert name not in _all_label_values(after)
+    assert all(name[:20] not in v for v in _all_label_values(after) if v)
+    # The rejection was counted, under the placeholder label rather than the requested name.
+    rejected = {"adapter": "unknown", "endpoint": "/v1/completions", "status": "404"}
+    assert value(after, "loraplex_requests_total", **rejected) - value(before, "loraplex_requests_total",
+                                                                       **rejected) == 1
+    assert set(_all_label_values(after)) >= {"alpha", "unknown"}
+
+
+def test_state_gauges_read_the_engine_at_scrape_time():
+    """The collector's view of queues, KV usage and residency, against a hand-built engine state."""
+    stats = CacheStats()
+    stats.hits["device"], stats.misses["host"], stats.evictions["device"] = 7, 2, 1
+    running = [SimpleNamespace(adapter=a) for a in ("b-ad", "a-ad", "b-ad", None)]
+    waiting = deque([SimpleNamespace(adapter="c-ad")])
+    cache = SimpleNamespace(stats=stats, resident=lambda: {"device": ["a-ad", "b-ad"], "host": ["a-ad", "b-ad",
+                                                                                                "c-ad"]})
+    engine = SimpleNamespace(scheduler=SimpleNamespace(running=running, waiting=waiting),
+                             pool=SimpleNamespace(usage=0.25), adapters=cache)
+    store = SimpleNamespace(names=lambda: ["a-ad", "b-ad", "c-ad", "d-ad"])
+    runtime = SimpleNamespace(engine=SimpleNamespace(engine=engine), store=store, served_model_name="base",
+                              config=SimpleNamespace(engine=SimpleNamespace(lora=SimpleNamespace(max_loras=2))))
+    body, _ = Metrics(runtime).render()
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    (info,) = families["vllm:lora_requests_info"].samples
+    assert info.labels == {"max_lora": "2", "running_lora_adapters": "a-ad,b-ad", "waiting_lora_adapters": "c-ad"}
+    assert value(families, "vllm:num_requests_running") == value(families, "loraplex_num_requests_running") == 4
+    assert value(families, "vllm:num_requests_waiting") == value(families, "loraplex_num_requests_waiting") == 1
+    assert value(families, "vllm:gpu_cache_usage_perc") == value(families, "loraplex_kv_cache_usage_ratio") == 0.25
+    assert [value(families, "loraplex_adapters_resident", tier=t) for t in ("device", "host", "disk")] == [2, 3, 4]
+    assert value(families, "loraplex_adapter_cache_hits_total", tier="device") == 7
+    assert value(families, "loraplex_adapter_cache_misses_total", tier="host") == 2
+    assert value(families, "loraplex_adapter_evictions_total", tier="device") == 1
+    assert value(families, "loraplex_adapters_registered") == 4
+
+
+def test_label_sanitizer_accepts_only_registered_names_and_the_base():
+    class Store(set):
+        def names(self) -> list[str]:
+            return sorted(self)
+
+    runtime = SimpleNamespace(store=Store({"alpha"}), served_model_name="base", engine=None,
+                              config=SimpleNamespace(engine=SimpleNamespace(lora=SimpleNamespace(max_loras=1))))
+    metrics = Metrics(runtime)
+    assert [metrics.label(n) for n in ("alpha", "base", None, "ALPHA", "beta", "")] == \
+        ["alpha", "base", "base", "unknown", "unknown", "unknown"]
