@@ -19,8 +19,6 @@ Writes bench/results/engine.json and bench/results/engine.png.
 
 from __future__ import annotations
 
-import argparse
-import gc
 import os
 import random
 import time
@@ -32,17 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from common import (  # noqa: E402
-    RESULTS_DIR,
     Stopwatch,
-    bar_chart,
-    bench_adapters,
-    bench_small_dir,
-    interleaved,
-    machine_facts,
-    median,
-    paired_ratio,
-    print_facts,
-    write_json,
 )
 from peft import PeftModel  # noqa: E402
 
@@ -51,7 +39,7 @@ from loraplex.server.config import LoRAConfig, ModelConfig  # noqa: E402
 from loraplex.server.engine.engine import EngineConfig, LLMEngine  # noqa: E402
 from loraplex.server.engine.sampling_params import SamplingParams  # noqa: E402
 from loraplex.server.engine.scheduler import SchedulerConfig  # noqa: E402
-from loraplex.server.model_loader import LoadedModel, load_model  # noqa: E402
+from loraplex.server.model_loader import load_model  # noqa: E402
 
 BATCH = 16
 NUM_ADAPTERS = 16

@@ -24,5 +24,10 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     SPEC="."
     [ -n "$EXTRAS" ] && SPEC=".[${EXTRAS}]"
     .venv/bin/python -m pip install -q -e "$SPEC"
+    if [ "$EXTRAS" = "dev" ]; then
+        # The LoRAX client pins huggingface-hub<1 (transformers 5 needs >=1): install it without its deps;
+        # what it imports at run time (requests, aiohttp, pydantic, certifi) comes with the dev extra.
+        .venv/bin/python -m pip install -q --no-deps "lorax-client==0.6.3"
+    fi
     echo "$WANT" > "$STAMP"
 fi

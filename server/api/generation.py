@@ -139,8 +139,10 @@ def make_params(**kwargs: Any) -> SamplingParams:
 
 
 def context_room(rt: Runtime, prompt_len: int) -> int:
-    """Tokens left for generation after the prompt (at least 1, so an over-long prompt is reported as such)."""
-    return max(1, rt.config.engine.max_model_len - prompt_len)
+    """Tokens left for generation after the prompt, within the context and the KV pool (at least 1, so that
+    an over-long prompt is reported as such by `check_fits`)."""
+    pool = rt.engine.engine.pool
+    return max(1, min(rt.config.engine.max_model_len, pool.num_blocks * pool.block_size) - prompt_len)
 
 
 # ---- running one request -------------------------------------------------------------------------
@@ -270,10 +272,8 @@ class Generation:
 
 
 def token_logprobs(out: RequestOutput) -> list[float | None]:
-    """Log-probabilities of `out.new_token_ids` when the engine reports them (an optional
-    `RequestOutput.logprobs`, one float per new token), else None for each token."""
-    reported = getattr(out, "logprobs", None)
-    return list(reported) if reported is not None else [None] * len(out.new_token_ids)
+    """Log-probabilities of `out.new_token_ids` (None for each token when the engine reported none)."""
+    return list(out.logprobs) if out.logprobs is not None else [None] * len(out.new_token_ids)
 
 
 async def _until_disconnected(request: Request) -> None:

@@ -141,13 +141,16 @@ class LLMEngine:
         self.last_batch = (len(sched.chunks), len({c.request.slot for c in sched.chunks if c.request.slot >= 0}))
         logits = self.runner.execute(sched.chunks)
         sampling = [c for c in sched.chunks if c.samples]
-        tokens = self.sampler.sample(logits, [self._sample_row(c.request) for c in sampling]).tolist()
-        return outputs + self._postprocess(sched, dict(zip((c.request for c in sampling), tokens, strict=True)))
+        sampled = self.sampler.sample(logits, [self._sample_row(c.request) for c in sampling])
+        # [N] log p(token) under the raw distribution (before temperature/top-k/top-p), as vLLM reports it.
+        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, sampled[:, None])[:, 0].tolist()
+        picks = dict(zip((c.request for c in sampling), zip(sampled.tolist(), logprobs, strict=True), strict=True))
+        return outputs + self._postprocess(sched, picks)
 
     def _sample_row(self, req: Request) -> SampleRow:
         return SampleRow(req.params, req.generator, len(req.output_ids), self.post.eos_ids)
 
-    def _postprocess(self, sched: SchedulerOutput, tokens: dict[Request, int]) -> list[RequestOutput]:
+    def _postprocess(self, sched: SchedulerOutput, tokens: dict[Request, tuple[int, float]]) -> list[RequestOutput]:
         outputs = []
         now = time.monotonic()
         for chunk in sched.chunks:
@@ -156,7 +159,7 @@ class LLMEngine:
             if req not in tokens or req.status is not Status.RUNNING:
                 continue
             req.first_token_time = req.first_token_time or now
-            out = self.post.append(req, tokens[req])
+            out = self.post.append(req, *tokens[req])
             if out.finished:
                 self.requests.pop(req.request_id, None)
                 self.scheduler.finish(req)

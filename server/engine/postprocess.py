@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from loraplex.server.engine.request import Request, RequestOutput
 
 
@@ -10,7 +12,7 @@ class Postprocessor:
         self.eos_ids = eos_ids
         self.max_model_len = max_model_len
 
-    def append(self, req: Request, token: int) -> RequestOutput:
+    def append(self, req: Request, token: int, logprob: float | None = None) -> RequestOutput:
         req.output_ids.append(token)
         reason = self._finish_reason(req, token)
         text, stopped = req.stop_matcher.feed(req.detokenizer.push([token]))
@@ -19,7 +21,8 @@ class Postprocessor:
         elif reason is not None:
             text += self._drain(req)
         req.finish_reason = reason
-        return self._output(req, [token], text, reason)
+        out = self._output(req, [token], text, reason)
+        return out if logprob is None else dataclasses.replace(out, logprobs=[logprob])
 
     def final(self, req: Request, reason: str, error: str | None = None) -> RequestOutput:
         """The terminal output of a request ended outside the normal flow (abort, error)."""

@@ -31,6 +31,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None
+    logprobs: list[float] | None = None  # log-probability of each new token under the model's raw logits
 
 
 @dataclass(eq=False)

@@ -208,6 +208,13 @@ def test_30_models_list_needs_the_key_too(live):
     assert httpx.get(live.url + "/v1/models", headers=AUTH).status_code == 200
 
 
+def test_chat_without_max_tokens_fills_the_context(live):
+    body = openai_body("/v1/chat/completions", temperature=0, ignore_eos=True)
+    del body["max_tokens"]
+    usage = call(live, "/v1/chat/completions", body).json()["usage"]
+    assert usage["total_tokens"] == MAX_LEN
+
+
 # ---- still serving, nothing leaked ---------------------------------------------------------------
 def test_server_still_serves_after_bad_inputs(live):
     resp = call(live, "/v1/completions", openai_body("/v1/completions", max_tokens=3))

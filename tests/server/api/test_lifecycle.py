@@ -25,9 +25,15 @@ COMPLETIONS = "/v1/completions"
 
 @pytest.fixture(scope="module")
 def queued(server_factory, adapter_dir, tmp_path_factory):
+    """--max-queue 2. One host-cache entry: "doomed" is pushed out of it by the adapters preloaded after it,
+    so its first request reads its files from disk again (which test_engine_failure deletes)."""
     root = tmp_path_factory.mktemp("lifecycle-root")
-    shutil.copytree(adapter_dir("llama", 8, ("q_proj", "k_proj", "v_proj", "o_proj"), 4), root / "a1")
-    return server_factory("--preload", "a1=a1", "--max-queue", "2", adapter_root=root)
+    flags = []
+    for seed, name in enumerate(("doomed", "evictor", "a1"), start=4):
+        shutil.copytree(adapter_dir("llama", 8, ("q_proj", "k_proj", "v_proj", "o_proj"), seed), root / name)
+        flags += ["--preload", f"{name}={name}"]
+    return server_factory(*flags, "--max-queue", "2", "--max-loras", "1", "--max-cpu-loras", "1",
+                          adapter_root=root)
 
 
 def body(max_tokens, *, stream=True, model="a1"):
@@ -145,6 +151,29 @@ def test_disconnect_during_non_streamed_request_aborts_it(queued, path):
     while gone_count(queued, path) != before + 1 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert gone_count(queued, path) == before + 1
+
+
+# ---- engine failures reach the client -----------------------------------------------------------
+def test_engine_failure_is_a_clear_error_streamed_or_not(queued):
+    shutil.rmtree(queued.adapter_root / "doomed")  # after registration, before its first device load
+    resp = httpx.post(queued.url + COMPLETIONS, json=body(4, stream=False, model="doomed"), timeout=60)
+    assert resp.status_code == 500
+    assert "doomed" in resp.json()["error"]["message"] and "failed to load" in resp.json()["error"]["message"]
+    with httpx.stream("POST", queued.url + COMPLETIONS, json=body(4, model="doomed"), timeout=60) as r:
+        events = list(data_lines(r.iter_lines()))
+    assert events[-1] == "[DONE]"
+    assert "failed to load" in json.loads(events[-2])["error"]["message"]
+    tgi = stream_tgi(queued, "doomed")
+    assert tgi[-1]["error_type"] == "generation" and "failed to load" in tgi[-1]["error"]
+    # Everyone else is unaffected.
+    ok = httpx.post(queued.url + COMPLETIONS, json=body(3, stream=False), timeout=60)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+
+
+def stream_tgi(live, adapter):
+    payload = {"inputs": "hi", "parameters": {"adapter_id": adapter, "max_new_tokens": 3}}
+    with httpx.stream("POST", live.url + "/generate_stream", json=payload, timeout=60) as r:
+        return [json.loads(d) for d in data_lines(r.iter_lines())]
 
 
 # ---- row 32 -------------------------------------------------------------------------------------
