@@ -50,6 +50,10 @@ def _tgi_type(status: int) -> str:
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     parts, first_field = [], None
     for err in exc.errors()[:5]:
+        if err.get("type") == "json_invalid":  # loc is ("body", <char offset>), not a field
+            detail = (err.get("ctx") or {}).get("error", "invalid JSON")
+            parts.append(f"request body is not valid JSON ({detail} at character {err['loc'][-1]})")
+            continue
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         field = ".".join(loc) or "body"
         first_field = first_field or field
