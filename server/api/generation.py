@@ -241,8 +241,12 @@ class Generation:
 
     @property
     def failure_status(self) -> int:
-        gone = self.req.adapter is not None and (self.rt.store is None or self.req.adapter not in self.rt.store)
-        return 404 if gone else 500  # unregistered meanwhile, or a server-side fault (e.g. corrupt files)
+        adapter = self.req.adapter
+        if adapter is not None and (self.rt.store is None or adapter not in self.rt.store):
+            return 404  # unregistered meanwhile
+        if adapter is not None and self.rt.engine is not None and self.rt.engine.engine.adapters.error(adapter):
+            return 400  # the adapter is errored (files gone or corrupt): fixable by re-registering, not a 500
+        return 500  # a server-side fault in the forward pass
 
     @property
     def status(self) -> int:

@@ -3,6 +3,7 @@
 All tokens of the step become one [1, T] sequence with per-token `position_ids`; paged-attention metadata
 travels as a keyword to our registered attention function; the per-token adapter slot goes to the LoRA
 layers through the shared batch context. Only the rows that sample a token are projected to logits.
+Decode chunks (one token) are packed first, so attention finds them at rows [0, D) without an index.
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Forward every chunk; return fp32 logits [K, V] for the K chunks that sample, in chunk order."""
-        ids, pos, slots, keep = self._pack(chunks)
-        meta = self._attention_metadata(chunks)
+        order = sorted(range(len(chunks)), key=lambda i: chunks[i].n != 1)  # decodes first, else stable
+        packed = [chunks[i] for i in order]
+        ids, pos, slots, last_row = self._pack(packed)
+        keep = [last_row[k] for k in sorted(range(len(order)), key=order.__getitem__) if packed[k].samples]
+        meta = self._attention_metadata(packed)
         if self.lora_context is not None:
             self.lora_context.set_tokens(slots)
         out = self.model(
@@ -41,49 +45,56 @@ class ModelRunner:
         return out.logits[0].float()
 
     def _pack(self, chunks: list[ScheduledChunk]) -> tuple[list[int], list[int], list[int], list[int]]:
-        """Token ids, positions, adapter slots (per token) and the row indices whose logits we keep."""
+        """Token ids, positions, adapter slots (per token) and each chunk's last packed row."""
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
-        keep: list[int] = []
+        last: list[int] = []
         for c in chunks:
             ids += c.request.token_at(c.start, c.start + c.n)
             pos += range(c.start, c.start + c.n)
             slots += [c.request.slot] * c.n
-            if c.samples:
-                keep.append(len(ids) - 1)
-        return ids, pos, slots, keep
+            last.append(len(ids) - 1)
+        return ids, pos, slots, last
 
     def _attention_metadata(self, chunks: list[ScheduledChunk]) -> AttentionMetadata:
-        slot_mapping: list[torch.Tensor] = []
-        decode_rows: list[int] = []
-        decode_ctx: list[torch.Tensor] = []
+        """Pool positions and masks for all layers of this step; `chunks` come decodes first."""
+        bs = self.block_size
+        mapping = [c.request.blocks[p // bs] * bs + p % bs for c in chunks for p in range(c.start, c.start + c.n)]
+        decodes = [c for c in chunks if c.n == 1]
         prefills: list[PrefillPart] = []
-        row = 0
-        for c in chunks:
-            ctx = self._flat_positions(c.request.blocks, c.start + c.n)  # [L] pool positions
-            slot_mapping.append(ctx[c.start:])
-            if c.n == 1:
-                decode_rows.append(row)
-                decode_ctx.append(ctx)
-            else:
-                prefills.append(PrefillPart(row, row + c.n, ctx.to(self.device), _chunk_mask(c, self.device)))
+        row = len(decodes)
+        for c in chunks[len(decodes):]:
+            ctx = None if c.start == 0 else self._tensor(_flat_positions(c.request.blocks, c.start + c.n, bs))
+            prefills.append(PrefillPart(row, row + c.n, ctx, _chunk_mask(c, self.device)))
             row += c.n
-        mapping = torch.cat(slot_mapping).to(self.device)
-        if not decode_rows:
-            return AttentionMetadata(mapping, None, None, None, tuple(prefills))
-        index, mask = _pad_contexts(decode_ctx)
-        return AttentionMetadata(mapping, self._tensor(decode_rows), index.to(self.device),
-                                 mask.to(self.device), tuple(prefills))
+        index, mask = self._decode_contexts(decodes) if decodes else (None, None)
+        return AttentionMetadata(self._tensor(mapping), len(decodes), index, mask, tuple(prefills))
 
-    def _flat_positions(self, blocks: list[int], length: int) -> torch.Tensor:
-        """Pool positions of a sequence's first `length` tokens: block b holds [b*bs, (b+1)*bs)."""
-        b = torch.tensor(blocks, dtype=torch.long)
-        flat = (b[:, None] * self.block_size + torch.arange(self.block_size)).flatten()
-        return flat[:length]
+    def _decode_contexts(self, decodes: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat pool positions [D * Lmax] of each decode context, right-padded, and the mask [D, 1, 1, Lmax].
+
+        Built from a padded block table in three tensor ops, whatever D is: position j of sequence i
+        lies in block table[i, j // bs] at offset j % bs; pads (block 0) are masked out.
+        """
+        bs = self.block_size
+        lengths = [c.start + 1 for c in decodes]
+        lmax = max(lengths)
+        width = -(-lmax // bs)
+        table = torch.tensor([c.request.blocks[:width] + [0] * (width - len(c.request.blocks[:width]))
+                              for c in decodes], dtype=torch.long)  # [D, width]
+        index = (table[:, :, None] * bs + torch.arange(bs)).view(len(decodes), -1)[:, :lmax]  # [D, Lmax]
+        mask = torch.arange(lmax)[None, :] < torch.tensor(lengths)[:, None]  # [D, Lmax]
+        return (index.reshape(-1).to(self.device, non_blocking=True),
+                mask.view(len(decodes), 1, 1, lmax).to(self.device, non_blocking=True))
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+
+
+def _flat_positions(blocks: list[int], length: int, block_size: int) -> list[int]:
+    """Pool positions of a sequence's first `length` tokens: block b holds [b*bs, (b+1)*bs)."""
+    return [blocks[p // block_size] * block_size + p % block_size for p in range(length)]
 
 
 def _chunk_mask(c: ScheduledChunk, device: torch.device) -> torch.Tensor | None:
@@ -92,14 +103,3 @@ def _chunk_mask(c: ScheduledChunk, device: torch.device) -> torch.Tensor | None:
         return None
     length = c.start + c.n
     return torch.ones(c.n, length, dtype=torch.bool, device=device).tril(diagonal=c.start)
-
-
-def _pad_contexts(contexts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad decode contexts: index [D, Lmax] (pad -> position 0) and mask [D, 1, 1, Lmax]."""
-    lmax = max(len(c) for c in contexts)
-    index = torch.zeros(len(contexts), lmax, dtype=torch.long)
-    mask = torch.zeros(len(contexts), 1, 1, lmax, dtype=torch.bool)
-    for i, c in enumerate(contexts):
-        index[i, : len(c)] = c
-        mask[i, 0, 0, : len(c)] = True
-    return index, mask

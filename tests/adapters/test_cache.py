@@ -104,6 +104,14 @@ def acquire_ready(cache: AdapterCache, name: str) -> int:
     raise AssertionError(f"{name} never became ready")
 
 
+def start_blocked_load(cache: AdapterCache, disk: FakeDisk, name: str) -> threading.Event:
+    """Start a load of `name` that stays inside the disk read until the returned gate is set."""
+    gate = disk.gate(name)
+    assert cache.acquire(name).state is SlotState.LOADING
+    assert disk.entered[name].wait(TIMEOUT)
+    return gate
+
+
 # ---------------------------------------------------------------------------------------------------------
 # tiers and refcounts
 # ---------------------------------------------------------------------------------------------------------
@@ -337,9 +345,7 @@ def test_reregistered_while_the_old_copy_is_in_use_serves_the_new_weights(make):
 
 def test_forget_during_a_load_leaves_no_trace(make):
     cache, disk, slots = make(num_slots=1)
-    gate = disk.gate("a")
-    cache.acquire("a")
-    assert disk.entered["a"].wait(TIMEOUT)
+    gate = start_blocked_load(cache, disk, "a")
     cache.forget("a")
     gate.set()
     wait_for(lambda: slots.content == [None] and cache.resident()["device"] == [], "slot freed after the load")
@@ -351,10 +357,8 @@ def test_a_stale_failed_load_does_not_poison_the_next_registration(make):
     """The old copy's load fails after the name was unregistered and registered again: the new one is
     neither marked errored nor stuck waiting for a slot that was never filled."""
     cache, disk, slots = make(num_slots=1)
-    gate = disk.gate("a")
     disk.fail["a"] = FileNotFoundError("old files deleted")
-    cache.acquire("a")
-    assert disk.entered["a"].wait(TIMEOUT)
+    gate = start_blocked_load(cache, disk, "a")
     cache.forget("a")
     cache.restore("a")
     cache.put_host("a", weights("a@v1"))
@@ -367,9 +371,7 @@ def test_a_stale_failed_load_does_not_poison_the_next_registration(make):
 
 def test_a_stale_load_does_not_overwrite_the_new_host_copy(make):
     cache, disk, slots = make(num_slots=1)
-    gate = disk.gate("a")
-    cache.acquire("a")
-    assert disk.entered["a"].wait(TIMEOUT)
+    gate = start_blocked_load(cache, disk, "a")
     cache.forget("a")
     cache.put_host("a", weights("a@v1"))  # registered again with new files
     gate.set()  # the old load returns a@v0
