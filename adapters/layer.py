@@ -61,7 +61,9 @@ class MultiLoRALinear(nn.Module):
         if tuple(a.shape) != (r, self.in_features) or tuple(b.shape) != (self.out_features, r):
             raise ValueError(f"LoRA shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit this layer")
         self.lora_a[slot, :r].copy_(a, non_blocking=True)
-        self.lora_b[slot, :, :r].copy_(b * scale, non_blocking=True)
+        b_dst = self.lora_b[slot, :, :r]  # [out, r] view: scale in place, no temporary of B's size
+        b_dst.copy_(b, non_blocking=True)
+        b_dst.mul_(scale)
         self.ranks[slot] = r
 
     def clear_slot(self, slot: int) -> None:

@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from loraplex.adapters.errors import AdapterNotFoundError, AdapterValidationError
 from loraplex.adapters.peft_config import LoraSpec, parse_adapter_config
@@ -84,6 +82,10 @@ def _invalid(message: str, field: str = WEIGHTS_NAME) -> AdapterValidationError:
 def read_safetensors_header(path: str | Path, max_bytes: int) -> dict[str, TensorHeader]:
     """Parse and check a safetensors header without reading tensor data; {tensor name: TensorHeader}."""
     data_size, header_json = _read_header_bytes(Path(path))
+    return _entries(header_json, data_size, max_bytes)
+
+
+def _entries(header_json: bytes, data_size: int, max_bytes: int) -> dict[str, TensorHeader]:
     raw = _parse_header_json(header_json)
     raw.pop("__metadata__", None)
     entries = {name: _tensor_entry(name, spec, max_bytes) for name, spec in raw.items()}
@@ -199,23 +201,24 @@ def load_adapter_dir(
 
     module_shapes: {full base-model module name: (in_features, out_features)}, e.g.
     {"model.layers.0.self_attn.q_proj": (4096, 4096)}. Every check runs on the config and the header
-    before `load_file` allocates anything.
+    before the tensor data is read.
     """
     path = Path(path)
     if not path.is_dir():
         raise AdapterNotFoundError(f"adapter directory {str(path)!r} does not exist", field="path")
     spec = parse_adapter_config(path)
     weights_file = _weights_file(path)
-    header = read_safetensors_header(weights_file, max_bytes)
+    data_size, header_json = _read_header_bytes(weights_file)
+    header = _entries(header_json, data_size, max_bytes)
     _check_rank(spec, max_rank)
     _check_targets(spec, module_shapes)
     pairs = _pair_tensors(header, spec, module_shapes)
     for module, (key_a, key_b) in pairs.items():
         _check_pair_shapes(module, header[key_a], header[key_b], key_a, key_b, spec, module_shapes[module])
-    tensors = _load_tensors(weights_file, header)
+    tensors = _load_tensors(weights_file, header, header_json)
     modules = {
         module: LoraModuleWeights(
-            a=_to_fp32(tensors[key_a], key_a), b=_to_fp32(tensors[key_b], key_b), scale=spec.scale_for(module)
+            a=_to_fp32(tensors[key_a]), b=_to_fp32(tensors[key_b]), scale=spec.scale_for(module)
         )
         for module, (key_a, key_b) in pairs.items()
     }
@@ -318,21 +321,57 @@ def _check_pair_shapes(
             )
 
 
-def _load_tensors(file: Path, header: Mapping[str, TensorHeader]) -> dict[str, torch.Tensor]:
+def _load_tensors(
+    file: Path, header: Mapping[str, TensorHeader], header_json: bytes
+) -> dict[str, torch.Tensor]:
+    """One read of the whole file into a buffer we own; each tensor is a view of it (no mmap, no pickle).
+
+    The file could have changed since the header check, so the header bytes read now must equal the
+    validated ones (and the data section must end where they said). Then one finiteness pass over the data section (per tensor only to name a
+    culprit): a NaN/inf adapter would silently poison every token it touches.
+    """
     try:
-        tensors = load_file(file, device="cpu")
-    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        data = bytearray(file.read_bytes())
+    except OSError as exc:
         raise _invalid(f"{WEIGHTS_NAME} could not be read: {exc}") from exc
-    # The file could have changed since the header check: insist the tensors are the ones we validated.
-    got = {k: tuple(t.shape) for k, t in tensors.items()}
-    if got != {k: h.shape for k, h in header.items()}:
+    header_len = int.from_bytes(data[:8], "little") if len(data) >= 8 else len(data)
+    base = 8 + header_len
+    data_end = base + max((h.end for h in header.values()), default=0)
+    if data[8:base] != header_json or data_end != len(data):
         raise _invalid(f"{WEIGHTS_NAME} changed while it was being loaded")
+    tensors = {key: _view(data, base, h) for key, h in header.items()}
+    if not _all_finite(data, base, header):
+        bad = next(k for k, t in tensors.items() if not _finite(t))
+        raise _invalid(f"tensor {bad!r} contains NaN or infinite values")
     return tensors
 
 
-def _to_fp32(tensor: torch.Tensor, key: str) -> torch.Tensor:
-    # copy=True: never keep a view of the (possibly memory-mapped) file, even when it already is fp32.
-    out = tensor.to(dtype=torch.float32, copy=True).contiguous()
-    if not torch.isfinite(out).all():
-        raise _invalid(f"tensor {key!r} contains NaN or infinite values")
-    return out
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _view(data: bytearray, base: int, h: TensorHeader) -> torch.Tensor:
+    dtype = _TORCH_DTYPES[h.dtype]
+    numel = math.prod(h.shape)
+    if numel == 0:
+        return torch.empty(h.shape, dtype=dtype)
+    return torch.frombuffer(data, dtype=dtype, count=numel, offset=base + h.start).view(h.shape)
+
+
+def _all_finite(data: bytearray, base: int, header: Mapping[str, TensorHeader]) -> bool:
+    """Fast path: when every tensor is F32, one aminmax over the whole data section (NaN/inf propagate)."""
+    if header and all(h.dtype == "F32" for h in header.values()) and len(data) > base:
+        return _finite(torch.frombuffer(data, dtype=torch.float32, offset=base))
+    return all(_finite(_view(data, base, h)) for h in header.values())
+
+
+def _finite(t: torch.Tensor) -> bool:
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t.float() if t.element_size() == 1 else t)
+    return bool(torch.isfinite(lo) and torch.isfinite(hi))
+
+
+def _to_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    # fp32 tensors stay views of the buffer we own (no copy); other float dtypes are cast once.
+    return tensor if tensor.dtype == torch.float32 else tensor.to(torch.float32)

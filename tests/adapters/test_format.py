@@ -486,7 +486,7 @@ def test_huge_declared_shape_refused_before_allocation(bad: Path, module_shapes:
     def must_not_load(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("tensors were loaded before the header was refused")
 
-    monkeypatch.setattr(weights_mod, "load_file", must_not_load)
+    monkeypatch.setattr(weights_mod, "_load_tensors", must_not_load)
     huge = {Q0_A: _entry("F32", [10**9, 10**9], 0, 16)}
     _write_raw_safetensors(bad / WEIGHTS_NAME, huge, b"\x00" * 16)
     _refused(lambda: _load(bad, module_shapes), WEIGHTS_NAME, Q0_A, str(4 * 10**18), "limit")
