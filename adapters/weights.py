@@ -327,8 +327,8 @@ def _load_tensors(
     """One read of the whole file into a buffer we own; each tensor is a view of it (no mmap, no pickle).
 
     The file could have changed since the header check, so the header bytes read now must equal the
-    validated ones (and the data section must end where they said). Then one finiteness pass over the data section (per tensor only to name a
-    culprit): a NaN/inf adapter would silently poison every token it touches.
+    validated ones (and the data section must end where they said). Then one finiteness pass over the
+    data section (per tensor only to name a culprit): a NaN/inf adapter would poison every token it touches.
     """
     try:
         data = bytearray(file.read_bytes())

@@ -275,6 +275,7 @@ def closed_loop(engine: LLMEngine, reqs: list[tuple[list[int], str]], work: Scal
     params = SamplingParams(max_tokens=work.new_tokens, temperature=0.0, ignore_eos=True)
     cache, pending, tiers = engine.adapters, deque(reqs), Counter()
     misses0, bytes0, inflight, tokens = dict(cache.stats.misses), cache.stats.bytes_loaded, 0, 0
+    batches: list[tuple[int, int]] = []  # (sequences, distinct adapters) of each step that ran
     t0 = time.perf_counter()
     while pending or engine.has_work():
         while pending and inflight < work.concurrency:
@@ -289,8 +290,12 @@ def closed_loop(engine: LLMEngine, reqs: list[tuple[list[int], str]], work: Scal
             inflight -= out.finished
         if engine.last_step_tokens == 0:
             time.sleep(0.001)  # every runnable request waits on an adapter load
+        else:
+            batches.append(engine.last_batch)
     seconds = time.perf_counter() - t0
     return {"tok_s": tokens / seconds, "seconds": seconds, "tier_at_arrival": dict(tiers),
+            "mean_batch": statistics.fmean(b[0] for b in batches),
+            "mean_distinct_adapters": statistics.fmean(b[1] for b in batches),
             "loads": {t: cache.stats.misses[t] - misses0[t] for t in misses0},
             "mb_loaded_per_s": (cache.stats.bytes_loaded - bytes0) / seconds / 2**20}
 
@@ -338,6 +343,7 @@ def part_scale(model_dir: Path, work: ScaleWork, repeats: int) -> dict[str, obje
     base = [x["tok_s"] for x in rounds["n=5"]]
     ratios = {case: paired_ratio([x["tok_s"] for x in rounds[case]], base) for case in SCALE_CASES if case != "n=5"}
     return {"work": work.__dict__, "device_slots": 32, "alpha": ALPHA,
+            "bytes_bound": _bytes_bound(engines["n=5"], s1[0], rounds),
             "cases": {case: {"n": n, "host_adapters": h} for case, (n, h) in SCALE_CASES.items()},
             "rounds": rounds, "tok_s": {case: median([x["tok_s"] for x in v]) for case, v in rounds.items()},
             "hit_rate_at_arrival": {case: _hit_rates(v) for case, v in rounds.items()},
@@ -345,6 +351,17 @@ def part_scale(model_dir: Path, work: ScaleWork, repeats: int) -> dict[str, obje
                                for case, s in stats.items()},
             "ratio": ratios, "target": TARGETS["scale_ratio"],
             "pass": {case: r >= TARGETS["scale_ratio"] for case, r in ratios.items()}}
+
+
+def _bytes_bound(engine: LLMEngine, adapter_dir: Path, rounds: dict[str, list[dict[str, object]]]) -> dict:
+    """BENCHMARK.md's limit: a decode step reads the base weights plus A/B of each distinct adapter in the
+    batch, so throughput(n=1000)/throughput(n=5) <= (W + d5 * a) / (W + d1000 * a) if steps are bandwidth-bound
+    (d = mean distinct adapters per step, measured)."""
+    w = sum(p.numel() * p.element_size() for p in engine.loaded.model.parameters())
+    a = (adapter_dir / WEIGHTS_NAME).stat().st_size  # fp32 on disk = fp32 in the slots (header: ~30 KB)
+    d = {case: median([x["mean_distinct_adapters"] for x in v]) for case, v in rounds.items()}
+    return {"base_bytes": w, "adapter_bytes": a, "mean_distinct_adapters": d,
+            "ratio_bound": {c: (w + d["n=5"] * a) / (w + d[c] * a) for c in d if c != "n=5"}}
 
 
 def _hit_rates(rounds: list[dict[str, object]]) -> dict[str, float]:
@@ -454,8 +471,17 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
+def print_machine(res: dict[str, object], parts: list[str]) -> None:
+    """Each part's machine facts (load average before -> after): on a shared machine they explain the noise."""
+    for part in (p for p in parts if p in res):
+        m = res[part].get("machine") or res.get("machine", {})
+        print(f"  [{part}] {m.get('processor')}, {m.get('cpus_usable')} cpus, torch {m.get('torch')} "
+              f"({m.get('torch_threads')} thread), load avg {m.get('load_avg_1_5_15')} -> {m.get('load_avg_end')}")
+
+
 def print_report(res: dict[str, object]) -> None:
     print("\n== adapter cache benchmark (bench-small, fp32, CPU) ==")
+    print_machine(res, ["cold", "scale", "ttft"])
     if "cold" in res:
         c = res["cold"]
         print(f"cold load of one P adapter ({c['size_bytes'] / 2**20:.1f} MiB fp32), {c['repeats']} repeats:")
@@ -473,7 +499,11 @@ def print_report(res: dict[str, object]) -> None:
             ratio = s["ratio"].get(case)
             tail = (f"ratio {ratio:.3f} (target >= 0.95): {verdict(s['pass'][case])}" if ratio is not None
                     else "(reference)")
-            print(f"  {case:<18}{tok_s:>7.1f}  tier at arrival: {rates};  {tail}")
+            bound = s["bytes_bound"]["ratio_bound"].get(case)
+            limit = f" (bytes bound {bound:.3f})" if bound is not None else ""
+            print(f"  {case:<18}{tok_s:>7.1f}  tier at arrival: {rates};  {tail}{limit}")
+        d = s["bytes_bound"]["mean_distinct_adapters"]
+        print("  mean distinct adapters per step: " + ", ".join(f"{c} {v:.1f}" for c, v in d.items()))
     if "ttft" in res:
         t = res["ttft"]
         print(f"hot-adapter TTFT p99 with cold loads / without: {t['hot_p99_ms']['cold']:.0f} / "
@@ -516,6 +546,24 @@ def plot(path: Path, res: dict[str, object]) -> None:
     print(f"wrote {path}")
 
 
+def run_parts(parts: dict[str, Callable[[], dict[str, object]]], chosen: list[str], json_path: Path,
+              header: dict[str, object]) -> dict[str, object]:
+    """Run the chosen parts in order, each stamped with the machine's facts (load average before and after)
+    and its wall time; a partial run merges into the results file so the other parts' numbers stay."""
+    res: dict[str, object] = {}
+    if set(chosen) != set(parts) and json_path.is_file():
+        res = json.loads(json_path.read_text())
+    res |= header
+    for i, name in enumerate(p for p in parts if p in chosen):
+        print(f"[{i + 1}/{len(chosen)}] {name}", flush=True)
+        facts, t0 = machine_facts("cpu"), time.perf_counter()
+        print_facts(facts)
+        res[name] = parts[name]()
+        res[name]["machine"] = facts | {"load_avg_end": [round(x, 2) for x in os.getloadavg()]}
+        res[name]["wall_s"] = time.perf_counter() - t0
+    return json.loads(json.dumps(res, default=str))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer requests and shorter runs (same protocol)")
@@ -525,23 +573,16 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     model_dir = bench_small_dir()
-    facts = machine_facts("cpu")
-    print_facts(facts)
-    res: dict[str, object] = {"model": "bench-small", "dtype": "float32", "quick": args.quick}
-    if "cold" in args.parts:
-        print("[1/3] cold load per tier", flush=True)
-        res["cold"] = part_cold(model_dir, 20 if args.quick else args.repeats_load)
-    if "scale" in args.parts:
-        print("[2/3] throughput n=1000 vs n=5", flush=True)
-        work = ScaleWork(96 if args.quick else 192, 32, 8, 32, 16)
-        res["scale"] = part_scale(model_dir, work, args.repeats)
-    if "ttft" in args.parts:
-        print("[3/3] hot-adapter TTFT with concurrent cold loads", flush=True)
-        res["ttft"] = part_ttft(model_dir, TtftWork(40.0 if args.quick else 90.0, 1.0, 0.5), args.repeats)
-    res["machine"] = facts | {"load_avg_end": [round(x, 2) for x in os.getloadavg()]}
-    print_report(res)
+    parts: dict[str, Callable[[], dict[str, object]]] = {
+        "cold": lambda: part_cold(model_dir, 20 if args.quick else args.repeats_load),
+        "scale": lambda: part_scale(model_dir, ScaleWork(96 if args.quick else 192, 32, 8, 32, 16), args.repeats),
+        "ttft": lambda: part_ttft(model_dir, TtftWork(40.0 if args.quick else 90.0, 1.0, 0.5), args.repeats),
+    }
     stem = "adapters_quick" if args.quick else "adapters"
-    write_json(RESULTS_DIR / f"{stem}.json", json.loads(json.dumps(res, default=str)))
+    res = run_parts(parts, args.parts, RESULTS_DIR / f"{stem}.json",
+                    {"model": "bench-small", "dtype": "float32", "quick": args.quick})
+    print_report(res)
+    write_json(RESULTS_DIR / f"{stem}.json", res)
     plot(RESULTS_DIR / f"{stem}.png", res)
 
 

@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -47,14 +48,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads; see the module docstring
 
 import httpx  # noqa: E402
-from bench_adapters import popular, synth_adapters  # noqa: E402
+from bench_adapters import popular, print_machine, run_parts, synth_adapters  # noqa: E402
 from common import (  # noqa: E402
     RESULTS_DIR,
     bench_small_dir,
-    machine_facts,
     median,
     paired_ratio,
-    print_facts,
     write_json,
 )
 from transformers import AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
@@ -382,6 +381,7 @@ def part_openloop(server: Server, work: OpenWork, tokenizer: PreTrainedTokenizer
 # ---- report ----------------------------------------------------------------------------------------------
 def print_report(res: dict[str, object]) -> None:
     print("\n== HTTP benchmark (bench-small, fp32, CPU, 1 thread per process) ==")
+    print_machine(res, ["overhead", "openloop"])
     if "overhead" in res:
         o = res["overhead"]
         print(f"HTTP / in-process at concurrency {CONCURRENCY}: {o['tok_s']['http']:.1f} / {o['tok_s']['inproc']:.1f}"
@@ -434,6 +434,17 @@ def plot(path: Path, res: dict[str, object]) -> None:
     print(f"wrote {path}")
 
 
+def registered_openloop(server: Server, model_dir: Path, adapters: list[Path], quick: bool,
+                        window: float) -> dict[str, object]:
+    """Register the adapters over HTTP (the validation read seeds the host tier), then run the open loop."""
+    t0 = time.perf_counter()
+    server.register([(f"a{i:04d}", d.name) for i, d in enumerate(adapters)])
+    print(f"  registered {len(adapters)} adapters in {time.perf_counter() - t0:.1f} s", flush=True)
+    mb = statistics.fmean((d / "adapter_model.safetensors").stat().st_size for d in adapters[:5]) / 2**20
+    return part_openloop(server, OpenWork(24 if quick else 48, window), AutoTokenizer.from_pretrained(model_dir),
+                         48 if quick else 96, mb)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer requests per case (same protocol)")
@@ -443,34 +454,22 @@ def main() -> None:
     args = ap.parse_args()
     model_dir = bench_small_dir()
     adapters = synth_adapters(model_dir, "S1", 1000)[:100]
-    facts = machine_facts("cpu")
-    print_facts(facts)
-    res: dict[str, object] = {"model": "bench-small", "dtype": "float32", "quick": args.quick,
-                              "server_flags": list(SERVER_FLAGS)}
-    t_start = time.perf_counter()
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    stem = "http_quick" if args.quick else "http"
     with tempfile.TemporaryDirectory(prefix="loraplex-bench-http-") as tmp:
         server = Server(model_dir, adapters[0].parent, Path(tmp) / "state")
+        parts: dict[str, Callable[[], dict[str, object]]] = {
+            "overhead": lambda: part_overhead(server, model_dir, Path(tmp), 64 if args.quick else 128, args.repeats,
+                                              vocab),
+            "openloop": lambda: registered_openloop(server, model_dir, adapters, args.quick, args.window),
+        }
         try:
-            vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-            if "overhead" in args.parts:
-                print("[1/2] HTTP vs in-process, closed loop", flush=True)
-                res["overhead"] = part_overhead(server, model_dir, Path(tmp), 64 if args.quick else 128,
-                                                args.repeats, vocab)
-            if "openloop" in args.parts:
-                print("[2/2] open loop over HTTP", flush=True)
-                t0 = time.perf_counter()
-                server.register([(f"a{i:04d}", d.name) for i, d in enumerate(adapters)])
-                print(f"  registered {len(adapters)} adapters in {time.perf_counter() - t0:.1f} s", flush=True)
-                work = OpenWork(24 if args.quick else 48, args.window)
-                mb = statistics.fmean((d / "adapter_model.safetensors").stat().st_size for d in adapters[:5]) / 2**20
-                tokenizer = AutoTokenizer.from_pretrained(model_dir)
-                res["openloop"] = part_openloop(server, work, tokenizer, 48 if args.quick else 96, mb)
+            res = run_parts(parts, args.parts, RESULTS_DIR / f"{stem}.json",
+                            {"model": "bench-small", "dtype": "float32", "quick": args.quick,
+                             "server_flags": list(SERVER_FLAGS)})
         finally:
             server.stop()
-    res["machine"] = facts | {"load_avg_end": [round(x, 2) for x in os.getloadavg()]}
-    res["wall_s"] = time.perf_counter() - t_start
     print_report(res)
-    stem = "http_quick" if args.quick else "http"
     write_json(RESULTS_DIR / f"{stem}.json", res)
     plot(RESULTS_DIR / f"{stem}.png", res)
 
