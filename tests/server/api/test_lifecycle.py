@@ -157,7 +157,7 @@ def test_disconnect_during_non_streamed_request_aborts_it(queued, path):
 def test_engine_failure_is_a_clear_error_streamed_or_not(queued):
     shutil.rmtree(queued.adapter_root / "doomed")  # after registration, before its first device load
     resp = httpx.post(queued.url + COMPLETIONS, json=body(4, stream=False, model="doomed"), timeout=60)
-    assert resp.status_code == 500
+    assert resp.status_code == 400  # errored adapter: a clear 4xx naming it, never a 500
     assert "doomed" in resp.json()["error"]["message"] and "failed to load" in resp.json()["error"]["message"]
     with httpx.stream("POST", queued.url + COMPLETIONS, json=body(4, model="doomed"), timeout=60) as r:
         events = list(data_lines(r.iter_lines()))
