@@ -86,24 +86,34 @@ class AdapterCache:
         self.on_load_seconds: Callable[[float], None] = lambda s: None
 
     # ---- engine side -------------------------------------------------------------------------
-    def acquire(self, name: str) -> Acquired:
-        """READY (+1 ref) when on the device; otherwise start/await a load and say why not yet."""
+    def acquire(self, name: str, *, first: bool = True) -> Acquired:
+        """READY (+1 ref) when on the device; otherwise start/await a load and say why not yet.
+
+        `first`: this is the request's first ask, so it counts as one device hit or miss (a request that
+        waits for its load retries every step; counting those retries would inflate the hit rate).
+        """
         with self._lock:
-            if name in self._errors:
-                return Acquired(SlotState.ERRORED, reason=self._errors[name])
-            if name in self._doomed:  # the old copy is still in use; a re-registered one waits for it
-                return Acquired(SlotState.LOADING)
-            slot = self._slot_of.get(name)
-            if slot is not None and self._slots[slot].ready:
-                self.stats.hits["device"] += 1
-                self._refs[name] = self._refs.get(name, 0) + 1
-                self._device_lru.move_to_end(name)
-                return Acquired(SlotState.READY, slot)
-            if slot is not None:
-                return Acquired(SlotState.LOADING)
-            # No host prefetch on NO_SLOT here: the scheduler retries every step, and with more waiting
-            # adapters than host room, prefetching each time would evict them from host in a circle.
-            return self._start_load(name, host_fallback=False, evict=True)
+            got = self._acquire(name)
+            if first and got.state is not SlotState.ERRORED:
+                (self.stats.hits if got.state is SlotState.READY else self.stats.misses)["device"] += 1
+            return got
+
+    def _acquire(self, name: str) -> Acquired:
+        """acquire() without the accounting; the caller holds the lock."""
+        if name in self._errors:
+            return Acquired(SlotState.ERRORED, reason=self._errors[name])
+        if name in self._doomed:  # the old copy is still in use; a re-registered one waits for it
+            return Acquired(SlotState.LOADING)
+        slot = self._slot_of.get(name)
+        if slot is not None and self._slots[slot].ready:
+            self._refs[name] = self._refs.get(name, 0) + 1
+            self._device_lru.move_to_end(name)
+            return Acquired(SlotState.READY, slot)
+        if slot is not None:
+            return Acquired(SlotState.LOADING)
+        # No host prefetch on NO_SLOT here: the scheduler retries every step, and with more waiting
+        # adapters than host room, prefetching each time would evict them from host in a circle.
+        return self._start_load(name, host_fallback=False, evict=True)
 
     def release(self, name: str) -> None:
         with self._lock:
@@ -190,7 +200,6 @@ class AdapterCache:
             if host_fallback:
                 self._prefetch_host(name)
             return Acquired(SlotState.NO_SLOT)
-        self.stats.misses["device"] += 1
         self._slots[slot] = _Slot(owner=name, ready=False)
         self._slot_of[name] = slot
         self._pool.submit(self._load_job, name, slot, self._epoch.get(name, 0))

@@ -50,6 +50,7 @@ class Request:
     blocks: list[int] = field(default_factory=list)
     slot: int = -1  # device adapter slot while running (-1 = base only)
     holds_adapter: bool = False  # True while this request holds a refcount on its adapter
+    adapter_asked: bool = False  # the cache counted this request's hit/miss already
     finish_reason: str | None = None
     first_token_time: float | None = None
     waiting_steps: int = 0  # steps spent blocked at the head of the queue (fairness)

@@ -148,7 +148,8 @@ class Scheduler:
         if req.adapter is None or self.adapters is None:
             req.slot = -1
             return "ok"
-        got = self.adapters.acquire(req.adapter)
+        got = self.adapters.acquire(req.adapter, first=not req.adapter_asked)
+        req.adapter_asked = True
         if got.state is SlotState.READY:
             req.slot, req.holds_adapter = got.slot, True
             return "ok"

@@ -21,7 +21,7 @@ class FakeCache:
     def prefetch(self, name: str) -> None:
         pass
 
-    def acquire(self, name: str) -> Acquired:
+    def acquire(self, name: str, *, first: bool = True) -> Acquired:
         if name in self.loading:
             return Acquired(SlotState.LOADING)
         if name not in self.slots:
