@@ -500,7 +500,7 @@ def print_report(res: dict[str, object]) -> None:
             tail = (f"ratio {ratio:.3f} (target >= 0.95): {verdict(s['pass'][case])}" if ratio is not None
                     else "(reference)")
             bound = s["bytes_bound"]["ratio_bound"].get(case)
-            limit = f" (bytes bound {bound:.3f})" if bound is not None else ""
+            limit = f" (bytes bound {bound:.3f} if steps were bandwidth-bound)" if bound is not None else ""
             print(f"  {case:<18}{tok_s:>7.1f}  tier at arrival: {rates};  {tail}{limit}")
         d = s["bytes_bound"]["mean_distinct_adapters"]
         print("  mean distinct adapters per step: " + ", ".join(f"{c} {v:.1f}" for c, v in d.items()))
@@ -549,7 +549,8 @@ def plot(path: Path, res: dict[str, object]) -> None:
 def run_parts(parts: dict[str, Callable[[], dict[str, object]]], chosen: list[str], json_path: Path,
               header: dict[str, object]) -> dict[str, object]:
     """Run the chosen parts in order, each stamped with the machine's facts (load average before and after)
-    and its wall time; a partial run merges into the results file so the other parts' numbers stay."""
+    and its wall time. The results file is rewritten after each part (a later part's failure keeps the earlier
+    ones), and a partial run merges into it so the other parts' numbers stay."""
     res: dict[str, object] = {}
     if set(chosen) != set(parts) and json_path.is_file():
         res = json.loads(json_path.read_text())
@@ -561,7 +562,9 @@ def run_parts(parts: dict[str, Callable[[], dict[str, object]]], chosen: list[st
         res[name] = parts[name]()
         res[name]["machine"] = facts | {"load_avg_end": [round(x, 2) for x in os.getloadavg()]}
         res[name]["wall_s"] = time.perf_counter() - t0
-    return json.loads(json.dumps(res, default=str))
+        res = json.loads(json.dumps(res, default=str))
+        write_json(json_path, res)
+    return res
 
 
 def main() -> None:
@@ -582,7 +585,6 @@ def main() -> None:
     res = run_parts(parts, args.parts, RESULTS_DIR / f"{stem}.json",
                     {"model": "bench-small", "dtype": "float32", "quick": args.quick})
     print_report(res)
-    write_json(RESULTS_DIR / f"{stem}.json", res)
     plot(RESULTS_DIR / f"{stem}.png", res)
 
 

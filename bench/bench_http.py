@@ -11,7 +11,7 @@
              popularity floor(power(0.3) * n). Streamed through TGI's `POST /generate_stream` (one event per
              token, so TTFT and TPOT are exact; the OpenAI stream sends a chunk only when text appears, and
              bench-small's 512-entry tokenizer decodes most of its 49152 ids to nothing). Input/output lengths
-             about uniform [8, 64) / exactly uniform [8, 32) instead of [8, 128): scaled down for a 2-core CPU.
+             uniform [8, 64) / [8, 32) tokens instead of [8, 128): scaled down for a 2-core CPU.
              Reports req/s, output tok/s, TTFT and TPOT p50/p99, per-tier cache hits/misses from /metrics,
              disk loads/s and MB/s, and a latency plot. Each rate sends a fixed number of requests (at most
              `--window` seconds of arrivals).
@@ -54,7 +54,6 @@ from common import (  # noqa: E402
     bench_small_dir,
     median,
     paired_ratio,
-    write_json,
 )
 from transformers import AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
 
@@ -98,13 +97,17 @@ def make_requests(seed: int, count: int, prompt: tuple[int, int], out: tuple[int
 
 
 def text_requests(seed: int, count: int, work: OpenWork, tokenizer: PreTrainedTokenizerBase) -> list[Req]:
-    """Text prompts for TGI's `inputs`: random in-vocabulary ids decoded; `prompt` holds the re-encoded ids, so
-    lengths are about, not exactly, uniform in work.prompt (decode + encode may merge or split a few)."""
+    """Text prompts for TGI's `inputs` with an exact token length: the text decodes twice as many random
+    in-vocabulary ids as wanted (random byte-level ids re-encode to at least as many tokens), and TGI's
+    `truncate` keeps the last `len(prompt)` tokens of it."""
     rng, out = random.Random(seed), []
     for _ in range(count):
-        ids = [rng.randrange(FIRST_TOKEN_ID, len(tokenizer)) for _ in range(rng.randrange(*work.prompt))]
-        text = tokenizer.decode(ids)
-        out.append(Req(tokenizer(text, add_special_tokens=False).input_ids, rng.randrange(*work.output), text=text))
+        n = rng.randrange(*work.prompt)
+        text = tokenizer.decode([rng.randrange(FIRST_TOKEN_ID, len(tokenizer)) for _ in range(2 * n)])
+        ids = tokenizer(text).input_ids
+        if len(ids) < n:
+            raise RuntimeError(f"prompt text encodes to {len(ids)} tokens, fewer than the {n} wanted")
+        out.append(Req(ids[-n:], rng.randrange(*work.output), text=text))
     return out
 
 
@@ -190,7 +193,8 @@ async def http_complete(client: httpx.AsyncClient, req: Req) -> int:
 
 def tgi_body(req: Req) -> dict[str, object]:
     return {"inputs": req.text, "parameters": {"adapter_id": req.adapter, "max_new_tokens": req.max_tokens,
-                                               "ignore_eos_token": True, "details": True}}
+                                               "truncate": len(req.prompt), "ignore_eos_token": True,
+                                               "details": True}}
 
 
 async def http_stream(client: httpx.AsyncClient, req: Req) -> dict[str, float]:
@@ -470,7 +474,6 @@ def main() -> None:
         finally:
             server.stop()
     print_report(res)
-    write_json(RESULTS_DIR / f"{stem}.json", res)
     plot(RESULTS_DIR / f"{stem}.png", res)
 
 
