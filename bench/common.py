@@ -15,6 +15,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -65,21 +66,65 @@ def print_facts(facts: dict[str, object]) -> None:
 
 
 # ---- timing ----------------------------------------------------------------------------------------------
-def interleaved(cases: dict[str, Callable[[], float]], repeats: int,
-                log: Callable[[str], None] | None = print) -> dict[str, list[float]]:
+@dataclass(frozen=True)
+class Measure:
+    """One timed run: `work` units (e.g. output tokens) in `wall_s` seconds, using `cpu_s` of process CPU.
+
+    On a shared machine the wall clock also counts time the scheduler gave to others; process CPU time
+    (all threads) does not, so a CPU-time rate beside the wall rate shows how much of a gap is noise.
+    """
+
+    work: float
+    wall_s: float
+    cpu_s: float
+
+    @property
+    def rate(self) -> float:
+        return self.work / self.wall_s
+
+    @property
+    def cpu_rate(self) -> float:
+        return self.work / self.cpu_s
+
+
+class Stopwatch:
+    """Wall and process-CPU time of a block, with a CUDA sync on both ends when the device is a GPU."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        cuda = torch.device(device).type == "cuda"
+        self._sync = torch.cuda.synchronize if cuda else (lambda: None)
+        self.seconds = self.cpu_seconds = 0.0
+
+    def __enter__(self) -> Stopwatch:
+        self._sync()
+        self._start, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sync()
+        self.seconds = time.perf_counter() - self._start
+        self.cpu_seconds = time.process_time() - self._cpu
+
+    def measure(self, work: float) -> Measure:
+        return Measure(work, self.seconds, self.cpu_seconds)
+
+
+def interleaved(cases: dict[str, Callable[[], Measure]], repeats: int,
+                log: Callable[[str], None] | None = print) -> dict[str, list[Measure]]:
     """Run every case once per round, `repeats` rounds, so machine drift hits all cases alike.
 
-    Each case returns its own measurement (e.g. tokens/s). Returns {case: [one value per round]}.
     The case order rotates each round so no case always runs right after the same neighbour.
+    Returns {case: [one Measure per round]}.
     """
     names = list(cases)
-    samples: dict[str, list[float]] = {n: [] for n in names}
+    samples: dict[str, list[Measure]] = {n: [] for n in names}
     for r in range(repeats):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            samples[name].append(cases[name]())
+            m = cases[name]()
+            samples[name].append(m)
             if log is not None:
-                log(f"  round {r + 1}/{repeats} {name}: {samples[name][-1]:.1f}")
+                log(f" round {r + 1}/{repeats} {name}: {m.rate:.1f}/s wall, {m.cpu_rate:.1f}/s cpu ({m.wall_s:.1f} s)")
     return samples
 
 
@@ -88,25 +133,8 @@ def median(values: Sequence[float]) -> float:
 
 
 def paired_ratio(num: Sequence[float], den: Sequence[float]) -> float:
-    """Median of the per-round ratios: A and B of one round ran back to back, so their ratio is less noisy."""
+    """Median of the per-round ratios: A and B of one round ran close together, so their ratio is less noisy."""
     return median([a / b for a, b in zip(num, den, strict=True)])
-
-
-class Stopwatch:
-    """Wall time of a block, with a CUDA sync on both ends when the device is a GPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self.seconds = 0.0
-
-    def __enter__(self) -> Stopwatch:
-        self._sync()
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._sync()
-        self.seconds = time.perf_counter() - self._start
 
 
 # ---- output ----------------------------------------------------------------------------------------------
@@ -117,8 +145,9 @@ def write_json(path: Path, data: dict[str, object]) -> None:
 
 
 def bar_chart(path: Path, title: str, groups: dict[str, dict[str, float]], ylabel: str,
-              hlines: dict[str, float] | None = None) -> None:
-    """Grouped bars: groups = {group label: {series label: value}}; optional labelled horizontal lines."""
+              marks: dict[str, float] | None = None) -> None:
+    """Grouped bars: groups = {group label: {series label: value}}; `marks` = {group label: target}, drawn
+    as a dashed line across that group only."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a server; must precede pyplot's import
@@ -132,9 +161,11 @@ def bar_chart(path: Path, title: str, groups: dict[str, dict[str, float]], ylabe
         ys = [vals.get(name, 0.0) for vals in groups.values()]
         bars = ax.bar(xs, ys, width, label=name)
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
-    for label, y in (hlines or {}).items():
-        ax.axhline(y, linestyle="--", linewidth=1, color="gray")
-        ax.text(len(groups) - 0.5, y, f" {label}", va="bottom", ha="right", fontsize=7, color="gray")
+    for g, label in enumerate(groups):
+        if label in (marks or {}):
+            y = marks[label]
+            ax.hlines(y, g - 0.45, g + 0.45, linestyles="--", linewidth=1.2, color="black")
+            ax.text(g + 0.45, y, f"target {y:g}", va="bottom", ha="right", fontsize=7)
     ax.set_xticks(range(len(groups)), list(groups), fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
