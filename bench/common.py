@@ -110,17 +110,21 @@ class Stopwatch:
 
 
 def interleaved(cases: dict[str, Callable[[], Measure]], repeats: int,
-                log: Callable[[str], None] | None = print) -> dict[str, list[Measure]]:
+                log: Callable[[str], None] | None = print, once: frozenset[str] = frozenset()
+                ) -> dict[str, list[Measure]]:
     """Run every case once per round, `repeats` rounds, so machine drift hits all cases alike.
 
-    The case order rotates each round so no case always runs right after the same neighbour.
-    Returns {case: [one Measure per round]}.
+    The case order rotates each round so no case always runs right after the same neighbour. Cases in
+    `once` (reference numbers, not part of any ratio target) run in the first round only.
+    Returns {case: [one Measure per round it ran in]}.
     """
     names = list(cases)
     samples: dict[str, list[Measure]] = {n: [] for n in names}
     for r in range(repeats):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
+            if r and name in once:
+                continue
             m = cases[name]()
             samples[name].append(m)
             if log is not None:

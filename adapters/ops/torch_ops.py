@@ -19,7 +19,7 @@ With 1 slot x 16 tokens the plain per-slot path (two matmuls) is far cheaper, he
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +29,10 @@ from loraplex.adapters.ops.meta import LoRAMeta
 
 # `apply` takes the thin path when the batch has more than one slot and at most this many tokens per slot.
 THIN_TOKENS_PER_SLOT = 4
-# A window may compute at most this many buffer rows per real token (empty slots / padding are waste).
+# Buffer rows a thin layout may compute per real token (empty slots in a range / padding to the deepest
+# slot are waste): reading a dense stack range in place, or gathering the distinct slots once each.
 WINDOW_SLACK = 2
+COMPACT_SLACK = 4
 
 
 def _shrink_rows(x_rows: torch.Tensor, a_stack: torch.Tensor, slot: int, rank: int) -> torch.Tensor:
@@ -86,9 +88,12 @@ class _Gather:
 
 @dataclass(frozen=True)
 class _Window:
-    """Adapted tokens of one rank whose slots lie in [lo, lo + width), at most `depth` tokens per slot.
+    """Adapted tokens of one rank laid out by slot: `width` slots, at most `depth` tokens each.
 
-    place [N]: each token's row in the [width * depth] buffer, (slot - lo) * depth + k for its k-th token.
+    slots None: the slots are the stack range [lo, lo + width), read in place (no copy of A/B); rows of
+    other slots in that range are computed from zero inputs and never added. Otherwise `slots` [width]
+    lists the distinct slots and their A[s, :r] / B[s, :, :r] are gathered once each (not once per token).
+    place [N]: each token's row in the [width * depth] buffer: (index of its slot) * depth + k, k-th token.
     """
 
     rank: int
@@ -97,14 +102,22 @@ class _Window:
     width: int
     depth: int
     place: torch.Tensor
+    slots: torch.Tensor | None = None
+
+    def stacks(self, a_stack: torch.Tensor, b_stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A [width, r, in] and B [width, out, r] of the window's slots."""
+        a, b = a_stack[:, : self.rank], b_stack[:, :, : self.rank]
+        if self.slots is None:
+            return a[self.lo : self.lo + self.width], b[self.lo : self.lo + self.width]
+        return a.index_select(0, self.slots), b.index_select(0, self.slots)
 
     def apply(self, y: torch.Tensor, xs: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor) -> None:
-        """bmm straight over the stacks' [lo, lo + width) slices; rows of other slots are never added."""
-        hi, r = self.lo + self.width, self.rank
+        """One bmm pair over [width, depth] token rows; only the real tokens' rows are added into y."""
+        a, b = self.stacks(a_stack, b_stack)
         x_rows = xs if self.rows is None else xs.index_select(0, self.rows)  # [N, in]
         buf = xs.new_zeros(self.width * self.depth, xs.shape[1]).index_copy_(0, self.place, x_rows)
-        h = torch.bmm(buf.view(self.width, self.depth, -1), a_stack[self.lo:hi, :r].transpose(1, 2))  # [W, d, r]
-        out = torch.bmm(h, b_stack[self.lo:hi, :, :r].transpose(1, 2))  # [W, depth, out]
+        h = torch.bmm(buf.view(self.width, self.depth, -1), a.transpose(1, 2))  # [width, depth, r]
+        out = torch.bmm(h, b.transpose(1, 2))  # [width, depth, out]
         _add_rows(y, self.rows, out.view(self.width * self.depth, -1).index_select(0, self.place))
 
 
@@ -126,18 +139,31 @@ def _thin_plan(meta: LoRAMeta, ranks: Sequence[int]) -> list[_Gather | _Window]:
 
 
 def _thin_group(meta: LoRAMeta, rank: int, rows: list[int], slots: list[int]) -> _Gather | _Window:
+    """Cheapest layout for one rank's tokens: the stack range in place, the distinct slots gathered once
+    each, or (when one slot holds most tokens and padding to its depth would dominate) per-token gathers."""
     device = meta.token_slots.device
     rows_t = None if len(rows) == meta.num_tokens else torch.tensor(rows, dtype=torch.long, device=device)
-    lo, width = min(slots), max(slots) + 1 - min(slots)
-    depth = max(Counter(slots).values())
-    if width * depth > WINDOW_SLACK * len(rows):
-        return _Gather(rank, rows_t, torch.tensor(slots, dtype=torch.long, device=device))
+    counts = Counter(slots)
+    distinct, depth = sorted(counts), max(counts.values())
+    lo, width = distinct[0], distinct[-1] + 1 - distinct[0]
+    if width * depth <= WINDOW_SLACK * len(rows):  # dense range: read the stacks in place
+        return _Window(rank, rows_t, lo, width, depth, _places(slots, lambda s: s - lo, depth, device))
+    if len(distinct) * depth <= COMPACT_SLACK * len(rows):
+        index = {s: i for i, s in enumerate(distinct)}
+        slots_t = torch.tensor(distinct, dtype=torch.long, device=device)
+        return _Window(rank, rows_t, lo, len(distinct), depth, _places(slots, index.__getitem__, depth, device),
+                       slots_t)
+    return _Gather(rank, rows_t, torch.tensor(slots, dtype=torch.long, device=device))
+
+
+def _places(slots: list[int], column: Callable[[int], int], depth: int, device: torch.device) -> torch.Tensor:
+    """[N] buffer row of each token: column(slot) * depth + (how many earlier tokens had that slot)."""
     seen: Counter[int] = Counter()
     place = []
     for slot in slots:
-        place.append((slot - lo) * depth + seen[slot])
+        place.append(column(slot) * depth + seen[slot])
         seen[slot] += 1
-    return _Window(rank, rows_t, lo, width, depth, torch.tensor(place, dtype=torch.long, device=device))
+    return torch.tensor(place, dtype=torch.long, device=device)
 
 
 class TorchLoRABackend(LoRABackend):
