@@ -3,7 +3,9 @@
 The engine asks `acquire(name)` when it wants to schedule a request for `name`. A device-resident adapter
 answers READY with its slot (refcount + 1); otherwise a background load (disk -> host -> device slot) is
 started and the request waits without blocking others. An adapter used by a running request (refcount > 0)
-or pinned is never evicted. A failing load marks that adapter errored; only its requests fail.
+or pinned is never evicted. A failing load marks that adapter errored; only its requests fail. A name the
+registry does not hold (`is_registered`) is answered ERRORED at once: it never costs a resident adapter
+its slot. The host tier is bounded by a count and a byte budget, whichever binds first.
 """
 
 from __future__ import annotations
@@ -58,16 +60,19 @@ SlotWriter = Callable[[int, AdapterWeights], None]
 
 
 class AdapterCache:
-    """Host LRU of `max_host` adapters and `num_slots` device slots written through `write_slot`."""
+    """Host LRU of at most `max_host` adapters and `max_host_bytes` bytes, and `num_slots` device slots
+    written through `write_slot`."""
 
     def __init__(self, loader: Callable[[str], AdapterWeights], write_slot: SlotWriter, clear_slot:
-                 Callable[[int], None], *, num_slots: int, max_host: int, workers: int = 2) -> None:
+                 Callable[[int], None], *, num_slots: int, max_host: int, max_host_bytes: int = 2 * 2**30,
+                 workers: int = 2) -> None:
         self._loader, self._write_slot, self._clear_slot = loader, write_slot, clear_slot
         self._slots = [_Slot() for _ in range(num_slots)]
         self._slot_of: dict[str, int] = {}
         self._device_lru: OrderedDict[str, None] = OrderedDict()
         self._host: OrderedDict[str, AdapterWeights] = OrderedDict()
-        self._max_host = max_host
+        self._max_host, self._max_host_bytes = max_host, max_host_bytes
+        self._host_bytes = 0  # sum of size_bytes over self._host
         self._refs: dict[str, int] = {}
         self._pinned: set[str] = set()
         self._errors: dict[str, str] = {}
@@ -84,6 +89,8 @@ class AdapterCache:
         self.stats = CacheStats()
         self.on_ready: Callable[[], None] = lambda: None
         self.on_load_seconds: Callable[[float], None] = lambda s: None
+        # Set by the registry (AdapterStore.attach); without one (a bare engine with a loader) any name may load.
+        self.is_registered: Callable[[str], bool] = lambda name: True
 
     # ---- engine side -------------------------------------------------------------------------
     def acquire(self, name: str, *, first: bool = True) -> Acquired:
@@ -103,7 +110,7 @@ class AdapterCache:
         if name in self._errors:
             return Acquired(SlotState.ERRORED, reason=self._errors[name])
         if name in self._doomed:  # the old copy is still in use; a re-registered one waits for it
-            return Acquired(SlotState.LOADING)
+            return Acquired(SlotState.LOADING) if self.is_registered(name) else _not_registered(name)
         slot = self._slot_of.get(name)
         if slot is not None and self._slots[slot].ready:
             self._refs[name] = self._refs.get(name, 0) + 1
@@ -111,6 +118,8 @@ class AdapterCache:
             return Acquired(SlotState.READY, slot)
         if slot is not None:
             return Acquired(SlotState.LOADING)
+        if not self.is_registered(name):  # e.g. DELETEd as its request was added: evict nothing for it
+            return _not_registered(name)
         # No host prefetch on NO_SLOT here: the scheduler retries every step, and with more waiting
         # adapters than host room, prefetching each time would evict them from host in a circle.
         return self._start_load(name, host_fallback=False, evict=True)
@@ -127,7 +136,7 @@ class AdapterCache:
         else into host memory. It evicts nothing (unless `evict`, for pinning): a speculative load must not
         take the slot of an adapter whose queued requests are about to run."""
         with self._lock:
-            if name not in self._slot_of and name not in self._errors:
+            if name not in self._slot_of and name not in self._errors and self.is_registered(name):
                 self._start_load(name, host_fallback=True, evict=evict)
 
     def put_host(self, name: str, weights: AdapterWeights) -> None:
@@ -152,7 +161,7 @@ class AdapterCache:
             self._epoch[name] = self._epoch.get(name, 0) + 1
             self._pinned.discard(name)
             self._errors.pop(name, None)
-            self._host.pop(name, None)
+            self._drop_host(name)
             self._load_info.pop(name, None)
             if name in self._slot_of:
                 self._doomed.add(name)
@@ -184,6 +193,11 @@ class AdapterCache:
         with self._lock:
             device = [n for n, s in self._slot_of.items() if self._slots[s].ready]
             return {"device": device, "host": list(self._host)}
+
+    @property
+    def host_bytes(self) -> int:
+        with self._lock:
+            return self._host_bytes
 
     @property
     def num_slots(self) -> int:
@@ -288,11 +302,19 @@ class AdapterCache:
         return weights
 
     def _insert_host(self, name: str, weights: AdapterWeights) -> None:
+        self._drop_host(name)  # a stale copy under the same name must not count twice
+        if weights.size_bytes > self._max_host_bytes:  # could never fit: keep it on disk (it still loads)
+            return
         self._host[name] = weights
-        self._host.move_to_end(name)
-        while len(self._host) > self._max_host:
-            self._host.popitem(last=False)
+        self._host_bytes += weights.size_bytes
+        while len(self._host) > self._max_host or self._host_bytes > self._max_host_bytes:
+            self._drop_host(next(iter(self._host)))  # least recently used first
             self.stats.evictions["host"] += 1
+
+    def _drop_host(self, name: str) -> None:
+        weights = self._host.pop(name, None)
+        if weights is not None:
+            self._host_bytes -= weights.size_bytes
 
     def _mark_error(self, name: str, exc: Exception, epoch: int) -> None:
         log.warning("adapter %s failed to load: %s", name, exc)
@@ -300,3 +322,8 @@ class AdapterCache:
             if self._epoch.get(name, 0) == epoch:
                 self._errors[name] = str(exc) or type(exc).__name__
         self.on_ready()
+
+
+def _not_registered(name: str) -> Acquired:
+    # Not kept in `_errors`: a later registration of `name` must load normally.
+    return Acquired(SlotState.ERRORED, reason=f"adapter {name!r} is not registered")

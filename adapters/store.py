@@ -1,8 +1,9 @@
 """AdapterStore: registration (name check -> source -> validation -> durable record) and the cache's loader.
 
 Registration validates the adapter against the base model before the record is written, so a registered
-adapter is one that loaded once. Files can still vanish or rot later: the cache's load then fails and
-marks only that adapter errored.
+adapter is one that loaded once. Files can still vanish, rot or be swapped for symlinks later: every read
+goes through the source's `files`, which re-checks confinement at open time, so the cache's load then
+fails and marks only that adapter errored.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from loraplex.adapters.sources.base import AdapterSource
 from loraplex.adapters.sources.local import LocalDirSource
 from loraplex.adapters.sources.s3 import S3Source
 from loraplex.adapters.sources.upload import UploadPayload, UploadSource
-from loraplex.adapters.weights import AdapterWeights, load_adapter_dir
+from loraplex.adapters.weights import AdapterFiles, AdapterWeights, load_adapter_dir
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class AdapterStore:
     def attach(self, cache: AdapterCache) -> None:
         """Connect the tiered cache and re-pin what the manifest says is pinned."""
         self.cache = cache
+        # The registry is the one truth about names: the cache asks it before evicting anything for a load.
+        cache.is_registered = self.__contains__
         for rec in self.registry.list():
             if rec.pinned:
                 cache.pin(rec.name)
@@ -76,7 +79,7 @@ class AdapterStore:
         local_dir = source.materialize(ref, name)
         committed = False
         try:
-            weights = self.validate(local_dir)
+            weights = self.validate(source.files(local_dir))
             record = AdapterRecord(name, source.describe(ref), str(local_dir), pinned, meta=_meta(weights))
             with self._lock:
                 self._check_pin_budget(pinned)
@@ -105,8 +108,8 @@ class AdapterStore:
         if record.pinned:
             self.cache.pin(record.name)
 
-    def validate(self, local_dir: Path) -> AdapterWeights:
-        return load_adapter_dir(local_dir, self.module_shapes, max_rank=self.config.max_lora_rank)
+    def validate(self, files: Path | AdapterFiles) -> AdapterWeights:
+        return load_adapter_dir(files, self.module_shapes, max_rank=self.config.max_lora_rank)
 
     def unregister(self, name: str) -> AdapterRecord:
         with self._lock:
@@ -146,7 +149,8 @@ class AdapterStore:
         """The cache's disk loader: re-read and re-validate the registered files."""
         if name not in self.registry:
             raise AdapterNotFoundError(f"adapter {name!r} is not registered", field="model")
-        return self.validate(Path(self.registry.get(name).local_dir))
+        record = self.registry.get(name)
+        return self.validate(self._source_of(record).files(Path(record.local_dir)))
 
     def describe(self, name: str) -> dict[str, Any]:
         """The public record: name, rank, alpha, targets, size, tier, pinned, state (+reason), load stats."""

@@ -3,22 +3,27 @@
 Everything a user can get wrong is checked from `adapter_config.json` and the safetensors *header* before a
 single tensor is allocated: the header is parsed here by hand (8-byte little-endian length + JSON), so a
 header that declares a [10**9, 10**9] tensor in a 100-byte file is refused without touching memory.
+
+Files are reached through an `AdapterFiles` object, and each is opened once and read only through that
+handle: sources that confine adapters to a root hand in one that re-checks confinement at open time.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from loraplex.adapters.errors import AdapterNotFoundError, AdapterValidationError
-from loraplex.adapters.peft_config import LoraSpec, parse_adapter_config
+from loraplex.adapters.peft_config import CONFIG_NAME, MAX_CONFIG_BYTES, LoraSpec, parse_adapter_config
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".ckpt"})
@@ -74,6 +79,40 @@ def _invalid(message: str, field: str = WEIGHTS_NAME) -> AdapterValidationError:
     return AdapterValidationError(message, field=field)
 
 
+class AdapterFiles:
+    """How `load_adapter_dir` reaches an adapter's files: here by plain path. Sources that confine adapters
+    to a root (adapters/sources) subclass it so that every open re-checks confinement."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.label = self.path.name or str(self.path)
+
+    def check(self) -> None:
+        """AdapterNotFoundError (404) when the directory is gone."""
+        if not self.path.is_dir():
+            raise AdapterNotFoundError(f"adapter directory {str(self.path)!r} does not exist", field="path")
+
+    def open(self, filename: str) -> BinaryIO:
+        """One of the adapter's regular files, opened for reading; FileNotFoundError when absent."""
+        return regular_file(os.open(self.path / filename, _READ_FLAGS), filename)
+
+    def names(self) -> list[str]:
+        """The directory's entry names (only to name pickle files that are refused)."""
+        return [p.name for p in self.path.iterdir()]
+
+
+# O_NONBLOCK: opening a FIFO planted in place of a file must not hang the loader (it is then refused).
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+
+def regular_file(fd: int, name: str) -> BinaryIO:
+    """Wrap an fd opened for reading; 400 unless it is a regular file (a FIFO blocks, a device never ends)."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _invalid(f"{name} is not a regular file", field=name)
+    return os.fdopen(fd, "rb")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # safetensors header
 # ---------------------------------------------------------------------------------------------------------
@@ -81,7 +120,8 @@ def _invalid(message: str, field: str = WEIGHTS_NAME) -> AdapterValidationError:
 
 def read_safetensors_header(path: str | Path, max_bytes: int) -> dict[str, TensorHeader]:
     """Parse and check a safetensors header without reading tensor data; {tensor name: TensorHeader}."""
-    data_size, header_json = _read_header_bytes(Path(path))
+    with open(path, "rb") as f:
+        data_size, header_json = _read_header_bytes(f, Path(path).name)
     return _entries(header_json, data_size, max_bytes)
 
 
@@ -93,21 +133,21 @@ def _entries(header_json: bytes, data_size: int, max_bytes: int) -> dict[str, Te
     return entries
 
 
-def _read_header_bytes(path: Path) -> tuple[int, bytes]:
-    """-> (size of the data section after the header, the header's JSON bytes)."""
-    with path.open("rb") as f:
-        file_size = path.stat().st_size
-        if file_size < 8:
-            raise _invalid(f"{path.name} is truncated: {file_size} bytes, less than the 8-byte header length")
-        header_len = int.from_bytes(f.read(8), "little")
-        if header_len > file_size - 8:
-            raise _invalid(
-                f"{path.name} is truncated or corrupt: header length {header_len} exceeds the "
-                f"{file_size - 8} bytes that follow it"
-            )
-        if header_len > MAX_HEADER_BYTES:
-            raise _invalid(f"{path.name} header is {header_len} bytes, over the {MAX_HEADER_BYTES}-byte cap")
-        return file_size - 8 - header_len, f.read(header_len)
+def _read_header_bytes(f: BinaryIO, name: str) -> tuple[int, bytes]:
+    """-> (size of the data section after the header, the header's JSON bytes), read from the start of `f`."""
+    file_size = os.fstat(f.fileno()).st_size
+    if file_size < 8:
+        raise _invalid(f"{name} is truncated: {file_size} bytes, less than the 8-byte header length")
+    f.seek(0)
+    header_len = int.from_bytes(f.read(8), "little")
+    if header_len > file_size - 8:
+        raise _invalid(
+            f"{name} is truncated or corrupt: header length {header_len} exceeds the "
+            f"{file_size - 8} bytes that follow it"
+        )
+    if header_len > MAX_HEADER_BYTES:
+        raise _invalid(f"{name} header is {header_len} bytes, over the {MAX_HEADER_BYTES}-byte cap")
+    return file_size - 8 - header_len, f.read(header_len)
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -191,7 +231,7 @@ def _check_layout(entries: dict[str, TensorHeader], data_size: int, max_bytes: i
 
 
 def load_adapter_dir(
-    path: str | Path,
+    path: str | Path | AdapterFiles,
     module_shapes: Mapping[str, tuple[int, int]],
     *,
     max_rank: int,
@@ -199,23 +239,23 @@ def load_adapter_dir(
 ) -> AdapterWeights:
     """Validate a PEFT LoRA dir against the base model and load it as fp32 CPU tensors.
 
+    path: the directory, or an `AdapterFiles` that opens its files (e.g. confined to a root).
     module_shapes: {full base-model module name: (in_features, out_features)}, e.g.
     {"model.layers.0.self_attn.q_proj": (4096, 4096)}. Every check runs on the config and the header
     before the tensor data is read.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise AdapterNotFoundError(f"adapter directory {str(path)!r} does not exist", field="path")
-    spec = parse_adapter_config(path)
-    weights_file = _weights_file(path)
-    data_size, header_json = _read_header_bytes(weights_file)
-    header = _entries(header_json, data_size, max_bytes)
-    _check_rank(spec, max_rank)
-    _check_targets(spec, module_shapes)
-    pairs = _pair_tensors(header, spec, module_shapes)
-    for module, (key_a, key_b) in pairs.items():
-        _check_pair_shapes(module, header[key_a], header[key_b], key_a, key_b, spec, module_shapes[module])
-    tensors = _load_tensors(weights_file, header, header_json)
+    files = path if isinstance(path, AdapterFiles) else AdapterFiles(path)
+    files.check()
+    spec = _read_spec(files)
+    with _open_weights(files) as weights_file:
+        data_size, header_json = _read_header_bytes(weights_file, WEIGHTS_NAME)
+        header = _entries(header_json, data_size, max_bytes)
+        _check_rank(spec, max_rank)
+        _check_targets(spec, module_shapes)
+        pairs = _pair_tensors(header, spec, module_shapes)
+        for module, (key_a, key_b) in pairs.items():
+            _check_pair_shapes(module, header[key_a], header[key_b], key_a, key_b, spec, module_shapes[module])
+        tensors = _load_tensors(weights_file, header, header_json)
     modules = {
         module: LoraModuleWeights(
             a=_to_fp32(tensors[key_a]), b=_to_fp32(tensors[key_b]), scale=spec.scale_for(module)
@@ -226,18 +266,40 @@ def load_adapter_dir(
     return AdapterWeights(spec=spec, modules=modules, size_bytes=size)
 
 
-def _weights_file(path: Path) -> Path:
-    file = path / WEIGHTS_NAME
-    if file.is_file():
-        return file
+def _read_spec(files: AdapterFiles) -> LoraSpec:
+    """adapter_config.json through `files` (size-capped before parsing), then peft_config's checks."""
+    try:
+        f = files.open(CONFIG_NAME)
+    except FileNotFoundError:
+        raise AdapterValidationError(f"{CONFIG_NAME} is missing in {files.label}", field=CONFIG_NAME) from None
+    with f:
+        data = f.read(MAX_CONFIG_BYTES + 1)  # never more, even if the file grows while we read
+    if len(data) > MAX_CONFIG_BYTES:
+        raise AdapterValidationError(f"{CONFIG_NAME} is over the {MAX_CONFIG_BYTES}-byte limit", field=CONFIG_NAME)
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise AdapterValidationError(f"{CONFIG_NAME} is not valid JSON: {exc}", field=CONFIG_NAME) from exc
+    if not isinstance(raw, dict):
+        raise AdapterValidationError(
+            f"{CONFIG_NAME} must be a JSON object, got {type(raw).__name__}", field=CONFIG_NAME
+        )
+    return parse_adapter_config(raw)
+
+
+def _open_weights(files: AdapterFiles) -> BinaryIO:
+    try:
+        return files.open(WEIGHTS_NAME)
+    except FileNotFoundError:
+        pass
     # Pickle files are only *named* here, never opened: unpickling runs arbitrary code.
-    pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    pickles = sorted(n for n in files.names() if Path(n).suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         raise _invalid(
             f"safetensors only: found {', '.join(pickles)} but no {WEIGHTS_NAME}; pickle-based weights are "
             "never loaded. Re-save the adapter with save_pretrained(..., safe_serialization=True)"
         )
-    raise _invalid(f"{WEIGHTS_NAME} is missing in {path.name}")
+    raise _invalid(f"{WEIGHTS_NAME} is missing in {files.label}")
 
 
 def _check_rank(spec: LoraSpec, max_rank: int) -> None:
@@ -322,7 +384,7 @@ def _check_pair_shapes(
 
 
 def _load_tensors(
-    file: Path, header: Mapping[str, TensorHeader], header_json: bytes
+    file: BinaryIO, header: Mapping[str, TensorHeader], header_json: bytes
 ) -> dict[str, torch.Tensor]:
     """One read of the whole file into a buffer we own; each tensor is a view of it (no mmap, no pickle).
 
@@ -330,8 +392,11 @@ def _load_tensors(
     validated ones (and the data section must end where they said). Then one finiteness pass over the
     data section (per tensor only to name a culprit): a NaN/inf adapter would poison every token it touches.
     """
+    # One byte more than the validated size: enough to see that the file grew, never an unbounded read.
+    data = bytearray(8 + len(header_json) + max((h.end for h in header.values()), default=0) + 1)
     try:
-        data = bytearray(file.read_bytes())
+        file.seek(0)
+        del data[file.readinto(data):]
     except OSError as exc:
         raise _invalid(f"{WEIGHTS_NAME} could not be read: {exc}") from exc
     header_len = int.from_bytes(data[:8], "little") if len(data) >= 8 else len(data)

@@ -38,16 +38,19 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LoRAConfig:
-    """Device-side LoRA capacity: slots per layer and the largest rank a slot holds."""
+    """LoRA capacity: device slots per layer, the largest rank a slot holds, and the host tier's bounds
+    (adapters kept in CPU memory, by count and by bytes: whichever binds first)."""
 
     max_loras: int = 8
     max_lora_rank: int = 64
     max_cpu_loras: int = 32
+    max_cpu_lora_bytes: int = 2 * 2**30
 
     def __post_init__(self) -> None:
         _require(self.max_loras >= 1, "--max-loras", "must be >= 1")
         _require(self.max_lora_rank >= 1, "--max-lora-rank", "must be >= 1")
         _require(self.max_cpu_loras >= self.max_loras, "--max-cpu-loras", "must be >= --max-loras")
+        _require(self.max_cpu_lora_bytes >= 1, "--max-cpu-lora-bytes", "must be >= 1 (a byte budget)")
 
 
 @dataclass(frozen=True)

@@ -4,23 +4,30 @@ Every source hands back a directory holding `adapter_config.json` + `adapter_mod
 layer validates their contents. Sources that copy bytes (upload, S3) share the helpers below: a byte
 budget counted on the bytes actually read, and a staging directory that appears under its final name
 only once complete (rename is atomic), so a crash never leaves a half-written adapter behind.
+
+Loads read a registered adapter again later (`AdapterSource.files`): every open walks from the source's
+root with O_NOFOLLOW on each component, so a directory or file swapped for a symlink after registration
+is refused instead of followed outside.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO, Generic, TypeVar
 
-from loraplex.adapters.errors import AdapterTooLargeError
+from loraplex.adapters.errors import AdapterForbiddenError, AdapterNotFoundError, AdapterTooLargeError
 from loraplex.adapters.registry import fsync_dir
+from loraplex.adapters.weights import AdapterFiles, regular_file
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,12 @@ class AdapterSource(ABC, Generic[RefT]):
     def describe(self, ref: RefT) -> str:
         """The record's `source` string for `ref` ("local:<rel>", "upload", "s3://bucket/prefix")."""
 
+    def files(self, local_dir: Path) -> AdapterFiles:
+        """Read access to a registered copy for a load, confined to this source's folder at open time."""
+        if self.owned_dir is None:
+            raise NotImplementedError(f"{type(self).__name__} serves files in place and must confine them")
+        return OwnedCopyFiles(self.owned_dir, Path(local_dir))
+
     def discard(self, local_dir: Path) -> None:
         """Delete a directory this source created (e.g. after a 409); never touches anything else."""
         if self.owned_dir is None:
@@ -54,6 +67,87 @@ class AdapterSource(ABC, Generic[RefT]):
         target = Path(local_dir).resolve()
         if target.parent == self.owned_dir.resolve() and target.is_dir():
             shutil.rmtree(target, ignore_errors=True)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
+
+
+def open_beneath(root: Path, parts: Sequence[str], *, directory: bool = False) -> int:
+    """Open `root/parts[0]/.../parts[-1]` one component at a time from `root`, never following a symlink.
+
+    Each component is opened relative to its parent's fd with O_NOFOLLOW, so what was checked cannot be
+    swapped for a link in between: such a component fails with ELOOP instead of leading out
+    of `root`. Returns an fd the caller owns: a directory when `directory`, else the file (O_NONBLOCK).
+    A symlink met on the way always raises ELOOP; ENOTDIR means a real non-directory.
+    """
+    if any(part in ("", ".", "..") or "/" in part for part in parts):
+        raise ValueError(f"not plain path components: {list(parts)}")
+    fd = os.open(root, _DIR_FLAGS)
+    try:
+        for i, part in enumerate(parts):
+            last_file = i == len(parts) - 1 and not directory
+            flags = (os.O_RDONLY | os.O_NONBLOCK) if last_file else _DIR_FLAGS
+            child = _open_at(fd, part, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def list_and_close(dir_fd: int) -> list[str]:
+    """Entry names of a directory fd from `open_beneath`; the fd is closed either way."""
+    try:
+        return os.listdir(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _open_at(parent: int, part: str, flags: int) -> int:
+    try:
+        return os.open(part, flags, dir_fd=parent)
+    except NotADirectoryError:
+        # O_DIRECTORY | O_NOFOLLOW answers ENOTDIR for a symlink too: tell the two apart.
+        if stat.S_ISLNK(os.stat(part, dir_fd=parent, follow_symlinks=False).st_mode):
+            raise OSError(errno.ELOOP, "a path component is a symlink", part) from None
+        raise
+
+
+class OwnedCopyFiles(AdapterFiles):
+    """A copy this source wrote into `owned_dir/<copy>/`: plain files only, never a symlink anywhere."""
+
+    def __init__(self, owned_dir: Path, local_dir: Path) -> None:
+        super().__init__(local_dir)
+        self._root = owned_dir.resolve()
+        if local_dir.parent.resolve() != self._root:
+            raise self._outside(local_dir.name)
+        self._copy = local_dir.name
+
+    def check(self) -> None:
+        try:
+            os.close(self._open((), directory=True))
+        except (FileNotFoundError, NotADirectoryError):
+            raise AdapterNotFoundError(f"adapter copy {self._copy!r} does not exist", field="path") from None
+
+    def open(self, filename: str) -> BinaryIO:
+        return regular_file(self._open((filename,)), filename)
+
+    def names(self) -> list[str]:
+        return list_and_close(self._open((), directory=True))
+
+    def _open(self, tail: tuple[str, ...], *, directory: bool = False) -> int:
+        try:
+            return open_beneath(self._root, (self._copy, *tail), directory=directory)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise self._outside("/".join((self._copy, *tail))) from None
+            raise
+
+    def _outside(self, shown: str) -> AdapterForbiddenError:
+        return AdapterForbiddenError(
+            f"adapter file {shown!r} is a symlink or lies outside the state dir {str(self._root)!r}; "
+            "refusing to read it", field="path")
 
 
 class ByteBudget:

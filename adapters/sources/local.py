@@ -4,21 +4,27 @@ The path is resolved by walking it one component at a time from the real root, f
 only while they stay inside: a `..` above the root or a link whose target lies outside is refused
 (403) before anything outside is touched, so the answer never reveals whether an outside path exists.
 The adapter files themselves are checked the same way (a root-internal dir may hold links that leave).
+Every load does it again (`files`): the walk re-checks what registration checked, and the real path it
+finds is then opened beneath the root with O_NOFOLLOW on each component, so a directory or file swapped
+for an outside link after registration, or between the check and the open, is refused, never read.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from loraplex.adapters.errors import (
     AdapterForbiddenError,
     AdapterNotFoundError,
     AdapterValidationError,
 )
-from loraplex.adapters.sources.base import ADAPTER_FILES, AdapterSource
+from loraplex.adapters.sources.base import ADAPTER_FILES, AdapterSource, list_and_close, open_beneath
+from loraplex.adapters.weights import AdapterFiles, regular_file
 
 _MAX_SYMLINKS = 40  # as Linux's MAXSYMLINKS: stops link loops
 
@@ -43,6 +49,10 @@ class LocalDirSource(AdapterSource[str]):
 
     def materialize(self, ref: str, name: str | None = None) -> Path:
         return self.resolve(ref)
+
+    def files(self, local_dir: Path) -> AdapterFiles:
+        """Read access to a registered dir for a load, confined to the root at every open (see above)."""
+        return RootedDirFiles(self, Path(local_dir))
 
     def describe(self, ref: str) -> str:
         root = self._require_root()
@@ -137,3 +147,42 @@ class LocalDirSource(AdapterSource[str]):
             raise AdapterValidationError(
                 f"adapter path {shown!r} cannot be read: {exc.strerror}", field="path"
             ) from None
+
+
+class RootedDirFiles(AdapterFiles):
+    """A registered dir under the root (its real path, as registration resolved it), read for a load."""
+
+    def __init__(self, source: LocalDirSource, local_dir: Path) -> None:
+        super().__init__(local_dir)
+        self._source, self._root = source, source._require_root()
+        if not local_dir.is_relative_to(self._root):  # e.g. restarted with another --adapter-root
+            raise source._outside(str(local_dir))
+        self._rel = local_dir.relative_to(self._root).parts
+        self._shown = local_dir.relative_to(self._root).as_posix()
+
+    def check(self) -> None:
+        os.close(self._open(self._rel, directory=True))
+
+    def open(self, filename: str) -> BinaryIO:
+        try:
+            return regular_file(self._open((*self._rel, filename)), filename)
+        except AdapterNotFoundError:
+            self.check()  # the directory itself is gone (404) or left the root (403)?
+            raise FileNotFoundError(filename) from None  # no: only this file is missing
+
+    def names(self) -> list[str]:
+        return list_and_close(self._open(self._rel, directory=True))
+
+    def _open(self, parts: Sequence[str], *, directory: bool = False) -> int:
+        """Walk `parts` from the root (403 outside, 404 missing), then open the real path it found."""
+        real = self._source._walk(parts, self._shown)
+        try:
+            return open_beneath(self._root, real.relative_to(self._root).parts, directory=directory)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # swapped for a symlink between the walk and the open
+                raise self._source._outside(self._shown) from None
+            if exc.errno == errno.ENOTDIR:
+                raise AdapterValidationError(f"adapter path {self._shown!r} is not a directory", field="path") from None
+            if exc.errno == errno.ENOENT:
+                raise AdapterNotFoundError(f"adapter path {self._shown!r} does not exist", field="path") from None
+            raise

@@ -19,9 +19,9 @@ from loraplex.adapters.weights import AdapterWeights
 TIMEOUT = 10.0
 
 
-def weights(tag: str) -> AdapterWeights:
+def weights(tag: str, size: int = 64) -> AdapterWeights:
     """Stand-in weights; `tag` (e.g. "a@v1") travels in the spec so a slot's content can be identified."""
-    return AdapterWeights(LoraSpec(r=1, lora_alpha=1.0, target_modules=(tag,)), {}, size_bytes=64)
+    return AdapterWeights(LoraSpec(r=1, lora_alpha=1.0, target_modules=(tag,)), {}, size_bytes=size)
 
 
 def tag(w: AdapterWeights) -> str:
@@ -37,6 +37,7 @@ class FakeDisk:
         self.fail: dict[str, Exception] = {}
         self.gates: dict[str, threading.Event] = {}
         self.entered: dict[str, threading.Event] = {}
+        self.size: Counter[str] = Counter()  # size_bytes per name; 0 -> 64
 
     def gate(self, name: str) -> threading.Event:
         self.gates[name], self.entered[name] = threading.Event(), threading.Event()
@@ -49,7 +50,7 @@ class FakeDisk:
             assert self.gates[name].wait(TIMEOUT)
         if name in self.fail:
             raise self.fail[name]
-        return weights(f"{name}@v{self.version[name]}")
+        return weights(f"{name}@v{self.version[name]}", self.size[name] or 64)
 
 
 class FakeSlots:
@@ -73,9 +74,9 @@ class FakeSlots:
 def make() -> Callable[..., tuple[AdapterCache, FakeDisk, FakeSlots]]:
     made: list[AdapterCache] = []
 
-    def build(num_slots: int = 2, max_host: int = 4) -> tuple[AdapterCache, FakeDisk, FakeSlots]:
+    def build(num_slots: int = 2, max_host: int = 4, **kw: int) -> tuple[AdapterCache, FakeDisk, FakeSlots]:
         disk, slots = FakeDisk(), FakeSlots(num_slots)
-        cache = AdapterCache(disk, slots.write, slots.clear, num_slots=num_slots, max_host=max_host)
+        cache = AdapterCache(disk, slots.write, slots.clear, num_slots=num_slots, max_host=max_host, **kw)
         made.append(cache)
         return cache, disk, slots
 
@@ -161,6 +162,37 @@ def test_host_lru_holds_max_host_adapters(make):
     assert cache.resident()["host"] == ["b", "c"] and cache.stats.evictions["host"] == 1
     acquire_ready(cache, "a")  # gone from host: read from disk again
     assert disk.calls["a"] == 2
+
+
+def test_host_lru_holds_at_most_max_host_bytes(make):
+    """Count and byte budget both bound the host tier: least recently used entries go until both fit."""
+    cache, _, _ = make(num_slots=1, max_host=10, max_host_bytes=1000)
+    cache.put_host("a", weights("a", 400))
+    cache.put_host("b", weights("b", 400))
+    assert cache.host_bytes == 800 and cache.stats.evictions["host"] == 0
+    acquire_ready(cache, "a")  # a host hit makes a the most recently used
+    cache.release("a")
+    cache.put_host("c", weights("c", 500))  # 1300 > 1000: the LRU (b) goes, a stays
+    assert cache.resident()["host"] == ["a", "c"] and cache.host_bytes == 900
+    assert cache.stats.evictions["host"] == 1
+    cache.put_host("d", weights("d", 1000))  # exactly the budget: everything else goes
+    assert cache.resident()["host"] == ["d"] and cache.host_bytes == 1000
+    assert cache.stats.evictions["host"] == 3
+    cache.put_host("d", weights("d@v1", 10))  # a new copy under the same name replaces, never adds up
+    assert cache.host_bytes == 10
+    cache.forget("d")
+    assert cache.host_bytes == 0 and cache.resident()["host"] == []
+
+
+def test_an_adapter_larger_than_the_host_budget_skips_host_but_still_loads(make):
+    cache, disk, slots = make(num_slots=1, max_host=10, max_host_bytes=1000)
+    cache.put_host("small", weights("small", 100))
+    disk.size["huge"] = 1001
+    slot = acquire_ready(cache, "huge")
+    assert slots.content[slot] == "huge@v0" and cache.tier("huge") == "device"
+    assert cache.resident()["host"] == ["small"] and cache.host_bytes == 100
+    assert cache.stats.evictions["host"] == 0  # nothing that fits was pushed out for it
+    cache.release("huge")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -306,6 +338,37 @@ def test_a_failing_host_prefetch_marks_the_adapter_errored(make):
 # ---------------------------------------------------------------------------------------------------------
 # unregistering (forget) and registering again
 # ---------------------------------------------------------------------------------------------------------
+
+
+def test_an_unregistered_name_evicts_and_loads_nothing(make):
+    """A request added just as its adapter is DELETEd: its acquire must not evict a resident adapter for a
+    load that can only fail."""
+    cache, disk, slots = make(num_slots=1)
+    registered = {"a", "b"}
+    cache.is_registered = registered.__contains__
+    slot = acquire_ready(cache, "a")
+    cache.release("a")
+    registered.discard("b")  # unregistered before its request reached the cache
+    got = cache.acquire("b")
+    assert got.state is SlotState.ERRORED and got.reason == "adapter 'b' is not registered"
+    cache.prefetch("b", evict=True)  # nor does a prefetch (or a pin) for it
+    assert slots.content[slot] == "a@v0" and cache.tier("a") == "device"
+    assert cache.stats.evictions["device"] == 0 and disk.calls == Counter({"a": 1})
+    assert cache.error("b") is None and cache.stats.misses["device"] == 0  # an ERRORED ask is no miss
+    registered.add("b")  # registered again: the next request loads it normally
+    assert slots.content[acquire_ready(cache, "b")] == "b@v0"
+
+
+def test_an_unregistered_name_does_not_wait_for_its_doomed_copy(make):
+    cache, _, _ = make(num_slots=1)
+    registered = {"a"}
+    cache.is_registered = registered.__contains__
+    acquire_ready(cache, "a")
+    registered.discard("a")
+    cache.forget("a")  # still in use: the slot is freed on the last release
+    assert cache.acquire("a").state is SlotState.ERRORED
+    registered.add("a")
+    assert cache.acquire("a").state is SlotState.LOADING  # registered again: waits for the old copy
 
 
 def test_forget_an_idle_adapter_frees_its_slot_at_once(make):

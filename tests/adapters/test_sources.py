@@ -6,6 +6,7 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import sys
 import tarfile
 from pathlib import Path
@@ -23,6 +24,7 @@ from loraplex.adapters.errors import (
     AdapterValidationError,
 )
 from loraplex.adapters.sources import LocalDirSource, S3Source, S3UnavailableError, UploadSource, parse_s3_url
+from loraplex.adapters.weights import AdapterFiles, AdapterWeights, load_adapter_dir
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
@@ -170,6 +172,136 @@ def test_local_without_root_refuses_every_path(tree):
 def test_local_root_must_exist(tmp_path):
     with pytest.raises(ValueError, match="--adapter-root"):
         LocalDirSource(tmp_path / "missing")
+
+
+# -- loads re-check confinement at open time ---------------------------------------------------------------
+
+SHAPES = {"layers.0.q_proj": (16, 16)}  # the base module `adapter_files` targets
+
+
+def _load(files: AdapterFiles) -> AdapterWeights:
+    return load_adapter_dir(files, SHAPES, max_rank=8)
+
+
+@pytest.fixture
+def opened(monkeypatch) -> list[Path]:
+    """Real paths of the files opened by os.open or io.open (Path.open/read_bytes) while a test runs."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc to name an open fd's file")
+    seen: list[Path] = []
+    os_open, io_open = os.open, io.open
+
+    def note(fd: int) -> None:
+        seen.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+
+    def spy_os_open(*args, **kwargs):
+        fd = os_open(*args, **kwargs)
+        note(fd)
+        return fd
+
+    def spy_io_open(*args, **kwargs):
+        f = io_open(*args, **kwargs)
+        note(f.fileno())
+        return f
+
+    monkeypatch.setattr(os, "open", spy_os_open)
+    monkeypatch.setattr(io, "open", spy_io_open)
+    return seen
+
+
+def _swap_for_link(victim: Path, copy: Path, relative: bool = False) -> None:
+    """Move `victim` (a dir or a file) to `copy`, outside the root, and leave a symlink to it in its place."""
+    shutil.move(victim, copy)
+    victim.symlink_to(os.path.relpath(copy, victim.parent) if relative else copy)
+
+
+def _under(paths: list[Path], root: Path) -> list[Path]:
+    return [p for p in paths if p.is_relative_to(root.resolve())]
+
+
+@pytest.mark.parametrize("relative", [False, True])
+@pytest.mark.parametrize("swapped", ["dir", "file"])
+def test_local_load_refuses_what_was_swapped_for_an_outside_link(tree, tmp_path, opened, swapped, relative):
+    """Registered inside the root, then the adapter dir (or one file) is replaced by a link to a valid copy
+    outside: the load is refused (403) and no file outside the root is opened."""
+    source = LocalDirSource(tree["root"])
+    local_dir = source.materialize("good")
+    assert _load(source.files(local_dir)).max_rank == 4
+    victim = local_dir if swapped == "dir" else local_dir / WEIGHTS
+    _swap_for_link(victim, tmp_path / "copy_outside", relative)
+    opened.clear()
+    with pytest.raises(AdapterForbiddenError, match="outside --adapter-root") as info:
+        _load(source.files(local_dir))
+    assert info.value.status == 403 and "'good'" in str(info.value)
+    assert not _under(opened, tmp_path / "copy_outside") and not _under(opened, tree["outside"]), opened
+
+
+@pytest.mark.parametrize("swapped", ["dir", "file"])
+def test_local_load_refuses_a_link_swapped_in_between_the_check_and_the_open(tree, tmp_path, opened, swapped):
+    """The race: the walk sees real files, then the link appears before the open. Opening beneath the root
+    with O_NOFOLLOW on every component refuses it instead of following it."""
+    source = LocalDirSource(tree["root"])
+    local_dir = source.materialize("good")
+    victim = local_dir if swapped == "dir" else local_dir / WEIGHTS
+    walk = source._walk
+
+    def walk_then_swap(parts, shown):
+        real = walk(parts, shown)
+        if parts[-1] == WEIGHTS and not victim.is_symlink():  # checked: now swap before the open
+            _swap_for_link(victim, tmp_path / "copy_outside")
+        return real
+
+    files = source.files(local_dir)
+    source._walk = walk_then_swap
+    opened.clear()
+    with pytest.raises(AdapterForbiddenError, match="outside --adapter-root"):
+        _load(files)
+    assert victim.is_symlink() and not _under(opened, tmp_path / "copy_outside"), opened
+
+
+def test_local_load_follows_links_that_stay_inside_the_root(tree, opened):
+    """A hub-cache layout (file -> ../blobs/<hash>) is fine: the real file inside the root is opened."""
+    root = tree["root"]
+    (root / "blobs").mkdir()
+    shutil.move(root / "good" / WEIGHTS, root / "blobs" / "0123abcd")
+    (root / "good" / WEIGHTS).symlink_to(Path("..") / "blobs" / "0123abcd")
+    source = LocalDirSource(root)
+    opened.clear()
+    assert _load(source.files(source.materialize("good"))).max_rank == 4
+    assert (root / "blobs" / "0123abcd").resolve() in opened
+
+
+def test_local_load_of_a_vanished_or_foreign_dir(tree, tmp_path):
+    source = LocalDirSource(tree["root"])
+    local_dir = source.materialize("good")
+    (local_dir / WEIGHTS).rename(local_dir / "adapter_model.bin")  # named from the confined listing
+    with pytest.raises(AdapterValidationError, match="safetensors only: found adapter_model.bin"):
+        _load(source.files(local_dir))
+    (local_dir / CONFIG).unlink()
+    with pytest.raises(AdapterValidationError, match=f"{CONFIG} is missing"):
+        _load(source.files(local_dir))
+    shutil.rmtree(local_dir)
+    with pytest.raises(AdapterNotFoundError, match="'good' does not exist"):
+        _load(source.files(local_dir))
+    with pytest.raises(AdapterForbiddenError, match="outside --adapter-root"):  # e.g. the root changed
+        source.files(tree["outside"])
+
+
+def test_upload_copy_load_refuses_links_and_special_files(tmp_path, state, adapter_files, opened):
+    source = UploadSource(state, max_bytes=1 << 20)
+    stored = source.from_files("ad1", adapter_files)
+    assert _load(source.files(stored)).max_rank == 4
+    _swap_for_link(stored / WEIGHTS, tmp_path / "weights_outside")
+    with pytest.raises(AdapterForbiddenError, match="symlink"):
+        _load(source.files(stored))
+    (stored / WEIGHTS).unlink()
+    os.mkfifo(stored / WEIGHTS)  # would block a plain open forever
+    with pytest.raises(AdapterValidationError, match="not a regular file"):
+        _load(source.files(stored))
+    _swap_for_link(stored, tmp_path / "copy_outside")
+    with pytest.raises(AdapterForbiddenError, match="symlink"):
+        _load(source.files(stored))
+    assert not _under(opened, tmp_path / "weights_outside") and not _under(opened, tmp_path / "copy_outside")
 
 
 # -- upload (BAD_INPUTS rows 15, 16) ------------------------------------------------------------------------

@@ -222,6 +222,23 @@ def test_registering_again_after_unregister_serves_the_new_files(make_store, roo
     assert again is not slot_weights and slot_weights.max_rank == 8 and again.max_rank == 4
 
 
+def test_a_request_for_an_adapter_deleted_meanwhile_evicts_nothing(make_store):
+    """Race: a request is added just as its adapter is DELETEd. Its acquire must not evict a resident
+    adapter for a load of a name the registry no longer holds (that load could only fail)."""
+    from loraplex.adapters.cache import SlotState
+
+    store = make_store(num_slots=1)
+    store.register_path("a", "good0")
+    store.register_path("b", "good1")
+    resident = _acquire(store.cache, "a")
+    store.cache.release("a")
+    store.unregister("b")
+    got = store.cache.acquire("b")
+    assert got.state is SlotState.ERRORED and got.reason == "adapter 'b' is not registered"
+    assert store.cache.tier("a") == "device" and store.cache.device.slots == [resident]
+    assert store.cache.stats.evictions["device"] == 0 and store.describe("a")["state"] == "ready"
+
+
 def _acquire(cache: AdapterCache, name: str) -> AdapterWeights:
     import time
 
@@ -248,6 +265,28 @@ def test_files_vanishing_after_registration_mark_only_that_adapter_errored(make_
         _acquire(store.cache, "gone")
     info = store.describe("gone")
     assert info["state"] == "errored" and "does not exist" in info["error"]
+    assert store.describe("fine")["state"] == "ready" and _acquire(store.cache, "fine").max_rank == 8
+
+
+@pytest.mark.parametrize("swapped", ["dir", "file"])
+def test_files_swapped_for_an_outside_link_after_registration_are_never_read(make_store, root, tmp_path, swapped):
+    """The adapter dir (or its weights) becomes a symlink to a valid copy outside the root after
+    registration: the load refuses it, marks only that adapter errored, and reads nothing outside."""
+    store = make_store(num_slots=2)
+    store.register_path("swapped", "good0")
+    store.register_path("fine", "good1")
+    store.cache.forget("swapped")  # drop the host copy seeded by registration (as LRU eviction would)
+    store.cache.restore("swapped")
+    victim = root / "good0" if swapped == "dir" else root / "good0" / WEIGHTS
+    outside = tmp_path / "outside_copy"
+    shutil.move(victim, outside)
+    victim.symlink_to(outside)
+    outside_file = outside / WEIGHTS if swapped == "dir" else outside
+    outside_file.write_bytes(b"\xff" * 16)  # had it been read, the error would say "corrupt"
+    with pytest.raises(AssertionError, match="outside --adapter-root"):
+        _acquire(store.cache, "swapped")
+    info = store.describe("swapped")
+    assert info["state"] == "errored" and "'good0' is outside --adapter-root" in info["error"]
     assert store.describe("fine")["state"] == "ready" and _acquire(store.cache, "fine").max_rank == 8
 
 
