@@ -3,10 +3,13 @@
 Counters/histograms are updated as things happen; gauges describing current state (queue lengths, KV
 usage, adapter residency) are computed at scrape time by a custom collector, so they are never stale.
 Label values come only from registered adapters or the served base name; anything else is "unknown".
+When an adapter is unregistered its children are removed (`forget_adapter`), so the label sets are
+bounded by the adapters registered now, not by every name ever registered.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
@@ -46,6 +49,10 @@ class Metrics:
         self.adapter_load = Histogram("loraplex_adapter_load_seconds", "Adapter load time, disk/host to device",
                                       buckets=LATENCY_BUCKETS, registry=r)
         r.register(_StateCollector(runtime))
+        # Resolving a label and touching its children happen under one lock, which forget_adapter takes too.
+        self._lock = threading.Lock()
+        # adapter label value -> the (counter, label values) children made for it, to remove on unregister.
+        self._children: dict[str, set[tuple[Counter, tuple[str, ...]]]] = {}
 
     def label(self, adapter: str | None) -> str:
         """A label value that never comes from user input: a registered adapter, the base, or 'unknown'."""
@@ -57,14 +64,29 @@ class Metrics:
     def record_request(self, *, endpoint: str, adapter: str | None, status: int, latency_s: float | None = None,
                        ttft_s: float | None = None, tpot_s: float | None = None, prompt_tokens: int = 0,
                        generation_tokens: int = 0) -> None:
-        label = self.label(adapter)
-        self.requests.labels(label, endpoint, str(status)).inc()
+        # A request that finishes just after its adapter's DELETE resolves to "unknown" (the store no longer
+        # has it) and so cannot re-create a child forget_adapter removed: the lock orders the two.
+        with self._lock:
+            label = self.label(adapter)
+            self._child(self.requests, label, endpoint, str(status)).inc()
+            if generation_tokens:
+                self._child(self.generation_tokens, label).inc(generation_tokens)
         for hist, value in ((self.latency, latency_s), (self.ttft, ttft_s), (self.tpot, tpot_s)):
             if value is not None:
                 hist.observe(value)
         self.prompt_tokens.inc(prompt_tokens)
-        if generation_tokens:
-            self.generation_tokens.labels(label).inc(generation_tokens)
+
+    def forget_adapter(self, name: str) -> None:
+        """Remove every child labelled `name`. Call after the store unregistered it, so that later
+        requests for it are counted under "unknown" instead of re-creating the children."""
+        with self._lock:
+            for metric, labelvalues in self._children.pop(name, ()):
+                metric.remove(*labelvalues)
+
+    def _child(self, metric: Counter, *labelvalues: str) -> Counter:
+        """`metric.labels(*labelvalues)`, remembered under its adapter label (the first label). Hold _lock."""
+        self._children.setdefault(labelvalues[0], set()).add((metric, labelvalues))
+        return metric.labels(*labelvalues)
 
     def observe_step(self, engine: LLMEngine) -> None:
         seqs, adapters = engine.last_batch

@@ -144,3 +144,106 @@ def test_skipped_special_token_does_not_drop_the_next_words_space():
     detok = IncrementalDetokenizer(tok, tok.encode("hello").ids, skip_special_tokens=True)
     ids = [*tok.encode("the").ids, unk, *tok.encode("fox").ids]
     assert "".join(_stream(detok, ids, [1] * len(ids))) == " the fox"
+
+
+
+class _CountingDecoder:
+    """Wraps a tokenizer's decode and counts the token ids it is asked to decode (cost, not time).
+    `knows_specials=False` hides the Rust tokenizer, as a tokenizer without added-token info would."""
+
+    def __init__(self, tokenizer, knows_specials: bool) -> None:
+        self.tokenizer = tokenizer
+        self.calls: list[int] = []
+        if knows_specials:
+            self.backend_tokenizer = getattr(tokenizer, "backend_tokenizer", tokenizer)
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.calls.append(len(ids))
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _lone_continuation_byte_id(tokenizer) -> int:
+    """A token that is one stray UTF-8 continuation byte: every one of a run decodes to its own "\\ufffd"."""
+    return next(i for i in range(len(tokenizer)) if tokenizer.decode([i] * 3) == "\ufffd" * 3)
+
+
+def _long_run_case(name: str):
+    """(tokenizer, prompt, output ids) with a 3000-token run between words that decodes to "" (skipped
+    special tokens) or to no whole character (stray bytes, held as partial characters)."""
+    tok, meta, run = train_tokenizer(vocab_size=512), _metaspace_tokenizer(), 3000
+    if name == "skipped-specials":
+        return tok, tok.encode("Capital:"), [*tok.encode("Paris"), *[EOS_ID] * run, *tok.encode(" café 日本")]
+    if name == "stray-bytes":
+        stray = _lone_continuation_byte_id(tok)
+        return tok, tok.encode("Capital:"), [*tok.encode("ok "), *[stray] * run, *tok.encode("🎉 done")]
+    if name == "metaspace-unk":
+        unk = meta.token_to_id("<unk>")
+        return meta, meta.encode("hello").ids, [*meta.encode("the").ids, *[unk] * run, *meta.encode("fox").ids]
+    assert name == "empty-prompt"
+    return tok, [], [*[EOS_ID] * run, *tok.encode("Paris")]
+
+
+@pytest.mark.parametrize("knows_specials", [True, False])
+@pytest.mark.parametrize("case", ["skipped-specials", "stray-bytes", "metaspace-unk", "empty-prompt"])
+def test_cost_is_linear_when_many_tokens_decode_to_nothing(case, knows_specials):
+    """A long run of tokens that add no whole character costs O(1) decoded tokens each, not O(run)."""
+    tok, prompt, ids = _long_run_case(case)
+    counting = _CountingDecoder(tok, knows_specials)
+    detok = IncrementalDetokenizer(counting, prompt, skip_special_tokens=True)
+    deltas = _stream(detok, ids, [1] * len(ids))
+    # The text the output adds after the prompt (for byte-level BPE that is decode(ids) itself; a
+    # SentencePiece decoder keeps the first word's space after a prompt).
+    full, before = (tok.decode(x, skip_special_tokens=True) for x in ([*prompt, *ids], list(prompt)))
+    assert "".join(deltas) == detok.text == full[len(before) :]
+    assert max(counting.calls) <= 16  # context, a few silent/held tokens and the new one
+    assert sum(counting.calls) <= 30 * len(ids)  # was ~len(ids)**2 / 2: every push re-decoded the run
+
+
+def test_leading_metaspace_token_at_the_very_start_keeps_its_space():
+    """A first "▁" decodes to "" alone, but gives the next word its space: the silent tail is not dropped."""
+    tok = _metaspace_tokenizer()
+    ids = [tok.token_to_id("▁"), tok.token_to_id("▁the")]
+    detok = IncrementalDetokenizer(tok, [], skip_special_tokens=True)
+    assert "".join(_stream(detok, ids, [1, 1])) == tok.decode(ids) == " the"
+
+
+def test_skipped_special_tokens_inside_a_split_character_do_not_break_it(tokenizer):
+    """Skipped special tokens never enter the window, so however many arrive between the bytes of one
+    character, the character is emitted whole."""
+    first, *rest = tokenizer.encode("衡")
+    assert rest and tokenizer.decode([first]) == "\ufffd"  # the premise: a character split across tokens
+    ids = [*tokenizer.encode("ok "), first, *[EOS_ID] * 20, *rest]
+    detok = IncrementalDetokenizer(tokenizer, [], skip_special_tokens=True)
+    deltas = _stream(detok, ids, [1] * len(ids))
+    assert "".join(deltas) == "ok 衡" == tokenizer.decode(ids, skip_special_tokens=True)
+    assert all("\ufffd" not in d for d in deltas)
+
+
+def _random_piece(rng: random.Random, tokenizer, stray: int) -> list[int]:
+    """Up to 30 ids of one kind: text, skipped-special run, stray-byte run, random ids, or an emoji prefix."""
+    n = rng.randint(1, 30)
+    kind = rng.choice(["text", "specials", "stray", "random", "emoji-prefix"])
+    if kind == "text":
+        return tokenizer.encode(rng.choice([TEXT, TEXT[::-1]]))[:n]
+    if kind == "specials":
+        return [EOS_ID] * n
+    if kind == "stray":
+        return [stray] * n
+    if kind == "random":
+        return [rng.randrange(len(tokenizer)) for _ in range(n)]
+    emoji = tokenizer.encode("🎉👍🏽")
+    return emoji[: rng.randint(1, len(emoji))]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_long_silent_and_stray_runs_still_concatenate_to_decode(tokenizer, seed):
+    """Property, for the window bounds: text, runs of special tokens, runs of stray bytes and random ids,
+    mixed and pushed in random chunks, stream exactly `decode(all_output_ids)`."""
+    rng = random.Random(seed)
+    stray = _lone_continuation_byte_id(tokenizer)
+    for trial in range(10):
+        skip = trial % 2 == 0
+        ids = [i for _ in range(rng.randint(1, 8)) for i in _random_piece(rng, tokenizer, stray)]
+        detok = IncrementalDetokenizer(tokenizer, tokenizer.encode("日本語 🎉"), skip_special_tokens=skip)
+        deltas = _stream(detok, ids, _random_chunks(rng, len(ids)))
+        assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=skip) == detok.text

@@ -218,3 +218,72 @@ def test_label_sanitizer_accepts_only_registered_names_and_the_base():
     metrics = Metrics(runtime)
     assert [metrics.label(n) for n in ("alpha", "base", None, "ALPHA", "beta", "")] == \
         ["alpha", "base", "base", "unknown", "unknown", "unknown"]
+
+
+class _Store(set):
+    def names(self) -> list[str]:
+        return sorted(self)
+
+
+def _bare_metrics(*registered: str) -> tuple[Metrics, _Store]:
+    store = _Store(registered)
+    runtime = SimpleNamespace(store=store, served_model_name="base", engine=None,
+                              config=SimpleNamespace(engine=SimpleNamespace(lora=SimpleNamespace(max_loras=1))))
+    return Metrics(runtime), store
+
+
+def _labelled(metrics: Metrics) -> set[str]:
+    """Every label value on the registry's collected samples."""
+    return {v for fam in metrics.registry.collect() for s in fam.samples for v in s.labels.values()}
+
+
+def test_children_of_an_unregistered_adapter_are_removed():
+    """Registering and deleting adapters with fresh names does not grow the label sets: after the DELETE,
+    no sample names them, whatever endpoint/status children they had; other children stay."""
+    names = [f"tenant-{i}" for i in range(20)]
+    metrics, store = _bare_metrics("keep", *names)
+    for i, name in enumerate(["keep", *names]):
+        for endpoint, status in (("/v1/completions", 200), ("/generate", 400 + i % 3)):
+            metrics.record_request(endpoint=endpoint, adapter=name, status=status, generation_tokens=3)
+    metrics.record_request(endpoint="/v1/completions", adapter=None, status=200, generation_tokens=1)
+    assert _labelled(metrics) >= {"keep", "base", *names}
+    for name in names:  # as the DELETE route does: the store first, then the metrics
+        store.discard(name)
+        metrics.forget_adapter(name)
+    assert not _labelled(metrics) & set(names)
+    assert _labelled(metrics) >= {"keep", "base"}
+    assert set(metrics._children) == {"keep", "base"}  # the bookkeeping is bounded as well
+
+
+def test_a_request_ending_after_the_delete_does_not_recreate_the_children():
+    """The race: a request for the adapter finishes just after its DELETE. It is counted under "unknown"
+    (the adapter is no longer registered), and its adapter's children stay removed."""
+    metrics, store = _bare_metrics("gone")
+    metrics.record_request(endpoint="/v1/completions", adapter="gone", status=200, generation_tokens=2)
+    store.discard("gone")
+    metrics.forget_adapter("gone")
+    metrics.record_request(endpoint="/v1/completions", adapter="gone", status=200, generation_tokens=5)
+    assert "gone" not in _labelled(metrics)
+    late = metrics.registry.get_sample_value("loraplex_generation_tokens_total", {"adapter": "unknown"})
+    assert late == 5
+
+
+def test_delete_routes_remove_the_adapters_metric_children(client):
+    """Live app: adapters registered under fresh names, one request each, then unregistered (REST DELETE and
+    vLLM's unload alias): /metrics names none of them any more."""
+    root = client.app.state.runtime.config.server.adapter_root
+    src = root / ADAPTERS[0]
+    names = [f"short-lived-{i}" for i in range(4)]
+    complete(client, ADAPTERS[0], max_tokens=2)  # a registered adapter's children, which must stay
+    for name in names:
+        shutil.copytree(src, root / name)
+        assert client.post("/v1/adapters", json={"name": name, "path": name}).status_code == 201
+        complete(client, name, max_tokens=2)
+    assert _all_label_values(scrape(client)) >= set(names)
+    for i, name in enumerate(names):
+        resp = (client.delete(f"/v1/adapters/{name}") if i % 2 else
+                client.post("/v1/unload_lora_adapter", json={"lora_name": name}))
+        assert resp.status_code == 200, resp.text
+    after = scrape(client)
+    assert not _all_label_values(after) & set(names)
+    assert value(after, "loraplex_requests_total", adapter=ADAPTERS[0], endpoint="/v1/completions", status="200") > 0
