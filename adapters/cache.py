@@ -11,6 +11,7 @@ its slot. The host tier is bounded by a count and a byte budget, whichever binds
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 import threading
 import time
@@ -78,9 +79,11 @@ class AdapterCache:
         self._errors: dict[str, str] = {}
         self._doomed: set[str] = set()  # unregistered while in use: free the slot on last release
         self._host_loading: set[str] = set()
-        # Incarnation of each name, bumped by `forget`: a load job started for an unregistered copy must not
+        # Incarnation of each name (see `_incarnation`): a load job started for an unregistered copy must not
         # mark a later registration under the same name errored, nor seed its host tier with stale weights.
+        # `forget` drops the entry, so names registered once and deleted leave nothing behind.
         self._epoch: dict[str, int] = {}
+        self._epochs = itertools.count(1)
         self._load_info: dict[str, dict[str, float]] = {}
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lora-load")
@@ -158,7 +161,7 @@ class AdapterCache:
     def forget(self, name: str) -> None:
         """Drop every cached copy of `name` (unregistered); a slot still in use is freed on last release."""
         with self._lock:
-            self._epoch[name] = self._epoch.get(name, 0) + 1
+            self._epoch.pop(name, None)
             self._pinned.discard(name)
             self._errors.pop(name, None)
             self._drop_host(name)
@@ -216,7 +219,7 @@ class AdapterCache:
             return Acquired(SlotState.NO_SLOT)
         self._slots[slot] = _Slot(owner=name, ready=False)
         self._slot_of[name] = slot
-        self._pool.submit(self._load_job, name, slot, self._epoch.get(name, 0))
+        self._pool.submit(self._load_job, name, slot, self._incarnation(name))
         return Acquired(SlotState.LOADING)
 
     def _reserve_slot(self, evict: bool) -> int | None:
@@ -248,7 +251,11 @@ class AdapterCache:
     def _prefetch_host(self, name: str) -> None:
         if name not in self._host and name not in self._host_loading:
             self._host_loading.add(name)
-            self._host_pool.submit(self._host_job, name, self._epoch.get(name, 0))
+            self._host_pool.submit(self._host_job, name, self._incarnation(name))
+
+    def _incarnation(self, name: str) -> int:
+        """A number unique to this registration of `name` (0 is never one: it means "forgotten")."""
+        return self._epoch.setdefault(name, next(self._epochs))
 
     # ---- workers -----------------------------------------------------------------------------
     def _host_job(self, name: str, epoch: int) -> None:

@@ -41,6 +41,8 @@ FLAGS: tuple[tuple[str, type, object, str], ...] = (
     ("--state-dir", str, "state", "durable adapter registry and uploads"),
     ("--max-loras", int, 8, "device adapter slots (distinct adapters per step)"),
     ("--max-cpu-loras", int, 32, "adapters kept in host memory (LRU)"),
+    ("--max-cpu-lora-bytes", int, 2 * 2**30,
+     "bytes of adapter weights kept in host memory (LRU, with --max-cpu-loras; a larger adapter skips it)"),
     ("--max-lora-rank", int, 64, "largest adapter rank accepted"),
     ("--max-num-seqs", int, 32, "sequences per engine step"),
     ("--max-batch-tokens", int, 2048, "tokens per engine step (prefill chunks + decodes)"),
@@ -96,7 +98,7 @@ def configs_from_args(args: argparse.Namespace) -> RuntimeConfig:
         max_model_len=args.max_model_len, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens),
         lora=LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-                        max_cpu_loras=args.max_cpu_loras))
+                        max_cpu_loras=args.max_cpu_loras, max_cpu_lora_bytes=args.max_cpu_lora_bytes))
     server = ServerConfig(
         host=args.host, port=args.port, adapter_root=Path(args.adapter_root) if args.adapter_root else None,
         state_dir=Path(args.state_dir), api_key=args.api_key, admin_key=args.admin_key, preload=tuple(preload),
@@ -111,6 +113,14 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
         super().__init__(config)
         self.runtime = runtime
+        self.exit_code = 0
+        runtime.on_fatal = self.fatal
+
+    def fatal(self, reason: str) -> None:
+        """The runtime cannot serve (model load failed, engine died): exit non-zero so an orchestrator
+        restarts us; open requests were already answered with an error."""
+        self.exit_code = 1
+        self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.runtime.draining:  # a second signal: stop now
@@ -143,7 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         timeout_graceful_shutdown=5)
     server = DrainingServer(uv, runtime)
     server.run()
-    return 0
+    if server.exit_code:
+        print(f"loraplex: error: {runtime.fatal_error}", file=sys.stderr)
+    return server.exit_code
 
 
 if __name__ == "__main__":

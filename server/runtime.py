@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from loraplex.adapters.store import AdapterStore, StoreConfig
@@ -36,6 +37,8 @@ class Runtime:
         self.store: AdapterStore | None = None
         self.metrics = Metrics(self)
         self.load_error: str | None = None
+        self.fatal_error: str | None = None  # set once the process cannot serve any more (it then exits)
+        self.on_fatal: Callable[[str], None] = lambda reason: None  # the CLI makes the process exit non-zero
         self.draining = False
         self.active_requests = 0  # admitted and not finished (HTTP side), for admission control
         self._admit_lock = threading.Lock()
@@ -44,16 +47,24 @@ class Runtime:
     # ---- lifecycle -------------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        return self.engine is not None and self.engine.alive and not self.draining
+        return self.engine is not None and self.engine.alive and not self.draining and self.fatal_error is None
+
+    def fatal(self, reason: str) -> None:
+        """The process cannot serve any more (model load failed, engine thread died): say why and exit."""
+        if self.fatal_error is None:
+            self.fatal_error = reason
+        log.critical("fatal: %s", reason)
+        self.on_fatal(reason)
 
     def load(self) -> None:
         """Load the model, build the engine and the store, preload adapters, warm up. Blocking."""
         t0 = time.perf_counter()
         try:
             self._load()
-        except Exception as exc:  # noqa: BLE001 - reported on /ready and in the log, the process stays up
+        except Exception as exc:  # noqa: BLE001 - reported on /health, /ready and in the log; then exit
             log.exception("startup failed")
             self.load_error = f"{type(exc).__name__}: {exc}"
+            self.fatal(f"the model failed to load: {self.load_error}")
             return
         log.info("ready in %.1fs", time.perf_counter() - t0)
 
@@ -72,6 +83,7 @@ class Runtime:
         self._preload()
         async_engine = AsyncEngine(engine)
         async_engine.on_step = self.metrics.observe_step
+        async_engine.on_fatal = self.fatal
         async_engine.start()
         self.engine = async_engine
 

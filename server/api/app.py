@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from loraplex.server.api import routes_adapters, routes_health, routes_openai, routes_tgi
+from loraplex.server.api import routes_adapters, routes_health, routes_openai, routes_testing, routes_tgi
 from loraplex.server.api.errors import install_error_handlers
 from loraplex.server.api.limits import BodySizeLimit
 from loraplex.server.runtime import Runtime
@@ -28,6 +28,8 @@ def create_app(runtime: Runtime, *, load_in_background: bool = True) -> FastAPI:
     install_error_handlers(app)
     for module in (routes_health, routes_openai, routes_tgi, routes_adapters):
         app.include_router(module.router)
+    if routes_testing.enabled():
+        app.include_router(routes_testing.router)
     cfg = runtime.config.server
     app.add_middleware(BodySizeLimit, max_bytes=cfg.max_body_bytes, max_upload_bytes=cfg.max_upload_bytes)
     return app

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraplex.adapters.errors import AdapterError
+from loraplex.server.engine.async_engine import EngineDead
 from loraplex.server.engine.engine import RequestRejected
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,15 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         field = ".".join(loc) or "body"
         first_field = first_field or field
-        parts.append(f"{field}: {err.get('msg', 'invalid')}")
+        msg = "not valid Unicode text (a lone surrogate)" if err.get("type") == "string_unicode" else err.get("msg")
+        parts.append(f"{field}: {msg or 'invalid'}")
     return "; ".join(parts) or "invalid request", first_field
+
+
+def _not_utf8_message(exc: UnicodeDecodeError) -> str:
+    byte = exc.object[exc.start : exc.start + 1].hex()
+    return (f"request body is not valid UTF-8 (byte 0x{byte} at offset {exc.start}: {exc.reason}); the prompt "
+            "and every other string must be UTF-8 text")
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -77,11 +85,21 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, field = _validation_message(exc)
-        return error_response(request, 422, message, field)
+        # Text that is not Unicode (a lone surrogate from a "\udcff" escape) is a bad prompt (400, as for
+        # invalid UTF-8 bytes), not a wrongly shaped body.
+        status = 400 if any(e.get("type") == "string_unicode" for e in exc.errors()) else 422
+        return error_response(request, status, message, field)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        bad_bytes = exc.__cause__
+        if isinstance(bad_bytes, UnicodeDecodeError):  # FastAPI's generic "error parsing the body"
+            return error_response(request, 400, _not_utf8_message(bad_bytes), "prompt")
         return error_response(request, exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(EngineDead)
+    async def _dead(request: Request, exc: EngineDead) -> JSONResponse:
+        return error_response(request, 503, str(exc))
 
     @app.exception_handler(RecursionError)
     async def _deep(request: Request, exc: RecursionError) -> JSONResponse:

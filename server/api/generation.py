@@ -59,9 +59,16 @@ def check_ready(rt: Runtime) -> None:
     if rt.draining:
         raise ApiError(503, "the server is shutting down (draining in-flight requests); send new requests "
                             "to another replica")
-    if rt.load_error:
-        raise ApiError(503, f"the model failed to load: {rt.load_error}")
+    check_loaded(rt)
     if not rt.ready:
+        raise ApiError(503, "the model is still loading; retry shortly", headers={"Retry-After": "5"})
+
+
+def check_loaded(rt: Runtime) -> None:
+    """503 unless the model is loaded and the process is not exiting (draining is fine here)."""
+    if rt.fatal_error:
+        raise ApiError(503, f"the server cannot serve and is exiting: {rt.fatal_error}")
+    if rt.store is None:
         raise ApiError(503, "the model is still loading; retry shortly", headers={"Retry-After": "5"})
 
 
@@ -114,10 +121,20 @@ def resolve_adapter(rt: Runtime, name: str | None, *, param: str, empty_is_base:
                         f"{rt.served_model_name!r} nor a registered adapter (see GET /v1/models)", param=param)
 
 
-async def encode_text(rt: Runtime, text: str, *, add_special_tokens: bool = True) -> list[int]:
+async def encode_text(rt: Runtime, text: str, *, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
     """Tokenize off the event loop: a prompt near the body limit takes a noticeable time to encode."""
+    check_utf8(text, param=param)
     tokenizer = rt.loaded.tokenizer
     return await run_in_threadpool(tokenizer.encode, text, add_special_tokens=add_special_tokens)
+
+
+def check_utf8(text: str, *, param: str) -> None:
+    """JSON's "\\udcff" escapes decode to lone surrogates, which no UTF-8 text (and no tokenizer) can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, f"{param}: not valid Unicode text: a lone surrogate {text[exc.start]!r} at character "
+                            f"{exc.start} cannot be encoded as UTF-8", param=param) from exc
 
 
 def check_token_ids(rt: Runtime, ids: Sequence[int], *, param: str) -> list[int]:
@@ -177,6 +194,7 @@ class Generation:
         self.token_logprobs: list[float | None] = []  # None while the engine reports no logprobs
         self.finish_reason: str | None = None
         self.error: str | None = None
+        self.error_kind: str | None = None
         self._first_token_at: float | None = None
         self._last_token_at: float | None = None
         self._closed = False
@@ -207,7 +225,7 @@ class Generation:
         elif out.new_text and self.token_texts:
             self.token_texts[-1] += out.new_text
         if out.finished:
-            self.finish_reason, self.error = out.finish_reason, out.error
+            self.finish_reason, self.error, self.error_kind = out.finish_reason, out.error, out.error_kind
 
     async def complete(self, request: Request) -> bool:
         """Run a non-streamed request to the end and close it. False if the client disconnected first (the
@@ -244,9 +262,11 @@ class Generation:
         adapter = self.req.adapter
         if adapter is not None and (self.rt.store is None or adapter not in self.rt.store):
             return 404  # unregistered meanwhile
-        if adapter is not None and self.rt.engine is not None and self.rt.engine.engine.adapters.error(adapter):
-            return 400  # the adapter is errored (files gone or corrupt): fixable by re-registering, not a 500
-        return 500  # a server-side fault in the forward pass
+        if self.error_kind == "request":
+            return 400  # this request's own parameters or adapter (e.g. errored, non-finite logits)
+        if self.error_kind == "unavailable":
+            return 503  # the engine stopped: retry on another replica
+        return 500  # a server-side fault in a step
 
     @property
     def status(self) -> int:

@@ -10,8 +10,10 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """Alive: the process answers and, once started, the engine loop runs."""
+    """Alive: the process answers, the model loaded (or is loading) and, once started, the engine loop runs."""
     rt = request.app.state.runtime
+    if rt.fatal_error:
+        return JSONResponse({"status": "error", "reason": rt.fatal_error}, status_code=503)
     if rt.engine is not None and not rt.engine.alive and not rt.draining:
         return JSONResponse({"status": "error", "reason": "engine loop stopped"}, status_code=503)
     return JSONResponse({"status": "ok"})
@@ -21,8 +23,8 @@ async def health(request: Request) -> JSONResponse:
 async def ready(request: Request) -> JSONResponse:
     """Ready: model loaded and warmed, not draining. 503 with the reason otherwise."""
     rt = request.app.state.runtime
-    if rt.load_error:
-        return JSONResponse({"status": "error", "reason": rt.load_error}, status_code=503)
+    if rt.fatal_error:
+        return JSONResponse({"status": "error", "reason": rt.fatal_error}, status_code=503)
     if rt.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
     if not rt.ready:

@@ -24,6 +24,7 @@ from loraplex.server.api.generation import (
     EventStream,
     Generation,
     GenerationRequest,
+    check_loaded,
     check_token_ids,
     context_room,
     encode_text,
@@ -99,6 +100,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 @router.get("/v1/models", dependencies=[Depends(require_api_key)])
 async def list_models(request: Request) -> dict[str, Any]:
     rt = runtime_of(request)
+    check_loaded(rt)  # no base model to list before it loaded (or after it failed to)
     names = rt.store.names() if rt.store is not None else []
     return {"object": "list", "data": [_base_card(rt)] + [_adapter_card(rt, name) for name in names]}
 
@@ -106,6 +108,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 @router.get("/v1/models/{model_id}", dependencies=[Depends(require_api_key)])
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     rt = runtime_of(request)
+    check_loaded(rt)
     if model_id == rt.served_model_name:
         return _base_card(rt)
     if rt.store is not None and model_id in rt.store:
@@ -141,7 +144,7 @@ def _sampling(body: _SamplingBody, max_tokens: int) -> SamplingParams:
 async def _chat_prompt_ids(rt: Runtime, body: ChatCompletionRequest) -> list[int]:
     turns = [ChatTurn(m.role, _content_text(m)) for m in body.messages]
     prompt = await run_in_threadpool(build_chat_prompt, rt.loaded.tokenizer, turns, body.add_generation_prompt)
-    return await encode_text(rt, prompt.text, add_special_tokens=not prompt.templated)
+    return await encode_text(rt, prompt.text, add_special_tokens=not prompt.templated, param="messages")
 
 
 def _content_text(message: ChatMessage) -> str:

@@ -70,7 +70,7 @@ async def _start(body: TGIRequest, request: Request, endpoint: str) -> Generatio
     with recorded_rejections(rt, endpoint, p.adapter_id, arrival):
         refuse_unsupported(p.unsupported())
         adapter = resolve_adapter(rt, p.adapter_id, param="adapter_id", empty_is_base=True)
-        ids = await encode_text(rt, body.inputs)
+        ids = await encode_text(rt, body.inputs, param="inputs")
         if p.truncate is not None:
             ids = ids[-p.truncate:]  # TGI keeps the last `truncate` tokens
         req = GenerationRequest(endpoint, p.adapter_id, adapter, tuple(ids), _sampling(p), arrival)

@@ -2,6 +2,10 @@
 
 The event loop never blocks on the model: requests and aborts go into an inbox the engine thread drains
 between steps; outputs come back through per-request asyncio queues (call_soon_threadsafe).
+
+Faults stay as small as they can: a bad inbox item fails its own request, a fault in a step fails that
+step's requests (LLMEngine.step). Should the thread die anyway, every open stream gets a terminal error at
+once, later calls are refused with `EngineDead`, and `on_fatal` tells the process to exit non-zero.
 """
 
 from __future__ import annotations
@@ -20,12 +24,32 @@ from loraplex.server.engine.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 
+class EngineDead(RuntimeError):
+    """The engine thread has stopped; no request can run in this process any more."""
+
+
 @dataclass(frozen=True)
 class _Add:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
     adapter: str | None
+
+
+@dataclass(frozen=True)
+class _Crash:
+    """Test hook: make the engine thread die, as an unexpected fault would."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """Counts the engine thread publishes after each inbox drain and step (read by other threads)."""
+
+    waiting: int = 0
+    running: int = 0
+    steps: int = 0  # steps that computed tokens since start
 
 
 class AsyncEngine:
@@ -37,12 +61,17 @@ class AsyncEngine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.on_step: Callable[[LLMEngine], None] = lambda e: None  # metrics hook, engine thread
+        self.on_fatal: Callable[[str], None] = lambda reason: None  # the thread died: the process should exit
         engine.adapters.on_ready = self._wake
         self.alive = False
+        self.dead_reason: str | None = None
+        self.snapshot = EngineSnapshot()
+        self._step_allowance: int | None = None  # test hook: steps still allowed (None = no limit)
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
+        self.alive = True
         self._thread.start()
 
     def stop(self) -> None:
@@ -63,9 +92,12 @@ class AsyncEngine:
         """Stream a request's outputs; leaving the iterator early (client gone) aborts the request."""
         rid = request_id or uuid.uuid4().hex
         self.engine.check_fits(len(prompt_ids), params)  # reject early, in the caller's context
+        self._check_alive()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), queue)
         self._post(_Add(rid, list(prompt_ids), params, adapter))
+        if self.dead_reason is not None:  # died between the check and registering: no one will answer
+            queue.put_nowait(_dead_output(rid, len(prompt_ids), self.dead_reason))
         finished = False
         try:
             while not finished:
@@ -81,8 +113,12 @@ class AsyncEngine:
         self._post(("abort", request_id))
 
     def fail_adapter(self, adapter: str, reason: str) -> None:
-        """Queued requests for `adapter` end with an error (it was unregistered); running ones finish."""
+        """Requests for `adapter` that have not started end with an error (it was unregistered)."""
         self._post(("fail_adapter", adapter, reason))
+
+    def _check_alive(self) -> None:
+        if self.dead_reason is not None:
+            raise EngineDead(f"the engine has stopped ({self.dead_reason}); the server is exiting")
 
     def _post(self, item: object) -> None:
         with self._cv:
@@ -93,19 +129,48 @@ class AsyncEngine:
         with self._cv:
             self._cv.notify()
 
+    # ---- test hooks ------------------------------------------------------------------------------
+    def allow_steps(self, n: int | None) -> None:
+        """Test hook: run at most `n` more steps that compute tokens, then hold (None: no limit); steps that
+        only wait on adapter loads are free. The inbox is still drained
+        while held, so requests are queued in the engine but none advances: a test can make a request
+        "still running" by construction instead of by guessing how fast the machine is."""
+        with self._cv:
+            self._step_allowance = n
+            self._cv.notify()
+
+    def crash(self, reason: str) -> None:
+        """Test hook: the engine thread dies at its next wake-up, as an unexpected fault would kill it."""
+        self._post(_Crash(reason))
+
     # ---- engine thread -------------------------------------------------------------------------
     def _loop(self) -> None:
-        self.alive = True
         try:
             while self._wait_for_work():
                 self._drain_inbox()
                 self._step()
+        except BaseException as exc:  # noqa: BLE001 - nothing may leave clients waiting on a dead thread
+            log.critical("engine thread died: %s: %s", type(exc).__name__, exc, exc_info=True)
+            self._die(f"{type(exc).__name__}: {exc}")
         finally:
             self.alive = False
 
+    def _die(self, reason: str) -> None:
+        """Fail every open stream and every request the engine holds, then ask the process to exit."""
+        self.dead_reason = reason
+        self.alive = False
+        try:
+            self.on_fatal(f"the engine thread died ({reason})")  # first: /health is 503 before clients hear
+        finally:
+            for rid, (loop, queue) in list(self._streams.items()):
+                _put(loop, queue, _dead_output(rid, 0, reason))
+
+    def _can_step(self) -> bool:
+        return self.engine.has_work() and self._step_allowance != 0
+
     def _wait_for_work(self) -> bool:
         with self._cv:
-            if not self._inbox and not self.engine.has_work() and not self._stop:
+            if not self._inbox and not self._can_step() and not self._stop:
                 self._cv.wait(timeout=1.0)
             return not self._stop
 
@@ -113,15 +178,22 @@ class AsyncEngine:
         with self._cv:
             items, self._inbox = self._inbox, []
         for item in items:
-            self._apply(item)
+            if isinstance(item, _Crash):
+                raise RuntimeError(item.reason)
+            try:
+                self._apply(item)
+            except Exception:  # noqa: BLE001 - one bad item must not kill the thread serving everyone
+                log.exception("engine inbox item %r failed", type(item).__name__)
+                if isinstance(item, _Add):
+                    self._deliver([_error_output(item, "internal error while queueing this request", "internal")])
+        self._publish()
 
     def _apply(self, item: object) -> None:
         if isinstance(item, _Add):
             try:
                 self.engine.add_request(item.request_id, item.prompt_ids, item.params, item.adapter)
             except ValueError as exc:
-                self._deliver([RequestOutput(item.request_id, [], "", True, "error", len(item.prompt_ids), 0,
-                                             str(exc))])
+                self._deliver([_error_output(item, str(exc), "request")])
         elif item[0] == "abort":
             out = self.engine.abort(item[1])
             if out is not None:
@@ -130,23 +202,47 @@ class AsyncEngine:
             self._deliver(self.engine.fail_adapter(item[1], item[2]))
 
     def _step(self) -> None:
-        if not self.engine.has_work():
+        if not self._can_step():
             return
+        outputs = self.engine.step()  # faults inside a step fail that step's requests; others propagate
+        computed = self.engine.last_step_tokens > 0  # steps that only wait on adapter loads do not count
+        with self._cv:
+            if self._step_allowance is not None and computed:
+                self._step_allowance -= 1
+        self._publish(stepped=computed)
         try:
-            outputs = self.engine.step()
-        except Exception:  # noqa: BLE001 - a model failure must end requests, not the loop
-            log.exception("engine step failed; failing the running requests")
-            outputs = self.engine.fail_running("internal engine error during the forward pass")
-        self.on_step(self.engine)  # before delivery: a scrape right after a response sees this step
+            self.on_step(self.engine)  # before delivery: a scrape right after a response sees this step
+        except Exception:  # noqa: BLE001 - a metrics fault must not stop generation
+            log.exception("on_step hook failed")
         self._deliver(outputs)
         if self.engine.last_step_tokens == 0 and self.engine.has_work():
             with self._cv:  # everyone waits on adapter loads: sleep until one lands (or briefly)
                 if not self._inbox:
                     self._cv.wait(timeout=0.005)
 
+    def _publish(self, stepped: bool = False) -> None:
+        sched = self.engine.scheduler
+        self.snapshot = EngineSnapshot(len(sched.waiting), len(sched.running), self.snapshot.steps + int(stepped))
+
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
             target = self._streams.get(out.request_id)
             if target is not None:
-                loop, queue = target
-                loop.call_soon_threadsafe(queue.put_nowait, out)
+                _put(*target, out)
+
+
+def _put(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[RequestOutput], out: RequestOutput) -> None:
+    try:
+        loop.call_soon_threadsafe(queue.put_nowait, out)
+    except RuntimeError:  # that caller's event loop is closed: nobody is waiting there any more
+        log.debug("dropped output for %s: its event loop is closed", out.request_id)
+
+
+def _error_output(item: _Add, message: str, kind: str) -> RequestOutput:
+    return RequestOutput(item.request_id, [], "", True, "error", len(item.prompt_ids), 0, message, error_kind=kind)
+
+
+def _dead_output(request_id: str, num_prompt_tokens: int, reason: str) -> RequestOutput:
+    return RequestOutput(request_id, [], "", True, "error", num_prompt_tokens, 0,
+                         f"the engine stopped ({reason}); the server is exiting, retry on another replica",
+                         error_kind="unavailable")

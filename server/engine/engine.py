@@ -63,7 +63,8 @@ class LLMEngine:
         model.set_attn_implementation(register_paged_attention())
         self.pool, kv = self._make_kv(model, loaded)
         self.adapters = AdapterCache(adapter_loader or _no_adapters, self.lora.load_slot, self.lora.clear_slot,
-                                     num_slots=config.lora.max_loras, max_host=config.lora.max_cpu_loras)
+                                     num_slots=config.lora.max_loras, max_host=config.lora.max_cpu_loras,
+                                     max_host_bytes=config.lora.max_cpu_lora_bytes)
         self.scheduler = Scheduler(config.scheduler, self.pool, self.adapters)
         self.runner = ModelRunner(model, kv, config.block_size, self.lora.context, loaded.device)
         self.sampler = Sampler()
@@ -121,37 +122,86 @@ class LLMEngine:
         return self.post.final(req, "abort")
 
     def fail_adapter(self, adapter: str, reason: str) -> list[RequestOutput]:
-        """End every queued (not yet running) request for `adapter` with an error (e.g. unregistered)."""
-        doomed = [r for r in self.scheduler.waiting if r.adapter == adapter]
-        return [self._fail(r, reason) for r in doomed]
-
-    def fail_running(self, reason: str) -> list[RequestOutput]:
-        return [self._fail(r, reason) for r in list(self.scheduler.running)]
+        """End every request for `adapter` that has not started (it was unregistered). Requests that started
+        hold the adapter's slot, preempted ones included, and finish with it (DESIGN: in-flight ones finish)."""
+        doomed = [r for r in self.scheduler.waiting if r.adapter == adapter and not r.holds_adapter]
+        return [self._fail(r, reason, "request") for r in doomed]
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One engine step. A fault while running it fails only the requests scheduled in it; every
+        terminal output built before the fault is still returned."""
         sched = self.scheduler.schedule()
         self.last_step_tokens = sched.num_tokens
-        outputs = [self._fail(req, reason) for req, reason in sched.failed]
+        outputs = [self._fail(req, reason, "request") for req, reason in sched.failed]
         if not sched.chunks:
             return outputs
         self.last_batch = (len(sched.chunks), len({c.request.slot for c in sched.chunks if c.request.slot >= 0}))
+        try:
+            self._run(sched, outputs)
+        except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving the others
+            log.exception("engine step failed; failing the %d requests scheduled in it", len(sched.chunks))
+            reason = (f"internal engine error in the step that ran this request ({type(exc).__name__}: {exc}); "
+                      "other requests are unaffected")
+            outputs += [self._fail(c.request, reason, "internal") for c in sched.chunks
+                        if c.request.status is not Status.FINISHED]
+        return outputs
+
+    def _run(self, sched: SchedulerOutput, outputs: list[RequestOutput]) -> None:
+        """Forward, sample, postprocess; appends to `outputs` as it goes (a later fault keeps them)."""
         logits = self.runner.execute(sched.chunks)
-        sampling = [c for c in sched.chunks if c.samples]
-        sampled = self.sampler.sample(logits, [self._sample_row(c.request) for c in sampling])
+        sampling = [c.request for c in sched.chunks if c.samples]
+        picks, bad = self._sample(logits, sampling)
+        outputs += [self._fail(req, reason, "request") for req, reason in bad.items()]
+        self._postprocess(sched, picks, outputs)
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]
+                ) -> tuple[dict[Request, tuple[int, float]], dict[Request, str]]:
+        """logits [N, V] → ({request: (token, logprob)}, {request: why it failed}), one host sync.
+
+        A row with non-finite logits (e.g. an adapter whose weights overflow) fails alone: the sampler sees a
+        zeroed row in its place, so batch-mates sample exactly as they would without it.
+        """
+        finite = torch.isfinite(logits).all(dim=-1)  # [N]
+        logits = torch.where(finite[:, None], logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
+        tokens, errors = self._sample_rows(logits, reqs)
         # [N] log p(token) under the raw distribution (before temperature/top-k/top-p), as vLLM reports it.
-        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, sampled[:, None])[:, 0].tolist()
-        picks = dict(zip((c.request for c in sampling), zip(sampled.tolist(), logprobs, strict=True), strict=True))
-        return outputs + self._postprocess(sched, picks)
+        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None])[:, 0]
+        host = torch.stack([tokens.double(), logprobs.double(), finite.double()], dim=1).tolist()  # [N, 3]
+        picks: dict[Request, tuple[int, float]] = {}
+        for req, (token, logprob, ok) in zip(reqs, host, strict=True):
+            if req in errors:
+                continue
+            if not ok:
+                errors[req] = _non_finite_message(req)
+                continue
+            picks[req] = (int(token), logprob)
+        return picks, errors
+
+    def _sample_rows(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[torch.Tensor, dict[Request, str]]:
+        """All rows in one batched call; should that raise, row by row, so only the failing rows fail."""
+        rows = [self._sample_row(r) for r in reqs]
+        try:
+            return self.sampler.sample(logits, rows), {}
+        except Exception:  # noqa: BLE001 - isolate the culprit below
+            log.exception("batched sampling failed; sampling row by row to isolate the failing requests")
+        tokens = torch.zeros(len(reqs), dtype=torch.int64, device=logits.device)
+        errors: dict[Request, str] = {}
+        for i, (req, row) in enumerate(zip(reqs, rows, strict=True)):
+            try:
+                tokens[i] = self.sampler.sample(logits[i : i + 1], [row])[0]
+            except Exception as exc:  # noqa: BLE001 - this request's parameters broke sampling: it alone fails
+                errors[req] = f"sampling failed for this request's parameters ({type(exc).__name__}: {exc})"
+        return tokens, errors
 
     def _sample_row(self, req: Request) -> SampleRow:
         return SampleRow(req.params, req.generator, len(req.output_ids), self.post.eos_ids)
 
-    def _postprocess(self, sched: SchedulerOutput, tokens: dict[Request, tuple[int, float]]) -> list[RequestOutput]:
-        outputs = []
+    def _postprocess(self, sched: SchedulerOutput, tokens: dict[Request, tuple[int, float]],
+                     outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
         for chunk in sched.chunks:
             req = chunk.request
@@ -164,12 +214,17 @@ class LLMEngine:
                 self.requests.pop(req.request_id, None)
                 self.scheduler.finish(req)
             outputs.append(out)
-        return outputs
 
-    def _fail(self, req: Request, reason: str) -> RequestOutput:
+    def _fail(self, req: Request, reason: str, kind: str) -> RequestOutput:
         self.requests.pop(req.request_id, None)
         self.scheduler.finish(req)
-        return self.post.final(req, "error", error=reason)
+        return self.post.final(req, "error", error=reason, error_kind=kind)
+
+
+def _non_finite_message(req: Request) -> str:
+    source = f"adapter {req.adapter!r}" if req.adapter else "the base model"
+    return (f"the forward pass produced non-finite logits (NaN or inf) for this request with {source}; "
+            "its weights may overflow in this dtype. Other requests are unaffected")
 
 
 def _eos_ids(loaded: LoadedModel) -> tuple[int, ...]:

@@ -24,10 +24,11 @@ class Postprocessor:
         out = self._output(req, [token], text, reason)
         return out if logprob is None else dataclasses.replace(out, logprobs=[logprob])
 
-    def final(self, req: Request, reason: str, error: str | None = None) -> RequestOutput:
+    def final(self, req: Request, reason: str, error: str | None = None,
+              error_kind: str | None = None) -> RequestOutput:
         """The terminal output of a request ended outside the normal flow (abort, error)."""
         req.finish_reason = reason
-        return self._output(req, [], "", reason, error)
+        return dataclasses.replace(self._output(req, [], "", reason, error), error_kind=error_kind)
 
     def _finish_reason(self, req: Request, token: int) -> str | None:
         p = req.params

@@ -32,6 +32,9 @@ class RequestOutput:
     num_output_tokens: int
     error: str | None = None
     logprobs: list[float] | None = None  # log-probability of each new token under the model's raw logits
+    # Who is at fault when finish_reason == "error": "request" (its own parameters, prompt or adapter: a
+    # client error), "internal" (a server fault in a step) or "unavailable" (the engine stopped).
+    error_kind: str | None = None
 
 
 @dataclass(eq=False)

@@ -79,7 +79,9 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     """logits [M, V] fp32 of sampled rows → probabilities [M, V] after temperature, top-k and top-p."""
     device = logits.device
     temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
-    logits = logits / temps[:, None]  # [M, V] / [M, 1]
+    # Shift each row so its max is 0 before dividing: the distribution is the same, and a small temperature
+    # (>= GREEDY_TEMPERATURE_EPS) can no longer overflow a large finite logit to +inf (softmax -> NaN).
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temps[:, None]  # [M, V] / [M, 1]
     vocab = logits.shape[1]
     top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]  # vocab = "keep all"
     top_p = [p.top_p for p in params]
@@ -100,8 +102,9 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs  # [M, V] exclusive cumulative sum
-    # Rows with top_p == 1 skip the test: fp rounding could otherwise push the cumsum to 1 early.
-    drop_p = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
+    # Rows with top_p == 1 skip the test: fp rounding could otherwise push the cumsum to 1 early. The top
+    # token is never dropped: a top_p that rounds to 0 in fp32 (subnormal) still keeps one token.
+    drop_p = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0) & (ranks[None, :] > 0)
     sorted_logits = sorted_logits.masked_fill(drop_p, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 

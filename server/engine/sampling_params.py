@@ -10,13 +10,17 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 # torch.Generator.manual_seed accepts [-2**63, 2**64); OpenAI/vLLM document seeds as signed 64-bit.
 _SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1
+# Temperatures below this are greedy (vLLM's _SAMPLING_EPS): dividing logits by a subnormal temperature
+# overflows to inf and turns the softmax into NaN, and no sampled distribution differs from argmax there.
+GREEDY_TEMPERATURE_EPS = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each next token and when to stop.
 
-    `temperature == 0` or `top_k == 1` means greedy; `top_k` 0 or -1 and `top_p` 1.0 mean "off".
+    `temperature` below `GREEDY_TEMPERATURE_EPS` (0 included) or `top_k == 1` means greedy; `top_k` 0 or -1
+    and `top_p` 1.0 mean "off".
     `stop` strings are matched on detokenized text and excluded from the output (as OpenAI does);
     `stop_token_ids` end the request like EOS. `min_tokens` forbids EOS and stop tokens until that many
     tokens were generated. Lists given for `stop`/`stop_token_ids` are stored as tuples (hashable, frozen).
@@ -43,7 +47,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE_EPS or self.top_k == 1
 
     def _check_numbers(self) -> None:
         if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:

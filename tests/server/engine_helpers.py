@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -87,3 +88,15 @@ class PeftReference:
             out.append(int(res.logits[0, -1].argmax()))
             ids = torch.tensor([[out[-1]]])
         return out
+
+
+def overflowing_adapter(src: Path, dst: Path, factor: float = 1e30) -> Path:
+    """A copy of the PEFT adapter at `src` whose LoRA weights are multiplied by `factor`: still finite on disk
+    (it registers), but its delta overflows fp32 in the forward, so its rows' logits are non-finite."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / "adapter_config.json", dst / "adapter_config.json")
+    tensors = load_file(src / "adapter_model.safetensors")
+    save_file({k: v * factor for k, v in tensors.items()}, dst / "adapter_model.safetensors")
+    return dst

@@ -56,7 +56,8 @@ def start_server(model_dir: Path, state_dir: Path, adapter_root: Path, *extra: s
             "--state-dir", str(state_dir), "--adapter-root", str(adapter_root), "--device", "cpu",
             "--dtype", "float32", "--max-lora-rank", "32", "--max-model-len", "256", "--num-kv-blocks", "512",
             "--block-size", "8", *extra]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+           "LORAPLEX_TEST_HOOKS": "1"}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
     server = LiveServer(f"http://127.0.0.1:{port}", proc, state_dir, adapter_root, log_path, args)

@@ -25,6 +25,7 @@ import httpx
 import pytest
 
 from ..engine_helpers import PeftReference
+from .engine_hooks import allow_steps, held, wait_queued
 
 if TYPE_CHECKING:
     from .conftest import LiveServer
@@ -242,26 +243,31 @@ def _running_and_waiting(server: LiveServer) -> tuple[list[str], list[str]]:
 
 def test_delete_fails_queued_requests_for_it_with_a_clear_error(server, adapter_files):
     register(server, "del-y", adapter_files)
-    release, holders = threading.Event(), []
-    try:
-        for name in CHURN[10:13]:  # running requests hold all 3 device slots
-            started = threading.Event()
-            holders.append(threading.Thread(target=_hold_slot, args=(server, name, started, release)))
-            holders[-1].start()
-            assert started.wait(120), f"{name} never started"
-        waiting: dict = {}
-        queued = threading.Thread(target=lambda: waiting.update(
-            resp=httpx.post(server.url + "/v1/completions", json=body("del-y", 0), timeout=120)))
-        queued.start()
-        deadline = time.monotonic() + 60
-        while "del-y" not in _running_and_waiting(server)[1]:
-            assert time.monotonic() < deadline, "del-y never queued"
-            time.sleep(0.01)
-        assert httpx.delete(server.url + "/v1/adapters/del-y", timeout=30).status_code == 200
-        queued.join(60)
-        assert all(t.is_alive() for t in holders), "a slot came free: del-y may have started"
-    finally:
-        release.set()
+    holding = CHURN[10:13]
+    for name in holding:  # resident before the engine is held: one step admits all three
+        assert httpx.post(server.url + "/v1/completions", json=body(name, 0, 1), timeout=120).status_code == 200
+    release, holders, starts = threading.Event(), [], []
+    waiting: dict = {}
+    queued = threading.Thread(target=lambda: waiting.update(
+        resp=httpx.post(server.url + "/v1/completions", json=body("del-y", 0), timeout=120)))
+    with held(server.url):
+        try:
+            for name in holding:  # running requests hold all 3 device slots
+                starts.append(threading.Event())
+                holders.append(threading.Thread(target=_hold_slot, args=(server, name, starts[-1], release)))
+                holders[-1].start()
+            wait_queued(server.url, waiting=3)
+            allow_steps(server.url, 1)  # one step: all three run (and stay running: the engine holds after)
+            for name, started in zip(holding, starts, strict=True):
+                assert started.wait(120), f"{name} never started"
+            queued.start()
+            wait_queued(server.url, waiting=1, running=3)
+            assert "del-y" in _running_and_waiting(server)[1]
+            assert httpx.delete(server.url + "/v1/adapters/del-y", timeout=30).status_code == 200
+            queued.join(120)
+            assert all(t.is_alive() for t in holders), "a holder finished: the engine was not held"
+        finally:
+            release.set()
     for t in holders:
         t.join(120)
     resp = waiting["resp"]
@@ -272,8 +278,8 @@ def test_delete_fails_queued_requests_for_it_with_a_clear_error(server, adapter_
 def test_delete_lets_running_requests_finish_and_frees_the_slot_after(server, oracle, adapter_files):
     register(server, "del-x", adapter_files)
     n_x = 200
-    with httpx.stream("POST", server.url + "/v1/completions", json=body("del-x", 0, n_x, stream=True),
-                      timeout=300) as stream:
+    with held(server.url, steps=2), httpx.stream(  # del-x runs 2 steps, then stays running by construction
+            "POST", server.url + "/v1/completions", json=body("del-x", 0, n_x, stream=True), timeout=300) as stream:
         events = _sse_events(stream.iter_lines())
         chunks = [next(events)["choices"][0]["text"]]  # del-x is running
         resident_busy = metric(server, "loraplex_adapters_resident", tier="device")
@@ -284,6 +290,7 @@ def test_delete_lets_running_requests_finish_and_frees_the_slot_after(server, or
         assert new.status_code == 404 and "del-x" in new.json()["error"]["message"]
         assert httpx.get(server.url + "/v1/adapters/del-x", timeout=30).status_code == 404
         assert "del-x" not in [m["id"] for m in httpx.get(server.url + "/v1/models", timeout=30).json()["data"]]
+        allow_steps(server.url, None)
         rest = list(events)
     assert rest[-1]["choices"][0]["finish_reason"] == "length"
     # the full output, as if nothing had happened

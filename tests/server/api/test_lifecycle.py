@@ -14,11 +14,13 @@ import json
 import re
 import shutil
 import signal
-import time
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+
+from .engine_hooks import allow_steps, engine_state, held, wait_queued, wait_until
 
 COMPLETIONS = "/v1/completions"
 
@@ -66,11 +68,9 @@ def scrape(live) -> str:
 # ---- row 31 -------------------------------------------------------------------------------------
 def test_31_requests_beyond_the_queue_get_429_and_admitted_ones_complete(queued):
     url = queued.url + COMPLETIONS
-    with httpx.stream("POST", url, json=body(48), timeout=120) as s1, \
+    with held(queued.url), httpx.stream("POST", url, json=body(48), timeout=120) as s1, \
             httpx.stream("POST", url, json=body(48), timeout=120) as s2:
-        streams = [s1.iter_lines(), s2.iter_lines()]
-        for lines in streams:
-            next(data_lines(lines))  # both admitted and producing: the two slots are taken
+        wait_queued(queued.url, waiting=2)  # both admitted; the held engine keeps them in flight
         with ThreadPoolExecutor(4) as pool:
             refused = list(pool.map(lambda path: httpx.post(queued.url + path, timeout=60, json=(
                 {"inputs": "hi"} if path.startswith("/generate") else body(4, stream=False))),
@@ -80,14 +80,15 @@ def test_31_requests_beyond_the_queue_get_429_and_admitted_ones_complete(queued)
             assert int(r.headers["retry-after"]) >= 1
             assert "--max-queue 2" in r.text
         assert refused[2].json()["error_type"] == "overloaded"
-        for lines in streams:
-            _, chunks = read_to_end(lines)
+        allow_steps(queued.url, None)
+        for s in (s1, s2):
+            _, chunks = read_to_end(s.iter_lines())
             assert chunks[-1]["usage"]["completion_tokens"] == 48
     # Slots are back: the next request is admitted.
     assert httpx.post(url, json=body(2, stream=False), timeout=60).status_code == 200
 
 
-def test_31_concurrent_burst_admits_at_most_the_queue(queued):
+def test_31_concurrent_burst_admits_exactly_the_queue(queued):
     def one(_):
         with httpx.stream("POST", queued.url + COMPLETIONS, json=body(40), timeout=120) as r:
             if r.status_code != 200:
@@ -95,24 +96,27 @@ def test_31_concurrent_burst_admits_at_most_the_queue(queued):
                 return r.status_code, r.headers.get("retry-after"), None
             return 200, None, read_to_end(r.iter_lines())[1][-1]["usage"]["completion_tokens"]
 
-    with ThreadPoolExecutor(6) as pool:
-        results = list(pool.map(one, range(6)))
+    with held(queued.url), ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(one, i) for i in range(6)]
+        wait_until(lambda: sum(f.done() for f in futures) == 4, "the four requests beyond the queue refused")
+        wait_queued(queued.url, waiting=2)
+        allow_steps(queued.url, None)
+        results = [f.result() for f in futures]
     admitted = [r for r in results if r[0] == 200]
     refused = [r for r in results if r[0] != 200]
-    assert admitted and refused, results
+    assert len(admitted) == 2 and len(refused) == 4, results
     assert all(status == 429 and retry for status, retry, _ in refused), results
     assert all(tokens == 40 for _, _, tokens in admitted), results
 
 
 # ---- client disconnects -------------------------------------------------------------------------
-def wait_idle(live, timeout=15.0) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
+def wait_idle(live) -> str:
+    def idle() -> str | None:
         text = scrape(live)
-        idle = metric(text, "vllm:num_requests_running") == 0 and metric(text, "loraplex_kv_cache_usage_ratio") == 0
-        if idle or time.monotonic() > deadline:
-            return text
-        time.sleep(0.05)
+        quiet = metric(text, "vllm:num_requests_running") == 0 and metric(text, "loraplex_kv_cache_usage_ratio") == 0
+        return text if quiet else None
+
+    return wait_until(idle, "no running request and an empty KV cache")
 
 
 def gone_count(live, endpoint) -> float:
@@ -121,20 +125,31 @@ def gone_count(live, endpoint) -> float:
 
 def test_disconnect_mid_stream_frees_kv_blocks_and_adapter(queued):
     before = gone_count(queued, COMPLETIONS)
-    with httpx.stream("POST", queued.url + COMPLETIONS, json=body(200), timeout=120) as r:
-        lines = data_lines(r.iter_lines())
-        for _ in range(3):
-            next(lines)
-        busy = scrape(queued)
+    with held(queued.url, steps=8), \
+            httpx.stream("POST", queued.url + COMPLETIONS, json=body(200), timeout=120) as r:
+        lines = data_lines(r.iter_lines())  # keep a reference: a collected iterator closes the stream
+        first = json.loads(next(lines))
+        assert first["choices"][0]["text"], first
+        busy = scrape(queued)  # the engine holds after 8 steps: the request is running by construction
         assert metric(busy, "vllm:num_requests_running") == 1
         assert metric(busy, "loraplex_kv_cache_usage_ratio") > 0
         assert 'running_lora_adapters="a1"' in busy
-    # Leaving the block closed the connection with ~190 tokens still to go.
+        # Leaving the block closes the connection with 192 tokens still to go.
     idle = wait_idle(queued)
     assert metric(idle, "vllm:num_requests_running") == 0
     assert metric(idle, "loraplex_kv_cache_usage_ratio") == 0
     assert 'running_lora_adapters=""' in idle
-    assert gone_count(queued, COMPLETIONS) == before + 1
+    wait_until(lambda: gone_count(queued, COMPLETIONS) == before + 1, "the request counted as 499")
+
+
+def raw_post(live, path: str, payload: dict) -> socket.socket:
+    """Send a POST on a bare socket, so that the test alone decides when the client goes away."""
+    host, port = live.url.removeprefix("http://").split(":")
+    data = json.dumps(payload).encode()
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
 
 
 @pytest.mark.parametrize("path", [COMPLETIONS, "/generate"])
@@ -143,14 +158,18 @@ def test_disconnect_during_non_streamed_request_aborts_it(queued, path):
     payload = body(200, stream=False) if path == COMPLETIONS else {
         "inputs": "The weather today", "parameters": {"adapter_id": "a1", "max_new_tokens": 200,
                                                       "ignore_eos_token": True}}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(queued.url + path, json=payload, timeout=httpx.Timeout(60, read=0.5))
+    with held(queued.url):
+        sock = raw_post(queued, path, payload)
+        wait_queued(queued.url, waiting=1)
+        steps = engine_state(queued.url)["steps"]
+        allow_steps(queued.url, 3)  # prefill + 2 decodes, then hold: mid-generation by construction
+        wait_until(lambda: engine_state(queued.url)["steps"] == steps + 3, "three engine steps")
+        assert engine_state(queued.url)["running"] == 1
+        sock.close()  # the client goes away with 197 tokens to go
+        wait_until(lambda: gone_count(queued, path) == before + 1, "the request counted as 499")
+        wait_until(lambda: engine_state(queued.url)["running"] == 0, "the request aborted in the held engine")
     idle = wait_idle(queued)
     assert metric(idle, "loraplex_kv_cache_usage_ratio") == 0
-    deadline = time.monotonic() + 10
-    while gone_count(queued, path) != before + 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert gone_count(queued, path) == before + 1
 
 
 # ---- engine failures reach the client -----------------------------------------------------------
@@ -182,15 +201,15 @@ def test_32_sigterm_drains_in_flight_and_refuses_new(server_factory):
     base = httpx.get(live.url + "/v1/models").json()["data"][0]["id"]
     url = live.url + COMPLETIONS
     expected = httpx.post(url, json=body(80, stream=False, model=base), timeout=120).json()["choices"][0]["text"]
+    allow_steps(live.url, 8)  # the stream stays in flight until the test lets it go on
     with httpx.stream("POST", url, json=body(80, model=base), timeout=120) as r:
         lines = r.iter_lines()
         first = json.loads(next(data_lines(lines)))
         live.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while httpx.get(live.url + "/ready").status_code != 503 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: httpx.get(live.url + "/ready").status_code == 503, "/ready 503 while draining")
         refused = httpx.post(url, json=body(2, stream=False, model=base), timeout=30)
         refused_tgi = httpx.post(live.url + "/generate", json={"inputs": "hi"}, timeout=30)
+        allow_steps(live.url, None)
         text, chunks = read_to_end(lines)
     assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
     assert refused_tgi.status_code == 503 and refused_tgi.json()["error_type"] == "unavailable"
