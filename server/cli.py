@@ -46,6 +46,7 @@ FLAGS: tuple[tuple[str, type, object, str], ...] = (
     ("--max-lora-rank", int, 64, "largest adapter rank accepted"),
     ("--max-num-seqs", int, 32, "sequences per engine step"),
     ("--max-batch-tokens", int, 2048, "tokens per engine step (prefill chunks + decodes)"),
+    ("--scheduling-policy", str, "fair", "fair (virtual token counter across adapters) or fcfs"),
     ("--max-model-len", int, 2048, "context length limit (prompt + output)"),
     ("--num-kv-blocks", int, 0, "KV cache blocks (0: sized from free memory)"),
     ("--block-size", int, 16, "tokens per KV block"),
@@ -96,7 +97,8 @@ def configs_from_args(args: argparse.Namespace) -> RuntimeConfig:
                         served_model_name=args.served_model_name)
     engine = EngineConfig(
         max_model_len=args.max_model_len, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
-        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
+                                  policy=args.scheduling_policy),
         lora=LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                         max_cpu_loras=args.max_cpu_loras, max_cpu_lora_bytes=args.max_cpu_lora_bytes))
     server = ServerConfig(

@@ -57,6 +57,9 @@ class Request:
     finish_reason: str | None = None
     first_token_time: float | None = None
     waiting_steps: int = 0  # steps spent blocked at the head of the queue (fairness)
+    started: bool = False  # admitted at least once: from then on it keeps its adapter ref until finished
+    charged_prompt: int = 0  # prompt tokens already charged to its tenant's fairness counter
+    fair_preempted: bool = False  # preempted once for fairness: never again (bounds its recomputation)
 
     @property
     def num_tokens(self) -> int:

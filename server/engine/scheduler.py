@@ -1,22 +1,33 @@
 """Continuous batching, adapter-aware: which tokens of which requests run in the next step.
 
 Each step: running requests first (decodes and unfinished prefill chunks, oldest first), then waiting
-requests FCFS under the token budget (`max_batch_tokens`), the sequence cap (`max_num_seqs`) and the device
-adapter slots (`max_loras`, via the AdapterCache's refcounts). A waiting request whose adapter is still
-loading is skipped, not waited on. Fairness: once the head of the queue has been blocked on a slot for
-`starvation_steps` steps, nobody behind it is admitted until it is, so busy adapters drain and free a slot.
+requests under the token budget (`max_batch_tokens`), the sequence cap (`max_num_seqs`) and the device
+adapter slots (`max_loras`, via the AdapterCache's refcounts). The policy picks which waiting request goes
+next: `fair` (default) the oldest request of the least-served tenant (adapter) by virtual token counter, with
+light tenants first, and when every sequence slot is taken a light tenant may preempt one running request of
+the most-served tenant (the rules are in fairness.py); `fcfs` takes requests in arrival order. A waiting
+request whose adapter is still loading is skipped, not waited on. Starvation (both policies): once the first
+request tried has been blocked on a slot for `starvation_steps` steps, nobody else is admitted until it is,
+so busy adapters drain and free a slot.
 When the KV pool runs dry, the newest running request is preempted (its blocks freed, recomputed later).
+
+A started request keeps its adapter ref (and so its slot) until it finishes, through any preemption: an
+adapter unregistered after the request started cannot be acquired again, yet the request must finish; and
+re-admission needs no reload.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from loraplex.adapters.cache import AdapterCache, SlotState
 from loraplex.server.engine.block_pool import BlockPool
+from loraplex.server.engine.fairness import VirtualTokenCounter, request_worth, tenant_of
 from loraplex.server.engine.request import Request, Status
+
+POLICIES = ("fair", "fcfs")
 
 
 @dataclass(frozen=True)
@@ -24,12 +35,15 @@ class SchedulerConfig:
     max_num_seqs: int = 32
     max_batch_tokens: int = 2048
     starvation_steps: int = 64
+    policy: str = "fair"
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError("--max-num-seqs: must be >= 1")
         if self.max_batch_tokens < 1:
             raise ValueError("--max-batch-tokens: must be >= 1")
+        if self.policy not in POLICIES:
+            raise ValueError(f"--scheduling-policy: expected one of {', '.join(POLICIES)}, got {self.policy!r}")
 
 
 @dataclass(frozen=True)
@@ -62,10 +76,13 @@ class Scheduler:
         self.adapters = adapters
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.vtc = VirtualTokenCounter()  # kept under both policies; only `fair` reads it
         self.on_preempt: Callable[[Request], None] = lambda r: None
+        self._kv_preempted = False
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
+        self.vtc.arrive(tenant_of(request.adapter))
         if request.adapter is not None and self.adapters is not None:
             self.adapters.prefetch(request.adapter)
 
@@ -74,22 +91,37 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        fair = self.config.policy == "fair"
+        self._kv_preempted = False
+        promised = self._preempt_for_fairness(out) if fair else []
         budget = self._schedule_running(out)
-        if budget > 0 and not self._preempted_this_step:
-            self._schedule_waiting(out, budget)
+        if budget > 0 and not self._kv_preempted:  # after a KV preemption the pool is short: no new work
+            if fair:
+                self._admit_fair(out, budget, promised)
+            else:
+                self._admit_fcfs(out, budget)
         return out
+
+    def _emit(self, out: SchedulerOutput, req: Request, start: int, n: int) -> None:
+        """Schedule tokens [start, start + n) of `req`; charge its tenant for prompt tokens computed for the
+        first time (a preempted request's recomputation is free) and for the token it will sample."""
+        chunk = ScheduledChunk(req, start, n)
+        out.chunks.append(chunk)
+        prompt_end = min(start + n, len(req.prompt_ids))
+        new_prompt = max(0, prompt_end - max(start, req.charged_prompt))
+        req.charged_prompt = max(req.charged_prompt, prompt_end)
+        self.vtc.charge(tenant_of(req.adapter), new_prompt, int(chunk.samples))
 
     # ---- running ---------------------------------------------------------------------------
     def _schedule_running(self, out: SchedulerOutput) -> int:
         budget = self.config.max_batch_tokens
-        self._preempted_this_step = False
         for req in list(self.running):  # oldest first
             if req.status is not Status.RUNNING or budget <= 0:
                 continue
             n = min(req.num_tokens - req.num_computed, budget)
             if n <= 0 or not self._grow_or_preempt(req, req.num_computed + n):
                 continue
-            out.chunks.append(ScheduledChunk(req, req.num_computed, n))
+            self._emit(out, req, req.num_computed, n)
             budget -= n
         return budget
 
@@ -98,55 +130,172 @@ class Scheduler:
         while not self.pool.grow(req.blocks, num_tokens):
             victim = self.running[-1]
             self.preempt(victim)
+            self._kv_preempted = True
             if victim is req:
                 return False
         return True
 
     def preempt(self, req: Request) -> None:
-        """Free the request's KV and adapter ref; it goes back to the queue head and is recomputed."""
-        self._preempted_this_step = True
+        """Free the request's KV blocks (it keeps its adapter ref and slot); it goes back to the queue head
+        and is recomputed, outputs so far kept."""
         self.running.remove(req)
-        self._release(req)
+        self.pool.release(req.blocks)
         req.num_computed = 0
         req.status = Status.WAITING
         self.waiting.appendleft(req)
+        self.vtc.enqueue(tenant_of(req.adapter))
         self.on_preempt(req)
 
+    # ---- fairness preemption ----------------------------------------------------------------
+    def _preempt_for_fairness(self, out: SchedulerOutput) -> list[Request]:
+        """Give every entitled waiting request (fairness.py) a sequence slot this step: a free one, else the
+        slot of the newest running request of the most-served tenant over its share. Returns them in order:
+        admission takes them first, so the slots go where they were freed for."""
+        if not self.waiting:
+            return []
+        running = self._running_per_tenant()
+        entitled = self._entitled(running)
+        free = max(0, self.config.max_num_seqs - len(self.running))
+        promised = entitled[:free]
+        for req in entitled[free:]:
+            victim = self._fairness_victim(running)
+            if victim is None:
+                break
+            verdict = self._admit_adapter(req, out)  # a preemption is wasted unless the request can run now
+            if verdict == "failed":
+                self.waiting.remove(req)
+            if verdict != "ok":
+                continue
+            victim.fair_preempted = True
+            self.preempt(victim)
+            running[tenant_of(victim.adapter)] -= 1
+            promised.append(req)
+        return promised
+
+    def _fairness_victim(self, running: dict[str, int]) -> Request | None:
+        """The newest running request of the most-served tenant over its share of slots, if any."""
+        cap = self.config.max_num_seqs
+        candidates = [r for r in self.running
+                      if not r.fair_preempted and self.vtc.over_share(tenant_of(r.adapter), running, cap)]
+        if not candidates:
+            return None
+        tenants = dict.fromkeys(tenant_of(r.adapter) for r in candidates)  # ordered: ties go to the oldest
+        victim_tenant = max(tenants, key=self.vtc.counter)
+        return [r for r in candidates if tenant_of(r.adapter) == victim_tenant][-1]
+
+    def _ranked(self, queues: dict[str, deque[Request]], running: dict[str, int]) -> list[tuple[str, bool]]:
+        """Waiting tenants in admission order, with whether each is entitled."""
+        worth = {t: request_worth(len(q[0].prompt_ids), q[0].params.max_tokens) for t, q in queues.items()}
+        return self.vtc.order(worth, running, self.config.max_num_seqs)
+
+    def _entitled(self, running: dict[str, int]) -> list[Request]:
+        """The waiting requests of entitled tenants, in admission order."""
+        queues = self._queues()
+        return [r for t, entitled in self._ranked(queues, running) if entitled for r in queues[t]]
+
+    def _running_per_tenant(self) -> Counter[str]:
+        return Counter(tenant_of(r.adapter) for r in self.running)
+
+    def _queues(self) -> dict[str, deque[Request]]:
+        """The oldest waiting requests of each tenant, at most `max_num_seqs` each (no step admits more),
+        FCFS within a tenant; tenants in the order of their oldest request. The scan stops once every
+        backlogged tenant has its share, so a flooding tenant's long queue costs little per step."""
+        cap = self.config.max_num_seqs
+        missing = sum(min(cap, n) for n in self.vtc.backlog().values())
+        queues: dict[str, deque[Request]] = {}
+        for req in self.waiting:
+            if missing <= 0:
+                break
+            queue = queues.setdefault(tenant_of(req.adapter), deque())
+            if len(queue) < cap:
+                queue.append(req)
+                missing -= 1
+        return queues
+
     # ---- waiting ---------------------------------------------------------------------------
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+    def _admit_fair(self, out: SchedulerOutput, budget: int, promised: list[Request]) -> None:
+        """Admit the promised requests, then the least-served tenant's oldest request again and again
+        (counters move as we admit)."""
+        cap = self.config.max_num_seqs
+        first = True
+        for req in promised:
+            if budget <= 0 or len(self.running) >= cap:
+                return
+            verdict, budget = self._admit_one(req, out, budget)
+            if self._stop_admitting(verdict, req, first):
+                return
+            first = False
+        queues, running = self._queues(), self._running_per_tenant()
+        while queues and budget > 0 and len(self.running) < cap:
+            tenant = self._ranked(queues, running)[0][0]
+            req = queues[tenant].popleft()
+            verdict, budget = self._admit_one(req, out, budget)
+            if self._stop_admitting(verdict, req, first):
+                break
+            first = False
+            running[tenant] += verdict == "ok"
+            if verdict in ("loading", "no_slot"):  # the tenant's other requests need the same adapter
+                queues[tenant].clear()
+            if not queues[tenant]:
+                del queues[tenant]
+
+    def _stop_admitting(self, verdict: str, req: Request, first: bool) -> bool:
+        """The pool is full, or the first request tried this step has starved on a slot long enough."""
+        return verdict == "no_blocks" or (first and verdict == "no_slot" and self._starving(req))
+
+    def _admit_one(self, req: Request, out: SchedulerOutput, budget: int) -> tuple[str, int]:
+        """`_try_admit` for a request still in the queue: takes it out when it started or failed."""
+        verdict = self._try_admit(req, out, budget)
+        if verdict in ("ok", "failed"):
+            self.waiting.remove(req)
+        return verdict, budget - (out.chunks[-1].n if verdict == "ok" else 0)
+
+    def _admit_fcfs(self, out: SchedulerOutput, budget: int) -> None:
         skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting.popleft()
-            verdict = self._admit_adapter(req, out)
-            if verdict in ("loading", "no_slot"):
-                skipped.append(req)
-                if verdict == "no_slot" and self._head_is_starving(req, skipped):
-                    break
+            verdict = self._try_admit(req, out, budget)
+            if verdict == "ok":
+                budget -= out.chunks[-1].n
                 continue
             if verdict == "failed":
                 continue
-            n = min(req.num_tokens, budget)
-            if not self.pool.grow(req.blocks, n):
-                self._release(req)
-                skipped.append(req)
+            skipped.append(req)
+            if verdict == "no_blocks":
                 break  # the pool is full: new work waits for blocks to come back
-            req.status = Status.RUNNING
-            req.waiting_steps = 0
-            self.running.append(req)
-            out.chunks.append(ScheduledChunk(req, 0, n))
-            budget -= n
+            if verdict == "no_slot" and len(skipped) == 1 and self._starving(req):
+                break
         self.waiting.extendleft(reversed(skipped))
 
-    def _head_is_starving(self, req: Request, skipped: list[Request]) -> bool:
-        if len(skipped) != 1:
-            return False
+    def _try_admit(self, req: Request, out: SchedulerOutput, budget: int) -> str:
+        """Start `req` with its first chunk if its adapter and the KV pool allow: 'ok', or why not: 'loading',
+        'no_slot', 'failed' (its adapter errored; listed in out.failed) or 'no_blocks'. The caller takes it
+        out of the queue on 'ok' and 'failed'."""
+        verdict = self._admit_adapter(req, out)
+        if verdict != "ok":
+            return verdict
+        n = min(req.num_tokens, budget)
+        if not self.pool.grow(req.blocks, n):
+            if not req.started:  # only a started request needs to keep its ref while it waits
+                self._release_adapter(req)
+            return "no_blocks"
+        req.status, req.started, req.waiting_steps = Status.RUNNING, True, 0
+        self.running.append(req)
+        self.vtc.dequeue(tenant_of(req.adapter))
+        self._emit(out, req, 0, n)
+        return "ok"
+
+    def _starving(self, req: Request) -> bool:
+        """One more step blocked on a slot at the front; True once that has lasted `starvation_steps`."""
         req.waiting_steps += 1
         return req.waiting_steps >= self.config.starvation_steps
 
     def _admit_adapter(self, req: Request, out: SchedulerOutput) -> str:
-        """'ok' (slot acquired or base only), 'loading', 'no_slot' (all slots busy) or 'failed'."""
+        """'ok' (slot held or acquired, or base only), 'loading', 'no_slot' (all slots busy) or 'failed'."""
         if req.adapter is None or self.adapters is None:
             req.slot = -1
+            return "ok"
+        if req.holds_adapter:  # started before (then preempted): the slot is still its own
             return "ok"
         got = self.adapters.acquire(req.adapter, first=not req.adapter_asked)
         req.adapter_asked = True
@@ -165,11 +314,13 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self._release(req)
+        if req.status is not Status.FINISHED:
+            self.vtc.depart(tenant_of(req.adapter), queued=req.status is Status.WAITING)
+        self.pool.release(req.blocks)
+        self._release_adapter(req)
         req.status = Status.FINISHED
 
-    def _release(self, req: Request) -> None:
-        self.pool.release(req.blocks)
+    def _release_adapter(self, req: Request) -> None:
         if req.holds_adapter and self.adapters is not None and req.adapter is not None:
             self.adapters.release(req.adapter)
         req.holds_adapter, req.slot = False, -1

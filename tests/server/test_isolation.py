@@ -191,3 +191,22 @@ async def test_a_dead_engine_thread_fails_every_stream_at_once_and_asks_to_exit(
         engine.stop()
     await asyncio.sleep(0)
 
+
+# ---- unregistering an adapter (DESIGN: in-flight requests finish, queued ones fail, new ones 404) ------
+def test_delete_lets_started_requests_finish_even_after_preemption(setup):
+    model_dir, adapters, ref = setup
+    engine = make_engine(model_dir, adapters, max_num_seqs=1)
+    outs: dict = {}
+    engine.add_request("started", LONG_PROMPT, greedy(20), "good")
+    engine.add_request("queued", BAD_PROMPT, greedy(4), "good")  # the sequence cap keeps it waiting
+    step_until(engine, lambda: len(engine.requests["started"].output_ids) >= 3, outs)
+    # What DELETE does: the store forgets it in the cache, the engine fails requests that never started.
+    engine.adapters.forget("good")
+    for o in engine.fail_adapter("good", "adapter 'good' was unregistered"):
+        outs.setdefault(o.request_id, []).append(o)
+    engine.scheduler.preempt(engine.requests["started"])  # e.g. the KV pool ran dry: recomputed later
+    for rid, o in run_to_completion(engine).items():
+        outs.setdefault(rid, []).extend(o)
+    assert outs["queued"][-1].finish_reason == "error" and "unregistered" in outs["queued"][-1].error
+    assert tokens_of(outs["started"]) == ref.generate(LONG_PROMPT, "good", 20)
+    assert engine.adapters.tier("good") != "device"  # its slot was freed once the last user finished

@@ -1,6 +1,11 @@
-"""Scheduler policy with a fake adapter cache: budgets, slot limits, loading waits, fairness, preemption."""
+"""Scheduler policy with a fake adapter cache: budgets, slot limits, loading waits, fairness, preemption
+(tenant fairness itself: test_fairness.py)."""
 
 from __future__ import annotations
+
+from collections import Counter
+
+import pytest
 
 from loraplex.adapters.cache import Acquired, SlotState
 from loraplex.server.engine.block_pool import BlockPool
@@ -10,18 +15,24 @@ from loraplex.server.engine.scheduler import Scheduler, SchedulerConfig
 
 
 class FakeCache:
-    """`slots` device slots; adapters in `loading` answer LOADING until moved to ready."""
+    """`slots` device slots; adapters in `loading` answer LOADING until moved to ready; `refuse` maps a name to
+    the state acquire answers from now on (LOADING: unregistered while in use, ERRORED: its load failed)."""
 
     def __init__(self, slots: int, loading: set[str] | None = None) -> None:
         self.slots: dict[str, int] = {}
         self.refs: dict[str, int] = {}
         self.num_slots = slots
         self.loading = loading or set()
+        self.refuse: dict[str, SlotState] = {}
+        self.acquires: Counter[str] = Counter()
 
     def prefetch(self, name: str) -> None:
         pass
 
     def acquire(self, name: str, *, first: bool = True) -> Acquired:
+        self.acquires[name] += 1
+        if name in self.refuse:
+            return Acquired(self.refuse[name], reason="refused")
         if name in self.loading:
             return Acquired(SlotState.LOADING)
         if name not in self.slots:
@@ -129,3 +140,56 @@ def test_finish_returns_blocks_and_adapter_refs():
     assert r.status is Status.RUNNING and sched.pool.num_free == 16 - 3 and cache.refs["a"] == 1
     sched.finish(r)
     assert sched.pool.num_free == 16 and cache.refs["a"] == 0 and r.status is Status.FINISHED
+
+
+def _preempt_new_by_kv(cache: FakeCache) -> tuple[Scheduler, Request, list[Request]]:
+    """Two requests on adapters x and y in a 16-position pool: 'new' (y) gets preempted for KV."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4), BlockPool(4, 4), cache)
+    preempted: list[Request] = []
+    sched.on_preempt = preempted.append
+    sched.add(_req("old", n_prompt=7, adapter="x", max_tokens=8))
+    new = _req("new", n_prompt=7, adapter="y", max_tokens=8)
+    sched.add(new)
+    while not preempted:
+        _fake_run(sched, sched.schedule())
+    return sched, new, preempted
+
+
+def test_preempted_request_keeps_its_adapter_and_is_readmitted_without_acquire():
+    cache = FakeCache(2)
+    sched, new, preempted = _preempt_new_by_kv(cache)
+    assert preempted == [new] and new.status is Status.WAITING and new.num_computed == 0 and not new.blocks
+    assert new.holds_adapter and new.slot == cache.slots["y"] and cache.refs["y"] == 1  # only KV went
+    outputs_at_preemption = list(new.output_ids)
+    while sched.has_work():
+        _fake_run(sched, sched.schedule())
+    assert cache.acquires["y"] == 1, "re-admission asked the cache again"
+    assert new.output_ids[:len(outputs_at_preemption)] == outputs_at_preemption and len(new.output_ids) == 8
+    assert cache.refs == {"x": 0, "y": 0} and sched.pool.num_free == 4  # finish still releases everything
+
+
+@pytest.mark.parametrize("refused", [SlotState.LOADING, SlotState.ERRORED])
+def test_started_request_finishes_after_preemption_though_its_adapter_is_now_refused(refused):
+    """E.g. DELETE of the adapter while the request runs: the cache would no longer hand it out."""
+    cache = FakeCache(2)
+    sched, new, _ = _preempt_new_by_kv(cache)
+    cache.refuse["y"] = refused
+    failed = []
+    while sched.has_work():
+        out = sched.schedule()
+        failed += out.failed
+        _fake_run(sched, out)
+    assert not failed and new.status is Status.FINISHED and len(new.output_ids) == 8
+    late = _req("late", adapter="y")  # a request that had not started is refused, as the cache says
+    sched.add(late)
+    out = sched.schedule()
+    assert not out.chunks and [r for r, _ in out.failed] == ([late] if refused is SlotState.ERRORED else [])
+
+
+def test_request_that_never_started_gives_its_adapter_back_when_the_pool_is_short():
+    cache = FakeCache(2)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4), BlockPool(2, 4), cache)  # 8 positions
+    sched.add(_req("big", n_prompt=8, adapter="x", max_tokens=1))
+    sched.add(_req("next", n_prompt=4, adapter="y"))
+    sched.schedule()
+    assert cache.acquires["y"] == 1 and cache.refs["y"] == 0 and [r.request_id for r in sched.waiting] == ["next"]
