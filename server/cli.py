@@ -53,7 +53,7 @@ FLAGS: tuple[tuple[str, type, object, str], ...] = (
     ("--served-model-name", str, None, "name of the base model in the API (default: the model dir name)"),
     ("--api-key", str, None, "required on generation routes when set"),
     ("--admin-key", str, None, "required on adapter registration routes when set"),
-    ("--max-queue", int, 256, "in-flight requests admitted before answering 429"),
+    ("--max-queue", int, 256, "in-flight requests admitted before answering 429 (one adapter may hold 3/4)"),
     ("--max-body-bytes", int, 4 * 2**20, "largest JSON request body"),
     ("--max-upload-bytes", int, 2 * 2**30, "largest adapter upload"),
     ("--s3-endpoint", str, None, "S3-compatible endpoint URL for s3:// adapter paths"),

@@ -41,6 +41,7 @@ class Runtime:
         self.on_fatal: Callable[[str], None] = lambda reason: None  # the CLI makes the process exit non-zero
         self.draining = False
         self.active_requests = 0  # admitted and not finished (HTTP side), for admission control
+        self._in_flight: dict[str, int] = {}  # the same per adapter ("" = base model)
         self._admit_lock = threading.Lock()
         self.served_model_name = config.model.served_model_name or "loraplex-base"
 
@@ -104,14 +105,33 @@ class Runtime:
             self.engine.stop()
 
     # ---- admission -------------------------------------------------------------------------------
-    def try_admit(self) -> bool:
-        """Count one more in-flight HTTP request, unless the queue bound is reached (-> 429)."""
+    def try_admit(self, adapter: str | None) -> str | None:
+        """Count one more in-flight HTTP request for `adapter` (None: the base model); None when admitted,
+        else why not (-> 429). One adapter may hold at most `adapter_queue_limit` of the --max-queue slots,
+        so a tenant flooding the server cannot lock the others out at the door."""
+        limit = self.config.server.max_queue
+        per_adapter = adapter_queue_limit(limit)
+        tenant = adapter or ""
         with self._admit_lock:
-            if self.active_requests >= self.config.server.max_queue:
-                return False
+            if self.active_requests >= limit:
+                return f"the server is at capacity ({limit} requests in flight, --max-queue {limit})"
+            if self._in_flight.get(tenant, 0) >= per_adapter:
+                return (f"{'adapter ' + repr(adapter) if adapter else 'the base model'} has {per_adapter} requests "
+                        f"in flight, the most one adapter may hold of --max-queue {limit} (the rest is kept for "
+                        "other adapters)")
             self.active_requests += 1
-            return True
+            self._in_flight[tenant] = self._in_flight.get(tenant, 0) + 1
+            return None
 
-    def release(self) -> None:
+    def release(self, adapter: str | None) -> None:
+        tenant = adapter or ""
         with self._admit_lock:
             self.active_requests -= 1
+            self._in_flight[tenant] -= 1
+            if not self._in_flight[tenant]:
+                del self._in_flight[tenant]  # bounded by the adapters with requests in flight
+
+
+def adapter_queue_limit(max_queue: int) -> int:
+    """In-flight requests one adapter may hold: all of a small queue, three quarters of a larger one."""
+    return max_queue if max_queue < 4 else max_queue - max_queue // 4

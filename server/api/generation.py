@@ -72,13 +72,12 @@ def check_loaded(rt: Runtime) -> None:
         raise ApiError(503, "the model is still loading; retry shortly", headers={"Retry-After": "5"})
 
 
-def admit(rt: Runtime) -> None:
+def admit(rt: Runtime, adapter: str | None) -> None:
     """Take one admission slot or answer 429. The caller must release it (Generation.aclose does)."""
     check_ready(rt)  # draining may have begun while the request was being prepared
-    if not rt.try_admit():
-        limit = rt.config.server.max_queue
-        raise ApiError(429, f"the server is at capacity ({limit} requests in flight, --max-queue {limit}); "
-                            f"retry after {RETRY_AFTER_S}s", headers={"Retry-After": str(RETRY_AFTER_S)})
+    refused = rt.try_admit(adapter)
+    if refused is not None:
+        raise ApiError(429, f"{refused}; retry after {RETRY_AFTER_S}s", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 @contextlib.contextmanager
@@ -179,7 +178,7 @@ class GenerationRequest:
 def start(rt: Runtime, req: GenerationRequest) -> Generation:
     """Check the request fits the context (400, before any slot is taken), admit it (429), start it."""
     rt.engine.engine.check_fits(len(req.prompt_ids), req.params)
-    admit(rt)
+    admit(rt, req.adapter)
     return Generation(rt, req)
 
 
@@ -281,7 +280,7 @@ class Generation:
         try:
             await self._outs.aclose()  # unfinished: the engine aborts the request and frees its KV blocks
         finally:
-            self.rt.release()
+            self.rt.release(self.req.adapter)
             self._record()
 
     def _record(self) -> None:

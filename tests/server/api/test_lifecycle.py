@@ -109,6 +109,30 @@ def test_31_concurrent_burst_admits_exactly_the_queue(queued):
     assert all(tokens == 40 for _, _, tokens in admitted), results
 
 
+def test_42_one_adapter_cannot_take_the_whole_queue(server_factory, adapter_dir, tmp_path_factory):
+    """--max-queue 8: one adapter may hold 6 in-flight requests; the last 2 slots stay for the others."""
+    root = tmp_path_factory.mktemp("queue-share-root")
+    shutil.copytree(adapter_dir("llama", 8, ("q_proj", "v_proj"), 4), root / "a1")
+    live = server_factory("--preload", "a1=a1", "--max-queue", "8", "--served-model-name", "base",
+                          adapter_root=root)
+
+    def post(model):
+        return httpx.post(live.url + COMPLETIONS, json=body(4, stream=False, model=model), timeout=120)
+
+    with held(live.url), ThreadPoolExecutor(9) as pool:
+        flood = [pool.submit(post, "a1") for _ in range(6)]
+        wait_queued(live.url, waiting=6)
+        refused = post("a1")
+        others = [pool.submit(post, "base") for _ in range(2)]
+        wait_queued(live.url, waiting=8)
+        full = post("base")
+        allow_steps(live.url, None)
+        done = [f.result() for f in flood + others]
+    assert refused.status_code == 429 and "adapter 'a1' has 6 requests in flight" in refused.text
+    assert full.status_code == 429 and "--max-queue 8" in full.text
+    assert all(r.status_code == 200 for r in done), [r.text for r in done if r.status_code != 200]
+
+
 # ---- client disconnects -------------------------------------------------------------------------
 def wait_idle(live) -> str:
     def idle() -> str | None:
