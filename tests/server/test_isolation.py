@@ -98,8 +98,11 @@ def test_a_fault_in_the_forward_fails_that_step_only_and_keeps_its_other_outputs
     outs: dict = {}
     engine.add_request("a", LONG_PROMPT, greedy(30), "good")
     step_until(engine, lambda: len(engine.requests["a"].output_ids) >= 2, outs)
-    engine.add_request("b", BAD_PROMPT, greedy(4), "broken")
-    step_until(engine, lambda: engine.adapters.error("broken") is not None, outs)
+    engine.add_request("b", BAD_PROMPT, greedy(4), "broken")  # queueing it starts its (failing) load
+    deadline = time.monotonic() + 120
+    while engine.adapters.error("broken") is None:  # no step meanwhile: "b" is still queued after this
+        assert time.monotonic() < deadline, "the load of 'broken' never failed"
+        time.sleep(0.001)
     # The next step both fails "b" in scheduling (its adapter errored) and runs "a" through a faulty forward.
     execute = engine.runner.execute
 
