@@ -33,11 +33,7 @@ import math
 import os
 import random
 import re
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -51,6 +47,7 @@ import httpx  # noqa: E402
 from bench_adapters import popular, print_machine, run_parts, synth_adapters  # noqa: E402
 from common import (  # noqa: E402
     RESULTS_DIR,
+    ServerProcess,
     bench_small_dir,
     median,
     paired_ratio,
@@ -121,37 +118,12 @@ def pct(values: list[float], q: float) -> float:
 
 
 # ---- the server --------------------------------------------------------------------------------------------
-class Server:
-    """`loraplex serve` as a subprocess on a free 127.0.0.1 port; ready when /ready answers 200."""
+class Server(ServerProcess):
+    """The benchmark's server, with adapter registration and the cache metrics it reads."""
 
     def __init__(self, model_dir: Path, adapter_root: Path, state_dir: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = state_dir.parent / "server.log"
-        args = [sys.executable, "-m", "loraplex.server.cli", "serve", "--model", str(model_dir), "--port", str(port),
-                "--state-dir", str(state_dir), "--adapter-root", str(adapter_root), *SERVER_FLAGS]
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
-        self._wait_ready(300.0)
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()[-3000:]}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        super().__init__(["--model", str(model_dir), "--state-dir", str(state_dir), "--adapter-root",
+                          str(adapter_root), *SERVER_FLAGS], state_dir.parent / "server.log")
 
     def register(self, names_paths: list[tuple[str, str]]) -> None:
         with httpx.Client(base_url=self.url, timeout=_TIMEOUT) as client:
@@ -165,14 +137,6 @@ class Server:
         text = httpx.get(self.url + "/metrics", timeout=30).text
         return {m[1]: float(m[2]) for m in re.finditer(r"^(loraplex_adapter_\w+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 # ---- clients: HTTP and in-process ----------------------------------------------------------------------------

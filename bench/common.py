@@ -11,13 +11,18 @@ import json
 import os
 import platform
 import shutil
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import torch
 
 from loraplex.adapters.synthetic import PRESETS, make_peft_adapter
@@ -216,3 +221,50 @@ def bench_adapters(base_dir: Path, preset: str, count: int, seed0: int = 1000) -
                                                      target_modules=shape.target_modules, seed=seed0 + i))
         for i in range(count)
     ]
+
+
+# ---- a live server ----------------------------------------------------------------------------------------
+class ServerProcess:
+    """`loraplex serve <flags>` as a subprocess on a free 127.0.0.1 port; ready when /ready answers 200."""
+
+    def __init__(self, flags: Sequence[str], log_path: Path, env: dict[str, str] | None = None,
+                 ready_timeout: float = 300.0) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url, self.log_path = f"http://127.0.0.1:{port}", log_path
+        self.args = [sys.executable, "-m", "loraplex.server.cli", "serve", "--host", "127.0.0.1",
+                     "--port", str(port), *flags]
+        with log_path.open("wb") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **(env or {})})
+        self._wait_ready(ready_timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()[-3000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM and wait; the exit code, or None when it had to be killed."""
+        if self.proc.poll() is not None:
+            return self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None

@@ -33,9 +33,6 @@ import json
 import os
 import random
 import re
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,7 +46,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import httpx  # noqa: E402
-from common import RESULTS_DIR, machine_facts, print_facts, write_json  # noqa: E402
+from common import RESULTS_DIR, ServerProcess, machine_facts, print_facts, write_json  # noqa: E402
 
 from loraplex.adapters.synthetic import ALL_TARGETS, ATTENTION_TARGETS, make_peft_adapter  # noqa: E402
 from loraplex.server.tiny_models import CORPUS, build_model_dir  # noqa: E402
@@ -90,38 +87,13 @@ def build_assets(tmp: Path) -> Assets:
     return Assets(model, root, tmp / "state", churn)
 
 
-class Server:
-    """`loraplex serve` as a subprocess on a free 127.0.0.1 port; ready when /ready answers 200."""
+class Server(ServerProcess):
+    """The soak's server over its assets, with the RSS probe."""
 
     def __init__(self, assets: Assets, log_path: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url, self.log_path = f"http://127.0.0.1:{port}", log_path
-        self.args = [sys.executable, "-m", "loraplex.server.cli", "serve", "--model", str(assets.model),
-                     "--host", "127.0.0.1", "--port", str(port), "--adapter-root", str(assets.root),
-                     "--state-dir", str(assets.state), *SERVER_FLAGS]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        with log_path.open("wb") as log:
-            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=env)
-        self._wait_ready(300.0)
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()[-3000:]}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        super().__init__(["--model", str(assets.model), "--adapter-root", str(assets.root), "--state-dir",
+                          str(assets.state), *SERVER_FLAGS], log_path, env={"OMP_NUM_THREADS": "1",
+                                                                            "PYTHONUNBUFFERED": "1"})
 
     def rss_mib(self) -> float | None:
         """VmRSS of the server process in MiB (None once it has exited)."""
@@ -132,17 +104,6 @@ class Server:
         match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
         return round(int(match[1]) / 1024, 1) if match else None
 
-    def stop(self, timeout: float = 60.0) -> int | None:
-        """SIGTERM and wait; the exit code, or None when it had to be killed."""
-        if self.proc.poll() is not None:
-            return self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            return None
 
 
 def scrape(url: str) -> dict[str, float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 
 import httpx
 import pytest
@@ -92,3 +93,11 @@ def test_in_process_a_dead_engine_is_unhealthy_and_fatal(runtime_factory, tiny_m
         wait_until(lambda: reasons, "the runtime told that the engine died")
         assert "simulated fault" in reasons[0]
         assert_unavailable(client, "engine thread died")
+
+
+def test_a_client_gone_mid_write_cannot_kill_the_server(server_factory):
+    """SIGPIPE (a write to a socket the client closed) must fail that write only, not end the process."""
+    live = server_factory()
+    live.proc.send_signal(signal.SIGPIPE)
+    assert httpx.get(live.url + "/health", timeout=30).status_code == 200
+    assert live.proc.poll() is None
