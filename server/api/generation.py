@@ -307,10 +307,16 @@ async def _until_disconnected(request: Request) -> None:
 
 
 # ---- server-sent events --------------------------------------------------------------------------
+# Characters that json.dumps(ensure_ascii=False) leaves raw but many clients treat as line breaks
+# (str.splitlines, which httpx's iter_lines and others use): escaped, so one event is always one line.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(payload: dict[str, Any] | str) -> str:
     """One SSE event: `data: <json>\\n\\n` (a str payload, e.g. "[DONE]", goes as is)."""
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {data}\n\n"
+    if not isinstance(payload, str):
+        payload = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKS)
+    return f"data: {payload}\n\n"
 
 
 class EventStream(StreamingResponse):
