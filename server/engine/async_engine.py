@@ -132,9 +132,9 @@ class AsyncEngine:
     # ---- test hooks ------------------------------------------------------------------------------
     def allow_steps(self, n: int | None) -> None:
         """Test hook: run at most `n` more steps that compute tokens, then hold (None: no limit); steps that
-        only wait on adapter loads are free. The inbox is still drained
-        while held, so requests are queued in the engine but none advances: a test can make a request
-        "still running" by construction instead of by guessing how fast the machine is."""
+        only wait on adapter loads are free. The inbox is still drained while held, so requests are queued in
+        the engine but none advances: a test makes a request "still running" by construction instead of by
+        guessing how fast the machine is."""
         with self._cv:
             self._step_allowance = n
             self._cv.notify()
@@ -156,7 +156,7 @@ class AsyncEngine:
             self.alive = False
 
     def _die(self, reason: str) -> None:
-        """Fail every open stream and every request the engine holds, then ask the process to exit."""
+        """Ask the process to exit, then end every open stream with an error (nobody waits on a dead thread)."""
         self.dead_reason = reason
         self.alive = False
         try:
