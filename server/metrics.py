@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from loraplex.server.engine.async_engine import EngineSnapshot
+
 if TYPE_CHECKING:
+    from loraplex.adapters.cache import AdapterCache
     from loraplex.server.engine.engine import LLMEngine
     from loraplex.server.runtime import Runtime
 
@@ -108,30 +111,27 @@ class _StateCollector(Collector):
         self.runtime = runtime
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        rt = self.runtime
-        engine = rt.engine.engine if rt.engine is not None else None
-        running = _snapshot(engine.scheduler.running) if engine else []
-        waiting = _snapshot(engine.scheduler.waiting) if engine else []
-        kv = engine.pool.usage if engine else 0.0
-        yield _gauge("loraplex_num_requests_running", "Requests in the running batch", len(running))
-        yield _gauge("loraplex_num_requests_waiting", "Requests queued in the engine", len(waiting))
-        yield _gauge("loraplex_kv_cache_usage_ratio", "Fraction of KV blocks in use", kv)
-        yield _gauge("vllm:num_requests_running", "Requests in the running batch (vLLM name)", len(running))
-        yield _gauge("vllm:num_requests_waiting", "Requests queued (vLLM name)", len(waiting))
-        yield _gauge("vllm:gpu_cache_usage_perc", "KV cache usage, 0..1 (vLLM name)", kv)
-        yield from self._adapter_metrics(engine, running, waiting)
+        client = self.runtime.engine
+        snap = client.snapshot if client is not None else EngineSnapshot()  # published by the engine thread
+        yield _gauge("loraplex_num_requests_running", "Requests in the running batch", snap.running)
+        yield _gauge("loraplex_num_requests_waiting", "Requests queued in the engine", snap.waiting)
+        yield _gauge("loraplex_kv_cache_usage_ratio", "Fraction of KV blocks in use", snap.kv_usage)
+        yield _gauge("vllm:num_requests_running", "Requests in the running batch (vLLM name)", snap.running)
+        yield _gauge("vllm:num_requests_waiting", "Requests queued (vLLM name)", snap.waiting)
+        yield _gauge("vllm:gpu_cache_usage_perc", "KV cache usage, 0..1 (vLLM name)", snap.kv_usage)
+        yield from self._adapter_metrics(client.adapters if client is not None else None, snap)
 
-    def _adapter_metrics(self, engine: LLMEngine | None, running: list, waiting: list) -> Iterator:
+    def _adapter_metrics(self, cache: AdapterCache | None, snap: EngineSnapshot) -> Iterator:
         store, slots = self.runtime.store, self.runtime.config.engine.lora.max_loras
         yield _gauge("loraplex_adapter_slots_total", "Device adapter slots", slots)
         yield _gauge("loraplex_adapters_registered", "Registered adapters", len(store.names()) if store else 0)
         info = GaugeMetricFamily("vllm:lora_requests_info", "Running/waiting LoRA adapters (value: timestamp)",
                                  labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
-        info.add_metric([str(slots), _names(running), _names(waiting)], time.time())
+        # Adapter names come from registered adapters only: a request names one before it is admitted.
+        info.add_metric([str(slots), ",".join(snap.running_adapters), ",".join(snap.waiting_adapters)], time.time())
         yield info
-        if engine is None:
+        if cache is None:
             return
-        cache = engine.adapters
         resident = cache.resident()
         res = GaugeMetricFamily("loraplex_adapters_resident", "Adapters resident per tier", labels=["tier"])
         for tier in ("device", "host"):
@@ -147,20 +147,6 @@ class _StateCollector(Collector):
             yield fam
 
 
-def _snapshot(items: Iterable) -> list:
-    """Copy a queue the engine thread mutates; a copy that races a mutation is simply retried."""
-    for _ in range(10):
-        try:
-            return list(items)
-        except RuntimeError:  # "deque mutated during iteration"
-            continue
-    return []
-
-
 def _gauge(name: str, help_: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, help_, value=value)
 
-
-def _names(requests: list) -> str:
-    """Comma-separated distinct adapter names of these requests (registered names only, by construction)."""
-    return ",".join(sorted({r.adapter for r in requests if r.adapter}))

@@ -157,8 +157,7 @@ def make_params(**kwargs: Any) -> SamplingParams:
 def context_room(rt: Runtime, prompt_len: int) -> int:
     """Tokens left for generation after the prompt, within the context and the KV pool (at least 1, so that
     an over-long prompt is reported as such by `check_fits`)."""
-    pool = rt.engine.engine.pool
-    return max(1, min(rt.config.engine.max_model_len, pool.num_blocks * pool.block_size) - prompt_len)
+    return max(1, rt.engine.token_capacity - prompt_len)
 
 
 # ---- running one request -------------------------------------------------------------------------
@@ -177,7 +176,7 @@ class GenerationRequest:
 
 def start(rt: Runtime, req: GenerationRequest) -> Generation:
     """Check the request fits the context (400, before any slot is taken), admit it (429), start it."""
-    rt.engine.engine.check_fits(len(req.prompt_ids), req.params)
+    rt.engine.check_fits(len(req.prompt_ids), req.params)
     admit(rt, req.adapter)
     return Generation(rt, req)
 

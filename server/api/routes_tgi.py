@@ -94,7 +94,7 @@ def _finish_reason(rt: Runtime, generation: Generation) -> str:
     if generation.finish_reason == "length":
         return "length"
     last = generation.token_ids[-1] if generation.token_ids else None
-    return "eos_token" if last in rt.engine.engine.post.eos_ids else "stop_sequence"
+    return "eos_token" if last in rt.engine.eos_ids else "stop_sequence"
 
 
 def _token(rt: Runtime, token_id: int, text: str, logprob: float | None) -> dict[str, Any]:

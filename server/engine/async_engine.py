@@ -14,11 +14,12 @@ import asyncio
 import logging
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
+from loraplex.adapters.cache import AdapterCache
 from loraplex.server.engine.engine import LLMEngine
-from loraplex.server.engine.request import RequestOutput
+from loraplex.server.engine.request import Request, RequestOutput
 from loraplex.server.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -45,11 +46,15 @@ class _Crash:
 
 @dataclass(frozen=True)
 class EngineSnapshot:
-    """Counts the engine thread publishes after each inbox drain and step (read by other threads)."""
+    """What the engine thread publishes after each inbox drain and step; other threads (metrics, tests) read
+    this immutable value instead of the engine's live queues."""
 
     waiting: int = 0
     running: int = 0
     steps: int = 0  # steps that computed tokens since start
+    kv_usage: float = 0.0  # fraction of KV blocks in use
+    running_adapters: tuple[str, ...] = ()  # distinct adapter names of running requests, sorted
+    waiting_adapters: tuple[str, ...] = ()  # the same for queued requests
 
 
 class AsyncEngine:
@@ -67,6 +72,8 @@ class AsyncEngine:
         self.dead_reason: str | None = None
         self.snapshot = EngineSnapshot()
         self._step_allowance: int | None = None  # test hook: steps still allowed (None = no limit)
+        pool = engine.pool
+        self._token_capacity = min(engine.config.max_model_len, pool.num_blocks * pool.block_size)
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -86,12 +93,31 @@ class AsyncEngine:
     def num_active(self) -> int:
         return len(self._streams)
 
+    # ---- what callers on other threads may ask: immutable facts and thread-safe objects ------------------
+    def check_fits(self, prompt_len: int, params: SamplingParams) -> None:
+        """RequestRejected (a ValueError) with the numbers if the request can never run."""
+        self.engine.check_fits(prompt_len, params)
+
+    @property
+    def token_capacity(self) -> int:
+        """Most tokens (prompt + output) one request may hold: the context limit or the KV pool."""
+        return self._token_capacity
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        return self.engine.post.eos_ids
+
+    @property
+    def adapters(self) -> AdapterCache:
+        """The adapter cache (its public methods take its lock): tiers, errors, statistics."""
+        return self.engine.adapters
+
     # ---- requests ------------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; leaving the iterator early (client gone) aborts the request."""
         rid = request_id or uuid.uuid4().hex
-        self.engine.check_fits(len(prompt_ids), params)  # reject early, in the caller's context
+        self.check_fits(len(prompt_ids), params)  # reject early, in the caller's context
         self._check_alive()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), queue)
@@ -222,13 +248,19 @@ class AsyncEngine:
 
     def _publish(self, stepped: bool = False) -> None:
         sched = self.engine.scheduler
-        self.snapshot = EngineSnapshot(len(sched.waiting), len(sched.running), self.snapshot.steps + int(stepped))
+        self.snapshot = EngineSnapshot(len(sched.waiting), len(sched.running), self.snapshot.steps + int(stepped),
+                                       self.engine.pool.usage, _adapter_names(sched.running),
+                                       _adapter_names(sched.waiting))
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
             target = self._streams.get(out.request_id)
             if target is not None:
                 _put(*target, out)
+
+
+def _adapter_names(requests: Iterable[Request]) -> tuple[str, ...]:
+    return tuple(sorted({r.adapter for r in requests if r.adapter}))
 
 
 def _put(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[RequestOutput], out: RequestOutput) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections import deque
 from types import SimpleNamespace
 
 import pytest
@@ -17,6 +16,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from loraplex.adapters.cache import CacheStats
+from loraplex.server.engine.async_engine import EngineSnapshot
 from loraplex.server.metrics import Metrics
 
 ADAPTERS = ("alpha", "beta")
@@ -181,18 +181,18 @@ def test_unknown_model_names_never_become_label_values(client, name):
     assert set(_all_label_values(after)) >= {"alpha", "unknown"}
 
 
-def test_state_gauges_read_the_engine_at_scrape_time():
-    """The collector's view of queues, KV usage and residency, against a hand-built engine state."""
+def test_state_gauges_read_the_engine_snapshot_at_scrape_time():
+    """The collector's view of queues, KV usage and residency: the snapshot the engine thread published
+    (never its live queues) and the cache's statistics."""
     stats = CacheStats()
     stats.hits["device"], stats.misses["host"], stats.evictions["device"] = 7, 2, 1
-    running = [SimpleNamespace(adapter=a) for a in ("b-ad", "a-ad", "b-ad", None)]
-    waiting = deque([SimpleNamespace(adapter="c-ad")])
     cache = SimpleNamespace(stats=stats, resident=lambda: {"device": ["a-ad", "b-ad"], "host": ["a-ad", "b-ad",
                                                                                                 "c-ad"]})
-    engine = SimpleNamespace(scheduler=SimpleNamespace(running=running, waiting=waiting),
-                             pool=SimpleNamespace(usage=0.25), adapters=cache)
+    snap = EngineSnapshot(waiting=1, running=4, kv_usage=0.25, running_adapters=("a-ad", "b-ad"),
+                          waiting_adapters=("c-ad",))
     store = SimpleNamespace(names=lambda: ["a-ad", "b-ad", "c-ad", "d-ad"])
-    runtime = SimpleNamespace(engine=SimpleNamespace(engine=engine), store=store, served_model_name="base",
+    runtime = SimpleNamespace(engine=SimpleNamespace(snapshot=snap, adapters=cache), store=store,
+                              served_model_name="base",
                               config=SimpleNamespace(engine=SimpleNamespace(lora=SimpleNamespace(max_loras=2))))
     body, _ = Metrics(runtime).render()
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
