@@ -212,7 +212,8 @@ class AsyncEngine:
                 log.exception("engine inbox item %r failed", type(item).__name__)
                 if isinstance(item, _Add):
                     self._deliver([_error_output(item, "internal error while queueing this request", "internal")])
-        self._publish()
+        if items:  # an empty drain changed nothing: the step publishes its own snapshot
+            self._publish()
 
     def _apply(self, item: object) -> None:
         if isinstance(item, _Add):
