@@ -32,9 +32,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class StoreConfig:
     state_dir: Path
-    adapter_root: Path | None = None
-    max_lora_rank: int = 64
-    max_upload_bytes: int = 2 * 2**30
+    adapter_root: Path | None  # these three have no defaults here: the server's configs hold them
+    max_lora_rank: int
+    max_upload_bytes: int
     s3_endpoint: str | None = None
 
 

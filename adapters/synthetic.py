@@ -22,8 +22,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-ALL_TARGETS = (*ATTENTION_TARGETS, "gate_proj", "up_proj", "down_proj")
+from loraplex.adapters.targets import ATTENTION_TARGETS, TARGET_MODULES
 
 
 @dataclass(frozen=True)
@@ -36,7 +35,7 @@ class AdapterPreset:
 
 PRESETS: dict[str, AdapterPreset] = {
     "S1": AdapterPreset(rank=8, target_modules=ATTENTION_TARGETS),
-    "P": AdapterPreset(rank=16, target_modules=ALL_TARGETS),  # Punica's setting
+    "P": AdapterPreset(rank=16, target_modules=TARGET_MODULES),  # Punica's setting
 }
 # S2 draws each adapter's rank uniformly from these, on ATTENTION_TARGETS.
 S2_RANKS = (8, 16, 32, 64)

@@ -48,14 +48,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import httpx  # noqa: E402
 from common import RESULTS_DIR, ServerProcess, machine_facts, print_facts, write_json  # noqa: E402
 
-from loraplex.adapters.synthetic import ALL_TARGETS, ATTENTION_TARGETS, make_peft_adapter  # noqa: E402
+from loraplex.adapters.synthetic import make_peft_adapter  # noqa: E402
+from loraplex.adapters.targets import ATTENTION_TARGETS, TARGET_MODULES  # noqa: E402
 from loraplex.server.tiny_models import CORPUS, build_model_dir  # noqa: E402
 
 BASE = "tiny-base"
 VOCAB = 512  # the tiny model's vocabulary (ids 0..2 are special tokens)
 MAX_MODEL_LEN = 256
 BODY_LIMIT = 65536
-STABLE = {"ad-r4": (4, ATTENTION_TARGETS), "ad-r8": (8, ALL_TARGETS), "ad-r16": (16, ("q_proj", "v_proj")),
+STABLE = {"ad-r4": (4, ATTENTION_TARGETS), "ad-r8": (8, TARGET_MODULES), "ad-r16": (16, ("q_proj", "v_proj")),
           "ad-r32": (32, ATTENTION_TARGETS)}
 CHURN_SOURCES = 3
 SERVER_FLAGS = ("--device", "cpu", "--dtype", "float32", "--served-model-name", BASE, "--max-lora-rank", "32",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -28,36 +29,49 @@ from loraplex.server.runtime import Runtime, RuntimeConfig
 
 log = logging.getLogger("loraplex")
 
+
+def _default(config: type, field: str) -> object:
+    """The default of `config`'s dataclass field: each default is defined once, on its config."""
+    (f,) = (f for f in dataclasses.fields(config) if f.name == field)
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
 # (flag, type, default, help); the env var is LORAPLEX_ + flag upper-cased with '-' -> '_'.
 FLAGS: tuple[tuple[str, type, object, str], ...] = (
-    ("--model", str, None, "HF model dir; absent -> the built-in demo model"),
-    ("--quantize", str, "none", f"base weight quantization {QUANTIZE_CHOICES}"),
-    ("--dtype", str, "auto", f"compute dtype {DTYPE_CHOICES}"),
-    ("--device", str, "auto", f"{DEVICE_CHOICES}"),
-    ("--host", str, "127.0.0.1", "listen address"),
-    ("--port", int, 8000, "listen port"),
-    ("--adapter-root", str, None, "registration by path is confined to this directory"),
-    ("--state-dir", str, "state", "durable adapter registry and uploads"),
-    ("--max-loras", int, 8, "device adapter slots (distinct adapters per step)"),
-    ("--max-cpu-loras", int, 32, "adapters kept in host memory (LRU)"),
-    ("--max-cpu-lora-bytes", int, 2 * 2**30,
+    ("--model", str, _default(ModelConfig, "path"), "HF model dir; absent -> the built-in demo model"),
+    ("--quantize", str, _default(ModelConfig, "quantize"), f"base weight quantization {QUANTIZE_CHOICES}"),
+    ("--dtype", str, _default(ModelConfig, "dtype"), f"compute dtype {DTYPE_CHOICES}"),
+    ("--device", str, _default(ModelConfig, "device"), f"{DEVICE_CHOICES}"),
+    ("--host", str, _default(ServerConfig, "host"), "listen address"),
+    ("--port", int, _default(ServerConfig, "port"), "listen port"),
+    ("--adapter-root", str, _default(ServerConfig, "adapter_root"),
+     "registration by path is confined to this directory"),
+    ("--state-dir", str, _default(ServerConfig, "state_dir"), "durable adapter registry and uploads"),
+    ("--max-loras", int, _default(LoRAConfig, "max_loras"), "device adapter slots (distinct adapters per step)"),
+    ("--max-cpu-loras", int, _default(LoRAConfig, "max_cpu_loras"), "adapters kept in host memory (LRU)"),
+    ("--max-cpu-lora-bytes", int, _default(LoRAConfig, "max_cpu_lora_bytes"),
      "bytes of adapter weights kept in host memory (LRU, with --max-cpu-loras; a larger adapter skips it)"),
-    ("--max-lora-rank", int, 64, "largest adapter rank accepted"),
-    ("--max-num-seqs", int, 32, "sequences per engine step"),
-    ("--max-batch-tokens", int, 2048, "tokens per engine step (prefill chunks + decodes)"),
-    ("--scheduling-policy", str, "fair", "fair (virtual token counter across adapters) or fcfs"),
-    ("--max-model-len", int, 2048, "context length limit (prompt + output)"),
-    ("--num-kv-blocks", int, 0, "KV cache blocks (0: sized from free memory)"),
-    ("--block-size", int, 16, "tokens per KV block"),
-    ("--served-model-name", str, None, "name of the base model in the API (default: the model dir name)"),
-    ("--api-key", str, None, "required on generation routes when set"),
-    ("--admin-key", str, None, "required on adapter registration routes when set"),
-    ("--max-queue", int, 256, "in-flight requests admitted before answering 429 (one adapter may hold 3/4)"),
-    ("--max-body-bytes", int, 4 * 2**20, "largest JSON request body"),
-    ("--max-upload-bytes", int, 2 * 2**30, "largest adapter upload"),
-    ("--s3-endpoint", str, None, "S3-compatible endpoint URL for s3:// adapter paths"),
-    ("--drain-timeout", float, 30.0, "seconds to let in-flight requests finish after SIGTERM"),
-    ("--log-level", str, "info", "debug, info, warning, error"),
+    ("--max-lora-rank", int, _default(LoRAConfig, "max_lora_rank"), "largest adapter rank accepted"),
+    ("--max-num-seqs", int, _default(SchedulerConfig, "max_num_seqs"), "sequences per engine step"),
+    ("--max-batch-tokens", int, _default(SchedulerConfig, "max_batch_tokens"),
+     "tokens per engine step (prefill chunks + decodes)"),
+    ("--scheduling-policy", str, _default(SchedulerConfig, "policy"),
+     "fair (virtual token counter across adapters) or fcfs"),
+    ("--max-model-len", int, _default(EngineConfig, "max_model_len"), "context length limit (prompt + output)"),
+    ("--num-kv-blocks", int, _default(EngineConfig, "num_kv_blocks"), "KV cache blocks (0: sized from free memory)"),
+    ("--block-size", int, _default(EngineConfig, "block_size"), "tokens per KV block"),
+    ("--served-model-name", str, _default(ModelConfig, "served_model_name"),
+     "name of the base model in the API (default: the model dir name)"),
+    ("--api-key", str, _default(ServerConfig, "api_key"), "required on generation routes when set"),
+    ("--admin-key", str, _default(ServerConfig, "admin_key"), "required on adapter registration routes when set"),
+    ("--max-queue", int, _default(ServerConfig, "max_queue"),
+     "in-flight requests admitted before answering 429 (one adapter may hold 3/4)"),
+    ("--max-body-bytes", int, _default(ServerConfig, "max_body_bytes"), "largest JSON request body"),
+    ("--max-upload-bytes", int, _default(ServerConfig, "max_upload_bytes"), "largest adapter upload"),
+    ("--s3-endpoint", str, _default(ServerConfig, "s3_endpoint"), "S3-compatible endpoint URL for s3:// adapter paths"),
+    ("--drain-timeout", float, _default(ServerConfig, "drain_timeout_s"),
+     "seconds to let in-flight requests finish after SIGTERM"),
+    ("--log-level", str, "info", "debug, info, warning, error"),  # logging only: no config holds it
 )
 
 

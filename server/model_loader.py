@@ -17,6 +17,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from loraplex.adapters.targets import TARGET_MODULES
 from loraplex.server.config import ModelConfig
 from loraplex.server.tiny_models import demo_model_dir
 
@@ -28,8 +29,6 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
 )
-# Leaf names of the linears a LoRA adapter may target (attention + MLP projections of these families).
-TARGET_MODULE_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -155,7 +154,7 @@ def targetable_modules(model: nn.Module) -> dict[str, tuple[int, int]]:
     found = {}
     for name, module in model.named_modules():
         name = name.removesuffix(".base_layer")
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in TARGET_MODULE_NAMES:
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in TARGET_MODULES:
             found[name] = (module.in_features, module.out_features)
     return found
 

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from loraplex.adapters.targets import ATTENTION_TARGETS
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+ATTENTION = ATTENTION_TARGETS
 
 
 def family_seed(family: str) -> int:

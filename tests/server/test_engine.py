@@ -6,11 +6,12 @@ import random
 
 import pytest
 
+from loraplex.adapters.targets import TARGET_MODULES
 from loraplex.server.engine.sampling_params import SamplingParams
 
 from .engine_helpers import PeftReference, greedy, make_engine, run_to_completion, tokens_of
 
-ALL7 = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL7 = TARGET_MODULES
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from loraplex.adapters import synthetic
 from loraplex.adapters.synthetic import PRESETS, make_peft_adapter
+from loraplex.adapters.targets import ATTENTION_TARGETS, TARGET_MODULES
 from loraplex.server import tiny_models
 from loraplex.server.tiny_models import (
     FAMILIES,
@@ -259,9 +259,9 @@ def test_adapters_load_in_peft_and_change_outputs(tiny_model_dir, adapter_dir, t
         base_logits = base(torch.tensor([ids])).logits
     outputs = {"base": tuple(greedy(base, ids))}
     adapters = {
-        "s1": (8, synthetic.ATTENTION_TARGETS, 1),
-        "s1b": (8, synthetic.ATTENTION_TARGETS, 2),
-        "p": (16, synthetic.ALL_TARGETS, 3),
+        "s1": (8, ATTENTION_TARGETS, 1),
+        "s1b": (8, ATTENTION_TARGETS, 2),
+        "p": (16, TARGET_MODULES, 3),
     }
     for name, (rank, targets, seed) in adapters.items():
         adapter = adapter_dir(family, rank, targets, seed)

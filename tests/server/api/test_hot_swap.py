@@ -24,14 +24,15 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
+from loraplex.adapters.targets import ATTENTION_TARGETS, TARGET_MODULES
+
 from ..engine_helpers import PeftReference
 from .engine_hooks import allow_steps, held, wait_queued
 
 if TYPE_CHECKING:
     from .conftest import LiveServer
 
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-ALL7 = (*ATTENTION, "gate_proj", "up_proj", "down_proj")
+ATTENTION, ALL7 = ATTENTION_TARGETS, TARGET_MODULES
 N_TOKENS = 6
 N_CHURN = 20
 CHURN = [f"c{i:02d}" for i in range(N_CHURN)]

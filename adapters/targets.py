@@ -1,0 +1,9 @@
+"""The linear layers a LoRA adapter may target: the projection names (module leaf names) of the
+Llama / Mistral / Qwen2 / Qwen3 decoder layers. Defined here once; injection, the model loader's shape
+report and the synthetic adapters all read it."""
+
+from __future__ import annotations
+
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+TARGET_MODULES = (*ATTENTION_TARGETS, *MLP_TARGETS)

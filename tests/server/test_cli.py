@@ -1,0 +1,93 @@
+"""`loraplex serve` flags: each default is its config dataclass's default, shown in --help, overridable by env."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+
+from loraplex.server.cli import FLAGS, _env_name, build_parser, configs_from_args
+from loraplex.server.config import LoRAConfig, ModelConfig, ServerConfig
+from loraplex.server.engine.engine import EngineConfig
+from loraplex.server.engine.scheduler import SchedulerConfig
+from loraplex.server.runtime import RuntimeConfig
+
+# flag -> (config dataclass, field) it sets. --log-level configures logging only.
+FLAG_FIELDS = {
+    "--model": (ModelConfig, "path"),
+    "--quantize": (ModelConfig, "quantize"),
+    "--dtype": (ModelConfig, "dtype"),
+    "--device": (ModelConfig, "device"),
+    "--served-model-name": (ModelConfig, "served_model_name"),
+    "--host": (ServerConfig, "host"),
+    "--port": (ServerConfig, "port"),
+    "--adapter-root": (ServerConfig, "adapter_root"),
+    "--state-dir": (ServerConfig, "state_dir"),
+    "--api-key": (ServerConfig, "api_key"),
+    "--admin-key": (ServerConfig, "admin_key"),
+    "--max-queue": (ServerConfig, "max_queue"),
+    "--max-body-bytes": (ServerConfig, "max_body_bytes"),
+    "--max-upload-bytes": (ServerConfig, "max_upload_bytes"),
+    "--s3-endpoint": (ServerConfig, "s3_endpoint"),
+    "--drain-timeout": (ServerConfig, "drain_timeout_s"),
+    "--max-loras": (LoRAConfig, "max_loras"),
+    "--max-cpu-loras": (LoRAConfig, "max_cpu_loras"),
+    "--max-cpu-lora-bytes": (LoRAConfig, "max_cpu_lora_bytes"),
+    "--max-lora-rank": (LoRAConfig, "max_lora_rank"),
+    "--max-num-seqs": (SchedulerConfig, "max_num_seqs"),
+    "--max-batch-tokens": (SchedulerConfig, "max_batch_tokens"),
+    "--scheduling-policy": (SchedulerConfig, "policy"),
+    "--max-model-len": (EngineConfig, "max_model_len"),
+    "--num-kv-blocks": (EngineConfig, "num_kv_blocks"),
+    "--block-size": (EngineConfig, "block_size"),
+}
+
+
+@pytest.fixture(autouse=True)
+def _no_loraplex_env(monkeypatch):
+    for key in [k for k in os.environ if k.startswith("LORAPLEX_")]:
+        monkeypatch.delenv(key)
+
+
+def _serve_parser():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return sub.choices["serve"]
+
+
+def _field_default(config: type, name: str) -> object:
+    (f,) = (f for f in dataclasses.fields(config) if f.name == name)
+    return f.default
+
+
+def test_every_flag_default_is_its_config_dataclass_default():
+    flags = {flag for flag, *_ in FLAGS}
+    assert flags - {"--log-level"} == set(FLAG_FIELDS)
+    serve = _serve_parser()
+    for flag, (config, name) in FLAG_FIELDS.items():
+        assert serve.get_default(flag.lstrip("-").replace("-", "_")) == _field_default(config, name), flag
+
+
+def test_no_flags_build_the_default_configs():
+    cfg = configs_from_args(build_parser().parse_args(["serve"]))
+    # ModelConfig gets the engine's context limit (the one --max-model-len sets).
+    model = ModelConfig(max_model_len=EngineConfig().max_model_len)
+    assert cfg == RuntimeConfig(model, EngineConfig(), ServerConfig())
+
+
+def test_help_shows_each_default_and_env_var():
+    text = " ".join(_serve_parser().format_help().split())
+    for flag, _, default, _ in FLAGS:
+        assert f"(env {_env_name(flag)}; default {default})" in text, flag
+
+
+def test_env_vars_override_defaults(monkeypatch):
+    monkeypatch.setenv("LORAPLEX_MAX_LORAS", "3")
+    monkeypatch.setenv("LORAPLEX_STATE_DIR", "/tmp/elsewhere")
+    monkeypatch.setenv("LORAPLEX_DRAIN_TIMEOUT", "2.5")
+    cfg = configs_from_args(build_parser().parse_args(["serve"]))
+    assert cfg.engine.lora.max_loras == 3
+    assert str(cfg.server.state_dir) == "/tmp/elsewhere"
+    assert cfg.server.drain_timeout_s == 2.5
+    # A flag still wins over its env var.
+    assert configs_from_args(build_parser().parse_args(["serve", "--max-loras", "5"])).engine.lora.max_loras == 5
