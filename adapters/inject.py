@@ -1,51 +1,91 @@
-"""Wrap every targetable linear layer of a transformers model in MultiLoRALinear (no forked model code)."""
+"""Wrap every targetable linear layer of a transformers model in MultiLoRALinear (no forked model code),
+and describe each forward's adapter use to those layers once (`set_token_slots`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from loraplex.adapters.context import LoRABatchContext
 from loraplex.adapters.layer import MultiLoRALinear
+from loraplex.adapters.ops import LoRABatchBuffers, plan_groups
+from loraplex.adapters.targets import TARGET_MODULES
 from loraplex.adapters.weights import AdapterWeights
-
-# Projection names of the Llama / Mistral / Qwen2 / Qwen3 decoder layers.
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
 class LoRAInjection:
-    """The wrapped layers of one model (by full module name) and the context they all read."""
+    """The wrapped layers of one model (by full module name), the context they all read, and per slot the
+    rank it holds for each module kind (what a step's rank bounds are computed from)."""
 
     layers: dict[str, MultiLoRALinear]
     context: LoRABatchContext
     num_slots: int
     max_rank: int
+    buffers: LoRABatchBuffers
+    slot_ranks: list[dict[str, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.slot_ranks = [{} for _ in range(self.num_slots)]
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """Full module name -> (in_features, out_features), for adapter validation."""
         return {name: (m.in_features, m.out_features) for name, m in self.layers.items()}
 
+    @property
+    def null_slot(self) -> int:
+        """The always-zero slot that base-only tokens of a gather-form (padded decode) step point at."""
+        return self.num_slots
+
     def load_slot(self, slot: int, weights: AdapterWeights) -> None:
-        """Copy an adapter into `slot` of every layer; layers it does not target get rank 0."""
+        """Copy an adapter into `slot` of every layer; layers it does not target get zeros."""
         self._check_slot(slot)
         unknown = set(weights.modules) - set(self.layers)
         if unknown:
             raise ValueError(f"adapter targets modules the model lacks: {sorted(unknown)[:3]}")
+        self.slot_ranks[slot] = {}  # a failed copy below leaves no stale ranks behind
+        ranks: dict[str, int] = {}
         for name, layer in self.layers.items():
             mod = weights.modules.get(name)
             if mod is None:
                 layer.clear_slot(slot)
-            else:
-                layer.set_slot(slot, mod.a.to(layer.lora_a.dtype), mod.b.to(layer.lora_b.dtype), mod.scale)
+                continue
+            layer.set_slot(slot, mod.a.to(layer.lora_a.dtype), mod.b.to(layer.lora_b.dtype), mod.scale)
+            ranks[layer.kind] = max(ranks.get(layer.kind, 0), mod.a.shape[0])
+        self.slot_ranks[slot] = ranks
 
     def clear_slot(self, slot: int) -> None:
         self._check_slot(slot)
+        self.slot_ranks[slot] = {}
         for layer in self.layers.values():
             layer.clear_slot(slot)
+
+    def set_token_slots(self, token_slots: Sequence[int], *, gather: bool = False) -> None:
+        """Describe the next forward: the slot of each flattened token (-1 = base only), laid out once into
+        the preallocated buffers every layer reads. `gather`: the static gather form (batch.py) for a
+        capturable decode step, computed at --max-lora-rank for every kind so its shapes never depend on
+        the adapters; else the grouped form at each kind's exact rank bound."""
+        for s in token_slots:
+            if s >= self.num_slots:
+                raise IndexError(f"token slot {s} outside [-1, {self.num_slots})")
+        plan = plan_groups(token_slots, gather=gather, null_slot=self.null_slot)
+        if plan is None:
+            self.context.set(None)
+            return
+        ranks = self._rank_bounds({s for s in token_slots if s >= 0}, gather)
+        self.context.set(self.buffers.fill(token_slots, plan, ranks))
+
+    def _rank_bounds(self, slots: set[int], gather: bool) -> dict[str, int]:
+        if gather:
+            return dict.fromkeys({layer.kind for layer in self.layers.values()}, self.max_rank)
+        bounds: dict[str, int] = {}
+        for s in slots:
+            for kind, rank in self.slot_ranks[s].items():
+                bounds[kind] = max(bounds.get(kind, 0), rank)
+        return bounds
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:
@@ -67,13 +107,16 @@ def inject_multi_lora(
     found = [(n, m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in wanted and _is_linear(m)]
     layers: dict[str, MultiLoRALinear] = {}
     for name, module in found:
-        wrapped = MultiLoRALinear(module, num_slots=num_slots, max_rank=max_rank, context=context, dtype=dtype)
+        kind = name.rsplit(".", 1)[-1]
+        wrapped = MultiLoRALinear(module, kind=kind, num_slots=num_slots, max_rank=max_rank, context=context,
+                                  dtype=dtype)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapped)
         layers[name] = wrapped
     if not layers:
         raise ValueError(f"no targetable linear layers ({sorted(wanted)}) found in the model")
-    return LoRAInjection(layers, context, num_slots, max_rank)
+    device = next(iter(layers.values())).lora_a.device
+    return LoRAInjection(layers, context, num_slots, max_rank, LoRABatchBuffers(device))
 
 
 def _is_linear(module: nn.Module) -> bool:

@@ -3,7 +3,8 @@
     y_t = base(x_t) + scale_s * B_s (A_s x_t)      s = slot of token t (-1: base only)
 
 The base may be nn.Linear or a bitsandbytes Linear4bit / Linear8bitLt: LoRA runs beside it in the compute
-dtype (QLoRA style). Slot stacks are preallocated; the scale is folded into B when a slot is loaded.
+dtype (QLoRA style). Slot stacks are preallocated with one extra null slot (index num_slots, always zero)
+that base-only tokens of a padded decode step point at; the scale is folded into B when a slot is loaded.
 """
 
 from __future__ import annotations
@@ -18,67 +19,60 @@ from loraplex.adapters.ops import lora_apply
 class MultiLoRALinear(nn.Module):
     """A base linear layer plus `num_slots` LoRA slots of rank <= `max_rank`.
 
-    lora_a: [S, R_max, in]; lora_b: [S, out, R_max] (already multiplied by the adapter's scale);
-    ranks[s]: the rank held in slot s for this module (0 = empty or not targeted by that adapter).
+    lora_a: [S + 1, R_max, in]; lora_b: [S + 1, R_max, out] (B transposed, already multiplied by the
+    adapter's scale). Rows past a slot's own rank are zero, and so is a slot whose adapter does not
+    target this layer: any rank bound computes the exact delta.
     """
 
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        *,
-        num_slots: int,
-        max_rank: int,
-        context: LoRABatchContext,
-        dtype: torch.dtype,
-    ) -> None:
+    def __init__(self, base_layer: nn.Module, *, kind: str, num_slots: int, max_rank: int,
+                 context: LoRABatchContext, dtype: torch.dtype) -> None:
         super().__init__()
         self.base_layer = base_layer
+        self.kind = kind  # the leaf name ("q_proj", ...): the step's rank bound is per kind
         self.in_features: int = base_layer.in_features
         self.out_features: int = base_layer.out_features
         self.max_rank = max_rank
+        self.num_slots = num_slots
         self.context = context
         device = _device_of(base_layer)
-        a = torch.zeros(num_slots, max_rank, self.in_features, dtype=dtype, device=device)
-        b = torch.zeros(num_slots, self.out_features, max_rank, dtype=dtype, device=device)
+        a = torch.zeros(num_slots + 1, max_rank, self.in_features, dtype=dtype, device=device)
+        b = torch.zeros(num_slots + 1, max_rank, self.out_features, dtype=dtype, device=device)
         self.register_buffer("lora_a", a, persistent=False)
         self.register_buffer("lora_b", b, persistent=False)
-        self.ranks: list[int] = [0] * num_slots
 
     @property
     def weight(self) -> torch.Tensor:
         # Some model code reads `proj.weight.dtype` / `.device`; answer for the base layer.
         return self.base_layer.weight
 
-    @property
-    def num_slots(self) -> int:
-        return len(self.ranks)
-
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
-        """Load A [r, in] and B [out, r] (scaled by `scale`) into `slot`; r <= max_rank."""
+        """Load A [r, in] and B [out, r] (scaled by `scale`) into `slot`; r <= max_rank; zeros past r."""
         r = a.shape[0]
         if r > self.max_rank:
             raise ValueError(f"rank {r} exceeds --max-lora-rank {self.max_rank}")
         if tuple(a.shape) != (r, self.in_features) or tuple(b.shape) != (self.out_features, r):
             raise ValueError(f"LoRA shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit this layer")
         self.lora_a[slot, :r].copy_(a, non_blocking=True)
-        b_dst = self.lora_b[slot, :, :r]  # [out, r] view: scale in place, no temporary of B's size
-        b_dst.copy_(b, non_blocking=True)
+        self.lora_a[slot, r:].zero_()
+        b_dst = self.lora_b[slot, :r]  # [r, out] view: scale in place, no temporary of B's size
+        b_dst.copy_(b.t(), non_blocking=True)
         b_dst.mul_(scale)
-        self.ranks[slot] = r
+        self.lora_b[slot, r:].zero_()
 
     def clear_slot(self, slot: int) -> None:
-        """Mark the slot empty; stale values past rank 0 are never read (ops slice to the rank)."""
-        self.ranks[slot] = 0
+        """Zero the slot: an adapter that does not target this layer adds nothing through it."""
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        meta = self.context.meta_for(x)
-        if meta is None:
+        rank = self.context.rank_for(self.kind)
+        if not rank:  # no adapter of this step targets this kind of layer (a per-step fact, not per token)
             return y
         y = y.contiguous()  # a no-op for nn.Linear; bnb layers may hand back a strided view
         # x: [..., in] -> [T, in]; y: [..., out] -> [T, out] (a view: the add lands in y)
         y2d = y.view(-1, self.out_features)
-        lora_apply(y2d, x.reshape(-1, self.in_features), self.lora_a, self.lora_b, self.ranks, meta)
+        lora_apply(y2d, x.reshape(-1, self.in_features), self.lora_a, self.lora_b, self.context.batch, rank)
         return y
 
     def extra_repr(self) -> str:

@@ -1,73 +1,32 @@
-"""The kernel-backend seam: the four batched LoRA ops every backend (torch, triton, ...) provides.
+"""The kernel-backend seam: the one fused LoRA op every backend (torch, triton, ...) provides.
 
-Shapes, for T flattened tokens, S adapter slots and R = r_max:
-    x: [T, in]   h: [T, R]   y: [T, out]   a_stack: [S, R, in]   b_stack: [S, out, R]
-`ranks[s]` is slot s's own rank (0 = empty slot or module not targeted); only A[s, :ranks[s]] and
-B[s, :, :ranks[s]] are meaningful. The public functions in `loraplex.adapters.ops` validate inputs,
-allocate h and pick the variant; backends only compute.
+Shapes, for T flattened tokens, S adapter slots (plus the null slot S, all zeros), R_max = --max-lora-rank
+and a step's grid of G groups x D rows (see batch.py):
+    x: [T, in]   y: [T, out]   a_stack: [S + 1, R_max, in]   b_stack: [S + 1, R_max, out] (scale folded in)
+Slot s holds its adapter's A [r, in] and B^T [r, out] in rows [0, r) and zeros past r, so computing at any
+rank bound >= r gives the same result. The public function in `loraplex.adapters.ops` validates shapes;
+backends only compute.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 
 import torch
 
-from loraplex.adapters.ops.meta import LoRAMeta
+from loraplex.adapters.ops.batch import LoRABatch
 
 
 class LoRABackend(ABC):
-    """One implementation of the SGMV (per segment) and BGMV (per slot gather) shrink/expand ops."""
+    """One implementation of the fused shrink + expand over a step's grid."""
 
     name: str = "abstract"
 
     @abstractmethod
-    def shrink_sgmv(
-        self, h: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, ranks: Sequence[int], meta: LoRAMeta
-    ) -> None:
-        """Per segment (start, end, s) of meta.segments: h[start:end, :r] = x[start:end] @ A[s, :r].T.
+    def apply(self, y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
+              batch: LoRABatch, rank: int) -> None:
+        """y[t] += (x[t] @ A[s, :rank].T) @ B[s, :rank] for every grid row (token t, slot s), in place.
 
-        h arrives zero-filled in a_stack's dtype; entries outside adapted tokens' ranks stay zero.
+        The op sequence must not depend on which slots or how many segments the batch holds, and nothing
+        may synchronise with the host (the decode step is captured by CUDA graphs).
         """
-
-    @abstractmethod
-    def shrink_bgmv(
-        self, h: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, ranks: Sequence[int], meta: LoRAMeta
-    ) -> None:
-        """Per slot s with tokens idx in meta.slot_tokens: h[idx, :r] = x[idx] @ A[s, :r].T."""
-
-    @abstractmethod
-    def expand_sgmv(
-        self, y: torch.Tensor, h: torch.Tensor, b_stack: torch.Tensor, ranks: Sequence[int], meta: LoRAMeta
-    ) -> None:
-        """Per segment (start, end, s): y[start:end] += h[start:end, :r] @ B[s, :, :r].T (in place)."""
-
-    @abstractmethod
-    def expand_bgmv(
-        self, y: torch.Tensor, h: torch.Tensor, b_stack: torch.Tensor, ranks: Sequence[int], meta: LoRAMeta
-    ) -> None:
-        """Per slot s with tokens idx: y[idx] += h[idx, :r] @ B[s, :, :r].T (in place)."""
-
-    def apply(
-        self,
-        y: torch.Tensor,
-        x: torch.Tensor,
-        a_stack: torch.Tensor,
-        b_stack: torch.Tensor,
-        ranks: Sequence[int],
-        meta: LoRAMeta,
-        gather: bool,
-    ) -> None:
-        """y += expand(shrink(x)) with the BGMV variant when `gather`, else SGMV.
-
-        Default: the two ops through a zero-filled [T, R] buffer. Backends override this where a fused
-        path (no buffer) measures faster.
-        """
-        h = x.new_zeros((x.shape[0], a_stack.shape[1]), dtype=a_stack.dtype)
-        if gather:
-            self.shrink_bgmv(h, x, a_stack, ranks, meta)
-            self.expand_bgmv(y, h, b_stack, ranks, meta)
-        else:
-            self.shrink_sgmv(h, x, a_stack, ranks, meta)
-            self.expand_sgmv(y, h, b_stack, ranks, meta)

@@ -1,34 +1,19 @@
-"""Per-token loop twins of the LoRA ops: the plainest correct code, used only as test oracles.
+"""Per-token loop twin of `lora_apply`: the plainest correct code, used only as the test oracle.
 
-Slow on purpose (one Python iteration per token) and computed in float64, then cast to the op's
-output dtype, so they hold the exact answer the fast ops approximate.
+Slow on purpose (one Python iteration per token) and computed in float64, then cast to y's dtype, so it
+holds the exact answer the batched op approximates. It reads only the per-token slots, never the grid.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
-from loraplex.adapters.ops.meta import LoRAMeta
 
-
-def ref_lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, ranks: Sequence[int], meta: LoRAMeta) -> torch.Tensor:
-    """h [T, R_max]: h[t, :r] = A[s, :r] @ x[t] for tokens with slot s >= 0 and r = ranks[s] > 0; else 0."""
-    h = torch.zeros(x.shape[0], a_stack.shape[1], dtype=torch.float64)
-    for t, s in enumerate(meta.token_slots.tolist()):
-        if s >= 0 and ranks[s] > 0:
-            r = ranks[s]
-            h[t, :r] = a_stack[s, :r, :].double().cpu() @ x[t].double().cpu()
-    return h.to(device=x.device, dtype=a_stack.dtype)
-
-
-def ref_lora_expand(
-    y: torch.Tensor, h: torch.Tensor, b_stack: torch.Tensor, ranks: Sequence[int], meta: LoRAMeta
-) -> None:
-    """In place: y[t] += B[s, :, :r] @ h[t, :r] for tokens with slot s >= 0 and r = ranks[s] > 0."""
-    for t, s in enumerate(meta.token_slots.tolist()):
-        if s >= 0 and ranks[s] > 0:
-            r = ranks[s]
-            delta = b_stack[s, :, :r].double().cpu() @ h[t, :r].double().cpu()
+def ref_lora_apply(y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
+                   token_slots: list[int], rank: int) -> None:
+    """In place: y[t] += B[s, :rank].T @ (A[s, :rank] @ x[t]) for every token t with slot s >= 0."""
+    for t, s in enumerate(token_slots):
+        if s >= 0:
+            h = a_stack[s, :rank].double().cpu() @ x[t].double().cpu()  # [rank]
+            delta = b_stack[s, :rank].double().cpu().t() @ h  # [out]
             y[t] = (y[t].double().cpu() + delta).to(device=y.device, dtype=y.dtype)

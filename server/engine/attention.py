@@ -59,11 +59,14 @@ class AttentionMetadata:
 
 
 class PagedKVCache:
-    """The preallocated block pool's tensors: per layer K and V of [num_blocks * block_size, kv_heads, dim]."""
+    """The preallocated block pool's tensors: per layer K and V of [num_blocks * block_size + 1, kv_heads, dim]."""
 
     def __init__(self, num_layers: int, num_slots: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
-        shape = (num_slots, kv_heads, head_dim)
+        # One position past the blocks is scratch: pad rows of a bucketed decode step write and read it, so
+        # padding never touches a sequence's cache.
+        self.scratch = num_slots
+        shape = (num_slots + 1, kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 

@@ -44,6 +44,8 @@ class EngineConfig:
     num_kv_blocks: int = 0  # 0 = size from free memory
     scheduler: SchedulerConfig = SchedulerConfig()
     lora: LoRAConfig = LoRAConfig()
+    # Pad decode-only steps to a batch bucket with static shapes (what CUDA-graph capture replays).
+    decode_buckets: bool = False
 
     def __post_init__(self) -> None:
         if self.max_model_len < 2:
@@ -66,7 +68,8 @@ class LLMEngine:
                                      num_slots=config.lora.max_loras, max_host=config.lora.max_cpu_loras,
                                      max_host_bytes=config.lora.max_cpu_lora_bytes)
         self.scheduler = Scheduler(config.scheduler, self.pool, self.adapters)
-        self.runner = ModelRunner(model, kv, config.block_size, self.lora.context, loaded.device)
+        self.runner = ModelRunner(model, kv, config.block_size, self.lora, loaded.device,
+                                  decode_buckets=config.decode_buckets)
         self.sampler = Sampler()
         self.post = Postprocessor(_eos_ids(loaded), config.max_model_len)
         self.requests: dict[str, Request] = {}

@@ -7,11 +7,12 @@ import torch
 from peft import PeftModel
 
 from loraplex.adapters.inject import inject_multi_lora
+from loraplex.adapters.targets import TARGET_MODULES
 from loraplex.adapters.weights import load_adapter_dir
 from loraplex.server.config import ModelConfig
 from loraplex.server.model_loader import load_model
 
-ALL7 = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL7 = TARGET_MODULES
 # (rank, targets, seed): different ranks AND different target sets in one batch.
 ADAPTERS = [
     (4, ("q_proj", "v_proj"), 1),
@@ -33,8 +34,21 @@ def _ours(model_dir, dirs, quantize):
     inj = inject_multi_lora(loaded.model, num_slots=len(dirs), max_rank=MAX_RANK, dtype=torch.float32)
     for slot, d in enumerate(dirs):
         inj.load_slot(slot, load_adapter_dir(d, inj.module_shapes(), max_rank=MAX_RANK))
-    inj.context.set_rows(ROW_SLOTS)
+    _bind_rows(loaded.model, inj, ROW_SLOTS)
     return loaded.model
+
+
+def _bind_rows(model, inj, row_slots):
+    """Before each forward of an HF-style [B, L] batch (generate calls forward with L = prompt, then 1),
+    describe it to the LoRA layers once: row b's slot for each of its L tokens, as the runner does per step."""
+
+    def describe(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        length = ids.shape[1]
+        inj.set_token_slots([s for s in row_slots for _ in range(length)])
+
+    model._lora_injection = inj
+    model._lora_rows_hook = model.register_forward_pre_hook(describe, with_kwargs=True)
 
 
 def _reference(model_dir, dirs, quantize):
@@ -97,7 +111,7 @@ def test_empty_context_is_base_model(tiny_model_dir, adapter_dir, prompts):
     model_dir = tiny_model_dir("llama")
     dirs = [adapter_dir("llama", r, t, s) for r, t, s in ADAPTERS]
     ours = _ours(model_dir, dirs, "none")
-    ours_ctx = next(m for m in ours.modules() if hasattr(m, "context")).context
-    ours_ctx.set_rows([-1] * len(ROW_SLOTS))
+    ours._lora_rows_hook.remove()
+    _bind_rows(ours, ours._lora_injection, [-1] * len(ROW_SLOTS))
     with torch.no_grad():
         torch.testing.assert_close(ours(prompts).logits, _base_logits(model_dir, prompts, "none"))

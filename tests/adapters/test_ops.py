@@ -1,4 +1,4 @@
-"""The batched LoRA ops (both variants, auto, fused apply) against their per-token loop twins."""
+"""The fused LoRA op and its per-step layout against the per-token loop twin."""
 
 from __future__ import annotations
 
@@ -10,207 +10,212 @@ import pytest
 import torch
 
 from loraplex.adapters import ops
-from loraplex.adapters.ops import LoRABackend, get_backend, lora_apply, lora_expand, lora_shrink, torch_ops
-from loraplex.adapters.ops.meta import LoRAMeta
-from loraplex.adapters.ops.reference import ref_lora_expand, ref_lora_shrink
+from loraplex.adapters.ops import LoRABackend, LoRABatchBuffers, get_backend, lora_apply, plan_groups
+from loraplex.adapters.ops.reference import ref_lora_apply
 from loraplex.adapters.ops.torch_ops import TorchLoRABackend
+from loraplex.adapters.ops.trace import HostSyncError, OpTrace
 
 IN_FEATURES, OUT_FEATURES, R_MAX = 12, 10, 8
-# Slot s gets RANK_PATTERN[s]: mixed ranks, two empty (rank-0) slots, one at r_max, the rest below it.
+# Slot s holds an adapter of rank RANK_PATTERN[s] (0: the slot is empty); the last slot is the null slot.
 RANK_PATTERN = (5, 0, 3, 1, 8, 2, 0, 6)
-LAYOUTS = ("grouped", "interleaved", "random", "base_only")
-MODES = ("sgmv", "bgmv", "auto")
+LAYOUTS = ("grouped", "interleaved", "random", "skewed", "base_only")
 TOLERANCES = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.bfloat16: {"atol": 1e-1, "rtol": 2e-2}}
 
 
 @dataclass(frozen=True)
 class Case:
     x: torch.Tensor  # [T, in]
-    y0: torch.Tensor  # [T, out], the base output the ops add into
-    a_stack: torch.Tensor  # [S, R_MAX, in], NaN beyond each slot's rank
-    b_stack: torch.Tensor  # [S, out, R_MAX], NaN beyond each slot's rank
-    ranks: list[int]
-    meta: LoRAMeta
+    y0: torch.Tensor  # [T, out], the base output the op adds into
+    a_stack: torch.Tensor  # [S + 1, R_MAX, in], zeros past each slot's rank and in the null slot
+    b_stack: torch.Tensor  # [S + 1, R_MAX, out]
+    slots: list[int]
 
     @property
-    def untouched_rows(self) -> torch.Tensor:
-        """[T] bool: tokens that must keep y0 (base-only, or a rank-0 slot)."""
-        slots = self.meta.token_slots.tolist()
-        return torch.tensor([s < 0 or self.ranks[s] == 0 for s in slots], dtype=torch.bool)
+    def null_slot(self) -> int:
+        return self.a_stack.shape[0] - 1
 
 
 def token_slots(layout: str, n_tokens: int, n_slots: int, rng: random.Random) -> list[int]:
     """Per-token slot ids (-1 = base only) in one of the LAYOUTS."""
     drawn = [rng.randrange(-1, n_slots) for _ in range(n_tokens)]
     if layout == "grouped":
-        return sorted(drawn)  # contiguous runs: few segments
+        return sorted(drawn)  # contiguous runs: prefill-like
     if layout == "interleaved":
         return [t % (n_slots + 1) - 1 for t in range(n_tokens)]  # -1, 0, 1, ..., -1, 0, ...: decode-like
     if layout == "random":
         return drawn
+    if layout == "skewed":  # one slot holds most tokens: the grouped form must split it, not pad to it
+        return [0 if rng.random() < 0.8 else rng.randrange(n_slots) for _ in range(n_tokens)]
     return [-1] * n_tokens
 
 
-def garbage_beyond_rank(a_stack: torch.Tensor, b_stack: torch.Tensor, ranks: list[int]) -> None:
-    """NaN in A[s, r:, :] and B[s, :, r:]: any op that reads past an adapter's rank yields NaN."""
-    for slot, rank in enumerate(ranks):
-        a_stack[slot, rank:] = float("nan")
-        b_stack[slot, :, rank:] = float("nan")
-
-
-def make_case(
-    n_tokens: int,
-    n_slots: int,
-    layout: str,
-    dtype: torch.dtype,
-    x_dtype: torch.dtype | None = None,
-    seed: int = 0,
-) -> Case:
+def make_case(n_tokens: int, n_slots: int, layout: str, dtype: torch.dtype, x_dtype: torch.dtype | None = None,
+              seed: int = 0) -> Case:
     gen = torch.Generator().manual_seed(seed)
-    ranks = list(RANK_PATTERN[:n_slots])
-    a_stack = torch.randn(n_slots, R_MAX, IN_FEATURES, generator=gen).to(dtype)
-    b_stack = torch.randn(n_slots, OUT_FEATURES, R_MAX, generator=gen).to(dtype)
-    garbage_beyond_rank(a_stack, b_stack, ranks)
+    a_stack = torch.randn(n_slots + 1, R_MAX, IN_FEATURES, generator=gen)
+    b_stack = torch.randn(n_slots + 1, R_MAX, OUT_FEATURES, generator=gen)
+    for slot in range(n_slots + 1):  # what MultiLoRALinear.set_slot / clear_slot leave behind
+        rank = RANK_PATTERN[slot] if slot < n_slots else 0
+        a_stack[slot, rank:] = 0
+        b_stack[slot, rank:] = 0
     io_dtype = x_dtype or dtype
     x = torch.randn(n_tokens, IN_FEATURES, generator=gen).to(io_dtype)
     y0 = torch.randn(n_tokens, OUT_FEATURES, generator=gen).to(io_dtype)
-    meta = LoRAMeta.from_slots(token_slots(layout, n_tokens, n_slots, random.Random(seed)))
-    return Case(x, y0, a_stack, b_stack, ranks, meta)
+    slots = token_slots(layout, n_tokens, n_slots, random.Random(seed))
+    return Case(x, y0, a_stack.to(dtype), b_stack.to(dtype), slots)
 
 
-def check_all_ops(case: Case, mode: str, tol: dict[str, float]) -> None:
-    """shrink, expand (fed the oracle's h) and apply each equal the loop twins; untouched rows exact."""
-    h_ref = ref_lora_shrink(case.x, case.a_stack, case.ranks, case.meta)
-    torch.testing.assert_close(lora_shrink(case.x, case.a_stack, case.ranks, case.meta, mode=mode), h_ref, **tol)
-    y_ref = case.y0.clone()
-    ref_lora_expand(y_ref, h_ref, case.b_stack, case.ranks, case.meta)
-    y_expand, y_apply = case.y0.clone(), case.y0.clone()
-    lora_expand(y_expand, h_ref, case.b_stack, case.ranks, case.meta, mode=mode)
-    lora_apply(y_apply, case.x, case.a_stack, case.b_stack, case.ranks, case.meta, mode=mode)
-    keep = case.untouched_rows
-    for y in (y_expand, y_apply):
-        torch.testing.assert_close(y, y_ref, **tol)
-        assert torch.equal(y[keep], case.y0[keep])
+def batch_for(case: Case, gather: bool, buffers: LoRABatchBuffers | None = None, rank: int = R_MAX):
+    plan = plan_groups(case.slots, gather=gather, null_slot=case.null_slot)
+    if plan is None:
+        return None
+    return (buffers or LoRABatchBuffers(torch.device("cpu"), capacity=4)).fill(case.slots, plan, {"q": rank})
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("n_slots", [1, 3, 8])
-@pytest.mark.parametrize("n_tokens", [0, 1, 7, 64])
-def test_ops_match_loop_twin(n_tokens: int, n_slots: int, layout: str, dtype: torch.dtype, mode: str) -> None:
-    case = make_case(n_tokens, n_slots, layout, dtype, seed=n_tokens * 31 + n_slots)
-    check_all_ops(case, mode, TOLERANCES[dtype])
-
-
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize(
-    ("stack_dtype", "io_dtype"), [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)]
-)
-def test_mixed_dtypes_compute_in_stack_dtype(stack_dtype: torch.dtype, io_dtype: torch.dtype, mode: str) -> None:
-    """x is cast to the stacks' dtype; y keeps its own dtype (QLoRA: fp32 LoRA beside a bf16 base, etc.)."""
-    case = make_case(64, 8, "random", stack_dtype, x_dtype=io_dtype, seed=7)
-    assert lora_shrink(case.x, case.a_stack, case.ranks, case.meta, mode=mode).dtype == stack_dtype
-    check_all_ops(case, mode, TOLERANCES[torch.bfloat16])
+def run(case: Case, gather: bool, rank: int = R_MAX) -> torch.Tensor:
     y = case.y0.clone()
-    lora_apply(y, case.x, case.a_stack, case.b_stack, case.ranks, case.meta, mode=mode)
-    assert y.dtype == io_dtype
+    batch = batch_for(case, gather, rank=rank)
+    if batch is not None:
+        lora_apply(y, case.x, case.a_stack, case.b_stack, batch, rank)
+    return y
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_garbage_beyond_rank_and_in_empty_slots_is_never_read(mode: str) -> None:
-    """Slicing proof: NaN past each rank (and all over rank-0 slots) in the stacks; results stay finite."""
-    case = make_case(64, 8, "random", torch.float32, seed=3)
-    assert torch.isnan(case.a_stack[1]).all() and torch.isnan(case.b_stack[6]).all()  # rank-0 slots
-    assert torch.isnan(case.a_stack[2, 3:]).all() and torch.isnan(case.b_stack[0, :, 5:]).all()
-    h = lora_shrink(case.x, case.a_stack, case.ranks, case.meta, mode=mode)
+def reference(case: Case, rank: int = R_MAX) -> torch.Tensor:
     y = case.y0.clone()
-    lora_apply(y, case.x, case.a_stack, case.b_stack, case.ranks, case.meta, mode=mode)
-    assert torch.isfinite(h).all() and torch.isfinite(y).all()
-    assert y.ne(case.y0).any()  # adapters did contribute: the check above is not vacuous
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_each_matmul_runs_at_the_slots_own_rank(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
-    """Every per-slot matmul is sliced to ranks[slot] (never r_max), and rank-0 slots get none at all."""
-    case = make_case(64, 8, "random", torch.float32, seed=9)
-    calls: list[tuple[int, int]] = []
-    for name in ("_shrink_rows", "_scatter_add_rows", "_accumulate_rows"):
-        original = getattr(torch_ops, name)
-
-        def spy(*args: object, _f=original) -> object:
-            calls.append(args[-2:])  # (slot, rank): the last two arguments of every helper
-            return _f(*args)
-
-        monkeypatch.setattr(torch_ops, name, spy)
-    y = case.y0.clone()
-    lora_expand(
-        y,
-        lora_shrink(case.x, case.a_stack, case.ranks, case.meta, mode=mode),
-        case.b_stack,
-        case.ranks,
-        case.meta,
-        mode=mode,
-    )
-    lora_apply(y, case.x, case.a_stack, case.b_stack, case.ranks, case.meta, mode=mode)
-    used = {s for s in case.meta.active_slots if case.ranks[s] > 0}
-    assert {slot for slot, _ in calls} == used and 0 in case.meta.active_slots  # slot 0 is rank 5 < r_max
-    assert all(rank == case.ranks[slot] for slot, rank in calls)
-    assert 1 in case.meta.active_slots and case.ranks[1] == 0  # a rank-0 slot was present and skipped
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_only_last_slot_present(mode: str) -> None:
-    """Slots absent from the batch (empty slot_tokens / no segments) cost nothing and change nothing."""
-    case = make_case(16, 8, "base_only", torch.float32, seed=5)
-    meta = LoRAMeta.from_slots([-1] * 4 + [7] * 8 + [-1] * 4)
-    check_all_ops(Case(case.x, case.y0, case.a_stack, case.b_stack, case.ranks, meta), mode, TOLERANCES[torch.float32])
-
-
-def test_base_only_batch_gives_zero_h_and_untouched_y() -> None:
-    case = make_case(7, 3, "base_only", torch.float32)
-    assert not lora_shrink(case.x, case.a_stack, case.ranks, case.meta).any()
-    y = case.y0.clone()
-    lora_apply(y, case.x, case.a_stack, case.b_stack, case.ranks, case.meta)
-    assert torch.equal(y, case.y0)
+    ref_lora_apply(y, case.x, case.a_stack, case.b_stack, case.slots, rank)
+    return y
 
 
 @pytest.mark.parametrize("gather", [False, True])
-def test_base_class_unfused_apply_matches_fused(gather: bool) -> None:
-    """LoRABackend.apply's default (shrink + expand through h) agrees with the torch backend's fused path."""
-    case = make_case(64, 8, "random", torch.float32, seed=11)
-    backend = TorchLoRABackend()
-    y_default, y_fused = case.y0.clone(), case.y0.clone()
-    LoRABackend.apply(backend, y_default, case.x, case.a_stack, case.b_stack, case.ranks, case.meta, gather)
-    backend.apply(y_fused, case.x, case.a_stack, case.b_stack, case.ranks, case.meta, gather)
-    torch.testing.assert_close(y_default, y_fused, **TOLERANCES[torch.float32])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("n_tokens", [1, 7, 64])
+def test_apply_matches_loop_fp32(layout: str, n_tokens: int, gather: bool) -> None:
+    case = make_case(n_tokens, 8, layout, torch.float32, seed=n_tokens)
+    torch.testing.assert_close(run(case, gather), reference(case), **TOLERANCES[torch.float32])
 
 
-@pytest.mark.parametrize(("layout", "expected"), [("grouped", "shrink_sgmv"), ("interleaved", "shrink_bgmv")])
-def test_auto_gathers_only_for_fragmented_batches(monkeypatch: pytest.MonkeyPatch, layout: str, expected: str) -> None:
-    case = make_case(64, 3, layout, torch.float32, seed=2)
-    assert case.meta.is_fragmented == (expected == "shrink_bgmv")
-    called: list[str] = []
-    for name in ("shrink_sgmv", "shrink_bgmv"):
-        original = getattr(TorchLoRABackend, name)
-        monkeypatch.setattr(
-            TorchLoRABackend, name, lambda self, *a, _n=name, _f=original: (called.append(_n), _f(self, *a))
-        )
-    lora_shrink(case.x, case.a_stack, case.ranks, case.meta)
-    assert called == [expected]
+@pytest.mark.parametrize("gather", [False, True])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_apply_matches_loop_bf16_stacks(x_dtype: torch.dtype, gather: bool) -> None:
+    """bf16 stacks with bf16 or fp32 activations (a QLoRA-style base computing in fp32); y keeps its dtype."""
+    case = make_case(32, 8, "random", torch.bfloat16, x_dtype=x_dtype, seed=3)
+    got = run(case, gather)
+    assert got.dtype == x_dtype
+    torch.testing.assert_close(got, reference(case), **TOLERANCES[torch.bfloat16])
+
+
+@pytest.mark.parametrize("gather", [False, True])
+def test_any_rank_bound_at_least_the_adapters_gives_the_same_delta(gather: bool) -> None:
+    """Zeros past each slot's rank: a step bound of 6 (the largest rank present) equals the full R_MAX."""
+    case = make_case(24, 8, "random", torch.float32, seed=9)
+    case = Case(case.x, case.y0, case.a_stack, case.b_stack, [s if RANK_PATTERN[s] <= 6 else 0 for s in case.slots])
+    torch.testing.assert_close(run(case, gather, rank=6), run(case, gather, rank=R_MAX), atol=1e-6, rtol=1e-6)
+
+
+def test_base_only_tokens_are_untouched_and_an_all_base_step_has_no_batch() -> None:
+    case = make_case(9, 8, "interleaved", torch.float32, seed=2)
+    for gather in (False, True):
+        got = run(case, gather)
+        base_rows = torch.tensor([s < 0 or RANK_PATTERN[s] == 0 for s in case.slots])
+        assert torch.equal(got[base_rows], case.y0[base_rows])
+    assert plan_groups([-1] * 5, gather=False, null_slot=8) is None
+
+
+@pytest.mark.parametrize("layout", ["grouped", "random", "skewed", "interleaved"])
+@pytest.mark.parametrize("n_tokens", [1, 5, 16, 200])
+def test_grouped_plan_bounds(layout: str, n_tokens: int) -> None:
+    """Every adapted token is computed exactly once; G <= 2U groups; G*D <= 2N + U rows; padding rows repeat
+    their group's first token; a group holds one slot."""
+    slots = token_slots(layout, n_tokens, 8, random.Random(n_tokens))
+    plan = plan_groups(slots, gather=False, null_slot=8)
+    adapted = [t for t, s in enumerate(slots) if s >= 0]
+    if not adapted:
+        assert plan is None
+        return
+    distinct = len({slots[t] for t in adapted})
+    g, d = len(plan.group_slots), plan.depth
+    assert len(plan.rows) == g * d == len(plan.valid)
+    assert sorted(r for r, ok in zip(plan.rows, plan.valid, strict=True) if ok) == adapted
+    assert g <= 2 * distinct and g * d <= 2 * len(adapted) + distinct
+    for i, (row, ok) in enumerate(zip(plan.rows, plan.valid, strict=True)):
+        group = i // d
+        assert slots[row] == plan.group_slots[group]
+        if not ok:
+            assert row == plan.rows[group * d]
+
+
+def test_gather_plan_covers_every_token_with_the_null_slot_for_base_tokens() -> None:
+    plan = plan_groups([3, -1, 0, 3], gather=True, null_slot=8)
+    assert (plan.rows, plan.group_slots, plan.depth) == ([0, 1, 2, 3], [3, 8, 0, 3], 1)
+
+
+@pytest.mark.parametrize("gather", [False, True])
+def test_a_nan_adapter_or_a_nan_token_pollutes_only_itself(gather: bool) -> None:
+    """Padding rows repeat a real token of their own group with zeroed input: an inf/NaN token or a NaN
+    adapter never reaches another token's row (isolation, DESIGN)."""
+    case = make_case(16, 8, "skewed", torch.float32, seed=4)
+    x = case.x.clone()
+    bad_token = case.slots.index(0)
+    x[bad_token] = float("inf")
+    a = case.a_stack.clone()
+    bad_slot = next(s for s in case.slots if s > 0 and RANK_PATTERN[s] > 0)
+    a[bad_slot, 0, 0] = float("nan")
+    poisoned = Case(x, case.y0, a, case.b_stack, case.slots)
+    got, want = run(poisoned, gather), run(case, gather)
+    hit = [t for t, s in enumerate(case.slots) if t == bad_token or s == bad_slot]
+    healthy = [t for t in range(16) if t not in hit]
+    assert not torch.isfinite(got[hit]).all(dim=-1).any()
+    torch.testing.assert_close(got[healthy], want[healthy], atol=1e-6, rtol=1e-6)
+
+
+def _dispatched(case: Case, gather: bool) -> OpTrace:
+    batch = batch_for(case, gather)
+    y = case.y0.clone()
+    with OpTrace() as trace:
+        lora_apply(y, case.x, case.a_stack, case.b_stack, batch, R_MAX)
+    return trace
+
+
+def test_op_sequence_is_the_same_for_every_mix() -> None:
+    """Grouped form: the same ops for 1 adapter, many, interleaved or grouped; gather form: the same ops
+    AND shapes for any assignment of the same token count (what a captured graph replays)."""
+    mixes = [make_case(16, 8, layout, torch.float32, seed=1) for layout in ("grouped", "interleaved", "skewed")]
+    mixes.append(Case(*[getattr(mixes[0], f) for f in ("x", "y0", "a_stack", "b_stack")], [4] * 16))
+    grouped = [_dispatched(c, False).compute for c in mixes]
+    assert all(ops_ == grouped[0] for ops_ in grouped)
+    assert len(grouped[0]) == 7, grouped[0]  # the constant torch_ops.py documents
+    gathered = [_dispatched(c, True).shapes for c in mixes]
+    assert all(ops_ == gathered[0] for ops_ in gathered)
+
+
+def test_op_trace_refuses_host_syncs() -> None:
+    with pytest.raises(HostSyncError, match="_local_scalar_dense"), OpTrace():
+        torch.ones(3).sum().item()
+    with OpTrace(forbid_sync=False) as trace:
+        torch.arange(4).tolist()
+        torch.arange(4).nonzero()
+    assert trace.syncs == ["Tensor.tolist", "aten.nonzero"]
+    assert torch.arange(2).tolist() == [0, 1]  # restored on exit
+
+
+def test_buffers_are_reused_and_grow_when_a_step_needs_more() -> None:
+    buffers = LoRABatchBuffers(torch.device("cpu"), capacity=4)
+    small = batch_for(make_case(3, 8, "random", torch.float32, seed=1), True, buffers)
+    big = batch_for(make_case(40, 8, "random", torch.float32, seed=2), True, buffers)
+    again = batch_for(make_case(5, 8, "random", torch.float32, seed=3), True, buffers)
+    assert buffers.capacity >= 40 and big.num_tokens == 40
+    assert again.rows.data_ptr() == big.rows.data_ptr()  # the same storage, refilled
+    assert small.num_groups == 3
 
 
 def test_no_host_sync_on_meta_device() -> None:
-    """Tensors on the 'meta' device have no data: any .item()/.tolist() in the ops would raise."""
-    case = make_case(16, 3, "random", torch.float32, seed=4)
-    meta = LoRAMeta.from_slots(case.meta.token_slots.tolist(), device="meta")
-    x, a, b = (t.to("meta") for t in (case.x, case.a_stack, case.b_stack))
-    y = case.y0.to("meta")
-    for mode in ("sgmv", "bgmv"):
-        h = lora_shrink(x, a, case.ranks, meta, mode=mode)
-        lora_expand(y, h, b, case.ranks, meta, mode=mode)
-        lora_apply(y, x, a, b, case.ranks, meta, mode=mode)
-    assert h.shape == (16, R_MAX) and h.device.type == "meta"
+    """Tensors on the 'meta' device have no data: any .item()/.tolist() in the op would raise."""
+    case = make_case(16, 8, "random", torch.float32, seed=4)
+    batch = batch_for(case, False)
+    meta = type(batch)(*(v.to("meta") if isinstance(v, torch.Tensor) else v for v in vars(batch).values()))
+    x, a, b, y = (t.to("meta") for t in (case.x, case.a_stack, case.b_stack, case.y0))
+    lora_apply(y, x, a, b, meta, R_MAX)
+    assert y.device.type == "meta"
 
 
 def test_get_backend_is_torch_chosen_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
@@ -228,17 +233,11 @@ def test_backend_is_abstract() -> None:
 
 
 def test_invalid_inputs_raise_clear_errors() -> None:
-    case = make_case(7, 3, "random", torch.float32, seed=1)
-    x, a, b, ranks, meta = case.x, case.a_stack, case.b_stack, case.ranks, case.meta
-    with pytest.raises(ValueError, match="mode must be one of"):
-        lora_shrink(x, a, ranks, meta, mode="fast")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="one rank per slot"):
-        lora_shrink(x, a, ranks[:2], meta)
-    with pytest.raises(ValueError, match=r"ranks must lie in \[0, 8\]"):
-        lora_shrink(x, a, [9, 0, 3], meta)
-    with pytest.raises(ValueError, match=r"expected \[7, features\] rows"):
-        lora_shrink(x[:5], a, ranks, meta)
-    with pytest.raises(ValueError, match="meta uses slot 5 but there are only 3 slots"):
-        lora_shrink(torch.zeros(1, IN_FEATURES), a, ranks, LoRAMeta.from_slots([5]))
-    with pytest.raises(ValueError, match=r"h must be \[7, 8\]"):
-        lora_expand(case.y0.clone(), torch.zeros(7, 4), b, ranks, meta)
+    case = make_case(7, 8, "random", torch.float32, seed=1)
+    batch = batch_for(case, True)
+    with pytest.raises(ValueError, match=r"expected x \[7, in\]"):
+        lora_apply(case.y0.clone(), case.x[:5], case.a_stack, case.b_stack, batch, R_MAX)
+    with pytest.raises(ValueError, match="do not fit rank 9"):
+        lora_apply(case.y0.clone(), case.x, case.a_stack, case.b_stack, batch, R_MAX + 1)
+    with pytest.raises(ValueError, match="do not fit rank 0"):
+        lora_apply(case.y0.clone(), case.x, case.a_stack, case.b_stack, batch, 0)

@@ -1,0 +1,126 @@
+"""The per-step LoRA batch description: which adapter slot each token uses, laid out for one batched call.
+
+The runner describes each forward once (`plan_groups`, host side) and writes the description into
+preallocated device buffers (`LoRABatchBuffers`); every wrapped linear of that forward reads the same
+`LoRABatch` and plans nothing.
+
+Layout: the tokens that use an adapter are placed in a grid of G groups x D rows. Each group holds tokens of
+one slot, so a wrapped linear gathers G adapters' A/B once and runs one bmm pair over the grid, whatever the
+mix (the op sequence never depends on how many adapters or segments the step holds):
+  gather form  (G = T tokens, D = 1): every token is its own group, base-only tokens use the null slot (all
+               zeros). Shapes depend on T alone, so a decode step padded to a batch bucket has the same
+               shapes and ops for any adapters: what a CUDA graph needs.
+  grouped form (eager steps): D = ceil(N / U) for N adapted tokens of U distinct slots, and a slot with n
+               tokens takes ceil(n / D) groups. Then G <= 2U and G*D <= N + U*D <= 2N + U: the grid costs at
+               most about twice the real rows, and one adapter's 16 decode tokens are a single [1, 16] matmul
+               instead of 16 gathers of the same weights. Base-only tokens are not in the grid at all.
+Padding rows (a group shorter than D) repeat their group's first token marked as padding: the op zeroes
+their input, so they add exactly zero into that token (even a NaN adapter pollutes only its own token).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """Host-side grid layout: row r computes token rows[r] (valid[r] False: padding) with slot
+    group_slots[r // depth]."""
+
+    rows: list[int]
+    valid: list[bool]
+    group_slots: list[int]
+    depth: int
+
+
+def plan_groups(token_slots: Sequence[int], *, gather: bool, null_slot: int) -> GroupPlan | None:
+    """The grid for one forward's per-token slots (-1 = base only); None when no token uses an adapter
+    (grouped form only: the gather form always covers every token)."""
+    if gather:
+        n = len(token_slots)
+        return GroupPlan(list(range(n)), [True] * n, [s if s >= 0 else null_slot for s in token_slots], 1)
+    per_slot: dict[int, list[int]] = {}
+    for t, s in enumerate(token_slots):
+        if s >= 0:
+            per_slot.setdefault(s, []).append(t)
+    if not per_slot:
+        return None
+    depth = math.ceil(sum(map(len, per_slot.values())) / len(per_slot))
+    rows: list[int] = []
+    valid: list[bool] = []
+    groups: list[int] = []
+    for slot, tokens in per_slot.items():
+        for start in range(0, len(tokens), depth):
+            chunk = tokens[start : start + depth]
+            pad = depth - len(chunk)
+            rows += chunk + [chunk[0]] * pad
+            valid += [True] * len(chunk) + [False] * pad
+            groups.append(slot)
+    return GroupPlan(rows, valid, groups, depth)
+
+
+@dataclass(frozen=True)
+class LoRABatch:
+    """One forward's LoRA description, read by every wrapped linear (views of preallocated buffers).
+
+    token_slots: [T] int64, the slot of each flattened token (-1 = base only); the reference loop reads it.
+    rows:        [G*D] int64, the token each grid row computes.
+    padding:     [G*D, 1] bool, True on padding rows.
+    group_slots: [G] int64, the slot of each group.
+    ranks:       rank bound per module kind ("q_proj", ...) for this step: the largest rank any slot of the
+                 step holds for that kind (0: no adapter of the step targets it, so those layers skip LoRA).
+                 A slot's A/B are zero past its own rank, so computing at a larger bound adds exact zeros.
+    """
+
+    token_slots: torch.Tensor
+    rows: torch.Tensor
+    padding: torch.Tensor
+    group_slots: torch.Tensor
+    num_groups: int
+    depth: int
+    ranks: Mapping[str, int]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_slots.shape[0]
+
+
+class LoRABatchBuffers:
+    """Preallocated device buffers the runner fills each step; a LoRABatch is views of them, so a captured
+    graph that read them reads the next step's values from the same addresses. They grow (reallocate) only
+    when a step needs more rows than any step before it."""
+
+    def __init__(self, device: torch.device, capacity: int = 256) -> None:
+        self.device = device
+        self._alloc(capacity)
+
+    def _alloc(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._token_slots = torch.full((capacity,), -1, dtype=torch.long, device=self.device)
+        self._rows = torch.zeros(capacity, dtype=torch.long, device=self.device)
+        self._padding = torch.zeros(capacity, 1, dtype=torch.bool, device=self.device)
+        self._groups = torch.zeros(capacity, dtype=torch.long, device=self.device)
+
+    def fill(self, token_slots: Sequence[int], plan: GroupPlan, ranks: Mapping[str, int]) -> LoRABatch:
+        """Copy one step's description into the buffers (host -> device, no sync) and return views of it."""
+        need = max(len(token_slots), len(plan.rows))
+        if need > self.capacity:
+            self._alloc(max(need, 2 * self.capacity))
+        n, g = len(plan.rows), len(plan.group_slots)
+        _write(self._token_slots, list(token_slots))
+        _write(self._rows, plan.rows)
+        _write(self._padding[:, 0], [not v for v in plan.valid])
+        _write(self._groups, plan.group_slots)
+        return LoRABatch(self._token_slots[: len(token_slots)], self._rows[:n], self._padding[:n],
+                         self._groups[:g], g, plan.depth, dict(ranks))
+
+
+def _write(buffer: torch.Tensor, values: list[int] | list[bool]) -> None:
+    """buffer[:len(values)] = values, as one host -> device copy (non-blocking on CUDA)."""
+    host = torch.tensor(values, dtype=buffer.dtype)
+    buffer[: len(values)].copy_(host, non_blocking=buffer.is_cuda)
