@@ -10,7 +10,10 @@ mix (the op sequence never depends on how many adapters or segments the step hol
   gather form  (G = T tokens, D = 1): every token is its own group, base-only tokens use the null slot (all
                zeros). Shapes depend on T alone, so a decode step padded to a batch bucket has the same
                shapes and ops for any adapters: what a CUDA graph needs.
-  grouped form (eager steps): D = ceil(N / U) for N adapted tokens of U distinct slots, and a slot with n
+  window form  (eager steps whose U slots form a dense range [lo, lo + U) and whose deepest slot is not much
+               deeper than the rest): one group per slot, D = its most tokens; layers bmm against the stack
+               range in place, no gather of A/B (the gathers are most of the op's memory traffic on a CPU).
+  grouped form (other eager steps): D = ceil(N / U) for N adapted tokens of U distinct slots, and a slot with n
                tokens takes ceil(n / D) groups. Then G <= 2U and G*D <= N + U*D <= 2N + U: the grid costs at
                most about twice the real rows, and one adapter's 16 decode tokens are a single [1, 16] matmul
                instead of 16 gathers of the same weights. Base-only tokens are not in the grid at all.
@@ -30,12 +33,14 @@ import torch
 @dataclass(frozen=True)
 class GroupPlan:
     """Host-side grid layout: row r computes token rows[r] (valid[r] False: padding) with slot
-    group_slots[r // depth]."""
+    group_slots[r // depth]. window_lo: the groups are exactly the stack slots [lo, lo + G) in order, one
+    group per slot, so layers read A/B in place (a view) instead of gathering them (None: gather)."""
 
     rows: list[int]
     valid: list[bool]
     group_slots: list[int]
     depth: int
+    window_lo: int | None = None
 
 
 def plan_groups(token_slots: Sequence[int], *, gather: bool, null_slot: int) -> GroupPlan | None:
@@ -50,7 +55,17 @@ def plan_groups(token_slots: Sequence[int], *, gather: bool, null_slot: int) -> 
             per_slot.setdefault(s, []).append(t)
     if not per_slot:
         return None
-    depth = math.ceil(sum(map(len, per_slot.values())) / len(per_slot))
+    per_slot = dict(sorted(per_slot.items()))
+    adapted = sum(map(len, per_slot.values()))
+    deepest = max(map(len, per_slot.values()))
+    lo, hi = next(iter(per_slot)), next(reversed(per_slot))
+    if hi - lo + 1 == len(per_slot) and len(per_slot) * deepest <= 2 * adapted + len(per_slot):
+        return _grid(per_slot, deepest, lo)  # a dense slot range, little padding: read the stacks in place
+    return _grid(per_slot, math.ceil(adapted / len(per_slot)), None)
+
+
+def _grid(per_slot: dict[int, list[int]], depth: int, window_lo: int | None) -> GroupPlan:
+    """Each slot's tokens in groups of `depth` rows, padding rows repeating the group's first token."""
     rows: list[int] = []
     valid: list[bool] = []
     groups: list[int] = []
@@ -61,7 +76,7 @@ def plan_groups(token_slots: Sequence[int], *, gather: bool, null_slot: int) -> 
             rows += chunk + [chunk[0]] * pad
             valid += [True] * len(chunk) + [False] * pad
             groups.append(slot)
-    return GroupPlan(rows, valid, groups, depth)
+    return GroupPlan(rows, valid, groups, depth, window_lo)
 
 
 @dataclass(frozen=True)
@@ -84,6 +99,7 @@ class LoRABatch:
     num_groups: int
     depth: int
     ranks: Mapping[str, int]
+    window_lo: int | None = None  # the groups are the stack slots [lo, lo + G): read in place
 
     @property
     def num_tokens(self) -> int:
@@ -117,7 +133,7 @@ class LoRABatchBuffers:
         _write(self._padding[:, 0], [not v for v in plan.valid])
         _write(self._groups, plan.group_slots)
         return LoRABatch(self._token_slots[: len(token_slots)], self._rows[:n], self._padding[:n],
-                         self._groups[:g], g, plan.depth, dict(ranks))
+                         self._groups[:g], g, plan.depth, dict(ranks), plan.window_lo)
 
 
 def _write(buffer: torch.Tensor, values: list[int] | list[bool]) -> None:

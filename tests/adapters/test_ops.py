@@ -144,6 +144,15 @@ def test_grouped_plan_bounds(layout: str, n_tokens: int) -> None:
             assert row == plan.rows[group * d]
 
 
+def test_window_form_only_for_a_dense_slot_range_with_little_padding() -> None:
+    dense = plan_groups([5, 3, 4, 3, -1, 5, 4], gather=False, null_slot=8)
+    assert (dense.window_lo, dense.group_slots, dense.depth) == (3, [3, 4, 5], 2)
+    assert dense.rows == [1, 3, 2, 6, 0, 5]
+    assert plan_groups([0, 2, 0, 2], gather=False, null_slot=8).window_lo is None  # slot 1 is a hole
+    skewed = plan_groups([0] * 12 + [1, 2, 3], gather=False, null_slot=8)  # 4 x 12 rows for 15 tokens: too sparse
+    assert skewed.window_lo is None and len(skewed.rows) <= 2 * 15 + 4
+
+
 def test_gather_plan_covers_every_token_with_the_null_slot_for_base_tokens() -> None:
     plan = plan_groups([3, -1, 0, 3], gather=True, null_slot=8)
     assert (plan.rows, plan.group_slots, plan.depth) == ([0, 1, 2, 3], [3, 8, 0, 3], 1)
@@ -177,13 +186,17 @@ def _dispatched(case: Case, gather: bool) -> OpTrace:
 
 
 def test_op_sequence_is_the_same_for_every_mix() -> None:
-    """Grouped form: the same ops for 1 adapter, many, interleaved or grouped; gather form: the same ops
-    AND shapes for any assignment of the same token count (what a captured graph replays)."""
+    """Eager forms: one of two fixed sequences (7 ops gathering A/B, 5 reading a dense slot range in place) for
+    1 adapter or many, interleaved or grouped; gather form: the same ops AND shapes for any assignment of the
+    same token count (what a captured graph replays)."""
     mixes = [make_case(16, 8, layout, torch.float32, seed=1) for layout in ("grouped", "interleaved", "skewed")]
     mixes.append(Case(*[getattr(mixes[0], f) for f in ("x", "y0", "a_stack", "b_stack")], [4] * 16))
-    grouped = [_dispatched(c, False).compute for c in mixes]
-    assert all(ops_ == grouped[0] for ops_ in grouped)
-    assert len(grouped[0]) == 7, grouped[0]  # the constant torch_ops.py documents
+    gathered_seq = ["aten.index_select", "aten.masked_fill_", "aten.index_select", "aten.index_select", "aten.bmm",
+                    "aten.bmm", "aten.index_add_"]
+    window_seq = gathered_seq[:2] + gathered_seq[4:]  # only the x rows are gathered; A/B are read in place
+    eager = [_dispatched(c, False).compute for c in mixes]
+    assert all(ops_ in (gathered_seq, window_seq) for ops_ in eager), eager
+    assert eager[3] == window_seq  # one slot: a dense range of one
     gathered = [_dispatched(c, True).shapes for c in mixes]
     assert all(ops_ == gathered[0] for ops_ in gathered)
 
