@@ -66,8 +66,9 @@ class LoRAInjection:
     def set_token_slots(self, token_slots: Sequence[int], *, gather: bool = False) -> None:
         """Describe the next forward: the slot of each flattened token (-1 = base only), laid out once into
         the preallocated buffers every layer reads. `gather`: the static gather form (batch.py) for a
-        capturable decode step, computed at --max-lora-rank for every kind so its shapes never depend on
-        the adapters; else the grouped form at each kind's exact rank bound."""
+        capturable decode step, at rank bounds of the resident adapters so its shapes never depend on which
+        of them the step uses; else the window / grouped form at the step's own rank bounds. A step in which
+        no token uses an adapter runs no LoRA at all."""
         for s in token_slots:
             if s >= self.num_slots:
                 raise IndexError(f"token slot {s} outside [-1, {self.num_slots})")
@@ -79,12 +80,15 @@ class LoRAInjection:
         self.context.set(self.buffers.fill(token_slots, plan, ranks))
 
     def _rank_bounds(self, slots: set[int], gather: bool) -> dict[str, int]:
-        if gather:
-            return dict.fromkeys({layer.kind for layer in self.layers.values()}, self.max_rank)
+        """Per module kind, the largest rank among the step's slots; in the gather form among every loaded
+        slot, rounded up to a power of two, so the shapes change only when the resident adapters do (a
+        captured graph per bucket and bound, never per mix)."""
         bounds: dict[str, int] = {}
-        for s in slots:
+        for s in range(self.num_slots) if gather else slots:
             for kind, rank in self.slot_ranks[s].items():
                 bounds[kind] = max(bounds.get(kind, 0), rank)
+        if gather:
+            bounds = {kind: min(self.max_rank, 1 << (rank - 1).bit_length()) for kind, rank in bounds.items()}
         return bounds
 
     def _check_slot(self, slot: int) -> None:

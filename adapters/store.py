@@ -1,9 +1,13 @@
-"""AdapterStore: registration (name check -> source -> validation -> durable record) and the cache's loader.
+"""AdapterStore: registration (name check -> source -> validation -> durable record) and the host loader's reader.
 
 Registration validates the adapter against the base model before the record is written, so a registered
 adapter is one that loaded once. Files can still vanish, rot or be swapped for symlinks later: every read
-goes through the source's `files`, which re-checks confinement at open time, so the cache's load then
+goes through the source's `files`, which re-checks confinement at open time, so the host loader's read then
 fails and marks only that adapter errored.
+
+The engine's adapter state is reached only through its AdapterPort: registration posts typed commands
+(restore, seed the host tier, pin; forget on unregister) and waits for the engine thread to apply them;
+`describe` reads the snapshot the engine thread publishes.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loraplex.adapters.cache import AdapterCache
 from loraplex.adapters.errors import AdapterConflictError, AdapterNotFoundError
+from loraplex.adapters.messages import Command
 from loraplex.adapters.names import validate_adapter_name
+from loraplex.adapters.port import AdapterPort
 from loraplex.adapters.registry import AdapterRecord, AdapterRegistry
 from loraplex.adapters.sources.base import AdapterSource
 from loraplex.adapters.sources.local import LocalDirSource
@@ -47,20 +52,21 @@ class AdapterStore:
         self.local = LocalDirSource(config.adapter_root)
         self.upload = UploadSource(config.state_dir, config.max_upload_bytes)
         self.s3 = S3Source(config.state_dir, config.s3_endpoint, config.max_upload_bytes)
-        self.cache: AdapterCache | None = None
-        # Makes "pin budget check + manifest write + cache hand-off" and "manifest removal + cache forget"
-        # atomic with respect to each other. File copies and validation (slow) run outside it.
+        self.port: AdapterPort | None = None
+        # Makes "pin budget check + manifest write + command to the engine" and "manifest removal + forget
+        # command" atomic with respect to each other (the engine's inbox keeps their order). File copies,
+        # validation and waiting for the engine (slow) run outside it.
         self._lock = threading.Lock()
         self._remove_orphans()
 
-    def attach(self, cache: AdapterCache) -> None:
-        """Connect the tiered cache and re-pin what the manifest says is pinned."""
-        self.cache = cache
-        # The registry is the one truth about names: the cache asks it before evicting anything for a load.
-        cache.is_registered = self.__contains__
+    def attach(self, port: AdapterPort) -> None:
+        """Connect the engine's adapter port and re-pin what the manifest says is pinned."""
+        self.port = port
+        # The registry is the one truth about names: the slot table asks it before evicting anything for a load.
+        port.is_registered = self.__contains__
         for rec in self.registry.list():
             if rec.pinned:
-                cache.pin(rec.name)
+                port.pin(rec.name)  # applied when the engine starts
 
     # ---- registration --------------------------------------------------------------------------
     def register_path(self, name: str, path: str, pinned: bool = False) -> AdapterRecord:
@@ -85,11 +91,12 @@ class AdapterStore:
                 self._check_pin_budget(pinned)
                 self.registry.add(record)  # 409 here when a concurrent registration of `name` won
                 committed = True
-                self._on_registered(record, weights)
+                handed = self._on_registered(record, weights)
         except BaseException:
             if not committed:  # a copy nothing refers to (upload/S3); in-place local dirs are never deleted
                 source.discard(local_dir)
             raise
+        self._wait_applied(handed)  # so the answer (and a GET right after) shows the host tier
         log.info("registered adapter %s (rank %d, %s)", name, weights.max_rank, record.source)
         return record
 
@@ -100,13 +107,15 @@ class AdapterStore:
                 f"cannot pin more than {self.num_slots - 1} adapters with --max-loras {self.num_slots} "
                 "(one slot must stay free for unpinned adapters)", field="pinned")
 
-    def _on_registered(self, record: AdapterRecord, weights: AdapterWeights) -> None:
-        if self.cache is None:
-            return
-        self.cache.restore(record.name)
-        self.cache.put_host(record.name, weights)  # the validation read doubles as the first host load
-        if record.pinned:
-            self.cache.pin(record.name)
+    def _on_registered(self, record: AdapterRecord, weights: AdapterWeights) -> Command | None:
+        if self.port is None:
+            return None
+        # The validation read doubles as the first host load.
+        return self.port.register(record.name, weights, record.pinned)
+
+    def _wait_applied(self, command: Command | None) -> None:
+        if self.port is not None:
+            self.port.wait_applied(command)
 
     def validate(self, files: Path | AdapterFiles) -> AdapterWeights:
         return load_adapter_dir(files, self.module_shapes, max_rank=self.config.max_lora_rank)
@@ -114,8 +123,8 @@ class AdapterStore:
     def unregister(self, name: str) -> AdapterRecord:
         with self._lock:
             record = self.registry.remove(name)
-            if self.cache is not None:
-                self.cache.forget(name)
+            handed = self.port.forget(name) if self.port is not None else None
+        self._wait_applied(handed)  # its slot is freed (or doomed to be, while in use) before the answer
         self._source_of(record).discard(Path(record.local_dir))
         log.info("unregistered adapter %s", name)
         return record
@@ -146,7 +155,7 @@ class AdapterStore:
         return [r.name for r in self.registry.list()]
 
     def load_weights(self, name: str) -> AdapterWeights:
-        """The cache's disk loader: re-read and re-validate the registered files."""
+        """The host loader's reader: re-read and re-validate the registered files."""
         if name not in self.registry:
             raise AdapterNotFoundError(f"adapter {name!r} is not registered", field="model")
         record = self.registry.get(name)
@@ -155,13 +164,13 @@ class AdapterStore:
     def describe(self, name: str) -> dict[str, Any]:
         """The public record: name, rank, alpha, targets, size, tier, pinned, state (+reason), load stats."""
         rec = self.registry.get(name)
-        error = self.cache.error(name) if self.cache else None
+        view = self.port.snapshot.view(name) if self.port is not None else None  # published by the engine
         return {
             "name": rec.name, "source": rec.source, **rec.meta, "pinned": rec.pinned,
-            "tier": self.cache.tier(name) if self.cache else "disk",
-            "state": "errored" if error else "ready", "error": error,
+            "tier": view.tier if view else "disk",
+            "state": "errored" if view and view.error else "ready", "error": view.error if view else None,
             "created_at": rec.created_at,
-            "load_stats": self.cache.load_info(name) if self.cache else {},
+            "load_stats": dict(view.load_info) if view else {},
         }
 
 

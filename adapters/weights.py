@@ -74,6 +74,13 @@ class AdapterWeights:
     def max_rank(self) -> int:
         return max(m.rank for m in self.modules.values())
 
+    def pinned(self) -> AdapterWeights:
+        """A copy in page-locked host memory (needs CUDA): its host->device copies can then run asynchronously
+        on a side stream instead of staging through pageable memory."""
+        modules = {name: LoraModuleWeights(m.a.pin_memory(), m.b.pin_memory(), m.scale)
+                   for name, m in self.modules.items()}
+        return AdapterWeights(self.spec, modules, self.size_bytes)
+
 
 def _invalid(message: str, field: str = WEIGHTS_NAME) -> AdapterValidationError:
     return AdapterValidationError(message, field=field)

@@ -2,7 +2,8 @@
 
 1. cold   Cold load of one P adapter (rank 16, all 7 projections) per tier, p50/p99 over `--repeats-load`
           (the adapter is evicted between repeats): disk->host (`load_adapter_dir`: read + validate + fp32),
-          host->device (`LoRAInjection.load_slot`), disk->device through the AdapterCache's own load job;
+          host->device (`LoRAInjection.load_slot`), disk->device through the engine's own path (a host-loader
+          read, then the slot copy at the engine's step start);
           against PEFT `load_adapter` on the same base. Target: disk->device p50 <= 20 ms. A stage profile
           (config, header, safetensors read, fp32 copy, finiteness check, slot write) says where time goes,
           next to two measured alternatives (one read + one finiteness pass; a copy-only slot write).
@@ -13,7 +14,8 @@
           seeds it) and 128 (most misses read the disk). Tiers are counted per request at arrival.
 3. ttft   TTFT p99 of requests for pinned (resident) adapters while the other requests need cold P loads,
           divided by the same with the other requests on resident adapters (same arrivals, same compute).
-          AsyncEngine: loads run on the cache's threads, the engine step never waits for them. Target <= 1.2.
+          AsyncEngine: reads run on the host loader's threads, the engine step never waits for them; the engine
+          copies landed weights into slots at its step start. Target <= 1.2.
 
 Every case pair runs side by side per round (median of the per-round ratios). The 1000 S1 adapters and the
 cold-pool P adapters are written directly as PEFT-format safetensors (same keys, shapes, init, config as
@@ -34,7 +36,6 @@ import os
 import random
 import shutil
 import statistics
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -64,8 +65,8 @@ from common import (  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from loraplex.adapters.cache import SlotState  # noqa: E402
 from loraplex.adapters.peft_config import parse_adapter_config  # noqa: E402
+from loraplex.adapters.slot_table import SlotState  # noqa: E402
 from loraplex.adapters.weights import WEIGHTS_NAME, load_adapter_dir, read_safetensors_header  # noqa: E402
 from loraplex.server.config import LoRAConfig, ModelConfig  # noqa: E402
 from loraplex.server.engine.async_engine import AsyncEngine  # noqa: E402
@@ -155,25 +156,25 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
 
 # ---- 1. cold load per tier ------------------------------------------------------------------------------
 def cache_cold_load(engine: LLMEngine, name: str) -> tuple[float, float]:
-    """Evict `name`, acquire it, wait until the load job lands; -> (job seconds, acquire->ready wall)."""
-    cache, landed = engine.adapters, threading.Event()
-    cache.forget(name)  # drops the host copy and frees the (unused) slot: the next acquire reads the disk
-    cache.on_ready = landed.set
+    """Evict `name`, acquire it, apply the host loader's result and copy it into the slot as a step start does;
+    -> (load seconds as the slot table records them, acquire->ready wall)."""
+    table, port = engine.adapters, engine.adapter_port
+    table.forget(name)  # drops the host copy and frees the (unused) slot: the next acquire reads the disk
     t0 = time.perf_counter()
-    if cache.acquire(name).state is not SlotState.LOADING:
+    if table.acquire(name).state is not SlotState.LOADING:
         raise RuntimeError(f"{name} was expected to start a cold load")
     while True:
-        if not landed.wait(30):
+        if not engine.adapter_work_pending() and not port.wait_for_message(30):
             raise RuntimeError(f"cold load of {name} did not finish in 30 s")
-        landed.clear()
-        got = cache.acquire(name)
+        engine.apply_adapter_messages()  # what the engine's step start does first
+        got = table.acquire(name)
         if got.state is SlotState.READY:
             break
         if got.state is SlotState.ERRORED:
             raise RuntimeError(f"cold load of {name} failed: {got.reason}")
     wall = time.perf_counter() - t0
-    cache.release(name)
-    return cache.load_info(name)["last_load_seconds"], wall
+    table.release(name)
+    return table.load_info(name)["last_load_seconds"], wall
 
 
 def peft_load_times(model_dir: Path, adapter_dir: Path, repeats: int) -> list[float]:
@@ -233,7 +234,7 @@ def _one_pass_read(file: Path) -> dict[str, torch.Tensor]:
 def _copy_slot(layer: torch.nn.Module, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
     r = a.shape[0]
     layer.lora_a[slot, :r].copy_(a)
-    layer.lora_b[slot, :, :r].copy_(b)
+    layer.lora_b[slot, :r].copy_(b.t())  # lora_b holds B transposed: [slots + 1, r_max, out]
 
 
 def part_cold(model_dir: Path, repeats: int) -> dict[str, object]:
@@ -250,7 +251,7 @@ def part_cold(model_dir: Path, repeats: int) -> dict[str, object]:
                 samples[key].append(val)
     size = weights.size_bytes
     profile = stage_profile(engine, p_dir, max(5, repeats // 2))
-    engine.adapters.close()
+    engine.close()
     print("  PEFT load_adapter ...", flush=True)
     samples["peft_load_adapter"] = peft_load_times(model_dir, p_dir, max(5, repeats // 2))
     summary = {k: ms_summary(v) for k, v in samples.items()}
@@ -339,7 +340,7 @@ def part_scale(model_dir: Path, work: ScaleWork, repeats: int) -> dict[str, obje
                 rounds[case].append(res)
     stats = {case: engines[case].adapters.stats for case in engines}
     for e in engines.values():
-        e.adapters.close()
+        e.close()
     base = [x["tok_s"] for x in rounds["n=5"]]
     ratios = {case: paired_ratio([x["tok_s"] for x in rounds[case]], base) for case in SCALE_CASES if case != "n=5"}
     return {"work": work.__dict__, "device_slots": 32, "alpha": ALPHA,
@@ -429,21 +430,21 @@ def part_ttft(model_dir: Path, work: TtftWork, repeats: int) -> dict[str, object
     sync = build_engine(model_dir, dirs | cold, slots=8, host=8, seqs=16, batch_tokens=512,
                         max_len=work.prompt_hi + work.new_tokens)
     for name in dirs:
-        sync.adapters.pin(name)
+        sync.adapters.pin(name)  # before the engine thread starts: this thread still owns the slot table
     engine = AsyncEngine(sync)
     engine.start()
     cases = {"resident": lambda k: f"warm{k % 2}", "cold": lambda k: f"cold{k % len(cold):02d}"}
     vocab = sync.loaded.model.config.vocab_size
     rounds: dict[str, list[dict[str, object]]] = {c: [] for c in cases}
     try:
-        _wait_resident(sync, list(dirs))
+        _wait_resident(engine, list(dirs))
         for r in range(repeats + 1):  # round 0 (a quarter as long) warms up; dropped
             plan = ttft_plan(r, work if r else replace(work, seconds=work.seconds / 4), vocab)
             for case in (list(cases) if r % 2 == 0 else list(cases)[::-1]):
-                loads0 = sync.adapters.stats.misses["device"]
+                loads0 = engine.adapters.stats.misses["device"]  # the snapshot the engine thread published
                 got = asyncio.run(run_ttft_case(engine, plan, cases[case], work))
                 res = {"hot": ms_summary(got["hot"]), "other": ms_summary(got["other"]),
-                       "cold_loads": sync.adapters.stats.misses["device"] - loads0}
+                       "cold_loads": engine.adapters.stats.misses["device"] - loads0}
                 print(f"  round {r}{' (warm-up)' if r == 0 else ''} {case}: hot TTFT p50 "
                       f"{res['hot']['p50_ms']:.0f} p99 {res['hot']['p99_ms']:.0f} ms; other p50 "
                       f"{res['other']['p50_ms']:.0f} ms; loads {res['cold_loads']}", flush=True)
@@ -458,9 +459,9 @@ def part_ttft(model_dir: Path, work: TtftWork, repeats: int) -> dict[str, object
             "ratio": ratio, "target": TARGETS["ttft_ratio"], "pass": ratio <= TARGETS["ttft_ratio"]}
 
 
-def _wait_resident(engine: LLMEngine, names: list[str], timeout: float = 60.0) -> None:
+def _wait_resident(engine: AsyncEngine, names: list[str], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
-    while any(engine.adapters.tier(n) != "device" for n in names):
+    while any(engine.adapters.view(n).tier != "device" for n in names):  # the published snapshot
         if time.monotonic() > deadline:
             raise RuntimeError(f"pinned adapters {names} not resident after {timeout} s")
         time.sleep(0.05)

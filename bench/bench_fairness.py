@@ -267,7 +267,7 @@ def run_round(r: int, model_dir: Path, adapters: dict[str, Path], rates: tuple[f
         engine = build_engine(model_dir, adapters, "fcfs" if case == "fcfs" else "fair")
         work = arrivals(1000 + r, rates[0], rates[1], seconds, with_a=case != "b_alone")
         out[case] = summarize(open_loop(engine, work, seconds), seconds)
-        engine.adapters.close()
+        engine.close()
         s = out[case]
         print(f" round {r + 1} {case:8s}: B TTFT p50 {s['b_ttft_ms']['p50']:8.1f} ms  p99 "
               f"{s['b_ttft_ms']['p99']:8.1f} ms  B share {s['share']['B']:.3f}  ({s['wall_s']:.0f} s)", flush=True)

@@ -300,7 +300,7 @@ def run_rate(server: Server, n: int, mult: float, capacity: float, work: OpenWor
 def cache_delta(delta: dict[str, float], span: float) -> dict[str, object]:
     """Per-tier hits/misses over one run from the /metrics counters, and disk reads per second.
 
-    Counter semantics (adapters/cache.py): a device miss is a load started into a slot; every request that
+    Counter semantics (adapters/slot_table.py): a device miss is a load started into a slot; every request that
     gets its slot counts a device hit, including one that waited for its own load. A host miss is a disk read.
     """
     out: dict[str, object] = {}

@@ -18,10 +18,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from loraplex.adapters.slot_table import AdapterSnapshot
 from loraplex.server.engine.async_engine import EngineSnapshot
 
 if TYPE_CHECKING:
-    from loraplex.adapters.cache import AdapterCache
     from loraplex.server.engine.engine import LLMEngine
     from loraplex.server.runtime import Runtime
 
@@ -105,7 +105,7 @@ class Metrics:
 
 
 class _StateCollector(Collector):
-    """Gauges read from the live engine and cache at scrape time."""
+    """Gauges read at scrape time from the snapshots the engine thread publishes (never its live state)."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -121,7 +121,7 @@ class _StateCollector(Collector):
         yield _gauge("vllm:gpu_cache_usage_perc", "KV cache usage, 0..1 (vLLM name)", snap.kv_usage)
         yield from self._adapter_metrics(client.adapters if client is not None else None, snap)
 
-    def _adapter_metrics(self, cache: AdapterCache | None, snap: EngineSnapshot) -> Iterator:
+    def _adapter_metrics(self, adapters: AdapterSnapshot | None, snap: EngineSnapshot) -> Iterator:
         store, slots = self.runtime.store, self.runtime.config.engine.lora.max_loras
         yield _gauge("loraplex_adapter_slots_total", "Device adapter slots", slots)
         yield _gauge("loraplex_adapters_registered", "Registered adapters", len(store.names()) if store else 0)
@@ -130,19 +130,18 @@ class _StateCollector(Collector):
         # Adapter names come from registered adapters only: a request names one before it is admitted.
         info.add_metric([str(slots), ",".join(snap.running_adapters), ",".join(snap.waiting_adapters)], time.time())
         yield info
-        if cache is None:
+        if adapters is None:
             return
-        resident = cache.resident()
         res = GaugeMetricFamily("loraplex_adapters_resident", "Adapters resident per tier", labels=["tier"])
         for tier in ("device", "host"):
-            res.add_metric([tier], len(resident[tier]))
+            res.add_metric([tier], len(adapters.resident[tier]))
         res.add_metric(["disk"], len(store.names()) if store else 0)
         yield res
         for name, field, help_ in (("adapter_cache_hits", "hits", "Cache hits"),
                                    ("adapter_cache_misses", "misses", "Cache misses"),
                                    ("adapter_evictions", "evictions", "Cache evictions")):
             fam = CounterMetricFamily(f"loraplex_{name}", f"{help_} per tier", labels=["tier"])
-            for tier, value in getattr(cache.stats, field).items():
+            for tier, value in getattr(adapters.stats, field).items():
                 fam.add_metric([tier], value)
             yield fam
 

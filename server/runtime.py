@@ -79,8 +79,8 @@ class Runtime:
             StoreConfig(cfg.server.state_dir, cfg.server.adapter_root, cfg.engine.lora.max_lora_rank,
                         cfg.server.max_upload_bytes, cfg.server.s3_endpoint),
             engine.lora.module_shapes(), cfg.engine.lora.max_loras)
-        self.store.attach(engine.adapters)
-        engine.adapters.on_load_seconds = self.metrics.observe_adapter_load
+        self.store.attach(engine.adapter_port)
+        engine.adapters.on_load_seconds = self.metrics.observe_adapter_load  # called on the engine thread
         self._preload()
         async_engine = AsyncEngine(engine)
         async_engine.on_step = self.metrics.observe_step

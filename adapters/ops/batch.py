@@ -8,8 +8,8 @@ Layout: the tokens that use an adapter are placed in a grid of G groups x D rows
 one slot, so a wrapped linear gathers G adapters' A/B once and runs one bmm pair over the grid, whatever the
 mix (the op sequence never depends on how many adapters or segments the step holds):
   gather form  (G = T tokens, D = 1): every token is its own group, base-only tokens use the null slot (all
-               zeros). Shapes depend on T alone, so a decode step padded to a batch bucket has the same
-               shapes and ops for any adapters: what a CUDA graph needs.
+               zeros). Shapes depend on T alone (and the resident adapters' rank bounds), so a decode step
+               padded to a batch bucket has the same shapes and ops for any of them: what a CUDA graph needs.
   window form  (eager steps whose U slots form a dense range [lo, lo + U) and whose deepest slot is not much
                deeper than the rest): one group per slot, D = its most tokens; layers bmm against the stack
                range in place, no gather of A/B (the gathers are most of the op's memory traffic on a CPU).
@@ -44,8 +44,9 @@ class GroupPlan:
 
 
 def plan_groups(token_slots: Sequence[int], *, gather: bool, null_slot: int) -> GroupPlan | None:
-    """The grid for one forward's per-token slots (-1 = base only); None when no token uses an adapter
-    (grouped form only: the gather form always covers every token)."""
+    """The grid for one forward's per-token slots (-1 = base only); None when no token uses an adapter."""
+    if all(s < 0 for s in token_slots):
+        return None
     if gather:
         n = len(token_slots)
         return GroupPlan(list(range(n)), [True] * n, [s if s >= 0 else null_slot for s in token_slots], 1)
@@ -53,8 +54,6 @@ def plan_groups(token_slots: Sequence[int], *, gather: bool, null_slot: int) -> 
     for t, s in enumerate(token_slots):
         if s >= 0:
             per_slot.setdefault(s, []).append(t)
-    if not per_slot:
-        return None
     per_slot = dict(sorted(per_slot.items()))
     adapted = sum(map(len, per_slot.values()))
     deepest = max(map(len, per_slot.values()))

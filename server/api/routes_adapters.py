@@ -1,8 +1,10 @@
 """Adapter admin API: register (by path/S3 URL or by upload), list, describe, unregister; vLLM's aliases.
 
-Every route needs `--admin-key` when one is set. Registration reads and validates files (blocking I/O), so
-it runs in a worker thread and the event loop keeps serving generation traffic meanwhile. Unregistering
-lets running requests finish on the device copy, ends queued ones with an error, and refuses new ones (404).
+Every route needs `--admin-key` when one is set. Registration reads and validates files (blocking I/O) and
+waits for the engine thread to take the new adapter in, so it runs in a worker thread and the event loop keeps
+serving generation traffic meanwhile; records come from the snapshot the engine publishes (store.describe).
+Unregistering lets running requests finish on the device copy, ends queued ones with an error, and refuses new
+ones (404).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ async def _unregister(request: Request, name: str) -> dict[str, Any]:
     rt: Runtime = request.app.state.runtime
     # Its metric children go too (bounded memory); its requests that end from now on count as "unknown".
     rt.metrics.forget_adapter(name)
-    # Running requests finish on the device copy (the cache frees the slot on their last release);
+    # Running requests finish on the device copy (the engine frees the slot on their last release);
     # queued ones have not started and would otherwise wait for an adapter that is gone.
     rt.engine.fail_adapter(name, f"adapter {name!r} was unregistered before this request started")
     return record

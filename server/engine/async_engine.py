@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
-from loraplex.adapters.cache import AdapterCache
+from loraplex.adapters.slot_table import AdapterSnapshot
 from loraplex.server.engine.engine import LLMEngine
 from loraplex.server.engine.request import Request, RequestOutput
 from loraplex.server.engine.sampling_params import SamplingParams
@@ -67,7 +67,8 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self.on_step: Callable[[LLMEngine], None] = lambda e: None  # metrics hook, engine thread
         self.on_fatal: Callable[[str], None] = lambda reason: None  # the thread died: the process should exit
-        engine.adapters.on_ready = self._wake
+        engine.adapter_port.waker = self._wake  # a loader result or an admin command arrived
+        engine.adapter_port.engine_running = lambda: self.alive  # admin calls wait for their command only then
         self.alive = False
         self.dead_reason: str | None = None
         self.snapshot = EngineSnapshot()
@@ -87,7 +88,7 @@ class AsyncEngine:
             self._cv.notify()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        self.engine.adapters.close()
+        self.engine.close()
 
     @property
     def num_active(self) -> int:
@@ -108,9 +109,9 @@ class AsyncEngine:
         return self.engine.post.eos_ids
 
     @property
-    def adapters(self) -> AdapterCache:
-        """The adapter cache (its public methods take its lock): tiers, errors, statistics."""
-        return self.engine.adapters
+    def adapters(self) -> AdapterSnapshot:
+        """The adapter snapshot the engine thread published last: tiers, states, errors, statistics."""
+        return self.engine.adapter_port.snapshot
 
     # ---- requests ------------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
@@ -196,7 +197,7 @@ class AsyncEngine:
 
     def _wait_for_work(self) -> bool:
         with self._cv:
-            if not self._inbox and not self._can_step() and not self._stop:
+            if not self._inbox and not self._can_step() and not self.engine.adapter_work_pending() and not self._stop:
                 self._cv.wait(timeout=1.0)
             return not self._stop
 
@@ -212,7 +213,9 @@ class AsyncEngine:
                 log.exception("engine inbox item %r failed", type(item).__name__)
                 if isinstance(item, _Add):
                     self._deliver([_error_output(item, "internal error while queueing this request", "internal")])
-        if items:  # an empty drain changed nothing: the step publishes its own snapshot
+        # Adapter messages too, even while a test holds steps: admin calls wait for their command to land.
+        applied = self.engine.apply_adapter_messages()
+        if items or applied:  # an empty drain changed nothing: the step publishes its own snapshot
             self._publish()
 
     def _apply(self, item: object) -> None:
@@ -244,10 +247,11 @@ class AsyncEngine:
         self._deliver(outputs)
         if self.engine.last_step_tokens == 0 and self.engine.has_work():
             with self._cv:  # everyone waits on adapter loads: sleep until one lands (or briefly)
-                if not self._inbox:
+                if not self._inbox and not self.engine.adapter_work_pending():
                     self._cv.wait(timeout=0.005)
 
     def _publish(self, stepped: bool = False) -> None:
+        self.engine.publish_adapters()
         sched = self.engine.scheduler
         self.snapshot = EngineSnapshot(len(sched.waiting), len(sched.running), self.snapshot.steps + int(stepped),
                                        self.engine.pool.usage, _adapter_names(sched.running),

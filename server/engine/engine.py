@@ -13,8 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from loraplex.adapters.cache import AdapterCache
+from loraplex.adapters.host_loader import HostLoader
 from loraplex.adapters.inject import LoRAInjection, inject_multi_lora
+from loraplex.adapters.port import AdapterPort
+from loraplex.adapters.slot_table import SlotTable
+from loraplex.adapters.slot_writer import SlotWriter
 from loraplex.adapters.weights import AdapterWeights
 from loraplex.server.config import LoRAConfig
 from loraplex.server.engine.attention import PagedKVCache, register_paged_attention
@@ -64,9 +67,14 @@ class LLMEngine:
             model, num_slots=config.lora.max_loras, max_rank=config.lora.max_lora_rank, dtype=loaded.dtype)
         model.set_attn_implementation(register_paged_attention())
         self.pool, kv = self._make_kv(model, loaded)
-        self.adapters = AdapterCache(adapter_loader or _no_adapters, self.lora.load_slot, self.lora.clear_slot,
-                                     num_slots=config.lora.max_loras, max_host=config.lora.max_cpu_loras,
-                                     max_host_bytes=config.lora.max_cpu_lora_bytes)
+        # Adapters: the engine thread owns the SlotTable and writes slots; the host loader only reads files;
+        # other threads post messages to the port and read the snapshot published there.
+        self.adapter_port = AdapterPort()
+        self.slot_writer = SlotWriter(self.lora, loaded.device)
+        self.host_loader = HostLoader(adapter_loader or _no_adapters, self.adapter_port.put, self.adapter_port.wake)
+        self.adapters = SlotTable(num_slots=config.lora.max_loras, max_host=config.lora.max_cpu_loras,
+                                  max_host_bytes=config.lora.max_cpu_lora_bytes, request_load=self.host_loader.submit,
+                                  clear_slot=self.slot_writer.clear, is_registered=self.adapter_port.registered)
         self.scheduler = Scheduler(config.scheduler, self.pool, self.adapters)
         self.runner = ModelRunner(model, kv, config.block_size, self.lora, loaded.device,
                                   decode_buckets=config.decode_buckets)
@@ -131,12 +139,42 @@ class LLMEngine:
         return [self._fail(r, reason, "request") for r in doomed]
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work()  # requests waiting on adapter loads included
+
+    # ---- adapters (engine thread) -----------------------------------------------------------------
+    def apply_adapter_messages(self) -> bool:
+        """Apply what the host loader and admin calls posted, copy weights that reached host memory into their
+        reserved slots (the forward waits for the copies), and publish the adapter snapshot. Runs at every
+        step start; the AsyncEngine also runs it when it drains its inbox, so admin calls take effect while
+        steps are held. True if it applied or copied anything."""
+        messages = self.adapter_port.drain()
+        for msg in messages:
+            try:
+                self.adapters.apply(msg)
+            except Exception:  # noqa: BLE001 - one bad message must not stop the engine serving everyone
+                log.exception("adapter message %s failed", type(msg).__name__)
+        copied = self.adapters.load_due(self.slot_writer.write)
+        self.slot_writer.fence()
+        self.adapter_port.publish(self.adapters.snapshot(), messages)
+        return bool(messages or copied)
+
+    def publish_adapters(self) -> None:
+        """Publish the adapter snapshot as of now (after a step: acquires, releases and evictions moved it)."""
+        self.adapter_port.publish(self.adapters.snapshot())
+
+    def adapter_work_pending(self) -> bool:
+        """Messages to apply or slot copies due: the next step start has adapter work even if nothing runs."""
+        return self.adapter_port.pending() or self.adapters.copies_pending()
+
+    def close(self) -> None:
+        """Stop the host loader's threads (queued reads are dropped)."""
+        self.host_loader.close()
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One engine step. A fault while running it fails only the requests scheduled in it; every
         terminal output built before the fault is still returned."""
+        self.apply_adapter_messages()
         sched = self.scheduler.schedule()
         self.last_step_tokens = sched.num_tokens
         outputs = [self._fail(req, reason, "request") for req, reason in sched.failed]

@@ -2,7 +2,7 @@
 
 Each step: running requests first (decodes and unfinished prefill chunks, oldest first), then waiting
 requests under the token budget (`max_batch_tokens`), the sequence cap (`max_num_seqs`) and the device
-adapter slots (`max_loras`, via the AdapterCache's refcounts). The policy picks which waiting request goes
+adapter slots (`max_loras`, via the SlotTable's refcounts). The policy picks which waiting request goes
 next: `fair` (default) the oldest request of the least-served tenant (adapter) by virtual token counter, with
 light tenants first, and when every sequence slot is taken a light tenant may preempt one running request of
 the most-served tenant (the rules are in fairness.py); `fcfs` takes requests in arrival order. A waiting
@@ -22,7 +22,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from loraplex.adapters.cache import AdapterCache, SlotState
+from loraplex.adapters.slot_table import SlotState, SlotTable
 from loraplex.server.engine.block_pool import BlockPool
 from loraplex.server.engine.fairness import VirtualTokenCounter, request_worth, tenant_of
 from loraplex.server.engine.request import Request, Status
@@ -70,7 +70,7 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pool: BlockPool, adapters: AdapterCache | None) -> None:
+    def __init__(self, config: SchedulerConfig, pool: BlockPool, adapters: SlotTable | None) -> None:
         self.config = config
         self.pool = pool
         self.adapters = adapters

@@ -119,6 +119,7 @@ def test_base_only_tokens_are_untouched_and_an_all_base_step_has_no_batch() -> N
         base_rows = torch.tensor([s < 0 or RANK_PATTERN[s] == 0 for s in case.slots])
         assert torch.equal(got[base_rows], case.y0[base_rows])
     assert plan_groups([-1] * 5, gather=False, null_slot=8) is None
+    assert plan_groups([-1] * 5, gather=True, null_slot=8) is None
 
 
 @pytest.mark.parametrize("layout", ["grouped", "random", "skewed", "interleaved"])

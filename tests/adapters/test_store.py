@@ -1,5 +1,6 @@
-"""AdapterStore: registration by path and upload, the durable record, the hand-off to the cache,
-unregistering, concurrency (same name, distinct names, pin budget) and leftovers of a crash."""
+"""AdapterStore: registration by path and upload, the durable record, the hand-off to the engine's adapter
+state (commands through its port, records from its snapshot), unregistering, concurrency (same name, distinct
+names, pin budget) and leftovers of a crash."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraplex.adapters.cache import AdapterCache
 from loraplex.adapters.errors import (
     AdapterBadNameError,
     AdapterConflictError,
@@ -22,6 +22,9 @@ from loraplex.adapters.errors import (
     AdapterNotFoundError,
     AdapterValidationError,
 )
+from loraplex.adapters.host_loader import HostLoader
+from loraplex.adapters.port import AdapterPort
+from loraplex.adapters.slot_table import SlotState, SlotTable
 from loraplex.adapters.store import AdapterStore, StoreConfig
 from loraplex.adapters.weights import AdapterWeights
 
@@ -59,7 +62,7 @@ def root(tmp_path, good, other) -> Path:
 
 
 class FakeDevice:
-    """Slot writer/clearer for a real AdapterCache: which adapter (by weights identity) sits in each slot."""
+    """Slot writer/clearer: which adapter (by weights identity) sits in each slot."""
 
     def __init__(self, n: int) -> None:
         self.slots: list[AdapterWeights | None] = [None] * n
@@ -71,24 +74,54 @@ class FakeDevice:
         self.slots[slot] = None
 
 
+class EngineSide:
+    """The engine's adapter state, driven by the test instead of an engine thread: a SlotTable, a real
+    HostLoader reading through the store, fake device slots, and the port's inbox applied by `apply()` (what
+    LLMEngine.apply_adapter_messages does at each step start)."""
+
+    def __init__(self, store: AdapterStore, num_slots: int) -> None:
+        self.port, self.device = AdapterPort(), FakeDevice(num_slots)
+        self.loader = HostLoader(store.load_weights, self.port.put, self.port.wake, pin_memory=False)
+        self.table = SlotTable(num_slots=num_slots, max_host=4, request_load=self.loader.submit,
+                               clear_slot=self.device.clear, is_registered=self.port.registered)
+        store.attach(self.port)
+
+    def apply(self) -> None:
+        msgs = self.port.drain()
+        for msg in msgs:
+            self.table.apply(msg)
+        self.table.load_due(self.device.write)
+        self.port.publish(self.table.snapshot(), msgs)
+
+    def acquire(self, name: str) -> AdapterWeights:
+        """Ask as the scheduler does until READY (one reference); the weights in its slot. Waits for the host
+        loader's messages, never sleeps; AssertionError with the reason if the load fails."""
+        for _ in range(100):
+            self.apply()
+            got = self.table.acquire(name)
+            if got.state is SlotState.READY:
+                return self.device.slots[got.slot]
+            assert got.state is not SlotState.ERRORED, got.reason
+            if not self.table.copies_pending():
+                assert self.port.wait_for_message(30), "the host loader never answered"
+        raise AssertionError("never ready")
+
+
 @pytest.fixture
 def make_store(tmp_path, root, module_shapes) -> Callable[..., AdapterStore]:
-    caches: list[AdapterCache] = []
+    sides: list[EngineSide] = []
 
     def build(num_slots: int = 3, attach: bool = True, state: Path | None = None) -> AdapterStore:
         store = AdapterStore(StoreConfig(state or tmp_path / "state", root, max_lora_rank=16, max_upload_bytes=10**6),
                              module_shapes, num_slots)
         if attach:
-            device = FakeDevice(num_slots)
-            cache = AdapterCache(store.load_weights, device.write, device.clear, num_slots=num_slots, max_host=4)
-            cache.device = device  # for the tests' eyes
-            caches.append(cache)
-            store.attach(cache)
+            sides.append(EngineSide(store, num_slots))
+            store.engine_side = sides[-1]  # for the tests' eyes
         return store
 
     yield build
-    for cache in caches:
-        cache.close()
+    for side in sides:
+        side.loader.close()
 
 
 def files_of(adapter: Path) -> dict[str, bytes]:
@@ -124,12 +157,38 @@ def test_register_path_validates_records_and_describes(make_store, root):
     assert sorted(info["target_modules"]) == ["q_proj", "v_proj"]  # PEFT writes a set: order varies
     # 2 layers x (q: A 8x64 + B 64x8, v: A 8x64 + B 32x8) fp32
     assert info["size_bytes"] == 2 * (8 * 64 + 64 * 8 + 8 * 64 + 32 * 8) * 4
-    assert info["tier"] == "host"  # the validation read seeded the host tier
+    assert info["tier"] == "disk"  # no engine has applied the registration's commands yet
+    store.engine_side.apply()
+    assert store.describe("g")["tier"] == "host"  # the validation read seeded the host tier
     assert "g" in store and store.names() == ["g"] and store.get("g") == record
     assert info["created_at"] > 0 and info["load_stats"] == {}
 
 
-def test_without_a_cache_the_tier_is_disk(make_store):
+def test_with_an_engine_thread_admin_calls_answer_once_the_engine_applied_them(make_store):
+    """As the server runs: registration returns only once the engine thread took the adapter in (a describe
+    right after shows the host tier), and unregistering only once its slot was freed."""
+    store = make_store(num_slots=2)
+    side, stop = store.engine_side, threading.Event()
+    side.port.engine_running = lambda: not stop.is_set()
+
+    def engine_thread() -> None:
+        while not stop.is_set():
+            if side.port.wait_for_message(0.01):
+                side.apply()
+
+    thread = threading.Thread(target=engine_thread)
+    thread.start()
+    try:
+        store.register_path("g", "good0", pinned=True)
+        assert store.describe("g")["tier"] in ("host", "device")  # the pin's read may have landed too
+        store.unregister("g")
+        assert side.port.snapshot.view("g").tier == "disk" and side.port.snapshot.resident["device"] == ()
+    finally:
+        stop.set()
+        thread.join(30)
+
+
+def test_without_an_engine_the_tier_is_disk(make_store):
     store = make_store(attach=False)
     store.register_path("g", "good0")
     assert store.describe("g")["tier"] == "disk" and store.describe("g")["state"] == "ready"
@@ -141,7 +200,9 @@ def test_the_record_survives_a_restart(make_store, tmp_path):
     store.register_upload("u", files_of(store.local.resolve("other")))
     again = make_store()
     assert again.names() == ["g", "u"] and again.get("g").pinned and again.get("u").source == "upload"
-    assert again.cache._pinned == {"g"}  # attach re-pins what the manifest says is pinned
+    again.engine_side.apply()
+    table = again.engine_side.table  # attach re-pins what the manifest says is pinned
+    assert table.is_pinned("g") and not table.is_pinned("u")
     assert torch.equal(again.load_weights("u").modules["model.layers.0.self_attn.q_proj"].a,
                        store.load_weights("u").modules["model.layers.0.self_attn.q_proj"].a)
 
@@ -205,7 +266,8 @@ def test_unregister_removes_record_copy_and_cached_copies_but_never_user_files(m
     assert store.unregister("u").name == "u" and upload_dirs(store) == []
     assert store.unregister("p").source == "local:good0"
     assert (root / "good0" / WEIGHTS).exists() and store.names() == []
-    assert store.cache.resident() == {"device": [], "host": []}
+    store.engine_side.apply()
+    assert store.engine_side.table.resident() == {"device": [], "host": []}
     for call in (lambda: store.unregister("p"), lambda: store.describe("p"), lambda: store.load_weights("p")):
         with pytest.raises(AdapterNotFoundError, match="'p'"):
             call()
@@ -214,58 +276,44 @@ def test_unregister_removes_record_copy_and_cached_copies_but_never_user_files(m
 def test_registering_again_after_unregister_serves_the_new_files(make_store, root, other):
     store = make_store()
     store.register_path("x", "good0")
-    slot_weights = _acquire(store.cache, "x")
-    store.cache.release("x")
+    side = store.engine_side
+    slot_weights = side.acquire("x")
+    side.table.release("x")
     store.unregister("x")
     store.register_path("x", "other")
-    again = _acquire(store.cache, "x")
+    again = side.acquire("x")
     assert again is not slot_weights and slot_weights.max_rank == 8 and again.max_rank == 4
 
 
 def test_a_request_for_an_adapter_deleted_meanwhile_evicts_nothing(make_store):
     """Race: a request is added just as its adapter is DELETEd. Its acquire must not evict a resident
     adapter for a load of a name the registry no longer holds (that load could only fail)."""
-    from loraplex.adapters.cache import SlotState
-
     store = make_store(num_slots=1)
     store.register_path("a", "good0")
     store.register_path("b", "good1")
-    resident = _acquire(store.cache, "a")
-    store.cache.release("a")
-    store.unregister("b")
-    got = store.cache.acquire("b")
+    side = store.engine_side
+    resident = side.acquire("a")
+    side.table.release("a")
+    store.unregister("b")  # the registry drops it at once; the engine applies the forget at its next step
+    got = side.table.acquire("b")
     assert got.state is SlotState.ERRORED and got.reason == "adapter 'b' is not registered"
-    assert store.cache.tier("a") == "device" and store.cache.device.slots == [resident]
-    assert store.cache.stats.evictions["device"] == 0 and store.describe("a")["state"] == "ready"
-
-
-def _acquire(cache: AdapterCache, name: str) -> AdapterWeights:
-    import time
-
-    from loraplex.adapters.cache import SlotState
-
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        got = cache.acquire(name)
-        if got.state is SlotState.READY:
-            return cache.device.slots[got.slot]
-        assert got.state is not SlotState.ERRORED, got.reason
-        time.sleep(0.002)
-    raise AssertionError("never ready")
+    assert side.table.tier("a") == "device" and side.device.slots == [resident]
+    assert side.table.stats.evictions["device"] == 0 and store.describe("a")["state"] == "ready"
 
 
 def test_files_vanishing_after_registration_mark_only_that_adapter_errored(make_store, root):
     store = make_store(num_slots=2)
     store.register_path("gone", "good0")
     store.register_path("fine", "good1")
-    store.cache.forget("gone")  # drop the host copy seeded by registration (as LRU eviction would)
-    store.cache.restore("gone")
+    side = store.engine_side
+    side.apply()
+    side.table.forget("gone")  # drop the host copy seeded by registration (as LRU eviction would)
     shutil.rmtree(root / "good0")
     with pytest.raises(AssertionError, match="does not exist"):
-        _acquire(store.cache, "gone")
+        side.acquire("gone")
     info = store.describe("gone")
     assert info["state"] == "errored" and "does not exist" in info["error"]
-    assert store.describe("fine")["state"] == "ready" and _acquire(store.cache, "fine").max_rank == 8
+    assert store.describe("fine")["state"] == "ready" and side.acquire("fine").max_rank == 8
 
 
 @pytest.mark.parametrize("swapped", ["dir", "file"])
@@ -275,8 +323,9 @@ def test_files_swapped_for_an_outside_link_after_registration_are_never_read(mak
     store = make_store(num_slots=2)
     store.register_path("swapped", "good0")
     store.register_path("fine", "good1")
-    store.cache.forget("swapped")  # drop the host copy seeded by registration (as LRU eviction would)
-    store.cache.restore("swapped")
+    side = store.engine_side
+    side.apply()
+    side.table.forget("swapped")  # drop the host copy seeded by registration (as LRU eviction would)
     victim = root / "good0" if swapped == "dir" else root / "good0" / WEIGHTS
     outside = tmp_path / "outside_copy"
     shutil.move(victim, outside)
@@ -284,10 +333,10 @@ def test_files_swapped_for_an_outside_link_after_registration_are_never_read(mak
     outside_file = outside / WEIGHTS if swapped == "dir" else outside
     outside_file.write_bytes(b"\xff" * 16)  # had it been read, the error would say "corrupt"
     with pytest.raises(AssertionError, match="outside --adapter-root"):
-        _acquire(store.cache, "swapped")
+        side.acquire("swapped")
     info = store.describe("swapped")
     assert info["state"] == "errored" and "'good0' is outside --adapter-root" in info["error"]
-    assert store.describe("fine")["state"] == "ready" and _acquire(store.cache, "fine").max_rank == 8
+    assert store.describe("fine")["state"] == "ready" and side.acquire("fine").max_rank == 8
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -39,8 +39,9 @@ def make_engine(model_dir: Path, adapters: dict[str, Path], *, max_loras: int = 
 
 
 def run_to_completion(engine: LLMEngine, timeout_s: float = 120.0) -> dict[str, list]:
-    """Step until idle; returns request_id -> list of outputs. Adapter loads are asynchronous, so a step
-    that scheduled nothing (everyone waits on a load) sleeps briefly, as the AsyncEngine does."""
+    """Step until idle; returns request_id -> list of outputs. Adapter reads are asynchronous, so after a step
+    that scheduled nothing (everyone waits on a read) it waits for the host loader's message, as the AsyncEngine
+    does."""
     outs: dict[str, list] = {}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -49,8 +50,14 @@ def run_to_completion(engine: LLMEngine, timeout_s: float = 120.0) -> dict[str, 
         for o in engine.step():
             outs.setdefault(o.request_id, []).append(o)
         if engine.last_step_tokens == 0:
-            time.sleep(0.001)
+            wait_for_adapter_news(engine)
     raise AssertionError("engine did not finish")
+
+
+def wait_for_adapter_news(engine: LLMEngine, timeout_s: float = 1.0) -> None:
+    """Block until the next step start has adapter work (a loader result, a due slot copy), bounded."""
+    if not engine.adapter_work_pending():
+        engine.adapter_port.wait_for_message(timeout_s)
 
 
 def tokens_of(outputs: list) -> list[int]:

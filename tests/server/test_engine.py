@@ -128,3 +128,25 @@ def test_unknown_adapter_fails_only_its_request(setup):
     outs = run_to_completion(engine)
     assert outs["bad"][-1].finish_reason == "error" and "nope" in outs["bad"][-1].error
     assert tokens_of(outs["good"]) == ref.generate([5, 6, 7], "a4", 4)
+
+
+def test_a_failing_slot_copy_fails_only_that_adapters_requests(setup):
+    """The engine copies weights into slots at its step start; a copy that raises (e.g. out of device memory)
+    marks only that adapter errored, frees its slot, and fails only its requests."""
+    model_dir, adapters, ref = setup
+    engine = make_engine(model_dir, adapters)
+    write = engine.slot_writer.write
+
+    def picky(slot, weights):
+        if weights.max_rank == 8:
+            raise RuntimeError("device out of memory")
+        write(slot, weights)
+
+    engine.slot_writer.write = picky
+    engine.add_request("bad", [5, 6, 7], greedy(4), "a8")
+    engine.add_request("good", [5, 6, 7], greedy(4), "a4")
+    outs = run_to_completion(engine)
+    assert outs["bad"][-1].finish_reason == "error" and "out of memory" in outs["bad"][-1].error
+    assert tokens_of(outs["good"]) == ref.generate([5, 6, 7], "a4", 4)
+    assert "out of memory" in engine.adapter_port.snapshot.view("a8").error
+    assert engine.adapters.resident()["device"] == ["a4"]

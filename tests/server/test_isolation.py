@@ -17,7 +17,15 @@ from loraplex.server.engine.async_engine import AsyncEngine, EngineDead
 from loraplex.server.engine.request import Status
 from loraplex.server.engine.sampling_params import SamplingParams
 
-from .engine_helpers import PeftReference, greedy, make_engine, overflowing_adapter, run_to_completion, tokens_of
+from .engine_helpers import (
+    PeftReference,
+    greedy,
+    make_engine,
+    overflowing_adapter,
+    run_to_completion,
+    tokens_of,
+    wait_for_adapter_news,
+)
 
 LONG_PROMPT = [5, 9, 13, 21, 34]
 BAD_PROMPT = [7, 8, 9]
@@ -49,15 +57,15 @@ def setup(tiny_model_dir, adapter_dir, tmp_path_factory):
 
 
 def step_until(engine, predicate, outs: dict, timeout_s: float = 120.0) -> None:
-    """Step until `predicate()` holds. Adapter loads run on another thread: a step that scheduled nothing
-    yields the CPU briefly (the deadline only bounds a broken engine)."""
+    """Step until `predicate()` holds. Adapter reads run on another thread: after a step that scheduled nothing
+    it waits for their news (the deadline only bounds a broken engine)."""
     deadline = time.monotonic() + timeout_s
     while not predicate():
         assert time.monotonic() < deadline, "condition never reached"
         for o in engine.step():
             outs.setdefault(o.request_id, []).append(o)
         if engine.last_step_tokens == 0:
-            time.sleep(0.001)
+            wait_for_adapter_news(engine)
 
 
 def test_long_request_beside_every_odd_or_bad_request_keeps_its_tokens(setup):
@@ -102,7 +110,8 @@ def test_a_fault_in_the_forward_fails_that_step_only_and_keeps_its_other_outputs
     deadline = time.monotonic() + 120
     while engine.adapters.error("broken") is None:  # no step meanwhile: "b" is still queued after this
         assert time.monotonic() < deadline, "the load of 'broken' never failed"
-        time.sleep(0.001)
+        engine.adapter_port.wait_for_message(1.0)
+        engine.apply_adapter_messages()  # what a step start does first, without scheduling anything
     # The next step both fails "b" in scheduling (its adapter errored) and runs "a" through a faulty forward.
     execute = engine.runner.execute
 
@@ -203,8 +212,8 @@ def test_delete_lets_started_requests_finish_even_after_preemption(setup):
     engine.add_request("started", LONG_PROMPT, greedy(20), "good")
     engine.add_request("queued", BAD_PROMPT, greedy(4), "good")  # the sequence cap keeps it waiting
     step_until(engine, lambda: len(engine.requests["started"].output_ids) >= 3, outs)
-    # What DELETE does: the store forgets it in the cache, the engine fails requests that never started.
-    engine.adapters.forget("good")
+    # What DELETE does: the store posts "forget" to the engine, the engine fails requests that never started.
+    engine.adapter_port.forget("good")
     for o in engine.fail_adapter("good", "adapter 'good' was unregistered"):
         outs.setdefault(o.request_id, []).append(o)
     engine.scheduler.preempt(engine.requests["started"])  # e.g. the KV pool ran dry: recomputed later

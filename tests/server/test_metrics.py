@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from loraplex.adapters.cache import CacheStats
+from loraplex.adapters.slot_table import AdapterSnapshot, CacheStats
 from loraplex.server.engine.async_engine import EngineSnapshot
 from loraplex.server.metrics import Metrics
 
@@ -182,16 +182,15 @@ def test_unknown_model_names_never_become_label_values(client, name):
 
 
 def test_state_gauges_read_the_engine_snapshot_at_scrape_time():
-    """The collector's view of queues, KV usage and residency: the snapshot the engine thread published
-    (never its live queues) and the cache's statistics."""
-    stats = CacheStats()
-    stats.hits["device"], stats.misses["host"], stats.evictions["device"] = 7, 2, 1
-    cache = SimpleNamespace(stats=stats, resident=lambda: {"device": ["a-ad", "b-ad"], "host": ["a-ad", "b-ad",
-                                                                                                "c-ad"]})
+    """The collector's view of queues, KV usage, residency and cache counters: the snapshots the engine
+    thread published (never its live queues or slot table)."""
+    stats = CacheStats(hits={"host": 0, "device": 7}, misses={"host": 2, "device": 0},
+                       evictions={"host": 0, "device": 1})
+    adapters = AdapterSnapshot(resident={"device": ("a-ad", "b-ad"), "host": ("a-ad", "b-ad", "c-ad")}, stats=stats)
     snap = EngineSnapshot(waiting=1, running=4, kv_usage=0.25, running_adapters=("a-ad", "b-ad"),
                           waiting_adapters=("c-ad",))
     store = SimpleNamespace(names=lambda: ["a-ad", "b-ad", "c-ad", "d-ad"])
-    runtime = SimpleNamespace(engine=SimpleNamespace(snapshot=snap, adapters=cache), store=store,
+    runtime = SimpleNamespace(engine=SimpleNamespace(snapshot=snap, adapters=adapters), store=store,
                               served_model_name="base",
                               config=SimpleNamespace(engine=SimpleNamespace(lora=SimpleNamespace(max_loras=2))))
     body, _ = Metrics(runtime).render()

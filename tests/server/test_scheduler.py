@@ -1,4 +1,4 @@
-"""Scheduler policy with a fake adapter cache: budgets, slot limits, loading waits, fairness, preemption
+"""Scheduler policy with a fake adapter slot table: budgets, slot limits, loading waits, fairness, preemption
 (tenant fairness itself: test_fairness.py)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from loraplex.adapters.cache import Acquired, SlotState
+from loraplex.adapters.slot_table import Acquired, SlotState
 from loraplex.server.engine.block_pool import BlockPool
 from loraplex.server.engine.request import Request, Status
 from loraplex.server.engine.sampling_params import SamplingParams

@@ -1,0 +1,89 @@
+"""HostLoader: reads and validates adapter files in the background; the engine thread gets typed results.
+
+It only reads: `loader(name)` (AdapterStore.load_weights: disk or S3 copy -> validated fp32 tensors), pins
+the tensors in page-locked memory where CUDA is present (so the engine's slot copy can run asynchronously on
+a side stream), and posts `HostLoaded` / `HostLoadFailed` into the engine's inbox, then wakes the engine. It
+never touches device slots or the SlotTable.
+
+Two pools, as the SlotTable asks: reads a device slot waits for (`urgent`) and speculative host prefetches
+for queued requests. A burst of prefetches must never delay a device-bound read, so they queue apart. A read
+asked for again while it is still queued or running is merged (a queued prefetch asked for urgently moves to
+the urgent pool), so a name is never read twice for one ask.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from loraplex.adapters.messages import HostLoaded, HostLoadFailed
+from loraplex.adapters.weights import AdapterWeights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Job:
+    name: str
+    epoch: int
+    urgent: bool
+    cancelled: bool = False  # superseded by an urgent job for the same read before it started
+    running: bool = False
+
+
+class HostLoader:
+    def __init__(self, loader: Callable[[str], AdapterWeights], post: Callable[[object], None],
+                 wake: Callable[[], None], *, workers: int = 2, pin_memory: bool | None = None) -> None:
+        self._loader, self._post, self._wake = loader, post, wake
+        self._pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self._urgent = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lora-load")
+        self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-prefetch")
+        self._jobs: dict[tuple[str, int], _Job] = {}  # queued or running, by (name, epoch)
+        self._lock = threading.Lock()
+
+    def submit(self, name: str, epoch: int, urgent: bool) -> None:
+        """Read `name` (registration `epoch`) in the background; the result arrives as a message."""
+        key = (name, epoch)
+        with self._lock:
+            job = self._jobs.get(key)
+            if job is not None and (job.running or job.urgent or not urgent):
+                return  # already on its way, as fast as asked
+            if job is not None:
+                job.cancelled = True  # a queued prefetch a slot now waits for: the urgent pool reads it
+            job = self._jobs[key] = _Job(name, epoch, urgent)
+        try:
+            (self._urgent if urgent else self._prefetch).submit(self._run, job)
+        except RuntimeError:  # closed: the engine is stopping and nobody waits for the result
+            log.debug("host loader closed; dropped the read of %s", name)
+
+    def close(self) -> None:
+        """Stop both pools; queued reads are dropped, a running one finishes and its result is ignored."""
+        self._urgent.shutdown(wait=False, cancel_futures=True)
+        self._prefetch.shutdown(wait=False, cancel_futures=True)
+
+    def _run(self, job: _Job) -> None:
+        with self._lock:
+            if job.cancelled:
+                return
+            job.running = True
+        t0 = time.perf_counter()
+        try:
+            weights = self._read(job.name)
+        except Exception as exc:  # noqa: BLE001 - any read or validation failure fails only this adapter
+            msg: HostLoaded | HostLoadFailed = HostLoadFailed(job.name, job.epoch, str(exc) or type(exc).__name__)
+        else:
+            msg = HostLoaded(job.name, job.epoch, weights, time.perf_counter() - t0)
+        with self._lock:  # before posting: an ask after this starts a new read instead of being merged away
+            del self._jobs[(job.name, job.epoch)]
+        self._post(msg)
+        self._wake()
+
+    def _read(self, name: str) -> AdapterWeights:
+        weights = self._loader(name)
+        return weights.pinned() if self._pin else weights
