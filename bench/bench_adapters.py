@@ -284,15 +284,16 @@ def closed_loop(engine: LLMEngine, reqs: list[tuple[list[int], str]], work: Scal
             tiers[cache.tier(adapter)] += 1
             engine.add_request(f"s{next(_ids)}", prompt, params, adapter)
             inflight += 1
-        for out in engine.step():
+        step = engine.step()
+        for out in step.outputs:
             if out.error:
                 raise RuntimeError(f"request {out.request_id} failed: {out.error}")
             tokens += len(out.new_token_ids)
             inflight -= out.finished
-        if engine.last_step_tokens == 0:
+        if not step.computed:
             time.sleep(0.001)  # every runnable request waits on an adapter load
         else:
-            batches.append(engine.last_batch)
+            batches.append((step.stats.num_seqs, step.stats.num_adapters))
     seconds = time.perf_counter() - t0
     return {"tok_s": tokens / seconds, "seconds": seconds, "tier_at_arrival": dict(tiers),
             "mean_batch": statistics.fmean(b[0] for b in batches),

@@ -5,8 +5,8 @@ tokens each (`--quick`: 32), greedy, EOS ignored; for an fp32 and an nf4 base. T
 / seconds from the first `add_request` (or the `generate` call) until every request has finished.
 
   hf_base           HF `generate`, one static left-padded batch, no adapter
-  ours_base         our engine, base model only                      (target: ours_base / hf_base >= 1.0)
-  ours_s1_distinct  our engine, 16 distinct S1 adapters (r8 q/k/v/o) (LoRA tax: / ours_base >= 0.85)
+  ours_base         our engine, base model only                      (target: ours_base / hf_base >= 1.1)
+  ours_s1_distinct  our engine, 16 distinct S1 adapters (r8 q/k/v/o) (LoRA tax: / ours_base >= 0.90)
   ours_p_<mix>      our engine, P adapters (r16, all 7 projections)
   peft_p_<mix>      PEFT `generate(..., adapter_names=[...])`, same mix (target: distinct ours / PEFT >= 2.5)
   mixes: distinct (16 adapters), skewed (Zipf 1.5 over 16), identical (1 adapter)
@@ -75,8 +75,8 @@ FIRST_TOKEN_ID = 3  # ids 0..2 are the special tokens of the bench tokenizer
 WARMUP_TOKENS = 2
 MIX_ORDER = ("distinct", "skewed", "identical")
 TARGETS = {  # metric: (numerator case, denominator case, target, mix whose bandwidth bound applies)
-    "base-only: ours / HF generate": ("ours_base", "hf_base", 1.0, None),
-    "LoRA tax: 16 distinct S1 / base-only (ours)": ("ours_s1_distinct", "ours_base", 0.85, "s1_distinct"),
+    "base-only: ours / HF generate": ("ours_base", "hf_base", 1.1, None),
+    "LoRA tax: 16 distinct S1 / base-only (ours)": ("ours_s1_distinct", "ours_base", 0.90, "s1_distinct"),
     "16 distinct P: ours / PEFT mixed batch": ("ours_p_distinct", "peft_p_distinct", 2.5, None),
 }
 
@@ -139,11 +139,12 @@ class OurEngine:
                 ids.append(f"r{self._n}")
                 eng.add_request(ids[-1], prompt, params, adapter)
             while eng.has_work():
-                for o in eng.step():
+                step = eng.step()
+                for o in step.outputs:
                     if o.error:
                         raise RuntimeError(f"request {o.request_id} failed: {o.error}")
                     outs.setdefault(o.request_id, []).extend(o.new_token_ids)
-                if eng.last_step_tokens == 0:
+                if not step.computed:
                     time.sleep(0.001)  # everyone waits on an adapter load (warm-up only)
         tokens = [outs[i] for i in ids]
         return sw.measure(sum(map(len, tokens))), tokens

@@ -161,8 +161,7 @@ def closed_loop(engine: LLMEngine, work: list[Arrival]) -> float:
     for i, a in enumerate(work):
         engine.add_request(f"c{t0}-{i}", a.prompt, _params(a.max_tokens), a.tenant)
     while engine.has_work():
-        engine.step()
-        if engine.last_step_tokens == 0:  # everyone waits on an adapter load (a background thread)
+        if not engine.step().computed:  # everyone waits on an adapter load (a background thread)
             time.sleep(0.001)
     return time.perf_counter() - t0
 
@@ -189,10 +188,10 @@ def open_loop(engine: LLMEngine, work: list[Arrival], seconds: float) -> Trace:
         if not engine.has_work():
             time.sleep(max(0.0, work[i].at - now) if i < len(work) else 0.001)
             continue
-        outs = engine.step()
+        step = engine.step()
         steps += 1
-        _record(trace, outs, time.perf_counter() - t0, steps)
-        if engine.last_step_tokens == 0:
+        _record(trace, step.outputs, time.perf_counter() - t0, steps)
+        if not step.computed:
             time.sleep(0.001)
     trace.end = (time.perf_counter() - t0, steps)
     return trace

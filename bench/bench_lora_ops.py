@@ -1,100 +1,103 @@
-"""Microbenchmark of the batched LoRA ops against the base layer's plain matmul (the roofline).
+"""Microbenchmark of one fused `lora_apply` against the base layer's matmul, on bench-small's layer shapes.
 
-In the spirit of vLLM's benchmarks/kernels/benchmark_lora.py: tokens x distinct adapters x rank on the
-bench-small hidden sizes (hidden 576: q/o 576x576, gate/up 576->1536). For each point it times, in
-microseconds (median of interleaved repeats):
-  base_mm     x @ W.T of the base layer                          (what one LoRA layer rides beside)
-  sgmv        lora_shrink + lora_expand, mode="sgmv", grouped token order (prefill-like)
-  bgmv        lora_shrink + lora_expand, mode="bgmv", interleaved token order (decode-like)
-  sgmv_frag   mode="sgmv" on the interleaved order (what auto avoids by gathering)
-  apply_sgmv  lora_apply, mode="sgmv", grouped order (the backend's fused path)
-  apply_bgmv  lora_apply, mode="bgmv", interleaved order
-Stacks are allocated at r_max = 64 with 16 slots, as a server with --max-lora-rank 64 --max-loras 16
-would; every adapter has rank `rank`, so small ranks show whether slicing to the own rank pays.
+In the spirit of vLLM's benchmarks/kernels/benchmark_lora.py: tokens (1, 16, 64, 256) x distinct adapters
+(1, 4, 16) x rank (8, 16, 64) on bench-small's shapes (q/o 576x576, gate/up 576->1536). The stacks are what
+MultiLoRALinear holds with --max-loras 16 --max-lora-rank 64: A [17, 64, in], B [17, 64, out] (16 slots and
+the all-zero null slot; zeros past each slot's rank, as `set_slot` leaves them); every adapter has rank
+`rank`, in slots 0..adapters-1. Tokens are spread evenly over the adapters, in two orders: interleaved
+(round-robin: decode-like) and grouped (each adapter's tokens in one run: prefill-like). The step's layout
+comes from `plan_groups` and `LoRABatchBuffers.fill`, built once per point as the runner does once per step.
+Variants, microseconds per call (median of interleaved repeats, min beside it):
 
-Run: .venv/bin/python bench/bench_lora_ops.py [--device cpu|cuda] [--dtype float32|bfloat16]
-Writes bench/results/lora_ops.json.
+  base_mm      F.linear(x, W): the base layer LoRA rides beside
+  window_<o>   lora_apply, eager layout as `plan_groups(gather=False)` picks it; here always the window form
+               (the slots are a dense range): A/B read in place, at the step's rank bound `rank`
+  grouped_<o>  the same grid with A/B gathered per group (window_lo=None): the grouped form, what an eager
+               step whose slots are not a dense range runs
+  gather_<o>   lora_apply, gather form (`plan_groups(gather=True)`): one group per token, at the adapters'
+               rank rounded up to a power of two (the engine bounds a capturable step by its resident adapters)
+  <o>: il = interleaved order, gr = grouped order
+
+Run: OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_lora_ops.py [--device cpu|cuda]
+     [--dtype float32|bfloat16|float16] [--repeats N]
+Writes bench/results/lora_ops.json (about 1-2 minutes on 2 shared cores with one intra-op thread).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
-import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F  # noqa: N812
+from common import RESULTS_DIR, machine_facts, print_facts, write_json
 
-from loraplex.adapters.ops import get_backend, lora_apply, lora_expand, lora_shrink
-from loraplex.adapters.ops.meta import LoRAMeta
+from loraplex.adapters.ops import LoRABatch, LoRABatchBuffers, get_backend, lora_apply, plan_groups
 
 SHAPES = {"q/o 576x576": (576, 576), "gate/up 576->1536": (576, 1536)}
 TOKENS = (1, 16, 64, 256)
 ADAPTERS = (1, 4, 16)
 RANKS = (8, 16, 64)
 SLOTS, R_MAX = 16, 64
-REPEATS = 9
-TARGET_S = 0.001  # each repeat runs the op enough times to take about this long
-VARIANTS = ("base_mm", "sgmv", "bgmv", "sgmv_frag", "apply_sgmv", "apply_bgmv")
-RESULTS = Path(__file__).parent / "results" / "lora_ops.json"
+NULL_SLOT = SLOTS
+ORDERS = {"il": "interleaved", "gr": "grouped"}
+FORMS = ("window", "grouped", "gather")
+VARIANTS = ("base_mm", *(f"{f}_{o}" for f in FORMS for o in ORDERS))
+TARGET_S = 0.002  # each repeat runs a variant enough times to take about this long
 
 
-def machine_facts(device: torch.device, dtype: torch.dtype) -> dict[str, object]:
-    facts: dict[str, object] = {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
-        "backend": get_backend(device).name,
-    }
-    if device.type == "cuda":
-        facts["gpu"] = torch.cuda.get_device_name(device)
-    return facts
+def token_slots(n_tokens: int, n_adapters: int, order: str) -> list[int]:
+    """Tokens spread evenly over slots 0..n_adapters-1: round-robin (interleaved) or in runs (grouped)."""
+    if order == "interleaved":
+        return [t % n_adapters for t in range(n_tokens)]
+    return [t * n_adapters // n_tokens for t in range(n_tokens)]
 
 
-def token_layouts(n_tokens: int, n_adapters: int) -> tuple[list[int], list[int]]:
-    """Tokens spread evenly over the adapters (slots 0..n-1): grouped runs, and round-robin interleaved."""
-    grouped = [t * n_adapters // n_tokens for t in range(n_tokens)]
-    interleaved = [t % n_adapters for t in range(n_tokens)]
-    return grouped, interleaved
+def make_stacks(n_in: int, n_out: int, rank: int, device: torch.device, dtype: torch.dtype,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [S + 1, R_max, in], B [S + 1, R_max, out]: rows past `rank` and the null slot zero."""
+    a = torch.zeros(SLOTS + 1, R_MAX, n_in)
+    b = torch.zeros(SLOTS + 1, R_MAX, n_out)
+    a[:SLOTS, :rank] = torch.randn(SLOTS, rank, n_in, generator=gen) * 0.02
+    b[:SLOTS, :rank] = torch.randn(SLOTS, rank, n_out, generator=gen) * 0.02
+    return a.to(device, dtype), b.to(device, dtype)
 
 
-def make_ops(
-    n_in: int, n_out: int, n_tokens: int, n_adapters: int, rank: int, device: torch.device, dtype: torch.dtype
-) -> dict[str, Callable[[], object]]:
-    """One closure per variant over shared tensors; metadata is built once, as the runner does per step."""
+def make_ops(n_in: int, n_out: int, n_tokens: int, n_adapters: int, rank: int, device: torch.device,
+             dtype: torch.dtype) -> tuple[dict[str, Callable[[], object]], dict[str, object]]:
+    """One closure per variant over shared tensors, and the layout each eager variant got."""
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(n_out, n_in, generator=gen).to(device, dtype)  # base W: [out, in]
-    a = (torch.randn(SLOTS, R_MAX, n_in, generator=gen) * 0.02).to(device, dtype)  # [S, R_max, in]
-    b = (torch.randn(SLOTS, n_out, R_MAX, generator=gen) * 0.02).to(device, dtype)  # [S, out, R_max]
-    ranks = [rank] * SLOTS
+    a, b = make_stacks(n_in, n_out, rank, device, dtype, gen)
     x = torch.randn(n_tokens, n_in, generator=gen).to(device, dtype)
     y = torch.zeros(n_tokens, n_out, device=device, dtype=dtype)
-    grouped, interleaved = (LoRAMeta.from_slots(s, device) for s in token_layouts(n_tokens, n_adapters))
+    ranks = {"proj": rank}
+    fns: dict[str, Callable[[], object]] = {"base_mm": lambda: F.linear(x, weight)}
+    layouts: dict[str, object] = {}
+    for key, order in ORDERS.items():
+        slots = token_slots(n_tokens, n_adapters, order)
+        eager = plan_groups(slots, gather=False, null_slot=NULL_SLOT)
+        grouped = dataclasses.replace(eager, window_lo=None)
+        gather = plan_groups(slots, gather=True, null_slot=NULL_SLOT)
+        layouts[key] = {"eager_form": "window" if eager.window_lo is not None else "grouped",
+                        "groups": len(eager.group_slots), "depth": eager.depth, "grid_rows": len(eager.rows)}
+        for form, plan, bound in (("window", eager, rank), ("grouped", grouped, rank), ("gather", gather, _pow2(rank))):
+            # One buffer set per variant: a LoRABatch is views of its buffers, so they must not be shared.
+            batch = LoRABatchBuffers(device).fill(slots, plan, ranks)
+            fns[f"{form}_{key}"] = _apply(y, x, a, b, batch, bound)
+    return fns, layouts
 
-    def two_ops(meta: LoRAMeta, mode: str) -> Callable[[], None]:
-        return lambda: lora_expand(y, lora_shrink(x, a, ranks, meta, mode=mode), b, ranks, meta, mode=mode)
 
-    def fused(meta: LoRAMeta, mode: str) -> Callable[[], None]:
-        return lambda: lora_apply(y, x, a, b, ranks, meta, mode=mode)
-
-    return {
-        "base_mm": lambda: torch.mm(x, weight.t()),
-        "sgmv": two_ops(grouped, "sgmv"),
-        "bgmv": two_ops(interleaved, "bgmv"),
-        "sgmv_frag": two_ops(interleaved, "sgmv"),
-        "apply_sgmv": fused(grouped, "sgmv"),
-        "apply_bgmv": fused(interleaved, "bgmv"),
-    }
+def _apply(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch: LoRABatch,
+           rank: int) -> Callable[[], None]:
+    return lambda: lora_apply(y, x, a, b, batch, rank)
 
 
 def run_batch(fn: Callable[[], object], n: int, device: torch.device) -> float:
@@ -108,114 +111,135 @@ def run_batch(fn: Callable[[], object], n: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / n
 
 
-def time_variants(
-    fns: dict[str, Callable[[], object]], device: torch.device
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Median and min microseconds per variant; repeats interleave the variants so drift hits them alike.
-
-    The min is kept beside the median because a shared machine's other load only ever adds time.
-    """
+def time_variants(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int
+                  ) -> tuple[dict[str, float], dict[str, float]]:
+    """Median and min microseconds per variant; repeats interleave the variants (rotating order) so drift
+    hits them alike. The min is kept beside the median: a shared machine's other load only ever adds time."""
     counts = {}
     for name, fn in fns.items():
-        once = run_batch(fn, 3, device)  # also warms up
+        once = run_batch(fn, 2, device)  # also warms up
         counts[name] = max(1, min(2000, int(TARGET_S / max(once, 1e-7))))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(REPEATS):
-        for name, fn in fns.items():
-            samples[name].append(run_batch(fn, counts[name], device))
-    median = {name: statistics.median(s) * 1e6 for name, s in samples.items()}
-    return median, {name: min(s) * 1e6 for name, s in samples.items()}
+    names = list(fns)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(run_batch(fns[name], counts[name], device))
+    return ({n: statistics.median(s) * 1e6 for n, s in samples.items()},
+            {n: min(s) * 1e6 for n, s in samples.items()})
 
 
-def bench_point(shape: str, n_tokens: int, n_adapters: int, rank: int, device, dtype) -> dict[str, object]:
+def bench_point(shape: str, n_tokens: int, n_adapters: int, rank: int, device: torch.device,
+                dtype: torch.dtype, repeats: int) -> dict[str, object]:
     n_in, n_out = SHAPES[shape]
-    us, us_min = time_variants(make_ops(n_in, n_out, n_tokens, n_adapters, rank, device, dtype), device)
-    lora = ("sgmv", "bgmv", "sgmv_frag", "apply_sgmv", "apply_bgmv")
+    fns, layouts = make_ops(n_in, n_out, n_tokens, n_adapters, rank, device, dtype)
+    us, us_min = time_variants(fns, device, repeats)
+    lora = [v for v in VARIANTS if v != "base_mm"]
     return {
-        "shape": shape,
-        "in": n_in,
-        "out": n_out,
-        "tokens": n_tokens,
-        "adapters": n_adapters,
-        "distinct_in_batch": min(n_adapters, n_tokens),
-        "rank": rank,
+        "shape": shape, "in": n_in, "out": n_out, "tokens": n_tokens, "adapters": n_adapters,
+        "distinct_in_batch": min(n_adapters, n_tokens), "rank": rank, "layouts": layouts,
         "us": {k: round(v, 2) for k, v in us.items()},
         "us_min": {k: round(v, 2) for k, v in us_min.items()},
         "ratio_to_base_mm": {k: round(us[k] / us["base_mm"], 3) for k in lora},
-        "ratio_to_base_mm_min": {k: round(us_min[k] / us_min["base_mm"], 3) for k in lora},
     }
+
+
+def print_header() -> None:
+    print(f"\n{'shape':<18}{'tok':>5}{'ad':>4}{'r':>4}" + "".join(f"{v:>11}" for v in VARIANTS)
+          + f"{'win/mm':>8}{'gath/mm':>8}   (microseconds per call, median)")
 
 
 def print_row(row: dict[str, object]) -> None:
     us, ratio = row["us"], row["ratio_to_base_mm"]
-    cells = " ".join(f"{us[v]:>10.1f}" for v in VARIANTS)
-    print(
-        f"{row['shape']:<18} {row['tokens']:>4} {row['adapters']:>3} {row['rank']:>3} {cells}"
-        f"  {ratio['sgmv']:>6.2f} {ratio['bgmv']:>6.2f}"
-    )
+    cells = "".join(f"{us[v]:>11.1f}" for v in VARIANTS)
+    print(f"{row['shape']:<18}{row['tokens']:>5}{row['adapters']:>4}{row['rank']:>4}{cells}"
+          f"{ratio['window_il']:>8.2f}{ratio['gather_il']:>8.2f}", flush=True)
 
 
 def geomean(values: list[float]) -> float:
-    return statistics.geometric_mean(values) if values else float("nan")
+    return round(statistics.geometric_mean(values), 3) if values else float("nan")
 
 
 def summarize(rows: list[dict[str, object]], stat: str) -> dict[str, float]:
-    """Geometric means of the ratios that decide the design: fused vs two ops, auto's rule, LoRA vs base.
-
-    stat: "us" (medians) or "us_min".
-    """
+    """Geometric means of the ratios that decide the design. stat: "us" (medians) or "us_min" (best)."""
 
     def gm(num: str, den: str, keep: Callable[[dict], bool] = lambda r: True) -> float:
-        return round(geomean([r[stat][num] / r[stat][den] for r in rows if keep(r)]), 3)
+        return geomean([r[stat][num] / r[stat][den] for r in rows if keep(r)])
 
-    def fragmented(row: dict) -> bool:
-        return row["distinct_in_batch"] > 1  # the interleaved order has more segments than slots only then
+    def decode(r: dict) -> bool:
+        return r["tokens"] in (16, 64)
 
     return {
-        "apply_sgmv_over_sgmv": gm("apply_sgmv", "sgmv"),
-        "apply_bgmv_over_bgmv": gm("apply_bgmv", "bgmv"),
-        "bgmv_over_sgmv_frag_when_fragmented": gm("bgmv", "sgmv_frag", fragmented),
-        "bgmv_over_sgmv_single_adapter": gm("bgmv", "sgmv", lambda r: r["distinct_in_batch"] == 1),
-        "sgmv_over_base_mm": gm("sgmv", "base_mm"),
-        "bgmv_over_base_mm": gm("bgmv", "base_mm"),
-        "rank8_over_rank64_sgmv_tokens256": round(
-            geomean([r[stat]["sgmv"] for r in rows if r["rank"] == 8 and r["tokens"] == 256])
-            / geomean([r[stat]["sgmv"] for r in rows if r["rank"] == 64 and r["tokens"] == 256]),
-            3,
-        ),
+        "window_il_over_base_mm": gm("window_il", "base_mm"),
+        "grouped_il_over_base_mm": gm("grouped_il", "base_mm"),
+        "gather_il_over_base_mm": gm("gather_il", "base_mm"),
+        "grouped_over_window_il (what the in-place read saves)": gm("grouped_il", "window_il"),
+        "gather_over_window_il (the price of static shapes)": gm("gather_il", "window_il"),
+        "gather_over_window_il, tokens 16-64 (decode batches)": gm("gather_il", "window_il", decode),
+        "gather_over_window_il, rank 64": gm("gather_il", "window_il", lambda r: r["rank"] == 64),
+        "window_il_over_window_gr (token order, eager)": gm("window_il", "window_gr"),
+        "gather_il_over_gather_gr (token order, gather)": gm("gather_il", "gather_gr"),
+        "window_il rank 8 / rank 64, 256 tokens": round(
+            statistics.geometric_mean([r[stat]["window_il"] for r in rows if r["rank"] == 8 and r["tokens"] == 256])
+            / statistics.geometric_mean([r[stat]["window_il"] for r in rows
+                                         if r["rank"] == 64 and r["tokens"] == 256]), 3),
     }
+
+
+def commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout
+    head = git("rev-parse", "HEAD").strip()
+    return head + ("-dirty" if git("status", "--porcelain").strip() else "")
+
+
+def command_line() -> str:
+    """The exact command, with the environment settings the run line asks for."""
+    env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "HF_HUB_OFFLINE") if k in os.environ]
+    return " ".join([*env, Path(sys.executable).name, *sys.argv])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved repeats per point (median, >= 3)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "lora_ops.json")
     args = parser.parse_args()
+    if args.repeats < 3:
+        parser.error("--repeats: the protocol asks for a median of >= 3")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    facts = machine_facts(device, dtype)
-    print(" ".join(f"{k}={v}" for k, v in facts.items()))
-    print(
-        f"{'shape':<18} {'tok':>4} {'ad':>3} {'r':>3} "
-        + " ".join(f"{v:>10}" for v in VARIANTS)
-        + "  sg/mm  bg/mm   (microseconds, median)"
-    )
+    facts = machine_facts(device) | {"dtype": args.dtype, "backend": get_backend(device).name}
+    print_facts(facts)
+    print_header()
     started, rows = time.perf_counter(), []
     with torch.inference_mode():
         for shape in SHAPES:
             for n_tokens in TOKENS:
                 for n_adapters in ADAPTERS:
                     for rank in RANKS:
-                        rows.append(bench_point(shape, n_tokens, n_adapters, rank, device, dtype))
+                        rows.append(bench_point(shape, n_tokens, n_adapters, rank, device, dtype, args.repeats))
                         print_row(rows[-1])
     summary = {stat: summarize(rows, stat) for stat in ("us", "us_min")}
-    print("summary (geometric means of ratios; us = medians, us_min = best repeats):")
-    print(json.dumps(summary, indent=1))
-    report = {"machine": facts, "seconds": round(time.perf_counter() - started, 1), "summary": summary}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({**report, "results": rows}, indent=1) + "\n")
-    print(f"wrote {args.out} in {report['seconds']} s")
+    print("\nsummary, geometric means of ratios over all points (us: medians; us_min: best repeats):")
+    for key in summary["us"]:
+        print(f"  {key:<56}{summary['us'][key]:>8.3f}{summary['us_min'][key]:>8.3f}")
+    facts["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
+    write_json(args.out, {
+        "machine": facts, "commit": commit(), "command": command_line(),
+        "settings": {"slots": SLOTS, "r_max": R_MAX, "repeats": args.repeats, "target_s": TARGET_S,
+                     "threads": args.threads, "variants": list(VARIANTS)},
+        "seconds": round(time.perf_counter() - started, 1), "summary": summary, "results": rows,
+    })
 
 
 if __name__ == "__main__":
     main()
+
+
+def _pow2(rank: int) -> int:
+    """The gather form's rank bound: the resident adapters' rank rounded up to a power of two (inject.py)."""
+    return 1 << (rank - 1).bit_length()

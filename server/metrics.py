@@ -20,9 +20,9 @@ from prometheus_client.registry import Collector
 
 from loraplex.adapters.slot_table import AdapterSnapshot
 from loraplex.server.engine.async_engine import EngineSnapshot
+from loraplex.server.engine.request import StepStats
 
 if TYPE_CHECKING:
-    from loraplex.server.engine.engine import LLMEngine
     from loraplex.server.runtime import Runtime
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -91,11 +91,10 @@ class Metrics:
         self._children.setdefault(labelvalues[0], set()).add((metric, labelvalues))
         return metric.labels(*labelvalues)
 
-    def observe_step(self, engine: LLMEngine) -> None:
-        seqs, adapters = engine.last_batch
-        if engine.last_step_tokens:
-            self.batch_size.observe(seqs)
-            self.batch_adapters.observe(adapters)
+    def observe_step(self, stats: StepStats) -> None:
+        if stats.num_tokens:
+            self.batch_size.observe(stats.num_seqs)
+            self.batch_adapters.observe(stats.num_adapters)
 
     def observe_adapter_load(self, seconds: float) -> None:
         self.adapter_load.observe(seconds)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from loraplex.adapters.slot_table import AdapterSnapshot
 from loraplex.server.engine.engine import LLMEngine
-from loraplex.server.engine.request import Request, RequestOutput
+from loraplex.server.engine.request import Request, RequestOutput, StepStats
 from loraplex.server.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
         self._stop = False
         self._thread: threading.Thread | None = None
-        self.on_step: Callable[[LLMEngine], None] = lambda e: None  # metrics hook, engine thread
+        self.on_step: Callable[[StepStats], None] = lambda stats: None  # metrics hook, engine thread
         self.on_fatal: Callable[[str], None] = lambda reason: None  # the thread died: the process should exit
         engine.adapter_port.waker = self._wake  # a loader result or an admin command arrived
         engine.adapter_port.engine_running = lambda: self.alive  # admin calls wait for their command only then
@@ -234,18 +234,18 @@ class AsyncEngine:
     def _step(self) -> None:
         if not self._can_step():
             return
-        outputs = self.engine.step()  # faults inside a step fail that step's requests; others propagate
-        computed = self.engine.last_step_tokens > 0  # steps that only wait on adapter loads do not count
+        result = self.engine.step()  # faults inside a step fail that step's requests; others propagate
+        computed = result.computed  # steps that only wait on adapter loads do not count
         with self._cv:
             if self._step_allowance is not None and computed:
                 self._step_allowance -= 1
         self._publish(stepped=computed)
         try:
-            self.on_step(self.engine)  # before delivery: a scrape right after a response sees this step
+            self.on_step(result.stats)  # before delivery: a scrape right after a response sees this step
         except Exception:  # noqa: BLE001 - a metrics fault must not stop generation
             log.exception("on_step hook failed")
-        self._deliver(outputs)
-        if self.engine.last_step_tokens == 0 and self.engine.has_work():
+        self._deliver(result.outputs)
+        if not computed and self.engine.has_work():
             with self._cv:  # everyone waits on adapter loads: sleep until one lands (or briefly)
                 if not self._inbox and not self.engine.adapter_work_pending():
                     self._cv.wait(timeout=0.005)

@@ -26,7 +26,7 @@ from loraplex.server.engine.detokenizer import IncrementalDetokenizer
 from loraplex.server.engine.kv_sizing import auto_num_blocks, kv_bytes_per_token
 from loraplex.server.engine.model_runner import ModelRunner
 from loraplex.server.engine.postprocess import Postprocessor
-from loraplex.server.engine.request import Request, RequestOutput, Status
+from loraplex.server.engine.request import Request, RequestOutput, Status, StepResult, StepStats
 from loraplex.server.engine.sampler import Sampler, SampleRow, make_generator
 from loraplex.server.engine.sampling_params import SamplingParams
 from loraplex.server.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -81,8 +81,6 @@ class LLMEngine:
         self.sampler = Sampler()
         self.post = Postprocessor(_eos_ids(loaded), config.max_model_len)
         self.requests: dict[str, Request] = {}
-        self.last_batch = (0, 0)  # (sequences, distinct adapters) of the last step, for metrics
-        self.last_step_tokens = 0
 
     def _make_kv(self, model: torch.nn.Module, loaded: LoadedModel) -> tuple[BlockPool, PagedKVCache]:
         cfg = model.config.get_text_config()
@@ -171,16 +169,16 @@ class LLMEngine:
         self.host_loader.close()
 
     # ---- the step ----------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """One engine step. A fault while running it fails only the requests scheduled in it; every
-        terminal output built before the fault is still returned."""
+    def step(self) -> StepResult:
+        """One engine step: its outputs and statistics. A fault while running it fails only the requests
+        scheduled in it; every terminal output built before the fault is still returned."""
         self.apply_adapter_messages()
         sched = self.scheduler.schedule()
-        self.last_step_tokens = sched.num_tokens
         outputs = [self._fail(req, reason, "request") for req, reason in sched.failed]
         if not sched.chunks:
-            return outputs
-        self.last_batch = (len(sched.chunks), len({c.request.slot for c in sched.chunks if c.request.slot >= 0}))
+            return StepResult(outputs)
+        stats = StepStats(sched.num_tokens, len(sched.chunks),
+                          len({c.request.slot for c in sched.chunks if c.request.slot >= 0}))
         try:
             self._run(sched, outputs)
         except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving the others
@@ -189,7 +187,7 @@ class LLMEngine:
                       "other requests are unaffected")
             outputs += [self._fail(c.request, reason, "internal") for c in sched.chunks
                         if c.request.status is not Status.FINISHED]
-        return outputs
+        return StepResult(outputs, stats)
 
     def _run(self, sched: SchedulerOutput, outputs: list[RequestOutput]) -> None:
         """Forward, sample, postprocess; appends to `outputs` as it goes (a later fault keeps them)."""

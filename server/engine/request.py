@@ -71,3 +71,25 @@ class Request:
         if end <= p:
             return self.prompt_ids[start:end]
         return (self.prompt_ids + self.output_ids)[start:end]
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one engine step computed: tokens (0: it only waited on adapter loads), sequences, distinct
+    adapters among them."""
+
+    num_tokens: int = 0
+    num_seqs: int = 0
+    num_adapters: int = 0
+
+
+@dataclass
+class StepResult:
+    """What `LLMEngine.step()` returns: the outputs to deliver and the step's statistics."""
+
+    outputs: list[RequestOutput] = field(default_factory=list)
+    stats: StepStats = StepStats()
+
+    @property
+    def computed(self) -> bool:
+        return self.stats.num_tokens > 0

@@ -47,9 +47,10 @@ def run_to_completion(engine: LLMEngine, timeout_s: float = 120.0) -> dict[str, 
     while time.monotonic() < deadline:
         if not engine.has_work():
             return outs
-        for o in engine.step():
+        step = engine.step()
+        for o in step.outputs:
             outs.setdefault(o.request_id, []).append(o)
-        if engine.last_step_tokens == 0:
+        if not step.computed:
             wait_for_adapter_news(engine)
     raise AssertionError("engine did not finish")
 

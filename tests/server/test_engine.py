@@ -39,7 +39,7 @@ def test_staggered_arrivals_match_peft(setup):
     for i, (rid, adapter) in enumerate(plan):
         engine.add_request(rid, prompts[i], greedy(12 + i), adapter)
         for _ in range(3):  # the next request joins a batch that is already running
-            for o in engine.step():
+            for o in engine.step().outputs:
                 outs.setdefault(o.request_id, []).append(o)
     for rid, got in run_to_completion(engine).items():
         outs.setdefault(rid, []).extend(got)

@@ -62,9 +62,10 @@ def step_until(engine, predicate, outs: dict, timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         assert time.monotonic() < deadline, "condition never reached"
-        for o in engine.step():
+        step = engine.step()
+        for o in step.outputs:
             outs.setdefault(o.request_id, []).append(o)
-        if engine.last_step_tokens == 0:
+        if not step.computed:
             wait_for_adapter_news(engine)
 
 
@@ -121,7 +122,7 @@ def test_a_fault_in_the_forward_fails_that_step_only_and_keeps_its_other_outputs
 
     engine.runner.execute = faulty
     step = engine.step()
-    by_id = {o.request_id: o for o in step}
+    by_id = {o.request_id: o for o in step.outputs}
     assert by_id["b"].finish_reason == "error" and by_id["b"].error_kind == "request"
     assert "failed to load" in by_id["b"].error
     assert by_id["a"].finish_reason == "error" and by_id["a"].error_kind == "internal"
