@@ -86,4 +86,4 @@ class HostLoader:
 
     def _read(self, name: str) -> AdapterWeights:
         weights = self._loader(name)
-        return weights.pinned() if self._pin else weights
+        return weights.prepared(pin=self._pin)  # the slot layout, on this thread: the engine's copy stays a copy

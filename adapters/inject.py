@@ -53,7 +53,7 @@ class LoRAInjection:
             if mod is None:
                 layer.clear_slot(slot)
                 continue
-            layer.set_slot(slot, mod.a.to(layer.lora_a.dtype), mod.b.to(layer.lora_b.dtype), mod.scale)
+            layer.set_slot(slot, mod.a, mod.b, mod.scale)
             ranks[layer.kind] = max(ranks.get(layer.kind, 0), mod.a.shape[0])
         self.slot_ranks[slot] = ranks
 

@@ -52,12 +52,16 @@ class MultiLoRALinear(nn.Module):
             raise ValueError(f"rank {r} exceeds --max-lora-rank {self.max_rank}")
         if tuple(a.shape) != (r, self.in_features) or tuple(b.shape) != (self.out_features, r):
             raise ValueError(f"LoRA shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit this layer")
+        # copy_ converts dtype and device itself. Prepared weights (AdapterWeights.prepared: b is the view of a
+        # contiguous scale * B^T, scale 1.0) make both copies plain memcpys.
         self.lora_a[slot, :r].copy_(a, non_blocking=True)
-        self.lora_a[slot, r:].zero_()
         b_dst = self.lora_b[slot, :r]  # [r, out] view: scale in place, no temporary of B's size
         b_dst.copy_(b.t(), non_blocking=True)
-        b_dst.mul_(scale)
-        self.lora_b[slot, r:].zero_()
+        if scale != 1.0:
+            b_dst.mul_(scale)
+        if r < self.max_rank:  # zeros past the rank: any rank bound then computes the exact delta
+            self.lora_a[slot, r:].zero_()
+            self.lora_b[slot, r:].zero_()
 
     def clear_slot(self, slot: int) -> None:
         """Zero the slot: an adapter that does not target this layer adds nothing through it."""

@@ -110,8 +110,8 @@ class AdapterStore:
     def _on_registered(self, record: AdapterRecord, weights: AdapterWeights) -> Command | None:
         if self.port is None:
             return None
-        # The validation read doubles as the first host load.
-        return self.port.register(record.name, weights, record.pinned)
+        # The validation read doubles as the first host load (laid out for the slot copy here, off the engine).
+        return self.port.register(record.name, weights.prepared(), record.pinned)
 
     def _wait_applied(self, command: Command | None) -> None:
         if self.port is not None:

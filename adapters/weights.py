@@ -74,12 +74,26 @@ class AdapterWeights:
     def max_rank(self) -> int:
         return max(m.rank for m in self.modules.values())
 
-    def pinned(self) -> AdapterWeights:
-        """A copy in page-locked host memory (needs CUDA): its host->device copies can then run asynchronously
-        on a side stream instead of staging through pageable memory."""
-        modules = {name: LoraModuleWeights(m.a.pin_memory(), m.b.pin_memory(), m.scale)
-                   for name, m in self.modules.items()}
+    def prepared(self, *, pin: bool = False) -> AdapterWeights:
+        """The same adapter laid out as device slots hold it, so the engine thread's slot copy is a plain copy:
+        the scale folded into B, and B stored transposed ([r, out] contiguous; `b` is its [out, r] view,
+        scale 1.0). Done off the engine thread (host loader, registration). `pin`: in page-locked memory
+        (needs CUDA), so host->device copies run asynchronously on a side stream."""
+        modules = {name: _slot_layout(m, pin) for name, m in self.modules.items()}
         return AdapterWeights(self.spec, modules, self.size_bytes)
+
+
+def _slot_layout(m: LoraModuleWeights, pin: bool) -> LoraModuleWeights:
+    """scale · B, stored as a contiguous [r, out] (B^T); already-prepared weights are returned as they are."""
+    b_t = m.b.t()
+    owned = not b_t.is_contiguous()  # then the one transposing copy below is ours to scale in place
+    b_t = b_t.contiguous()
+    if m.scale != 1.0:
+        b_t = b_t.mul_(m.scale) if owned else b_t * m.scale
+    a = m.a.contiguous()
+    if pin:
+        a, b_t = a.pin_memory(), b_t.pin_memory()
+    return LoraModuleWeights(a, b_t.t(), 1.0)
 
 
 def _invalid(message: str, field: str = WEIGHTS_NAME) -> AdapterValidationError:

@@ -498,3 +498,28 @@ def test_total_declared_size_above_max_bytes(tmp_path: Path) -> None:
     _write_raw_safetensors(file, header, b"\x00" * 256)
     assert len(read_safetensors_header(file, 256)) == 4
     _refused(lambda: read_safetensors_header(file, 255), WEIGHTS_NAME, "256", "255")
+
+
+def test_prepared_weights_fill_a_slot_exactly_like_the_raw_ones():
+    """AdapterWeights.prepared folds the scale into B and stores it transposed (what a slot holds), so the
+    engine thread's copy is a plain copy; the slot contents are the same either way, and preparing twice is
+    a no-op."""
+    import torch
+
+    from loraplex.adapters.context import LoRABatchContext
+    from loraplex.adapters.layer import MultiLoRALinear
+    from loraplex.adapters.weights import AdapterWeights, LoraModuleWeights
+
+    gen = torch.Generator().manual_seed(0)
+    raw = LoraModuleWeights(torch.randn(3, 6, generator=gen), torch.randn(5, 3, generator=gen), 2.5)
+    weights = AdapterWeights(None, {"m": raw}, 0)  # type: ignore[arg-type]
+    prepared = weights.prepared().modules["m"]
+    assert prepared.scale == 1.0 and prepared.b.t().is_contiguous()
+    assert weights.prepared().prepared().modules["m"].b.t().is_contiguous()
+    layers = [MultiLoRALinear(torch.nn.Linear(6, 5), kind="q_proj", num_slots=2, max_rank=4,
+                              context=LoRABatchContext(), dtype=torch.float32) for _ in range(2)]
+    layers[0].set_slot(1, raw.a, raw.b, raw.scale)
+    layers[1].set_slot(1, prepared.a, prepared.b, prepared.scale)
+    assert torch.equal(layers[0].lora_a, layers[1].lora_a)
+    torch.testing.assert_close(layers[0].lora_b, layers[1].lora_b, rtol=0, atol=1e-6)
+    assert not layers[1].lora_b[1, 3:].any()  # zeros past the rank

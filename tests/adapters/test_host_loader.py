@@ -157,11 +157,12 @@ def test_an_ask_while_the_read_runs_is_merged_and_one_after_it_reads_again(rig):
 def test_weights_are_pinned_when_asked(monkeypatch):
     pinned: list[str] = []
 
-    def fake_pinned(self: AdapterWeights) -> AdapterWeights:
-        pinned.append(self.spec.target_modules[0])
+    def fake_prepared(self: AdapterWeights, *, pin: bool = False) -> AdapterWeights:
+        if pin:
+            pinned.append(self.spec.target_modules[0])
         return self
 
-    monkeypatch.setattr(AdapterWeights, "pinned", fake_pinned)
+    monkeypatch.setattr(AdapterWeights, "prepared", fake_prepared)
     inbox = Inbox()
     loader = HostLoader(lambda name: weights(name), inbox.post, inbox.wake, pin_memory=True)
     try:
@@ -179,8 +180,8 @@ def test_pinned_weights_are_page_locked():
     from loraplex.adapters.weights import LoraModuleWeights
 
     w = AdapterWeights(weights("a").spec, {"m": LoraModuleWeights(torch.ones(2, 4), torch.ones(4, 2), 2.0)}, 64)
-    p = w.pinned()
-    assert p.modules["m"].a.is_pinned() and p.modules["m"].b.is_pinned() and p.modules["m"].scale == 2.0
+    p = w.prepared(pin=True)
+    assert p.modules["m"].a.is_pinned() and p.modules["m"].b.is_pinned() and p.modules["m"].scale == 1.0
     assert torch.equal(p.modules["m"].a, w.modules["m"].a) and p.size_bytes == 64
 
 
