@@ -204,11 +204,14 @@ class LLMEngine:
         A row with non-finite logits (e.g. an adapter whose weights overflow) fails alone: the sampler sees a
         zeroed row in its place, so batch-mates sample exactly as they would without it.
         """
-        finite = torch.isfinite(logits).all(dim=-1)  # [N]
+        lo, hi = torch.aminmax(logits, dim=-1)  # one pass; NaN and inf propagate into them
+        finite = torch.isfinite(lo) & torch.isfinite(hi)  # [N]
         logits = torch.where(finite[:, None], logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
         tokens, errors = self._sample_rows(logits, reqs)
-        # [N] log p(token) under the raw distribution (before temperature/top-k/top-p), as vLLM reports it.
-        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None])[:, 0]
+        # [N] log p(token) under the raw distribution (before temperature/top-k/top-p), as vLLM reports it;
+        # logit - logsumexp, not a full [N, V] log_softmax.
+        raw = logits.float()
+        logprobs = raw.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(raw, dim=-1)
         host = torch.stack([tokens.double(), logprobs.double(), finite.double()], dim=1).tolist()  # [N, 3]
         picks: dict[Request, tuple[int, float]] = {}
         for req, (token, logprob, ok) in zip(reqs, host, strict=True):

@@ -43,6 +43,8 @@ class Sampler:
         out = torch.empty(len(rows), dtype=torch.int64, device=logits.device)
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if not sampled:  # all greedy (common): no [N, V] gather of the rows
+            return logits.argmax(dim=-1)
         if greedy:
             idx = torch.tensor(greedy, device=logits.device)
             out[idx] = logits[idx].argmax(dim=-1)
