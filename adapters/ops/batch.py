@@ -10,13 +10,13 @@ mix (the op sequence never depends on how many adapters or segments the step hol
   gather form  (G = T tokens, D = 1): every token is its own group, base-only tokens use the null slot (all
                zeros). Shapes depend on T alone (and the resident adapters' rank bounds), so a decode step
                padded to a batch bucket has the same shapes and ops for any of them: what a CUDA graph needs.
-  window form  (eager steps whose U slots form a dense range [lo, lo + U) and whose deepest slot is not much
-               deeper than the rest): one group per slot, D = its most tokens; layers bmm against the stack
-               range in place, no gather of A/B (the gathers are most of the op's memory traffic on a CPU).
-  grouped form (other eager steps): D = ceil(N / U) for N adapted tokens of U distinct slots, and a slot with n
-               tokens takes ceil(n / D) groups. Then G <= 2U and G*D <= N + U*D <= 2N + U: the grid costs at
-               most about twice the real rows, and one adapter's 16 decode tokens are a single [1, 16] matmul
-               instead of 16 gathers of the same weights. Base-only tokens are not in the grid at all.
+  window form  (eager steps whose U slots form a dense range [lo, lo + U)): one group per slot, D = its most
+               tokens; layers bmm against the stack range in place, no gather of A/B (the gathers are most of
+               the op's memory traffic on a CPU).
+  grouped form (other eager steps): one group per slot too (each adapter gathered once) while U*D stays
+               within COMPACT_SLACK x the N adapted tokens; else D = ceil(N / U) and a slot with n tokens takes
+               ceil(n / D) groups, so G <= 2U and G*D <= 2N + U (a long prefill beside short decodes).
+  Either way G*D <= max(COMPACT_SLACK * N, 2N + U) and G <= 2U.
 Padding rows (a group shorter than D) repeat their group's first token marked as padding: the op zeroes
 their input, so they add exactly zero into that token (even a NaN adapter pollutes only its own token).
 """
@@ -28,6 +28,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+
+# One group per slot while that pads the grid to at most this many rows per adapted token: a padding row
+# costs a few MACs per rank, gathering an adapter's A/B again costs copying them (the dearer, measured by
+# bench_lora_ops.py), so splitting a deep slot pays only when the padding would be large (a long prefill).
+COMPACT_SLACK = 4
 
 
 @dataclass(frozen=True)
@@ -58,8 +63,8 @@ def plan_groups(token_slots: Sequence[int], *, gather: bool, null_slot: int) -> 
     adapted = sum(map(len, per_slot.values()))
     deepest = max(map(len, per_slot.values()))
     lo, hi = next(iter(per_slot)), next(reversed(per_slot))
-    if hi - lo + 1 == len(per_slot) and len(per_slot) * deepest <= 2 * adapted + len(per_slot):
-        return _grid(per_slot, deepest, lo)  # a dense slot range, little padding: read the stacks in place
+    if len(per_slot) * deepest <= COMPACT_SLACK * adapted:  # one group per slot: each adapter taken once
+        return _grid(per_slot, deepest, lo if hi - lo + 1 == len(per_slot) else None)
     return _grid(per_slot, math.ceil(adapted / len(per_slot)), None)
 
 

@@ -49,14 +49,7 @@ async def crash(request: Request) -> dict[str, Any]:
 @router.post("/engine/fail_next_step")
 async def fail_next_step(request: Request) -> dict[str, Any]:
     """The next forward pass raises (once), as a kernel fault would."""
-    runner = _engine(request).engine.runner
-    execute = runner.execute
-
-    def failing(*args: Any, **kwargs: Any) -> Any:
-        runner.execute = execute  # once
-        raise RuntimeError("test hook: injected fault in the forward pass")
-
-    runner.execute = failing
+    _engine(request).fail_next_step("test hook: injected fault in the forward pass")
     return {"armed": True}
 
 

@@ -38,6 +38,13 @@ class _Add:
 
 
 @dataclass(frozen=True)
+class _FailNextStep:
+    """Test hook: make the next forward pass raise once."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class _Crash:
     """Test hook: make the engine thread die, as an unexpected fault would."""
 
@@ -166,6 +173,10 @@ class AsyncEngine:
             self._step_allowance = n
             self._cv.notify()
 
+    def fail_next_step(self, reason: str) -> None:
+        """Test hook: the next step's forward raises (once), as a kernel fault would; the engine goes on."""
+        self._post(_FailNextStep(reason))
+
     def crash(self, reason: str) -> None:
         """Test hook: the engine thread dies at its next wake-up, as an unexpected fault would kill it."""
         self._post(_Crash(reason))
@@ -219,7 +230,9 @@ class AsyncEngine:
             self._publish()
 
     def _apply(self, item: object) -> None:
-        if isinstance(item, _Add):
+        if isinstance(item, _FailNextStep):
+            self._arm_fault(item.reason)
+        elif isinstance(item, _Add):
             try:
                 self.engine.add_request(item.request_id, item.prompt_ids, item.params, item.adapter)
             except ValueError as exc:
@@ -230,6 +243,16 @@ class AsyncEngine:
                 self._deliver([out])
         elif item[0] == "fail_adapter":
             self._deliver(self.engine.fail_adapter(item[1], item[2]))
+
+    def _arm_fault(self, reason: str) -> None:
+        runner = self.engine.runner
+        execute = runner.execute
+
+        def failing(*args: object, **kwargs: object) -> object:
+            runner.execute = execute  # once
+            raise RuntimeError(reason)
+
+        runner.execute = failing
 
     def _step(self) -> None:
         if not self._can_step():

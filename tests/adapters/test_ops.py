@@ -11,6 +11,7 @@ import torch
 
 from loraplex.adapters import ops
 from loraplex.adapters.ops import LoRABackend, LoRABatchBuffers, get_backend, lora_apply, plan_groups
+from loraplex.adapters.ops.batch import COMPACT_SLACK
 from loraplex.adapters.ops.reference import ref_lora_apply
 from loraplex.adapters.ops.torch_ops import TorchLoRABackend
 from loraplex.adapters.ops.trace import HostSyncError, OpTrace
@@ -137,7 +138,7 @@ def test_grouped_plan_bounds(layout: str, n_tokens: int) -> None:
     g, d = len(plan.group_slots), plan.depth
     assert len(plan.rows) == g * d == len(plan.valid)
     assert sorted(r for r, ok in zip(plan.rows, plan.valid, strict=True) if ok) == adapted
-    assert g <= 2 * distinct and g * d <= 2 * len(adapted) + distinct
+    assert g <= 2 * distinct and g * d <= max(COMPACT_SLACK * len(adapted), 2 * len(adapted) + distinct)
     for i, (row, ok) in enumerate(zip(plan.rows, plan.valid, strict=True)):
         group = i // d
         assert slots[row] == plan.group_slots[group]
@@ -149,9 +150,10 @@ def test_window_form_only_for_a_dense_slot_range_with_little_padding() -> None:
     dense = plan_groups([5, 3, 4, 3, -1, 5, 4], gather=False, null_slot=8)
     assert (dense.window_lo, dense.group_slots, dense.depth) == (3, [3, 4, 5], 2)
     assert dense.rows == [1, 3, 2, 6, 0, 5]
-    assert plan_groups([0, 2, 0, 2], gather=False, null_slot=8).window_lo is None  # slot 1 is a hole
-    skewed = plan_groups([0] * 12 + [1, 2, 3], gather=False, null_slot=8)  # 4 x 12 rows for 15 tokens: too sparse
-    assert skewed.window_lo is None and len(skewed.rows) <= 2 * 15 + 4
+    holes = plan_groups([0, 2, 0, 2, 5], gather=False, null_slot=8)  # slots 1, 3, 4 are holes: gather each once
+    assert (holes.window_lo, holes.group_slots, holes.depth) == (None, [0, 2, 5], 2)
+    skewed = plan_groups([0] * 30 + list(range(1, 8)), gather=False, null_slot=8)  # 8 x 30 rows for 37 tokens
+    assert skewed.window_lo is None and len(skewed.group_slots) > 8 and len(skewed.rows) <= 2 * 37 + 8
 
 
 def test_gather_plan_covers_every_token_with_the_null_slot_for_base_tokens() -> None:
