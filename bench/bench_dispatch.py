@@ -37,8 +37,6 @@ import argparse
 import gc
 import os
 import random
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -387,23 +385,6 @@ def print_report(results: dict[str, dict[str, object]], checks: dict[str, object
         print(f"{'PASS' if c['pass'] else 'MISS':<5} {metric} {extra if extra else ''}")
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).parent)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                               cwd=Path(__file__).parent).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def command_line() -> str:
-    """The exact command, with the environment settings the run line asks for."""
-    env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "HF_HUB_OFFLINE") if k in os.environ]
-    return " ".join([*env, Path(sys.executable).name, *sys.argv])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
@@ -421,7 +402,7 @@ def main() -> None:
     print_report(results, checks)
     facts["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
     write_json(args.out, {
-        "machine": facts, "commit": _commit(), "command": command_line(),
+        "machine": facts,
         "settings": {"batch": BATCH, "prompt_tokens": PROMPT_LEN, "max_lora_rank": MAX_RANK,
                      "slots": 2 * NUM_ADAPTERS, "zipf_s": ZIPF_S, "threads": args.threads},
         "wall_s": round(time.perf_counter() - start, 1), "checks": checks, "results": results,

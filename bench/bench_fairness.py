@@ -38,8 +38,6 @@ import argparse
 import os
 import random
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -362,13 +360,6 @@ def _ttft_bars(ax: object, table: dict[str, dict[str, float]]) -> None:
     ax.legend(fontsize=8)
 
 
-def commit() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout
-    head = git("rev-parse", "HEAD").strip()
-    return head + ("-dirty" if git("status", "--porcelain").strip() else "")
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=30.0, help="arrival period of each run")
@@ -404,7 +395,7 @@ def main() -> None:
     print_report(table, tgt)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     write_json(args.out, {
-        "machine": facts, "commit": commit(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": facts,
         "settings": settings, "model": "tiny llama (server/tiny_models.py, seed 0)", "adapters": "S1 x 2",
         "engine": {"max_num_seqs": SEQS, "max_batch_tokens": BATCH_TOKENS, "block_size": BLOCK_SIZE},
         "prompt_tokens": PROMPT, "new_tokens": OUTPUT, "capacity": capacity,

@@ -29,8 +29,6 @@ import argparse
 import dataclasses
 import os
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -186,19 +184,6 @@ def summarize(rows: list[dict[str, object]], stat: str) -> dict[str, float]:
     }
 
 
-def commit() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout
-    head = git("rev-parse", "HEAD").strip()
-    return head + ("-dirty" if git("status", "--porcelain").strip() else "")
-
-
-def command_line() -> str:
-    """The exact command, with the environment settings the run line asks for."""
-    env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "HF_HUB_OFFLINE") if k in os.environ]
-    return " ".join([*env, Path(sys.executable).name, *sys.argv])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -229,17 +214,17 @@ def main() -> None:
         print(f"  {key:<56}{summary['us'][key]:>8.3f}{summary['us_min'][key]:>8.3f}")
     facts["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
     write_json(args.out, {
-        "machine": facts, "commit": commit(), "command": command_line(),
+        "machine": facts,
         "settings": {"slots": SLOTS, "r_max": R_MAX, "repeats": args.repeats, "target_s": TARGET_S,
                      "threads": args.threads, "variants": list(VARIANTS)},
         "seconds": round(time.perf_counter() - started, 1), "summary": summary, "results": rows,
     })
 
 
-if __name__ == "__main__":
-    main()
-
-
 def _pow2(rank: int) -> int:
     """The gather form's rank bound: the resident adapters' rank rounded up to a power of two (inject.py)."""
     return 1 << (rank - 1).bit_length()
+
+
+if __name__ == "__main__":
+    main()
