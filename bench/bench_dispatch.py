@@ -275,6 +275,13 @@ def run(repeat_check: bool) -> tuple[dict[str, dict[str, object]], dict[str, obj
         getattr(bench.engine, "close", lambda: None)()  # the host loader's threads, where the engine has them
         del bench
         gc.collect()
+    _derive(results)
+    checks = targets(results, shapes)
+    return results, checks
+
+
+def _derive(results: dict[str, dict[str, object]]) -> None:
+    """Per case: what LoRA adds over the same mode's base-only and over the LoRA-free forward, per linear."""
     free = results["eager/base"]["forward_ops"]  # the LoRA-free forward: no wrapped linear runs LoRA
     free_counts = Counter(results["eager/base"]["forward_op_counts"])
     for r in results.values():
@@ -288,8 +295,6 @@ def run(repeat_check: bool) -> tuple[dict[str, dict[str, object]], dict[str, obj
         r["per_targeted_linear"] = r["lora_adds"] / r["targeted_linears"] if r["targeted_linears"] else None
     for r in results.values():
         r["ops_outside_lora_apply"] = r["forward_ops"] - r["lora_apply_ops"]
-    checks = targets(results, shapes)
-    return results, checks
 
 
 def _form(mode: str, layout: dict[str, object]) -> str:
