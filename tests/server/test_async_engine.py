@@ -66,3 +66,29 @@ async def test_too_long_request_is_rejected_before_queueing(setup):
             await _collect(engine, list(range(5, 25)), greedy(20), None)
     finally:
         engine.stop()
+
+
+async def test_device_slots_are_written_only_by_the_engine_thread(setup):
+    """DESIGN "The hot path": the host loader only reads files; the engine thread copies weights into slots
+    (at a step start), so no slot changes under a running forward."""
+    import threading
+
+    model_dir, adapters, ref = setup
+    core = make_engine(model_dir, adapters, max_loras=1)  # one slot: "x" and "y" evict each other
+    writers: list[str] = []
+    load_slot = core.lora.load_slot
+
+    def recording(slot, weights):
+        writers.append(threading.current_thread().name)
+        return load_slot(slot, weights)
+
+    core.lora.load_slot = recording
+    engine = AsyncEngine(core)
+    engine.start()
+    try:
+        for adapter in ("x", "y", "x"):
+            outs = await _collect(engine, [5, 9, 13], greedy(4), adapter)
+            assert [t for o in outs for t in o.new_token_ids] == ref.generate([5, 9, 13], adapter, 4)
+    finally:
+        engine.stop()
+    assert len(writers) == 3 and set(writers) == {"loraplex-engine"}
