@@ -19,9 +19,6 @@ class LoRABatchContext:
     def set(self, batch: LoRABatch | None) -> None:
         self.batch = batch
 
-    def clear(self) -> None:
-        self.batch = None
-
     def rank_for(self, kind: str) -> int:
         """The step's rank bound for layers of this kind ("q_proj", ...); 0 = skip LoRA."""
         batch = self.batch
