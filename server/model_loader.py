@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from loraplex.adapters.targets import TARGET_MODULES
@@ -102,15 +103,30 @@ def check_model_dir(model_dir: Path) -> dict:
         raise ModelLoadError(f"--model: {config_path} must hold a JSON object")
     if "auto_map" in config:
         raise ModelLoadError(f"--model: {config_path} asks for custom code (auto_map); loraplex never runs remote code")
-    architectures = config.get("architectures") or []
+    architectures = _architectures(config)
     if len(architectures) != 1 or architectures[0] not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(
-            f"--model: unsupported architecture {architectures or None} in {config_path}; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"--model: unsupported architecture {architectures or None} in {config_path}"
+            f"{_model_type_note(config)}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     if not any(model_dir.glob("*.safetensors")):
         raise ModelLoadError(f"--model: no *.safetensors weights in {model_dir} (pickle checkpoints are refused)")
     return config
+
+
+def _architectures(config: dict) -> list:
+    """The config's model classes; a config without `architectures` (what a GGUF-derived config holds) gets
+    the causal-LM class transformers' Auto classes map its `model_type` to."""
+    declared = config.get("architectures") or []
+    model_type = config.get("model_type")
+    if declared or not isinstance(model_type, str):
+        return declared
+    mapped = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    return [mapped] if mapped else []
+
+
+def _model_type_note(config: dict) -> str:
+    return "" if config.get("architectures") else f" (model_type {config.get('model_type')!r})"
 
 
 def resolve_device(name: str) -> torch.device:

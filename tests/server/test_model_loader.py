@@ -94,10 +94,19 @@ def test_unsupported_architecture_names_it_and_the_supported_list(tmp_path, tiny
     assert all(arch in message for arch in SUPPORTED_ARCHITECTURES)
 
 
-def test_missing_architectures_field_is_refused(tmp_path, tiny_model_dir):
+def test_missing_architectures_field_resolves_from_model_type(tmp_path, tiny_model_dir):
+    """A GGUF-derived config has no `architectures`: its model_type decides, as transformers' Auto classes do."""
     path = copy_with_config(tiny_model_dir("llama"), tmp_path / "m", architectures=None)
-    with pytest.raises(ModelLoadError, match="unsupported architecture None"):
-        load_model(ModelConfig(path=path))
+    assert type(load_model(ModelConfig(path=path)).model).__name__ == "LlamaForCausalLM"
+
+
+def test_no_architectures_and_an_unsupported_or_missing_model_type_is_refused(tmp_path, tiny_model_dir):
+    gpt2 = copy_with_config(tiny_model_dir("llama"), tmp_path / "g", architectures=None, model_type="gpt2")
+    with pytest.raises(ModelLoadError, match=r"unsupported architecture \['GPT2LMHeadModel'\].*model_type 'gpt2'"):
+        load_model(ModelConfig(path=gpt2))
+    bare = copy_with_config(tiny_model_dir("llama"), tmp_path / "b", architectures=None, model_type=None)
+    with pytest.raises(ModelLoadError, match="unsupported architecture None.*model_type None"):
+        load_model(ModelConfig(path=bare))
 
 
 def test_custom_code_auto_map_is_refused(tmp_path, tiny_model_dir):
