@@ -1,4 +1,6 @@
-"""`loraplex serve`: flags (each also read from LORAPLEX_<FLAG>), configs, uvicorn, SIGTERM drain."""
+"""`loraplex serve`: flags (each also read from LORAPLEX_<FLAG>), configs, uvicorn, SIGTERM drain.
+
+The client subcommands (`generate`, `adapters`, `bench`) live in `loraplex.clients.cli`; they are registered here."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from types import FrameType
 
 import uvicorn
 
+from loraplex.clients.cli import add_client_commands
+from loraplex.clients.cli import run as run_client_command
 from loraplex.server.config import (
     DEVICE_CHOICES,
     DTYPE_CHOICES,
@@ -89,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"{help_} (env {_env_name(flag)}; default {default})")
     serve.add_argument("--preload", action="append", default=_env_preload(), metavar="NAME=PATH",
                        help="register an adapter at start (repeatable; env LORAPLEX_PRELOAD, comma-separated)")
+    add_client_commands(sub)
     return parser
 
 
@@ -155,6 +160,8 @@ class DrainingServer(uvicorn.Server):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "serve":
+        return run_client_command(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = configs_from_args(args)
