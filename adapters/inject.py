@@ -26,7 +26,7 @@ class LoRAInjection:
     num_slots: int
     max_rank: int
     buffers: LoRABatchBuffers
-    slot_ranks: list[dict[str, int]] = field(default_factory=list)
+    slot_ranks: list[dict[str, int]] = field(init=False)
 
     def __post_init__(self) -> None:
         self.slot_ranks = [{} for _ in range(self.num_slots)]
@@ -69,14 +69,14 @@ class LoRAInjection:
         capturable decode step, at rank bounds of the resident adapters so its shapes never depend on which
         of them the step uses; else the window / grouped form at the step's own rank bounds. A step in which
         no token uses an adapter runs no LoRA at all."""
-        for s in token_slots:
-            if s >= self.num_slots:
-                raise IndexError(f"token slot {s} outside [-1, {self.num_slots})")
+        highest = max(token_slots, default=-1)
+        if highest >= self.num_slots:
+            raise IndexError(f"token slot {highest} outside [-1, {self.num_slots})")
         plan = plan_groups(token_slots, gather=gather, null_slot=self.null_slot)
         if plan is None:
             self.context.set(None)
             return
-        ranks = self._rank_bounds({s for s in token_slots if s >= 0}, gather)
+        ranks = self._rank_bounds(set(plan.group_slots), gather)
         self.context.set(self.buffers.fill(token_slots, plan, ranks))
 
     def _rank_bounds(self, slots: set[int], gather: bool) -> dict[str, int]:
@@ -84,7 +84,7 @@ class LoRAInjection:
         slot, rounded up to a power of two, so the shapes change only when the resident adapters do (a
         captured graph per bucket and bound, never per mix)."""
         bounds: dict[str, int] = {}
-        for s in range(self.num_slots) if gather else slots:
+        for s in range(self.num_slots) if gather else slots:  # the step's slots (never the null slot here)
             for kind, rank in self.slot_ranks[s].items():
                 bounds[kind] = max(bounds.get(kind, 0), rank)
         if gather:

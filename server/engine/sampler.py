@@ -40,11 +40,11 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [N={len(rows)}, V], got {tuple(logits.shape)}")
         logits = _mask_early_stops(logits.float(), rows)  # fp32: softmax and cumsum want it anyway
-        out = torch.empty(len(rows), dtype=torch.int64, device=logits.device)
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if not sampled:  # all greedy (common): no [N, V] gather of the rows
             return logits.argmax(dim=-1)
+        out = torch.empty(len(rows), dtype=torch.int64, device=logits.device)
         if greedy:
             idx = torch.tensor(greedy, device=logits.device)
             out[idx] = logits[idx].argmax(dim=-1)
