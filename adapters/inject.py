@@ -11,7 +11,7 @@ from torch import nn
 
 from loraplex.adapters.context import LoRABatchContext
 from loraplex.adapters.layer import MultiLoRALinear
-from loraplex.adapters.ops import LoRABatchBuffers, plan_groups
+from loraplex.adapters.ops import LoRABatch, LoRABatchBuffers, plan_groups
 from loraplex.adapters.targets import TARGET_MODULES
 from loraplex.adapters.weights import AdapterWeights
 
@@ -78,6 +78,18 @@ class LoRAInjection:
             return
         ranks = self._rank_bounds(set(plan.group_slots), gather)
         self.context.set(self.buffers.fill(token_slots, plan, ranks))
+
+    def static_batch(self, token_slots: torch.Tensor, group_slots: torch.Tensor) -> LoRABatch:
+        """The gather form over caller-owned device buffers, at rank bound --max-lora-rank for every kind:
+        what a captured decode graph reads (each replay reads the buffers' new values, whatever adapters the
+        slots hold by then). token_slots: [B] (-1 = base only); group_slots: [B] (the slot, or the null slot).
+        Triton kernels stop at each slot's own rank, so the bound costs them nothing; the torch ops compute
+        the zero rows past it."""
+        n, device = token_slots.shape[0], token_slots.device
+        rows = torch.arange(n, device=device)
+        padding = torch.zeros(n, 1, dtype=torch.bool, device=device)
+        ranks = {layer.kind: self.max_rank for layer in self.layers.values()}
+        return LoRABatch(token_slots, rows, padding, group_slots, n, 1, ranks)
 
     def _rank_bounds(self, slots: set[int], gather: bool) -> dict[str, int]:
         """Per module kind, the largest rank among the step's slots; in the gather form among every loaded

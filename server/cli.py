@@ -64,6 +64,8 @@ FLAGS: tuple[tuple[str, type, object, str], ...] = (
     ("--max-model-len", int, _default(EngineConfig, "max_model_len"), "context length limit (prompt + output)"),
     ("--num-kv-blocks", int, _default(EngineConfig, "num_kv_blocks"), "KV cache blocks (0: sized from free memory)"),
     ("--block-size", int, _default(EngineConfig, "block_size"), "tokens per KV block"),
+    ("--cuda-graphs", str, "on" if _default(EngineConfig, "cuda_graphs") else "off",
+     "replay decode steps from CUDA graphs captured per batch bucket at start (on|off; CUDA devices only)"),
     ("--served-model-name", str, _default(ModelConfig, "served_model_name"),
      "name of the base model in the API (default: the model dir name)"),
     ("--api-key", str, _default(ServerConfig, "api_key"), "required on generation routes when set"),
@@ -110,11 +112,14 @@ def configs_from_args(args: argparse.Namespace) -> RuntimeConfig:
         if not sep:
             raise ValueError(f"--preload: expected NAME=PATH, got {item!r}")
         preload.append((name, path))
+    if args.cuda_graphs not in ("on", "off"):
+        raise ValueError(f"--cuda-graphs: expected on or off, got {args.cuda_graphs!r}")
     model = ModelConfig(path=Path(args.model) if args.model else None, quantize=args.quantize, dtype=args.dtype,
                         device=args.device, max_model_len=args.max_model_len,
                         served_model_name=args.served_model_name)
     engine = EngineConfig(
         max_model_len=args.max_model_len, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+        cuda_graphs=args.cuda_graphs == "on",
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
                                   policy=args.scheduling_policy),
         lora=LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,

@@ -8,9 +8,12 @@ pool, (2) attend each sequence's queries over its whole cached context. The runn
 chunks follow, one SDPA each.
 
 Everything that is the same for all layers (pool positions, masks) is built once per step by the runner;
-per layer this file only issues tensor ops. Measured on CPU (bench-small decode, 16 sequences): a flat
-`index_select` gathers the context ~10x faster than advanced indexing with a 2-D index, and folding the
-query heads of each KV group into the query axis (see `_decode_attention`) avoids SDPA's GQA expansion.
+per layer this file only issues tensor ops. On CUDA, when a paged kernel passed its probe at start
+(paged_kernels.py), every sequence of the step attends in one kernel call per layer straight from the
+pool's pages (`AttentionMetadata.paged`); the gather below is the CPU path. Measured on CPU (bench-small
+decode, 16 sequences): a flat `index_select` gathers the context ~10x faster than advanced indexing with a
+2-D index, and folding the query heads of each KV group into the query axis (see `_decode_attention`)
+avoids SDPA's GQA expansion.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+
+from loraplex.server.engine.paged_kernels import PagedKernel, PagedMetadata
 
 ATTN_IMPL = "loraplex_paged"
 
@@ -49,6 +54,8 @@ class AttentionMetadata:
                    point at position 0 and are masked out), flattened for one `index_select`; or None.
     decode_mask:   [D, 1, 1, Lmax] bool, True on real context positions; None when D == 0.
     prefills:      the prefill chunks, packed after the decodes.
+    paged:         set when the cache has a paged kernel: then it alone describes the step's sequences (the
+                   decode/prefill fields above are unused).
     """
 
     slot_mapping: torch.Tensor
@@ -56,19 +63,31 @@ class AttentionMetadata:
     decode_index: torch.Tensor | None
     decode_mask: torch.Tensor | None
     prefills: tuple[PrefillPart, ...]
+    paged: PagedMetadata | None = None
 
 
 class PagedKVCache:
-    """The preallocated block pool's tensors: per layer K and V of [num_blocks * block_size + 1, kv_heads, dim]."""
+    """The preallocated block pool's tensors: per layer K and V of [(num_blocks + 1) * block_size, kv_heads, dim].
 
-    def __init__(self, num_layers: int, num_slots: int, kv_heads: int, head_dim: int,
+    One block past the pool is scratch (block `scratch_block`, first position `scratch`): pad rows of a
+    bucketed decode step write and read it, so padding never touches a sequence's cache. `kernel`: the paged
+    attention kernel chosen at start (None: the gather path).
+    """
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
-        # One position past the blocks is scratch: pad rows of a bucketed decode step write and read it, so
-        # padding never touches a sequence's cache.
-        self.scratch = num_slots
-        shape = (num_slots + 1, kv_heads, head_dim)
+        self.block_size = block_size
+        self.scratch_block = num_blocks
+        self.scratch = num_blocks * block_size
+        shape = ((num_blocks + 1) * block_size, kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.kernel: PagedKernel | None = None
+
+    def pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer's K and V as pages [num_blocks + 1, block_size, kv_heads, dim] (views)."""
+        k, v = self.k[layer], self.v[layer]
+        return k.view(-1, self.block_size, *k.shape[1:]), v.view(-1, self.block_size, *v.shape[1:])
 
     @property
     def bytes(self) -> int:
@@ -96,6 +115,9 @@ def paged_attention(
     k_pool.index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1).to(k_pool.dtype))
     v_pool.index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1).to(v_pool.dtype))
     q = query[0].transpose(0, 1)  # [T, H, D]; a view (the projection wrote it token-major)
+    if meta.paged is not None:  # one kernel call for every sequence, reading the pages in place
+        k_pages, v_pages = loraplex_kv.pages(layer)
+        return loraplex_kv.kernel(q, k_pages, v_pages, meta.paged, scaling).unsqueeze(0), None
     num_tokens, d = q.shape[0], meta.num_decodes
     decoded = _decode_attention(q[:d], k_pool, v_pool, meta, scaling) if d else None
     if not meta.prefills:

@@ -22,9 +22,11 @@ from loraplex.adapters.weights import AdapterWeights
 from loraplex.server.config import LoRAConfig
 from loraplex.server.engine.attention import PagedKVCache, register_paged_attention
 from loraplex.server.engine.block_pool import BlockPool
+from loraplex.server.engine.cuda_graphs import DecodeGraphs
 from loraplex.server.engine.detokenizer import IncrementalDetokenizer
 from loraplex.server.engine.kv_sizing import auto_num_blocks, kv_bytes_per_token
 from loraplex.server.engine.model_runner import ModelRunner
+from loraplex.server.engine.paged_kernels import select_paged_kernel
 from loraplex.server.engine.postprocess import Postprocessor
 from loraplex.server.engine.request import Request, RequestOutput, Status, StepResult, StepStats
 from loraplex.server.engine.sampler import Sampler, SampleRow, make_generator
@@ -49,6 +51,9 @@ class EngineConfig:
     lora: LoRAConfig = LoRAConfig()
     # Pad decode-only steps to a batch bucket with static shapes (what CUDA-graph capture replays).
     decode_buckets: bool = False
+    # Replay decode steps from CUDA graphs, one per bucket (--cuda-graphs); CUDA devices only, where it
+    # implies decode_buckets. Ignored on the CPU.
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.max_model_len < 2:
@@ -76,8 +81,12 @@ class LLMEngine:
                                   max_host_bytes=config.lora.max_cpu_lora_bytes, request_load=self.host_loader.submit,
                                   clear_slot=self.slot_writer.clear, is_registered=self.adapter_port.registered)
         self.scheduler = Scheduler(config.scheduler, self.pool, self.adapters)
+        graphs = config.cuda_graphs and loaded.device.type == "cuda"
         self.runner = ModelRunner(model, kv, config.block_size, self.lora, loaded.device,
-                                  decode_buckets=config.decode_buckets)
+                                  decode_buckets=config.decode_buckets or graphs, max_model_len=config.max_model_len)
+        if graphs:
+            self.runner.use_graphs(DecodeGraphs.for_device(self.runner.forward_decode, self.lora, loaded.device),
+                                   config.scheduler.max_num_seqs)
         self.sampler = Sampler()
         self.post = Postprocessor(_eos_ids(loaded), config.max_model_len)
         self.requests: dict[str, Request] = {}
@@ -90,8 +99,10 @@ class LLMEngine:
             bytes_per_token=kv_bytes_per_token(cfg.num_hidden_layers, kv_heads, head_dim, loaded.dtype),
             block_size=self.config.block_size, max_num_seqs=self.config.scheduler.max_num_seqs,
             max_model_len=self.config.max_model_len, device=loaded.device)
-        kv = PagedKVCache(cfg.num_hidden_layers, n * self.config.block_size, kv_heads, head_dim,
+        kv = PagedKVCache(cfg.num_hidden_layers, n, self.config.block_size, kv_heads, head_dim,
                           loaded.dtype, loaded.device)
+        self.attention_kernel, kv.kernel = select_paged_kernel(
+            loaded.device, loaded.dtype, self.config.block_size, cfg.num_attention_heads, kv_heads, head_dim)
         log.info("KV pool: %d blocks x %d tokens (%.1f MiB)", n, self.config.block_size, kv.bytes / 2**20)
         return BlockPool(n, self.config.block_size), kv
 

@@ -9,7 +9,13 @@ attention finds them at rows [0, D) without an index.
 With `decode_buckets` (what CUDA-graph capture needs) a step of decodes only is padded to a bucket of
 batch sizes (1, 2, 4, 8, ...) and its context width to a power of two of blocks, and LoRA takes the static
 gather form: two such steps in one bucket have the same shapes and dispatch the same ops, whatever their
-adapters. Pad rows read and write only the KV pool's scratch position and use the null LoRA slot.
+adapters. Pad rows read and write only the KV pool's scratch block and use the null LoRA slot.
+
+A padded decode step is described by host tensors with fixed names and shapes (`_decode_inputs`) and run by
+`_forward_decode` over device copies of them: eagerly, or by `DecodeGraphs` (cuda_graphs.py), which keeps one
+set of device buffers per captured graph and replays it. With a paged attention kernel (CUDA) every step's
+sequences are described by `PagedMetadata`; decode steps then use a block table as wide as --max-model-len,
+so one graph per bucket serves every context length.
 """
 
 from __future__ import annotations
@@ -17,19 +23,38 @@ from __future__ import annotations
 import torch
 
 from loraplex.adapters.inject import LoRAInjection
+from loraplex.adapters.ops import LoRABatch
 from loraplex.server.engine.attention import AttentionMetadata, PagedKVCache, PrefillPart
+from loraplex.server.engine.cuda_graphs import DecodeGraphs
+from loraplex.server.engine.paged_kernels import PagedMetadata, paged_metadata
 from loraplex.server.engine.scheduler import ScheduledChunk
+
+DecodeInputs = dict[str, torch.Tensor]  # name -> tensor of one padded decode step (see _decode_inputs)
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv: PagedKVCache, block_size: int,
-                 lora: LoRAInjection | None, device: torch.device, *, decode_buckets: bool = False) -> None:
+                 lora: LoRAInjection | None, device: torch.device, *, decode_buckets: bool = False,
+                 max_model_len: int = 2048) -> None:
         self.model = model
         self.kv = kv
         self.block_size = block_size
         self.lora = lora
         self.device = device
         self.decode_buckets = decode_buckets
+        self.max_blocks = -(-max_model_len // block_size)  # block table width of a paged decode step
+        self.graphs: DecodeGraphs | None = None  # set by the engine when CUDA graphs are on
+
+    @torch.inference_mode()
+    def use_graphs(self, graphs: DecodeGraphs, max_num_seqs: int) -> None:
+        """Serve padded decode steps from `graphs`. With a paged kernel every bucket up to `max_num_seqs` has
+        one shape: capture them now (on pad rows); on the gather path each context width captures on first
+        use."""
+        self.decode_buckets = True
+        self.graphs = graphs
+        if self.kv.kernel is not None:
+            sizes = [1 << i for i in range(bucket(max_num_seqs).bit_length())]  # 1, 2, 4, ..., bucket(max)
+            graphs.capture_buckets(lambda n: self._decode_inputs([], n, [0] * n, [0] * n, [-1] * n), sizes)
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
@@ -40,9 +65,12 @@ class ModelRunner:
         pad = bucket(len(packed)) - len(packed) if static else 0
         ids, pos, slots, last_row = self._pack(packed, pad)
         keep = [last_row[k] for k in sorted(range(len(order)), key=order.__getitem__) if packed[k].samples]
-        meta = self._attention_metadata(packed, pad, static)
+        if static:
+            logits = self._run_decode(self._decode_inputs(packed, pad, ids, pos, slots), slots)  # [bucket, V]
+            return logits.index_select(0, self._tensor(keep)).float()
+        meta = self._attention_metadata(packed)
         if self.lora is not None:
-            self.lora.set_token_slots(slots, gather=static)
+            self.lora.set_token_slots(slots)
         out = self.model(
             input_ids=self._tensor(ids)[None],
             position_ids=self._tensor(pos)[None],
@@ -66,44 +94,107 @@ class ModelRunner:
             last.append(len(ids) - 1)
         return ids + [0] * pad, pos + [0] * pad, slots + [-1] * pad, last
 
-    def _attention_metadata(self, chunks: list[ScheduledChunk], pad: int, static: bool) -> AttentionMetadata:
-        """Pool positions and masks for all layers of this step; `chunks` come decodes first."""
+    # ---- padded decode steps (static shapes: eager or a captured graph) ---------------------------
+    def _run_decode(self, inputs: DecodeInputs, slots: list[int]) -> torch.Tensor:
+        """Logits [bucket, V] of a padded decode step (`slots`: its token slots, as `inputs` holds them):
+        replayed from a graph when graphs are on, else eager."""
+        use_lora = self.lora is not None and max(slots) >= 0
+        if self.graphs is not None:
+            return self.graphs.run(inputs, use_lora)
+        device_inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
+        batch = None
+        if use_lora:
+            self.lora.set_token_slots(slots, gather=True)
+            batch = self.lora.context.batch
+        return self.forward_decode(device_inputs, batch)
+
+    def forward_decode(self, inputs: DecodeInputs, batch: LoRABatch | None) -> torch.Tensor:
+        """The forward of a padded decode step, reading only `inputs` (device tensors) and `batch`: what a
+        CUDA graph captures. Returns logits [bucket, V] for every row."""
+        if self.lora is not None:
+            self.lora.context.set(batch)
+        n = inputs["input_ids"].shape[0]
+        if "block_table" in inputs:
+            paged = PagedMetadata(inputs["cu_seq_q"], inputs["cu_seq_k"], inputs["seqused_k"],
+                                  inputs["block_table"], 1, inputs["block_table"].shape[1] * self.block_size)
+            meta = AttentionMetadata(inputs["slot_mapping"], n, None, None, (), paged)
+        else:
+            meta = AttentionMetadata(inputs["slot_mapping"], n, inputs["decode_index"], inputs["decode_mask"], ())
+        out = self.model(input_ids=inputs["input_ids"][None], position_ids=inputs["position_ids"][None],
+                         loraplex_attn=meta, loraplex_kv=self.kv, logits_to_keep=0, use_cache=False)
+        return out.logits[0]
+
+    def _decode_inputs(self, decodes: list[ScheduledChunk], pad: int, ids: list[int], pos: list[int],
+                       slots: list[int]) -> DecodeInputs:
+        """Host tensors of a padded decode step; their names and shapes depend only on the bucket (and, on
+        the gather path, the context width). Pad rows write and attend the scratch block only."""
+        bs, null = self.block_size, self.lora.null_slot if self.lora is not None else 0
+        mapping = [c.request.blocks[c.start // bs] * bs + c.start % bs for c in decodes] + [self.kv.scratch] * pad
+        inputs = {
+            "input_ids": _long(ids), "position_ids": _long(pos), "slot_mapping": _long(mapping),
+            "token_slots": _long(slots), "group_slots": _long([s if s >= 0 else null for s in slots]),
+        }
+        lengths = [c.start + 1 for c in decodes] + [1] * pad
+        tables = [c.request.blocks for c in decodes] + [[self.kv.scratch_block]] * pad
+        if self.kv.kernel is not None:
+            meta = paged_metadata([1] * len(lengths), lengths, tables, width=self.max_blocks,
+                                  device=torch.device("cpu"), pad_page=self.kv.scratch_block)
+            inputs.update(cu_seq_q=meta.cu_seq_q, cu_seq_k=meta.cu_seq_k, seqused_k=meta.seqused_k,
+                          block_table=meta.block_table)
+        else:
+            inputs["decode_index"], inputs["decode_mask"] = self._gather_contexts(lengths, tables, static=True)
+        return inputs
+
+    # ---- eager steps -----------------------------------------------------------------------------
+    def _attention_metadata(self, chunks: list[ScheduledChunk]) -> AttentionMetadata:
+        """Pool positions and, per sequence, what it attends for all layers of this step; `chunks` come
+        decodes first. With a paged kernel one PagedMetadata describes every sequence."""
         bs = self.block_size
-        mapping = [c.request.blocks[p // bs] * bs + p % bs for c in chunks for p in range(c.start, c.start + c.n)]
-        mapping += [self.kv.scratch] * pad
+        mapping = self._tensor([c.request.blocks[p // bs] * bs + p % bs
+                                for c in chunks for p in range(c.start, c.start + c.n)])
         decodes = [c for c in chunks if c.n == 1]
+        if self.kv.kernel is not None:
+            width = max(-(-(c.start + c.n) // bs) for c in chunks)
+            paged = paged_metadata([c.n for c in chunks], [c.start + c.n for c in chunks],
+                                   [c.request.blocks for c in chunks], width=width, device=self.device)
+            return AttentionMetadata(mapping, len(decodes), None, None, (), paged)
         prefills: list[PrefillPart] = []
         row = len(decodes)
         for c in chunks[len(decodes):]:
             ctx = None if c.start == 0 else self._tensor(_flat_positions(c.request.blocks, c.start + c.n, bs))
             prefills.append(PrefillPart(row, row + c.n, ctx, _chunk_mask(c, self.device)))
             row += c.n
-        index, mask = self._decode_contexts(decodes, pad, static) if decodes else (None, None)
-        return AttentionMetadata(self._tensor(mapping), len(decodes) + pad, index, mask, tuple(prefills))
+        index, mask = None, None
+        if decodes:
+            index, mask = self._gather_contexts([c.start + 1 for c in decodes], [c.request.blocks for c in decodes],
+                                                static=False)
+            index, mask = index.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
+        return AttentionMetadata(mapping, len(decodes), index, mask, tuple(prefills))
 
-    def _decode_contexts(self, decodes: list[ScheduledChunk], pad: int, static: bool
+    def _gather_contexts(self, lengths: list[int], tables: list[list[int]], *, static: bool
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat pool positions [D * Lmax] of each decode context, right-padded, and the mask [D, 1, 1, Lmax].
+        """Host tensors for the gather path: flat pool positions [D * Lmax] of each decode context,
+        right-padded, and the mask [D, 1, 1, Lmax].
 
         Built from a padded block table in three tensor ops, whatever D is: position j of sequence i
-        lies in block table[i, j // bs] at offset j % bs; pads (block 0) are masked out. Pad rows attend to
-        the scratch position alone. `static`: the width is rounded up to a power of two of blocks.
+        lies in block table[i, j // bs] at offset j % bs; pads are masked out. `static`: the width is
+        rounded up to a power of two of blocks (a graph per width, not per length).
         """
         bs = self.block_size
-        lengths = [c.start + 1 for c in decodes] + [1] * pad
         width = -(-max(lengths) // bs)
         width = bucket(width) if static else width
         lmax = width * bs if static else max(lengths)
-        rows = [c.request.blocks[:width] for c in decodes] + [[]] * pad
-        table = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)  # [D, width]
-        index = (table[:, :, None] * bs + torch.arange(bs)).view(len(rows), -1)[:, :lmax]  # [D, Lmax]
-        index[len(decodes):, 0] = self.kv.scratch
+        table = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables], dtype=torch.long)
+        index = (table[:, :, None] * bs + torch.arange(bs)).view(len(tables), -1)[:, :lmax]  # [D, Lmax]
         mask = torch.arange(lmax)[None, :] < torch.tensor(lengths)[:, None]  # [D, Lmax]
-        return (index.reshape(-1).to(self.device, non_blocking=True),
-                mask.view(len(rows), 1, 1, lmax).to(self.device, non_blocking=True))
+        return index.reshape(-1), mask.view(len(tables), 1, 1, lmax)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+        return _long(values).to(self.device, non_blocking=True)
+
+
+def _long(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long)
 
 
 def bucket(n: int) -> int:

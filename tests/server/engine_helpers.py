@@ -21,8 +21,9 @@ MAX_RANK = 16
 
 def make_engine(model_dir: Path, adapters: dict[str, Path], *, max_loras: int = 4, max_cpu_loras: int = 8,
                 num_kv_blocks: int = 256, block_size: int = 4, max_num_seqs: int = 16,
-                max_batch_tokens: int = 256, max_model_len: int = 256, decode_buckets: bool = False) -> LLMEngine:
-    loaded = load_model(ModelConfig(path=model_dir, device="cpu", dtype="float32"))
+                max_batch_tokens: int = 256, max_model_len: int = 256, decode_buckets: bool = False,
+                device: str = "cpu", cuda_graphs: bool = True) -> LLMEngine:
+    loaded = load_model(ModelConfig(path=model_dir, device=device, dtype="float32"))
     holder: dict[str, LLMEngine] = {}
 
     def loader(name: str):
@@ -32,7 +33,7 @@ def make_engine(model_dir: Path, adapters: dict[str, Path], *, max_loras: int = 
         max_model_len=max_model_len, block_size=block_size, num_kv_blocks=num_kv_blocks,
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens),
         lora=LoRAConfig(max_loras=max_loras, max_lora_rank=MAX_RANK, max_cpu_loras=max_cpu_loras),
-        decode_buckets=decode_buckets,
+        decode_buckets=decode_buckets, cuda_graphs=cuda_graphs,
     )
     holder["engine"] = LLMEngine(loaded, cfg, loader)
     return holder["engine"]

@@ -62,7 +62,7 @@ def _field_default(config: type, name: str) -> object:
 
 def test_every_flag_default_is_its_config_dataclass_default():
     flags = {flag for flag, *_ in FLAGS}
-    assert flags - {"--log-level"} == set(FLAG_FIELDS)
+    assert flags - {"--log-level", "--cuda-graphs"} == set(FLAG_FIELDS)
     serve = _serve_parser()
     for flag, (config, name) in FLAG_FIELDS.items():
         assert serve.get_default(flag.lstrip("-").replace("-", "_")) == _field_default(config, name), flag
@@ -91,3 +91,11 @@ def test_env_vars_override_defaults(monkeypatch):
     assert cfg.server.drain_timeout_s == 2.5
     # A flag still wins over its env var.
     assert configs_from_args(build_parser().parse_args(["serve", "--max-loras", "5"])).engine.lora.max_loras == 5
+
+
+def test_cuda_graphs_is_on_or_off_and_defaults_to_the_config():
+    default = "on" if _field_default(EngineConfig, "cuda_graphs") else "off"
+    assert _serve_parser().get_default("cuda_graphs") == default
+    assert configs_from_args(build_parser().parse_args(["serve", "--cuda-graphs", "off"])).engine.cuda_graphs is False
+    with pytest.raises(ValueError, match="--cuda-graphs: expected on or off, got 'maybe'"):
+        configs_from_args(build_parser().parse_args(["serve", "--cuda-graphs", "maybe"]))
