@@ -13,8 +13,10 @@ Candidates, in order, each chosen only if importable and a probe on the device m
 (`reference_paged_attention`) at the engine's block size and dtype (flash kernels restrict page sizes):
   torch-varlen  `torch.nn.attention.varlen.varlen_attn` with `block_table` (torch >= 2.12, CUDA)
   flash-attn    `flash_attn.flash_attn_varlen_func` with `block_table` (when flash-attn is installed)
+  triton        our own kernel (triton_attention.py), for older torch without flash-attn
 None of them on the CPU: there the runner keeps the gather + SDPA path (attention.py). The choice is logged.
-`LORAPLEX_PAGED_ATTENTION=reference` forces the torch twin (tests drive the paged metadata path on CPU).
+`LORAPLEX_PAGED_ATTENTION=NAME` considers only that candidate, on any device (`triton` on the CPU needs
+TRITON_INTERPRET=1); `=reference` takes the torch twin (tests drive the paged metadata path on CPU).
 """
 
 from __future__ import annotations
@@ -105,18 +107,30 @@ def _flash_attn() -> PagedKernel | None:
     return kernel
 
 
-CANDIDATES: dict[str, Callable[[], PagedKernel | None]] = {"torch-varlen": _torch_varlen, "flash-attn": _flash_attn}
+def _triton() -> PagedKernel | None:
+    try:
+        from loraplex.server.engine.triton_attention import triton_paged_attention
+    except ImportError:  # no triton
+        return None
+    return triton_paged_attention
+
+
+CANDIDATES: dict[str, Callable[[], PagedKernel | None]] = {
+    "torch-varlen": _torch_varlen, "flash-attn": _flash_attn, "triton": _triton}
 
 
 def select_paged_kernel(device: torch.device, dtype: torch.dtype, block_size: int, heads: int, kv_heads: int,
                         head_dim: int) -> tuple[str, PagedKernel | None]:
     """The paged kernel for this engine, chosen once at start and logged: ("gather", None) keeps the gather +
     SDPA path (the CPU, or no candidate passed its probe)."""
-    if os.environ.get("LORAPLEX_PAGED_ATTENTION") == "reference":
+    forced = os.environ.get("LORAPLEX_PAGED_ATTENTION")
+    if forced == "reference":
         return "reference", reference_paged_attention
-    if device.type != "cuda":
+    if forced is None and device.type != "cuda":
         return "gather", None
     for name, make in CANDIDATES.items():
+        if forced is not None and name != forced:
+            continue
         kernel = make()
         if kernel is None:
             log.info("paged attention: %s not available", name)
@@ -126,8 +140,8 @@ def select_paged_kernel(device: torch.device, dtype: torch.dtype, block_size: in
             log.info("paged attention: %s (block size %d, %s)", name, block_size, dtype)
             return name, kernel
         log.warning("paged attention: %s refused (%s)", name, problem)
-    log.warning("paged attention: no paged kernel on this device; decode gathers the context (install torch >= "
-                "2.12 or flash-attn for paged kernels)")
+    log.warning("paged attention: no paged kernel passed on this device; decode gathers the context (torch >= "
+                "2.12, flash-attn or triton give paged kernels)")
     return "gather", None
 
 
