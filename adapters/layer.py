@@ -21,7 +21,9 @@ class MultiLoRALinear(nn.Module):
 
     lora_a: [S + 1, R_max, in]; lora_b: [S + 1, R_max, out] (B transposed, already multiplied by the
     adapter's scale). Rows past a slot's own rank are zero, and so is a slot whose adapter does not
-    target this layer: any rank bound computes the exact delta.
+    target this layer: any rank bound computes the exact delta. lora_ranks: [S + 1] int32, each slot's own
+    rank for this layer (0: empty, the null slot, or not targeted), so kernels that tile the rank (triton)
+    stop there instead of multiplying the zeros up to the step's bound.
     """
 
     def __init__(self, base_layer: nn.Module, *, kind: str, num_slots: int, max_rank: int,
@@ -39,6 +41,8 @@ class MultiLoRALinear(nn.Module):
         b = torch.zeros(num_slots + 1, max_rank, self.out_features, dtype=dtype, device=device)
         self.register_buffer("lora_a", a, persistent=False)
         self.register_buffer("lora_b", b, persistent=False)
+        self.register_buffer("lora_ranks", torch.zeros(num_slots + 1, dtype=torch.int32, device=device),
+                             persistent=False)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -62,11 +66,13 @@ class MultiLoRALinear(nn.Module):
         if r < self.max_rank:  # zeros past the rank: any rank bound then computes the exact delta
             self.lora_a[slot, r:].zero_()
             self.lora_b[slot, r:].zero_()
+        self.lora_ranks[slot] = r  # a fill on the device, in stream order with the copies above
 
     def clear_slot(self, slot: int) -> None:
         """Zero the slot: an adapter that does not target this layer adds nothing through it."""
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
+        self.lora_ranks[slot] = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -76,7 +82,8 @@ class MultiLoRALinear(nn.Module):
         y = y.contiguous()  # a no-op for nn.Linear; bnb layers may hand back a strided view
         # x: [..., in] -> [T, in]; y: [..., out] -> [T, out] (a view: the add lands in y)
         y2d = y.view(-1, self.out_features)
-        lora_apply(y2d, x.reshape(-1, self.in_features), self.lora_a, self.lora_b, self.context.batch, rank)
+        lora_apply(y2d, x.reshape(-1, self.in_features), self.lora_a, self.lora_b, self.context.batch, rank,
+                   self.lora_ranks)
         return y
 
     def extra_repr(self) -> str:

@@ -16,6 +16,8 @@ Variants, microseconds per call (median of interleaved repeats, min beside it):
                step whose slots are not a dense range runs
   gather_<o>   lora_apply, gather form (`plan_groups(gather=True)`): one group per token, at the adapters'
                rank rounded up to a power of two (the engine bounds a capturable step by its resident adapters)
+  torch_<f>_il the torch backend on the same grid as <f>_il, called directly (CUDA only, where lora_apply runs
+               the triton backend: the two backends side by side)
   <o>: il = interleaved order, gr = grouped order
 
 Run: OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_lora_ops.py [--device cpu|cuda]
@@ -37,7 +39,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from common import RESULTS_DIR, machine_facts, print_facts, write_json
 
-from loraplex.adapters.ops import LoRABatch, LoRABatchBuffers, get_backend, lora_apply, plan_groups
+from loraplex.adapters.ops import LoRABackend, LoRABatch, LoRABatchBuffers, get_backend, lora_apply, plan_groups
+from loraplex.adapters.ops.torch_ops import TorchLoRABackend
 
 SHAPES = {"q/o 576x576": (576, 576), "gate/up 576->1536": (576, 1536)}
 TOKENS = (1, 16, 64, 256)
@@ -48,6 +51,7 @@ NULL_SLOT = SLOTS
 ORDERS = {"il": "interleaved", "gr": "grouped"}
 FORMS = ("window", "grouped", "gather")
 VARIANTS = ("base_mm", *(f"{f}_{o}" for f in FORMS for o in ORDERS))
+TORCH_VARIANTS = tuple(f"torch_{f}_il" for f in FORMS)  # CUDA only: the torch backend beside triton
 TARGET_S = 0.002  # each repeat runs a variant enough times to take about this long
 
 
@@ -58,14 +62,20 @@ def token_slots(n_tokens: int, n_adapters: int, order: str) -> list[int]:
     return [t * n_adapters // n_tokens for t in range(n_tokens)]
 
 
+def variants(device: torch.device) -> tuple[str, ...]:
+    return VARIANTS + (TORCH_VARIANTS if device.type == "cuda" else ())
+
+
 def make_stacks(n_in: int, n_out: int, rank: int, device: torch.device, dtype: torch.dtype,
-                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A [S + 1, R_max, in], B [S + 1, R_max, out]: rows past `rank` and the null slot zero."""
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A [S + 1, R_max, in], B [S + 1, R_max, out]: rows past `rank` and the null slot zero; each slot's own
+    rank [S + 1] int32 (MultiLoRALinear.lora_ranks: `rank`, the null slot 0)."""
     a = torch.zeros(SLOTS + 1, R_MAX, n_in)
     b = torch.zeros(SLOTS + 1, R_MAX, n_out)
     a[:SLOTS, :rank] = torch.randn(SLOTS, rank, n_in, generator=gen) * 0.02
     b[:SLOTS, :rank] = torch.randn(SLOTS, rank, n_out, generator=gen) * 0.02
-    return a.to(device, dtype), b.to(device, dtype)
+    ranks = torch.tensor([rank] * SLOTS + [0], dtype=torch.int32, device=device)
+    return a.to(device, dtype), b.to(device, dtype), ranks
 
 
 def make_ops(n_in: int, n_out: int, n_tokens: int, n_adapters: int, rank: int, device: torch.device,
@@ -73,7 +83,7 @@ def make_ops(n_in: int, n_out: int, n_tokens: int, n_adapters: int, rank: int, d
     """One closure per variant over shared tensors, and the layout each eager variant got."""
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(n_out, n_in, generator=gen).to(device, dtype)  # base W: [out, in]
-    a, b = make_stacks(n_in, n_out, rank, device, dtype, gen)
+    a, b, own = make_stacks(n_in, n_out, rank, device, dtype, gen)
     x = torch.randn(n_tokens, n_in, generator=gen).to(device, dtype)
     y = torch.zeros(n_tokens, n_out, device=device, dtype=dtype)
     ranks = {"proj": rank}
@@ -89,13 +99,18 @@ def make_ops(n_in: int, n_out: int, n_tokens: int, n_adapters: int, rank: int, d
         for form, plan, bound in (("window", eager, rank), ("grouped", grouped, rank), ("gather", gather, _pow2(rank))):
             # One buffer set per variant: a LoRABatch is views of its buffers, so they must not be shared.
             batch = LoRABatchBuffers(device).fill(slots, plan, ranks)
-            fns[f"{form}_{key}"] = _apply(y, x, a, b, batch, bound)
+            fns[f"{form}_{key}"] = _apply(y, x, a, b, batch, bound, own)
+            if f"torch_{form}_{key}" in variants(device):
+                fns[f"torch_{form}_{key}"] = _apply(y, x, a, b, batch, bound, own, TorchLoRABackend())
     return fns, layouts
 
 
-def _apply(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch: LoRABatch,
-           rank: int) -> Callable[[], None]:
-    return lambda: lora_apply(y, x, a, b, batch, rank)
+def _apply(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch: LoRABatch, rank: int,
+           own: torch.Tensor, backend: LoRABackend | None = None) -> Callable[[], None]:
+    """lora_apply (the device's backend), or one backend's apply called directly."""
+    if backend is None:
+        return lambda: lora_apply(y, x, a, b, batch, rank, own)
+    return lambda: backend.apply(y, x, a, b, batch, rank, own)
 
 
 def run_batch(fn: Callable[[], object], n: int, device: torch.device) -> float:
@@ -132,7 +147,7 @@ def bench_point(shape: str, n_tokens: int, n_adapters: int, rank: int, device: t
     n_in, n_out = SHAPES[shape]
     fns, layouts = make_ops(n_in, n_out, n_tokens, n_adapters, rank, device, dtype)
     us, us_min = time_variants(fns, device, repeats)
-    lora = [v for v in VARIANTS if v != "base_mm"]
+    lora = [v for v in variants(device) if v != "base_mm"]
     return {
         "shape": shape, "in": n_in, "out": n_out, "tokens": n_tokens, "adapters": n_adapters,
         "distinct_in_batch": min(n_adapters, n_tokens), "rank": rank, "layouts": layouts,
@@ -142,14 +157,14 @@ def bench_point(shape: str, n_tokens: int, n_adapters: int, rank: int, device: t
     }
 
 
-def print_header() -> None:
-    print(f"\n{'shape':<18}{'tok':>5}{'ad':>4}{'r':>4}" + "".join(f"{v:>11}" for v in VARIANTS)
+def print_header(names: tuple[str, ...]) -> None:
+    print(f"\n{'shape':<18}{'tok':>5}{'ad':>4}{'r':>4}" + "".join(f"{v:>11}" for v in names)
           + f"{'win/mm':>8}{'gath/mm':>8}   (microseconds per call, median)")
 
 
-def print_row(row: dict[str, object]) -> None:
+def print_row(row: dict[str, object], names: tuple[str, ...]) -> None:
     us, ratio = row["us"], row["ratio_to_base_mm"]
-    cells = "".join(f"{us[v]:>11.1f}" for v in VARIANTS)
+    cells = "".join(f"{us[v]:>11.1f}" for v in names)
     print(f"{row['shape']:<18}{row['tokens']:>5}{row['adapters']:>4}{row['rank']:>4}{cells}"
           f"{ratio['window_il']:>8.2f}{ratio['gather_il']:>8.2f}", flush=True)
 
@@ -199,7 +214,7 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     facts = machine_facts(device) | {"dtype": args.dtype, "backend": get_backend(device).name}
     print_facts(facts)
-    print_header()
+    print_header(variants(device))
     started, rows = time.perf_counter(), []
     with torch.inference_mode():
         for shape in SHAPES:
@@ -207,7 +222,7 @@ def main() -> None:
                 for n_adapters in ADAPTERS:
                     for rank in RANKS:
                         rows.append(bench_point(shape, n_tokens, n_adapters, rank, device, dtype, args.repeats))
-                        print_row(rows[-1])
+                        print_row(rows[-1], variants(device))
     summary = {stat: summarize(rows, stat) for stat in ("us", "us_min")}
     print("\nsummary, geometric means of ratios over all points (us: medians; us_min: best repeats):")
     for key in summary["us"]:
@@ -216,7 +231,7 @@ def main() -> None:
     write_json(args.out, {
         "machine": facts,
         "settings": {"slots": SLOTS, "r_max": R_MAX, "repeats": args.repeats, "target_s": TARGET_S,
-                     "threads": args.threads, "variants": list(VARIANTS)},
+                     "threads": args.threads, "variants": list(variants(device))},
         "seconds": round(time.perf_counter() - started, 1), "summary": summary, "results": rows,
     })
 

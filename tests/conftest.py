@@ -14,6 +14,14 @@ import pytest
 
 from loraplex.adapters.targets import ATTENTION_TARGETS
 
+# Without CUDA, Triton kernels run under Triton's interpreter. The switch is read when a kernel is decorated,
+# so it must be set before anything imports triton (peft -> bitsandbytes does): else triton's own jit helpers
+# (tl.sum, tl.zeros, ...) stay compiled-only and interpreted kernels cannot call them.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

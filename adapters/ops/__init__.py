@@ -1,15 +1,18 @@
 """Batched multi-adapter LoRA: one fused `lora_apply` per wrapped linear (Punica/vLLM's shrink + expand).
 
 The semantics are stated as a per-token loop in `lora_apply`'s docstring; `reference.py` holds exactly that
-loop as the test oracle. The work is done by a `LoRABackend` picked once per device type by `get_backend`
-(torch for every device for now) and logged. The layout of the step's tokens (which tokens share one
-gathered adapter) is planned once per forward by the runner (`batch.py`), never inside a layer.
+loop as the test oracle. The work is done by a `LoRABackend` picked once per device type by `get_backend` and
+logged: triton (`triton_ops.py`, each slot's own rank) on CUDA when triton imports, torch (`torch_ops.py`)
+otherwise; `LORAPLEX_LORA_BACKEND=torch|triton` overrides. triton_ops is imported only when chosen, so a CPU
+run never imports triton. The layout of the step's tokens (which tokens share one gathered adapter) is
+planned once per forward by the runner (`batch.py`), never inside a layer.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 
@@ -17,25 +20,59 @@ from loraplex.adapters.ops.base import LoRABackend
 from loraplex.adapters.ops.batch import GroupPlan, LoRABatch, LoRABatchBuffers, plan_groups
 from loraplex.adapters.ops.torch_ops import TorchLoRABackend
 
-__all__ = ["GroupPlan", "LoRABackend", "LoRABatch", "LoRABatchBuffers", "get_backend", "lora_apply", "plan_groups"]
+__all__ = ["BACKEND_ENV", "GroupPlan", "LoRABackend", "LoRABatch", "LoRABatchBuffers", "get_backend",
+           "get_backend_named", "lora_apply", "plan_groups"]
 
 logger = logging.getLogger(__name__)
 
+BACKEND_ENV = "LORAPLEX_LORA_BACKEND"
+BACKENDS = ("torch", "triton")
+
+
+def get_backend_named(name: str, device_type: str = "cuda") -> LoRABackend:
+    """A new backend `name` ("torch" | "triton") for tensors on `device_type`; not cached, not logged (tests
+    and benchmarks pick one directly). Triton runs on CUDA, or on CPU when TRITON_INTERPRET=1 was set before
+    triton_ops was first imported (the interpreter is chosen when the kernels are decorated)."""
+    if name not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={name!r}: expected one of {', '.join(BACKENDS)}")
+    if name == "torch":
+        return TorchLoRABackend()
+    if device_type != "cuda" and not (device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        raise RuntimeError(f"{BACKEND_ENV}=triton needs a CUDA device, or TRITON_INTERPRET=1 to run the kernels on "
+                           f"the CPU; tensors here are on {device_type!r}")
+    from loraplex.adapters.ops.triton_ops import TritonLoRABackend  # lazily: CPU runs never import triton
+
+    return TritonLoRABackend()
+
+
+def _default_backend(device_type: str) -> str:
+    """triton on CUDA when it imports, torch everywhere else (a CPU run does not even try the import)."""
+    if device_type != "cuda":
+        return "torch"
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        logger.warning("triton does not import (%s): the LoRA ops fall back to torch on CUDA", exc)
+        return "torch"
+    return "triton"
+
 
 @functools.cache
-def _backend_for(device_type: str) -> LoRABackend:
-    backend = TorchLoRABackend()
+def _backend_for(device_type: str, requested: str) -> LoRABackend:
+    # Keyed by the override too: a test that sets LORAPLEX_LORA_BACKEND (monkeypatch) gets its own entry and
+    # the next test, without it, gets the default again.
+    backend = get_backend_named(requested or _default_backend(device_type), device_type)
     logger.info("LoRA ops backend for device type %r: %s", device_type, backend.name)
     return backend
 
 
 def get_backend(device: torch.device | str) -> LoRABackend:
-    """The LoRA kernel backend for `device`; chosen (and logged) once per device type."""
-    return _backend_for(torch.device(device).type)
+    """The LoRA kernel backend for `device`; chosen (and logged) once per device type (and override)."""
+    return _backend_for(torch.device(device).type, os.environ.get(BACKEND_ENV, "").strip().lower())
 
 
 def lora_apply(y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
-               batch: LoRABatch, rank: int) -> None:
+               batch: LoRABatch, rank: int, slot_ranks: torch.Tensor) -> None:
     """y += the LoRA delta of one layer for every token, in place. Semantics, as a loop:
 
         for t in range(T):
@@ -43,12 +80,15 @@ def lora_apply(y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack:
             if s >= 0:
                 y[t] += B[s, :rank].T @ (A[s, :rank] @ x[t])
     x: [T, in]; y: [T, out]; a_stack: [S + 1, R_max, in]; b_stack: [S + 1, R_max, out] (B transposed, the
-    adapter's scale folded in, zeros past each slot's own rank); rank: the step's bound for this layer.
-    Only host-side shape checks here (no device sync).
+    adapter's scale folded in, zeros past each slot's own rank); rank: the step's bound for this layer;
+    slot_ranks: [S + 1] int32, each slot's own rank for this layer (<= rank for the step's slots), where a
+    backend may stop instead of computing the zeros up to `rank`. Only host-side shape checks here (no sync).
     """
     t = batch.num_tokens
     if x.dim() != 2 or y.dim() != 2 or x.shape[0] != t or y.shape[0] != t:
         raise ValueError(f"expected x [{t}, in] and y [{t}, out], got {tuple(x.shape)} and {tuple(y.shape)}")
     if a_stack.shape[:2] != b_stack.shape[:2] or not 0 < rank <= a_stack.shape[1]:
         raise ValueError(f"stacks A{tuple(a_stack.shape)} B{tuple(b_stack.shape)} do not fit rank {rank}")
-    get_backend(x.device).apply(y, x, a_stack, b_stack, batch, rank)
+    if tuple(slot_ranks.shape) != (a_stack.shape[0],):
+        raise ValueError(f"expected slot_ranks [{a_stack.shape[0]}], got {tuple(slot_ranks.shape)}")
+    get_backend(x.device).apply(y, x, a_stack, b_stack, batch, rank, slot_ranks)

@@ -3,9 +3,11 @@
 Shapes, for T flattened tokens, S adapter slots (plus the null slot S, all zeros), R_max = --max-lora-rank
 and a step's grid of G groups x D rows (see batch.py):
     x: [T, in]   y: [T, out]   a_stack: [S + 1, R_max, in]   b_stack: [S + 1, R_max, out] (scale folded in)
-Slot s holds its adapter's A [r, in] and B^T [r, out] in rows [0, r) and zeros past r, so computing at any
-rank bound >= r gives the same result. The public function in `loraplex.adapters.ops` validates shapes;
-backends only compute.
+    slot_ranks: [S + 1] int32, slot s's own rank r_s for this layer (0: empty, the null slot, not targeted)
+Slot s holds its adapter's A [r_s, in] and B^T [r_s, out] in rows [0, r_s) and zeros past r_s, so computing
+at any rank bound >= r_s gives the same result: a backend may stop at r_s (triton: no work on the rank
+padding) or compute the zeros up to the step's bound (torch: static shapes, slot_ranks unused). The public
+function in `loraplex.adapters.ops` validates shapes; backends only compute.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ class LoRABackend(ABC):
 
     @abstractmethod
     def apply(self, y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
-              batch: LoRABatch, rank: int) -> None:
-        """y[t] += (x[t] @ A[s, :rank].T) @ B[s, :rank] for every grid row (token t, slot s), in place.
+              batch: LoRABatch, rank: int, slot_ranks: torch.Tensor) -> None:
+        """y[t] += (x[t] @ A[s, :r].T) @ B[s, :r] for every grid row (token t, slot s), in place, where r is
+        any bound with slot_ranks[s] <= r <= rank (the rows in between are zeros).
 
         The op sequence must not depend on which slots or how many segments the batch holds, and nothing
         may synchronise with the host (the decode step is captured by CUDA graphs).

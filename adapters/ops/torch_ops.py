@@ -5,6 +5,8 @@ groups' A and B at the step's rank bound, one bmm for shrink and one for expand,
 That is 7 compute ops when A/B are gathered (grouped and gather forms) and 5 when the groups are a dense
 slot range read in place (window form); never more, for 1 or 16 adapters and any number of segments
 (bench_dispatch.py counts them), and no host sync: the grid layout arrives in device buffers (batch.py).
+Every group is computed at the step's rank bound: the slots' zeros past their own rank add exact zeros, so
+`slot_ranks` is not read (a per-slot bound would need per-group shapes, i.e. a loop or a host sync).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ class TorchLoRABackend(LoRABackend):
     name = "torch"
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
-              batch: LoRABatch, rank: int) -> None:
+              batch: LoRABatch, rank: int, slot_ranks: torch.Tensor) -> None:
         g, d = batch.num_groups, batch.depth
         # [G*D, in]; a fill, not a multiply: a padding row must be exact zeros even when its token's x is inf.
         xs = x.index_select(0, batch.rows).masked_fill_(batch.padding, 0.0).to(a_stack.dtype)

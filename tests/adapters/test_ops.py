@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
 
 from loraplex.adapters import ops
-from loraplex.adapters.ops import LoRABackend, LoRABatchBuffers, get_backend, lora_apply, plan_groups
+from loraplex.adapters.context import LoRABatchContext
+from loraplex.adapters.layer import MultiLoRALinear
+from loraplex.adapters.ops import LoRABackend, LoRABatchBuffers, get_backend, get_backend_named, lora_apply, plan_groups
 from loraplex.adapters.ops.batch import COMPACT_SLACK
 from loraplex.adapters.ops.reference import ref_lora_apply
 from loraplex.adapters.ops.torch_ops import TorchLoRABackend
@@ -34,6 +39,11 @@ class Case:
     @property
     def null_slot(self) -> int:
         return self.a_stack.shape[0] - 1
+
+    @property
+    def slot_ranks(self) -> torch.Tensor:
+        """[S + 1] int32, what MultiLoRALinear.lora_ranks holds for these stacks (the null slot: 0)."""
+        return torch.tensor([*RANK_PATTERN[: self.null_slot], 0], dtype=torch.int32)
 
 
 def token_slots(layout: str, n_tokens: int, n_slots: int, rng: random.Random) -> list[int]:
@@ -77,7 +87,7 @@ def run(case: Case, gather: bool, rank: int = R_MAX) -> torch.Tensor:
     y = case.y0.clone()
     batch = batch_for(case, gather, rank=rank)
     if batch is not None:
-        lora_apply(y, case.x, case.a_stack, case.b_stack, batch, rank)
+        lora_apply(y, case.x, case.a_stack, case.b_stack, batch, rank, case.slot_ranks)
     return y
 
 
@@ -184,7 +194,7 @@ def _dispatched(case: Case, gather: bool) -> OpTrace:
     batch = batch_for(case, gather)
     y = case.y0.clone()
     with OpTrace() as trace:
-        lora_apply(y, case.x, case.a_stack, case.b_stack, batch, R_MAX)
+        lora_apply(y, case.x, case.a_stack, case.b_stack, batch, R_MAX, case.slot_ranks)
     return trace
 
 
@@ -229,12 +239,14 @@ def test_no_host_sync_on_meta_device() -> None:
     case = make_case(16, 8, "random", torch.float32, seed=4)
     batch = batch_for(case, False)
     meta = type(batch)(*(v.to("meta") if isinstance(v, torch.Tensor) else v for v in vars(batch).values()))
-    x, a, b, y = (t.to("meta") for t in (case.x, case.a_stack, case.b_stack, case.y0))
-    lora_apply(y, x, a, b, meta, R_MAX)
+    x, a, b, y, r = (t.to("meta") for t in (case.x, case.a_stack, case.b_stack, case.y0, case.slot_ranks))
+    lora_apply(y, x, a, b, meta, R_MAX, r)
     assert y.device.type == "meta"
 
 
-def test_get_backend_is_torch_chosen_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+def test_get_backend_is_torch_chosen_and_logged_once(caplog: pytest.LogCaptureFixture,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ops.BACKEND_ENV, raising=False)
     ops._backend_for.cache_clear()
     with caplog.at_level(logging.INFO, logger="loraplex.adapters.ops"):
         first = get_backend("cpu")
@@ -251,9 +263,48 @@ def test_backend_is_abstract() -> None:
 def test_invalid_inputs_raise_clear_errors() -> None:
     case = make_case(7, 8, "random", torch.float32, seed=1)
     batch = batch_for(case, True)
+    ranks = case.slot_ranks
     with pytest.raises(ValueError, match=r"expected x \[7, in\]"):
-        lora_apply(case.y0.clone(), case.x[:5], case.a_stack, case.b_stack, batch, R_MAX)
+        lora_apply(case.y0.clone(), case.x[:5], case.a_stack, case.b_stack, batch, R_MAX, ranks)
     with pytest.raises(ValueError, match="do not fit rank 9"):
-        lora_apply(case.y0.clone(), case.x, case.a_stack, case.b_stack, batch, R_MAX + 1)
+        lora_apply(case.y0.clone(), case.x, case.a_stack, case.b_stack, batch, R_MAX + 1, ranks)
     with pytest.raises(ValueError, match="do not fit rank 0"):
-        lora_apply(case.y0.clone(), case.x, case.a_stack, case.b_stack, batch, 0)
+        lora_apply(case.y0.clone(), case.x, case.a_stack, case.b_stack, batch, 0, ranks)
+    with pytest.raises(ValueError, match=r"expected slot_ranks \[9\], got \(8,\)"):
+        lora_apply(case.y0.clone(), case.x, case.a_stack, case.b_stack, batch, R_MAX, ranks[:8])
+
+
+def test_backend_override_is_keyed_and_refusals_are_clear(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LORAPLEX_LORA_BACKEND picks a backend per (device type, override), so setting it in one test does not
+    leak into the next; an unknown name, or triton on a CPU without the interpreter, is refused by name."""
+    monkeypatch.setenv(ops.BACKEND_ENV, "torch")
+    assert isinstance(get_backend("cpu"), TorchLoRABackend)
+    monkeypatch.setenv(ops.BACKEND_ENV, "cuda-graphs")
+    with pytest.raises(ValueError, match="LORAPLEX_LORA_BACKEND='cuda-graphs': expected one of torch, triton"):
+        get_backend("cpu")
+    monkeypatch.setenv(ops.BACKEND_ENV, "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="needs a CUDA device, or TRITON_INTERPRET=1"):
+        get_backend("cpu")
+    with pytest.raises(RuntimeError, match="'meta'"):
+        get_backend_named("triton", "meta")
+
+
+def test_a_cpu_run_never_imports_the_triton_backend() -> None:
+    """The triton module is imported only when chosen: a CPU process picking the default never loads it."""
+    code = ("import sys; from loraplex.adapters.ops import get_backend; "
+            "assert get_backend('cpu').name == 'torch'; "
+            "assert 'loraplex.adapters.ops.triton_ops' not in sys.modules")
+    env = {k: v for k, v in os.environ.items() if k != ops.BACKEND_ENV}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def test_layer_keeps_each_slots_own_rank() -> None:
+    """MultiLoRALinear.lora_ranks [S + 1] int32: set_slot writes r, clear_slot 0; the null slot stays 0."""
+    layer = MultiLoRALinear(torch.nn.Linear(6, 5), kind="q_proj", num_slots=3, max_rank=4,
+                            context=LoRABatchContext(), dtype=torch.float32)
+    layer.set_slot(0, torch.ones(3, 6), torch.ones(5, 3), 1.0)
+    layer.set_slot(2, torch.ones(4, 6), torch.ones(5, 4), 1.0)
+    assert (layer.lora_ranks.dtype, layer.lora_ranks.tolist()) == (torch.int32, [3, 0, 4, 0])
+    layer.clear_slot(2)
+    assert layer.lora_ranks.tolist() == [3, 0, 0, 0]
