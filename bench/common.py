@@ -24,9 +24,10 @@ from pathlib import Path
 
 import httpx
 import torch
+from transformers import PretrainedConfig
 
 from loraplex.adapters.synthetic import PRESETS, make_peft_adapter
-from loraplex.server.tiny_models import bench_small_config, build_model_dir
+from loraplex.server.tiny_models import bench_small_config, build_model_dir, train_tokenizer
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -115,17 +116,23 @@ class Stopwatch:
 
 
 def interleaved(cases: dict[str, Callable[[], Measure]], repeats: int,
-                log: Callable[[str], None] | None = print, once: frozenset[str] = frozenset()
-                ) -> dict[str, list[Measure]]:
+                log: Callable[[str], None] | None = print, once: frozenset[str] = frozenset(),
+                deadline: float | None = None) -> dict[str, list[Measure]]:
     """Run every case once per round, `repeats` rounds, so machine drift hits all cases alike.
 
     The case order rotates each round so no case always runs right after the same neighbour. Cases in
-    `once` (reference numbers, not part of any ratio target) run in the first round only.
+    `once` (reference numbers, not part of any ratio target) run in the first round only. With `deadline`
+    (a time.monotonic() value) a round starts only if, at the last round's pace, it ends before then (the
+    first always runs): a time-boxed run reports fewer rounds rather than none.
     Returns {case: [one Measure per round it ran in]}.
     """
     names = list(cases)
     samples: dict[str, list[Measure]] = {n: [] for n in names}
+    last_round = 0.0
     for r in range(repeats):
+        if r and deadline is not None and time.monotonic() + last_round > deadline:
+            break
+        started = time.monotonic()
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             if r and name in once:
@@ -134,6 +141,7 @@ def interleaved(cases: dict[str, Callable[[], Measure]], repeats: int,
             samples[name].append(m)
             if log is not None:
                 log(f" round {r + 1}/{repeats} {name}: {m.rate:.1f}/s wall, {m.cpu_rate:.1f}/s cpu ({m.wall_s:.1f} s)")
+        last_round = time.monotonic() - started
     return samples
 
 
@@ -227,6 +235,12 @@ def bench_small_dir(seed: int = 0) -> Path:
     """The bench-small model (SmolLM2-135M's Llama shape, seeded random fp32 weights), built once."""
     return _build_once(cache_root() / f"bench-small-s{seed}",
                        lambda d: build_model_dir(d, "llama", seed=seed, config=bench_small_config()))
+
+
+def bench_config_dir(name: str, config: PretrainedConfig) -> Path:
+    """A model dir holding only `config` and the bench tokenizer, no weights (what seeded adapters are shaped
+    from when the model itself is built in memory), built once."""
+    return _build_once(cache_root() / name, lambda d: (config.save_pretrained(d), train_tokenizer(d)))
 
 
 def bench_adapters(base_dir: Path, preset: str, count: int, seed0: int = 1000) -> list[Path]:

@@ -23,14 +23,16 @@ ADAPTERS = [
 ROW_SLOTS = [0, 1, -1, 2, 3, -1, 2, 0]  # -1 = base only
 MAX_RANK = 32
 STEPS = 16
+# The same equivalence on CUDA (fp32, so logits still agree to 1e-4) where a GPU is present.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
-def _load(model_dir, quantize):
-    return load_model(ModelConfig(path=model_dir, quantize=quantize, device="cpu", dtype="float32"))
+def _load(model_dir, quantize, device="cpu"):
+    return load_model(ModelConfig(path=model_dir, quantize=quantize, device=device, dtype="float32"))
 
 
-def _ours(model_dir, dirs, quantize):
-    loaded = _load(model_dir, quantize)
+def _ours(model_dir, dirs, quantize, device="cpu"):
+    loaded = _load(model_dir, quantize, device)
     inj = inject_multi_lora(loaded.model, num_slots=len(dirs), max_rank=MAX_RANK, dtype=torch.float32)
     for slot, d in enumerate(dirs):
         inj.load_slot(slot, load_adapter_dir(d, inj.module_shapes(), max_rank=MAX_RANK))
@@ -51,8 +53,8 @@ def _bind_rows(model, inj, row_slots):
     model._lora_rows_hook = model.register_forward_pre_hook(describe, with_kwargs=True)
 
 
-def _reference(model_dir, dirs, quantize):
-    base = _load(model_dir, quantize).model
+def _reference(model_dir, dirs, quantize, device="cpu"):
+    base = _load(model_dir, quantize, device).model
     peft = PeftModel.from_pretrained(base, str(dirs[0]), adapter_name="a0")
     for i, d in enumerate(dirs[1:], start=1):
         peft.load_adapter(str(d), adapter_name=f"a{i}")
@@ -74,9 +76,10 @@ def prompts():
     return torch.randint(5, 500, (len(ROW_SLOTS), 12), generator=g)
 
 
-def _compare(model_dir, dirs, prompts, quantize, atol):
-    ours = _ours(model_dir, dirs, quantize)
-    ref = _reference(model_dir, dirs, quantize)
+def _compare(model_dir, dirs, prompts, quantize, atol, device="cpu"):
+    ours = _ours(model_dir, dirs, quantize, device)
+    ref = _reference(model_dir, dirs, quantize, device)
+    prompts = prompts.to(device)
     with torch.no_grad():
         got = ours(prompts).logits
         want = ref(prompts, adapter_names=_adapter_names()).logits
@@ -87,24 +90,28 @@ def _compare(model_dir, dirs, prompts, quantize, atol):
                                    adapter_names=_adapter_names(), **kw)
     assert torch.equal(got_tokens, want_tokens)
     # The adapters must matter: adapter rows differ from base rows given the same prompt.
-    assert not torch.allclose(got[0], _base_logits(model_dir, prompts[:1], quantize)[0], atol=1e-3)
+    assert not torch.allclose(got[0], _base_logits(model_dir, prompts[:1], quantize, device)[0], atol=1e-3)
 
 
-def _base_logits(model_dir, ids, quantize):
+def _base_logits(model_dir, ids, quantize, device="cpu"):
     with torch.no_grad():
-        return _load(model_dir, quantize).model(ids).logits
+        return _load(model_dir, quantize, device).model(ids).logits
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
-def test_mixed_batch_matches_peft(family, tiny_model_dir, adapter_dir, prompts):
+def test_mixed_batch_matches_peft(family, device, tiny_model_dir, adapter_dir, prompts):
     dirs = [adapter_dir(family, r, t, s) for r, t, s in ADAPTERS]
-    _compare(tiny_model_dir(family), dirs, prompts, "none", atol=1e-4)
+    _compare(tiny_model_dir(family), dirs, prompts, "none", atol=1e-4, device=device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("quantize", ["nf4", "int8"])
-def test_mixed_batch_matches_peft_on_quantized_base(quantize, tiny_model_dir, adapter_dir, prompts):
+def test_mixed_batch_matches_peft_on_quantized_base(quantize, device, tiny_model_dir, adapter_dir, prompts):
+    if device == "cuda":
+        pytest.importorskip("bitsandbytes")
     dirs = [adapter_dir("llama", r, t, s) for r, t, s in ADAPTERS]
-    _compare(tiny_model_dir("llama"), dirs, prompts, quantize, atol=1e-4)
+    _compare(tiny_model_dir("llama"), dirs, prompts, quantize, atol=1e-4, device=device)
 
 
 def test_empty_context_is_base_model(tiny_model_dir, adapter_dir, prompts):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from pathlib import Path
@@ -22,8 +23,9 @@ MAX_RANK = 16
 def make_engine(model_dir: Path, adapters: dict[str, Path], *, max_loras: int = 4, max_cpu_loras: int = 8,
                 num_kv_blocks: int = 256, block_size: int = 4, max_num_seqs: int = 16,
                 max_batch_tokens: int = 256, max_model_len: int = 256, decode_buckets: bool = False,
-                device: str = "cpu", cuda_graphs: bool = True) -> LLMEngine:
-    loaded = load_model(ModelConfig(path=model_dir, device=device, dtype="float32"))
+                device: str = "cpu", cuda_graphs: bool = True, dtype: str = "float32",
+                quantize: str = "none") -> LLMEngine:
+    loaded = load_model(ModelConfig(path=model_dir, device=device, dtype=dtype, quantize=quantize))
     holder: dict[str, LLMEngine] = {}
 
     def loader(name: str):
@@ -73,10 +75,12 @@ def greedy(max_tokens: int, **kw) -> SamplingParams:
 class PeftReference:
     """HF generate / PeftModel one request at a time: the oracle for greedy tokens."""
 
-    def __init__(self, model_dir: Path, adapters: dict[str, Path]) -> None:
-        base = load_model(ModelConfig(path=model_dir, device="cpu", dtype="float32")).model
+    def __init__(self, model_dir: Path, adapters: dict[str, Path], *, device: str = "cpu", dtype: str = "float32",
+                 quantize: str = "none") -> None:
+        loaded = load_model(ModelConfig(path=model_dir, device=device, dtype=dtype, quantize=quantize))
+        self.device = loaded.device
         self.names = list(adapters)
-        self.model = PeftModel.from_pretrained(base, str(adapters[self.names[0]]), adapter_name=self.names[0])
+        self.model = PeftModel.from_pretrained(loaded.model, str(adapters[self.names[0]]), adapter_name=self.names[0])
         for name in self.names[1:]:
             self.model.load_adapter(str(adapters[name]), adapter_name=name)
         self.model.eval()
@@ -84,20 +88,41 @@ class PeftReference:
     @torch.no_grad()
     def generate(self, prompt: list[int], adapter: str | None, max_tokens: int) -> list[int]:
         """Plain greedy loop with HF's KV cache; EOS neither stops nor is masked (like ignore_eos)."""
+        with self._using(adapter):
+            return self._greedy(prompt, max_tokens)
+
+    @torch.no_grad()
+    def logits_along(self, prompt: list[int], tokens: list[int], adapter: str | None) -> torch.Tensor:
+        """[len(tokens), V] fp32: the logits from which each of `tokens` is picked, given the prompt and the
+        tokens before it (teacher-forced, one forward without a cache)."""
+        ids = torch.tensor([prompt + tokens[:-1]], device=self.device)
+        with self._using(adapter):
+            logits = self.model(input_ids=ids).logits[0, len(prompt) - 1 :]
+        return logits.float()
+
+    def _using(self, adapter: str | None) -> contextlib.AbstractContextManager:
         if adapter is None:
-            with self.model.disable_adapter():
-                return self._greedy(prompt, max_tokens)
+            return self.model.disable_adapter()
         self.model.set_adapter(adapter)
-        return self._greedy(prompt, max_tokens)
+        return contextlib.nullcontext()
 
     def _greedy(self, prompt: list[int], max_tokens: int) -> list[int]:
-        ids, cache, out = torch.tensor([prompt]), None, []
+        ids, cache, out = torch.tensor([prompt], device=self.device), None, []
         for _ in range(max_tokens):
             res = self.model(input_ids=ids, cache=cache, use_cache=True)
             cache = res.cache
             out.append(int(res.logits[0, -1].argmax()))
-            ids = torch.tensor([[out[-1]]])
+            ids = torch.tensor([[out[-1]]], device=self.device)
         return out
+
+
+def greedy_gap(ref: PeftReference, prompt: list[int], adapter: str | None, tokens: list[int]) -> float:
+    """How far `tokens` are from the reference's greedy choice: the largest, over the steps, of (the reference's
+    best logit - its logit for the token picked), teacher-forced on `tokens`. 0: every token is the reference's
+    argmax; a small gap: a near tie that another rounding (bf16, a quantized base) may break the other way."""
+    logits = ref.logits_along(prompt, tokens, adapter)
+    picked = logits.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0]
+    return float((logits.max(dim=-1).values - picked).max())
 
 
 def overflowing_adapter(src: Path, dst: Path, factor: float = 1e30) -> Path:
