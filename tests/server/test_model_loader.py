@@ -187,14 +187,6 @@ def test_fp32_load_matches_plain_transformers(tiny_model_dir, family):
     torch.testing.assert_close(logits(loaded.model), logits(reference.eval()), atol=1e-4, rtol=1e-4)
 
 
-def test_load_model_defaults_to_the_demo_model(tmp_path, monkeypatch):
-    monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path))
-    loaded = load_model(ModelConfig())
-    assert loaded.model_dir == tmp_path / "demo-model"
-    assert type(loaded.model).__name__ == "LlamaForCausalLM"
-    assert torch.isfinite(logits(loaded.model)).all()
-
-
 @pytest.mark.parametrize(
     ("quantize", "layer_type", "min_cosine"),
     [("nf4", bnb.nn.Linear4bit, 0.5), ("int8", bnb.nn.Linear8bitLt, 0.99)],

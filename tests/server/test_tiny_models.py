@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -18,7 +17,6 @@ from loraplex.server.tiny_models import (
     FAMILIES,
     bench_small_config,
     build_model_dir,
-    demo_model_dir,
     tiny_config,
     train_tokenizer,
 )
@@ -169,38 +167,6 @@ def test_families_with_same_shape_get_different_weights(tiny_model_dir, tokenize
     ids = tokenizer.encode(PROMPTS[0])
     llama, mistral = (load_fp32(tiny_model_dir(f)) for f in ("llama", "mistral"))
     assert greedy(llama, ids) != greedy(mistral, ids)
-
-
-# --- demo model ----------------------------------------------------------------------------------------
-
-
-def test_demo_model_dir_builds_once_and_is_reused(tmp_path, monkeypatch):
-    monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path))
-    path = demo_model_dir()
-    assert path == tmp_path / "demo-model"
-    stamp = (path / "model.safetensors").stat().st_mtime_ns
-    assert demo_model_dir(tmp_path) == path
-    assert (path / "model.safetensors").stat().st_mtime_ns == stamp
-    assert [p.name for p in tmp_path.iterdir()] == ["demo-model"]  # no temp dir left behind
-    cfg = json.loads((path / "config.json").read_text())
-    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]) == (128, 4, 2048)
-    assert len(AutoTokenizer.from_pretrained(path, local_files_only=True)) <= 2048
-
-
-def test_demo_model_dir_lost_race_uses_the_winner(tmp_path, monkeypatch):
-    winner = tmp_path / "demo-model"
-    real_build = tiny_models.build_model_dir
-
-    def build_while_another_process_wins(out_dir, *args, **kwargs):
-        winner.mkdir()
-        (winner / "config.json").write_text("{}")  # marker: the other process's complete copy
-        (winner / "model.safetensors").write_text("theirs")
-        return real_build(out_dir, *args, **kwargs)
-
-    monkeypatch.setattr(tiny_models, "build_model_dir", build_while_another_process_wins)
-    assert demo_model_dir(tmp_path) == winner
-    assert (winner / "model.safetensors").read_text() == "theirs"
-    assert os.listdir(tmp_path) == ["demo-model"]
 
 
 # --- synthetic adapters --------------------------------------------------------------------------------

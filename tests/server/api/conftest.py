@@ -27,7 +27,7 @@ class LiveServer:
     url: str
     proc: subprocess.Popen
     state_dir: Path
-    adapter_root: Path
+    adapter_root: Path | None
     log_path: Path
     args: list[str]
 
@@ -45,17 +45,22 @@ class LiveServer:
         return self.proc.returncode
 
 
-def start_server(model_dir: Path, state_dir: Path, adapter_root: Path, *extra: str,
+def start_server(model_dir: Path | None, state_dir: Path, adapter_root: Path | None, *extra: str,
                  ready_timeout: float = 120) -> LiveServer:
-    """Start `python -m loraplex.server.cli serve` and wait until /ready answers 200."""
+    """Start `python -m loraplex.server.cli serve` and wait until /ready answers 200. model_dir None: the
+    built-in demo; adapter_root None: no --adapter-root flag."""
     port = free_port()
     state_dir.mkdir(parents=True, exist_ok=True)
-    adapter_root.mkdir(parents=True, exist_ok=True)
     log_path = state_dir.parent / f"server-{port}.log"
-    args = [sys.executable, "-m", "loraplex.server.cli", "serve", "--model", str(model_dir), "--port", str(port),
-            "--state-dir", str(state_dir), "--adapter-root", str(adapter_root), "--device", "cpu",
-            "--dtype", "float32", "--max-lora-rank", "32", "--max-model-len", "256", "--num-kv-blocks", "512",
-            "--block-size", "8", *extra]
+    args = [sys.executable, "-m", "loraplex.server.cli", "serve", "--port", str(port), "--state-dir", str(state_dir),
+            "--device", "cpu", "--dtype", "float32", "--max-lora-rank", "32", "--max-model-len", "256",
+            "--num-kv-blocks", "512", "--block-size", "8"]
+    if model_dir is not None:
+        args += ["--model", str(model_dir)]
+    if adapter_root is not None:
+        adapter_root.mkdir(parents=True, exist_ok=True)
+        args += ["--adapter-root", str(adapter_root)]
+    args += extra
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
            "LORAPLEX_TEST_HOOKS": "1"}
     with open(log_path, "wb") as log:
