@@ -1,8 +1,9 @@
 """Engine benchmark on bench-small (BENCHMARK.md): our engine against HF `generate` and PEFT mixed batches.
 
-Closed loop: B = 16 requests start together, prompts of 32-128 seeded random tokens (`--quick`: 32), 64 new
-tokens each (`--quick`: 32), greedy, EOS ignored; for an fp32 and an nf4 base. Throughput = output tokens
-/ seconds from the first `add_request` (or the `generate` call) until every request has finished.
+Closed loop: B = 16 requests start together, prompts of 32-128 tokens of real text at seeded offsets
+(`--quick`: 32), 64 new tokens each (`--quick`: 32), greedy, EOS ignored; for an fp32 and an nf4 base.
+Throughput = output tokens / seconds from the first `add_request` (or the `generate` call) until every
+request has finished.
 
   hf_base           HF `generate`, one static left-padded batch, no adapter
   ours_base         our engine, base model only                      (target: ours_base / hf_base >= 1.1)
@@ -55,9 +56,11 @@ from common import (  # noqa: E402
     median,
     paired_ratio,
     print_facts,
+    text_prompts,
     write_json,
 )
 from peft import PeftModel  # noqa: E402
+from transformers import PreTrainedTokenizerBase  # noqa: E402
 
 from loraplex.adapters.weights import load_adapter_dir  # noqa: E402
 from loraplex.server.config import LoRAConfig, ModelConfig  # noqa: E402
@@ -71,7 +74,6 @@ NUM_ADAPTERS = 16
 MAX_RANK = 16
 BLOCK_SIZE = 16
 ZIPF_S = 1.5
-FIRST_TOKEN_ID = 3  # ids 0..2 are the special tokens of the bench tokenizer
 WARMUP_TOKENS = 2
 MIX_ORDER = ("distinct", "skewed", "identical")
 TARGETS = {  # metric: (numerator case, denominator case, target, mix whose bandwidth bound applies)
@@ -90,10 +92,11 @@ class Workload:
     new_tokens: int
     seed: int = 0
 
-    def prompts(self, vocab: int) -> Tokens:
+    def prompts(self, tokenizer: PreTrainedTokenizerBase) -> Tokens:
+        """Seeded lengths; real text (cut from a corpus) so the real model's detokenizer sees words."""
         rng = random.Random(self.seed)
         lengths = [rng.randint(self.prompt_min, self.prompt_max) for _ in range(BATCH)]
-        return [[rng.randrange(FIRST_TOKEN_ID, vocab) for _ in range(n)] for n in lengths]
+        return text_prompts(tokenizer, lengths, self.seed)
 
 
 def adapter_mixes(names: list[str], seed: int = 0) -> dict[str, list[str]]:
@@ -220,7 +223,7 @@ def setup(quantize: str, work: Workload) -> Config:
     mixes: dict[str, list[str | None]] = {"base": [None] * BATCH, "s1_distinct": adapter_mixes(list(s1))["distinct"]}
     mixes |= {f"p_{k}": v for k, v in adapter_mixes(list(p)).items()}
     return Config(ours, HFGenerate(model_dir, quantize), HFGenerate(model_dir, quantize, p),
-                  work.prompts(len(ours.engine.tokenizer)), mixes,
+                  work.prompts(ours.engine.tokenizer), mixes,
                   {n: load_adapter_dir(d, shapes, max_rank=MAX_RANK).size_bytes for n, d in (s1 | p).items()})
 
 

