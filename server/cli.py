@@ -70,7 +70,8 @@ FLAGS: tuple[tuple[str, type, object, str], ...] = (
     ("--cuda-graphs", str, "on" if _default(EngineConfig, "cuda_graphs") else "off",
      "replay decode steps from CUDA graphs captured per batch bucket at start (on|off; CUDA devices only)"),
     ("--served-model-name", str, _default(ModelConfig, "served_model_name"),
-     "name of the base model in the API (default: the model dir name)"),
+     "name of the base model in the API (unset: the model dir's name, a GGUF file's stem, or "
+     "smollm2-135m-instruct for the demo)"),
     ("--api-key", str, _default(ServerConfig, "api_key"), "required on generation routes when set"),
     ("--admin-key", str, _default(ServerConfig, "admin_key"), "required on adapter registration routes when set"),
     ("--max-queue", int, _default(ServerConfig, "max_queue"),
@@ -84,6 +85,9 @@ FLAGS: tuple[tuple[str, type, object, str], ...] = (
 )
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 def _env_name(flag: str) -> str:
     return "LORAPLEX_" + flag.lstrip("-").upper().replace("-", "_")
 
@@ -94,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="start the HTTP server")
     for flag, kind, default, help_ in FLAGS:
         env = os.environ.get(_env_name(flag))
-        serve.add_argument(flag, type=kind, default=kind(env) if env is not None else default,
+        # An env value is given to argparse as a string default: it converts it with `type` when `serve` is
+        # parsed, so a bad value is a usage error naming the flag (not a traceback, and never for other verbs).
+        serve.add_argument(flag, type=kind, default=env if env is not None else default,
                            help=f"{help_} (env {_env_name(flag)}; default {default})")
     serve.add_argument("--preload", action="append", default=_env_preload(), metavar="NAME=PATH",
                        help="register an adapter at start (repeatable; env LORAPLEX_PRELOAD, comma-separated)")
@@ -171,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command != "serve":
         return run_client_command(args)
+    if args.log_level.lower() not in LOG_LEVELS:
+        parser.error(f"--log-level: expected one of {', '.join(LOG_LEVELS)}, got {args.log_level!r}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = configs_from_args(args)
@@ -180,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     runtime = Runtime(config)
     app = create_app(runtime)
-    uv = uvicorn.Config(app, host=config.server.host, port=config.server.port, log_level=args.log_level,
+    uv = uvicorn.Config(app, host=config.server.host, port=config.server.port, log_level=args.log_level.lower(),
                         timeout_graceful_shutdown=5)
     server = DrainingServer(uv, runtime)
     server.run()

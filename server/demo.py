@@ -105,18 +105,24 @@ def demo_adapters_dir() -> Path | None:
     """Where the demo adapters are: rebuilt into the cache, else committed in deploy/adapters; None if
     neither holds them all."""
     for root in (cache_root() / "demo-adapters", REPO_DEMO_ADAPTERS):
-        if all((root / name / "adapter_config.json").is_file() for name in DEMO_ADAPTERS):
+        if _holds_demo_adapters(root):
             return root
     return None
 
 
 def with_demo_adapters(server: ServerConfig) -> ServerConfig:
-    """Serving the demo with neither --adapter-root nor --preload: the demo adapters' dir becomes the adapter
-    root and each demo adapter is preloaded under its name (so `"model": "pirate"` works at once, and
-    registering by path from that dir too). When they are not built, say how to build them."""
-    if server.adapter_root is not None or server.preload:
+    """Serving the demo with no --preload: the demo adapters are preloaded under their names (so
+    `"model": "pirate"` works at once) from --adapter-root when it holds them (the Docker image copies them
+    there), else, with no --adapter-root, from their own dir, which then becomes the adapter root. When they
+    are not found, say how to build them."""
+    if server.preload:
         return server
-    root = demo_adapters_dir()
+    if server.adapter_root is not None:
+        if not _holds_demo_adapters(Path(server.adapter_root)):
+            return server
+        root = Path(server.adapter_root)
+    else:
+        root = demo_adapters_dir()
     if root is None:
         log.warning("demo adapters not found (in %s or %s): build them with `.venv/bin/python "
                     "scripts/build_demo_adapters.py`; serving the base model alone", cache_root() / "demo-adapters",
@@ -124,3 +130,7 @@ def with_demo_adapters(server: ServerConfig) -> ServerConfig:
         return server
     log.info("demo adapters from %s: %s", root, ", ".join(DEMO_ADAPTERS))
     return dataclasses.replace(server, adapter_root=root, preload=tuple((name, name) for name in DEMO_ADAPTERS))
+
+
+def _holds_demo_adapters(root: Path) -> bool:
+    return all((root / name / "adapter_config.json").is_file() for name in DEMO_ADAPTERS)

@@ -15,6 +15,7 @@ import torch
 
 from loraplex.adapters.host_loader import HostLoader
 from loraplex.adapters.inject import LoRAInjection, inject_multi_lora
+from loraplex.adapters.ops import get_backend
 from loraplex.adapters.port import AdapterPort
 from loraplex.adapters.slot_table import SlotTable
 from loraplex.adapters.slot_writer import SlotWriter
@@ -70,6 +71,7 @@ class LLMEngine:
         model = loaded.model
         self.lora: LoRAInjection = inject_multi_lora(
             model, num_slots=config.lora.max_loras, max_rank=config.lora.max_lora_rank, dtype=loaded.dtype)
+        get_backend(loaded.device)  # choose and log the LoRA kernels now, not at the first adapter's step
         model.set_attn_implementation(register_paged_attention())
         self.pool, kv = self._make_kv(model, loaded)
         # Adapters: the engine thread owns the SlotTable and writes slots; the host loader only reads files;

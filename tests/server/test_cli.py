@@ -104,3 +104,17 @@ def test_cuda_graphs_is_on_or_off_and_defaults_to_the_config():
     assert configs_from_args(build_parser().parse_args(["serve", "--cuda-graphs", "off"])).engine.cuda_graphs is False
     with pytest.raises(ValueError, match="--cuda-graphs: expected on or off, got 'maybe'"):
         configs_from_args(build_parser().parse_args(["serve", "--cuda-graphs", "maybe"]))
+
+
+def test_a_bad_env_value_or_log_level_is_a_usage_error_naming_the_flag(monkeypatch, capsys):
+    from loraplex.server.cli import main
+
+    monkeypatch.setenv("LORAPLEX_PORT", "abc")
+    build_parser().parse_args(["generate", "hi"])  # other verbs do not even look at it
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["serve"])
+    assert exc.value.code == 2 and "argument --port: invalid int value: 'abc'" in capsys.readouterr().err
+    monkeypatch.delenv("LORAPLEX_PORT")
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--log-level", "loud"])
+    assert exc.value.code == 2 and "--log-level: expected one of debug, info" in capsys.readouterr().err

@@ -99,5 +99,7 @@ def test_the_demo_preloads_its_adapters_unless_told_otherwise(tmp_path, monkeypa
     rebuilt = _fake_adapters(tmp_path / "cache" / "demo-adapters")
     assert demo.with_demo_adapters(ServerConfig()).adapter_root == rebuilt  # a rebuild wins
     mine = ServerConfig(adapter_root=tmp_path)
-    assert demo.with_demo_adapters(mine) == mine
+    assert demo.with_demo_adapters(mine) == mine  # a root without them: the user's setup, untouched
+    image = ServerConfig(adapter_root=repo)  # the Docker image copies them into its --adapter-root
+    assert demo.with_demo_adapters(image).preload == tuple((n, n) for n in demo.DEMO_ADAPTERS)
     assert demo.with_demo_adapters(ServerConfig(preload=(("a", "b"),))).preload == (("a", "b"),)
