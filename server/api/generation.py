@@ -116,7 +116,7 @@ def resolve_adapter(rt: Runtime, name: str | None, *, param: str, empty_is_base:
         return None
     if name is not None and rt.store is not None and name in rt.store:
         return name
-    raise ApiError(404, f"model {quote(name or '')} not found: it is neither the served base model "
+    raise ApiError(404, f"{param} {quote(name or '')} not found: it is neither the served base model "
                         f"{rt.served_model_name!r} nor a registered adapter (see GET /v1/models)", param=param)
 
 

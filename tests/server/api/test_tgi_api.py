@@ -122,7 +122,7 @@ def test_stop_sequence_finish_reason(live):
 def test_errors_use_tgi_form(live):
     missing = post(live, "/generate", adapter_id="ghost")
     assert missing.status_code == 404
-    assert missing.json()["error_type"] == "not_found" and "ghost" in missing.json()["error"]
+    assert missing.json()["error_type"] == "not_found" and "adapter_id 'ghost' not found" in missing.json()["error"]
     invalid = post(live, "/generate_stream", max_new_tokens=0)
     assert invalid.status_code == 422
     assert invalid.json()["error_type"] == "validation" and "max_new_tokens" in invalid.json()["error"]
