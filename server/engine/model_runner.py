@@ -129,7 +129,7 @@ class ModelRunner:
         """Host tensors of a padded decode step; their names and shapes depend only on the bucket (and, on
         the gather path, the context width). Pad rows write and attend the scratch block only."""
         bs, null = self.block_size, self.lora.null_slot if self.lora is not None else 0
-        mapping = [c.request.blocks[c.start // bs] * bs + c.start % bs for c in decodes] + [self.kv.scratch] * pad
+        mapping = [_pool_position(c.request.blocks, c.start, bs) for c in decodes] + [self.kv.scratch] * pad
         inputs = {
             "input_ids": _long(ids), "position_ids": _long(pos), "slot_mapping": _long(mapping),
             "token_slots": _long(slots), "group_slots": _long([s if s >= 0 else null for s in slots]),
@@ -150,7 +150,7 @@ class ModelRunner:
         """Pool positions and, per sequence, what it attends for all layers of this step; `chunks` come
         decodes first. With a paged kernel one PagedMetadata describes every sequence."""
         bs = self.block_size
-        mapping = self._tensor([c.request.blocks[p // bs] * bs + p % bs
+        mapping = self._tensor([_pool_position(c.request.blocks, p, bs)
                                 for c in chunks for p in range(c.start, c.start + c.n)])
         decodes = [c for c in chunks if c.n == 1]
         if self.kv.kernel is not None:
@@ -202,9 +202,14 @@ def bucket(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def _pool_position(blocks: list[int], p: int, block_size: int) -> int:
+    """The pool position of a sequence's token p: block b holds [b*bs, (b+1)*bs)."""
+    return blocks[p // block_size] * block_size + p % block_size
+
+
 def _flat_positions(blocks: list[int], length: int, block_size: int) -> list[int]:
-    """Pool positions of a sequence's first `length` tokens: block b holds [b*bs, (b+1)*bs)."""
-    return [blocks[p // block_size] * block_size + p % block_size for p in range(length)]
+    """Pool positions of a sequence's first `length` tokens."""
+    return [_pool_position(blocks, p, block_size) for p in range(length)]
 
 
 def _chunk_mask(c: ScheduledChunk, device: torch.device) -> torch.Tensor | None:
