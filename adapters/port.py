@@ -75,9 +75,12 @@ class AdapterPort:
     def forget(self, name: str) -> Command:
         return self._command(Forget(name))
 
+    def restore(self, name: str) -> Command:
+        return self._command(Restore(name))
+
     def register(self, name: str, weights: AdapterWeights, pinned: bool) -> Command:
         """A new registration: clear an old error, seed the host tier with the validated weights, pin."""
-        self.post(Restore(name))
+        self.restore(name)
         last = self._command(PutHost(name, weights))
         return self.pin(name) if pinned else last
 

@@ -40,7 +40,9 @@ class AdapterRecord:
 
     `source` says where it came from: "local:<path under the root>", "upload" or "s3://bucket/prefix".
     `meta` is free-form and JSON-serializable (rank, alpha, target_modules, size_bytes…), filled by the
-    caller after validation.
+    caller after validation. `remote` is set in a shared registry (`--registry s3://…`): the URL of the copy
+    of the files every replica reads (unique per registration); `local_dir` is then "" in the manifest, each
+    replica keeping its own copy where it likes.
     """
 
     name: str
@@ -49,6 +51,7 @@ class AdapterRecord:
     pinned: bool = False
     created_at: float = field(default_factory=time.time)
     meta: dict[str, Any] = field(default_factory=dict, hash=False)
+    remote: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,11 +69,14 @@ class AdapterRecord:
             if not isinstance(entry.get(key), kind):
                 name = entry.get("name")
                 raise ValueError(f"entry {name!r}: field {key!r} is missing or of the wrong type")
+        remote = entry.get("remote")
+        if remote is not None and not isinstance(remote, str):
+            raise ValueError(f"entry {entry.get('name')!r}: field 'remote' is not a string")
         try:
             validate_adapter_name(entry["name"])
         except AdapterError as exc:
             raise ValueError(str(exc)) from None
-        return cls(**{key: entry[key] for key in expected})
+        return cls(**{key: entry[key] for key in expected}, remote=remote)
 
 
 def fsync_dir(directory: Path) -> None:
@@ -97,25 +103,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-class AdapterRegistry:
-    """Thread-safe map of adapter name → AdapterRecord, mirrored on disk after every change."""
+class RecordView:
+    """Read access to a registry's records. `_records` is only ever replaced whole (under the subclass's
+    lock), never mutated, so readers on other threads need no lock."""
 
-    def __init__(self, state_dir: Path) -> None:
-        self.state_dir = Path(state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.state_dir / MANIFEST_NAME
-        self._lock = threading.Lock()
-        self._remove_stale_temp_files()
-        self._records: dict[str, AdapterRecord] = self._load()
-        # Kept, not dropped: the files may come back (remounted volume); requests for these will fail
-        # clearly at load time and the cache marks them errored.
-        self.missing_on_load: tuple[str, ...] = tuple(
-            r.name for r in self._records.values() if not Path(r.local_dir).is_dir()
-        )
-        for name in self.missing_on_load:
-            log.warning("adapter %r: its directory %s is gone", name, self._records[name].local_dir)
+    _records: dict[str, AdapterRecord]
+    #: Whether several replicas share this registry (it then has `refresh`, `upload_files`, `delete_files`).
+    shared = False
 
-    # -- queries -------------------------------------------------------------------------------------
     def get(self, name: str) -> AdapterRecord:
         """The record for `name`; AdapterNotFoundError (404) naming it when unknown."""
         record = self._records.get(name)
@@ -135,6 +130,50 @@ class AdapterRegistry:
 
     def __iter__(self) -> Iterator[AdapterRecord]:
         return iter(self.list())
+
+
+def manifest_bytes(records: dict[str, AdapterRecord]) -> bytes:
+    """The manifest's JSON for `records` (the same format on disk and in a shared registry)."""
+    body = {"version": MANIFEST_VERSION, "adapters": [r.to_json() for r in records.values()]}
+    try:
+        return json.dumps(body, indent=1, sort_keys=True).encode()
+    except (TypeError, ValueError) as exc:  # a caller put a non-JSON value into `meta`
+        raise ValueError(f"adapter record is not JSON-serializable: {exc}") from exc
+
+
+def parse_manifest(data: bytes) -> dict[str, AdapterRecord]:
+    """Records from a manifest's bytes; ValueError (or UnicodeDecodeError) saying what is wrong."""
+    body = json.loads(data)
+    if not isinstance(body, dict) or not isinstance(body.get("adapters"), list):
+        raise ValueError('expected an object with an "adapters" list')
+    if body.get("version") != MANIFEST_VERSION:
+        raise ValueError(f"unsupported manifest version {body.get('version')!r}")
+    records: dict[str, AdapterRecord] = {}
+    for entry in body["adapters"]:
+        record = AdapterRecord.from_json(entry)
+        if record.name in records:
+            raise ValueError(f"adapter {record.name!r} appears twice")
+        records[record.name] = record
+    return records
+
+
+class AdapterRegistry(RecordView):
+    """Thread-safe map of adapter name → AdapterRecord, mirrored on disk after every change."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.state_dir / MANIFEST_NAME
+        self._lock = threading.Lock()
+        self._remove_stale_temp_files()
+        self._records: dict[str, AdapterRecord] = self._load()
+        # Kept, not dropped: the files may come back (remounted volume); requests for these will fail
+        # clearly at load time and the cache marks them errored.
+        self.missing_on_load: tuple[str, ...] = tuple(
+            r.name for r in self._records.values() if not Path(r.local_dir).is_dir()
+        )
+        for name in self.missing_on_load:
+            log.warning("adapter %r: its directory %s is gone", name, self._records[name].local_dir)
 
     # -- changes -------------------------------------------------------------------------------------
     def add(self, record: AdapterRecord) -> AdapterRecord:
@@ -159,38 +198,18 @@ class AdapterRegistry:
 
     # -- disk ----------------------------------------------------------------------------------------
     def _persist(self, records: dict[str, AdapterRecord]) -> None:
-        body = {"version": MANIFEST_VERSION, "adapters": [r.to_json() for r in records.values()]}
-        try:
-            data = json.dumps(body, indent=1, sort_keys=True).encode()
-        except (TypeError, ValueError) as exc:  # a caller put a non-JSON value into `meta`
-            raise ValueError(f"adapter record is not JSON-serializable: {exc}") from exc
-        atomic_write_bytes(self.path, data)
+        atomic_write_bytes(self.path, manifest_bytes(records))
 
     def _load(self) -> dict[str, AdapterRecord]:
         if not self.path.exists():
             return {}
         try:
-            body = json.loads(self.path.read_bytes())
-            return self._parse(body)
+            return parse_manifest(self.path.read_bytes())
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise ManifestError(
                 f"adapter registry manifest {self.path} is unreadable or corrupt ({exc}); "
                 "it was left untouched: repair it, or move it away to start with an empty registry"
             ) from exc
-
-    @staticmethod
-    def _parse(body: object) -> dict[str, AdapterRecord]:
-        if not isinstance(body, dict) or not isinstance(body.get("adapters"), list):
-            raise ValueError('expected an object with an "adapters" list')
-        if body.get("version") != MANIFEST_VERSION:
-            raise ValueError(f"unsupported manifest version {body.get('version')!r}")
-        records: dict[str, AdapterRecord] = {}
-        for entry in body["adapters"]:
-            record = AdapterRecord.from_json(entry)
-            if record.name in records:
-                raise ValueError(f"adapter {record.name!r} appears twice")
-            records[record.name] = record
-        return records
 
     def _remove_stale_temp_files(self) -> None:
         for tmp in self.state_dir.glob(f"{MANIFEST_NAME}.*{_TMP_SUFFIX}"):

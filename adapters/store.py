@@ -5,6 +5,10 @@ adapter is one that loaded once. Files can still vanish, rot or be swapped for s
 goes through the source's `files`, which re-checks confinement at open time, so the host loader's read then
 fails and marks only that adapter errored.
 
+With a shared registry (`--registry s3://…`, adapters/registry_s3.py) a registration also uploads the validated
+files to the registry's store before its record is written there, and every replica applies the records other
+replicas wrote or removed when it polls (`sync`); a replica fetches a record's files only when it first loads it.
+
 The engine's adapter state is reached only through its AdapterPort: registration posts typed commands
 (restore, seed the host tier, pin; forget on unregister) and waits for the engine thread to apply them;
 `describe` reads the snapshot the engine thread publishes.
@@ -15,7 +19,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,8 @@ from loraplex.adapters.errors import AdapterConflictError, AdapterNotFoundError
 from loraplex.adapters.messages import Command
 from loraplex.adapters.names import validate_adapter_name
 from loraplex.adapters.port import AdapterPort
-from loraplex.adapters.registry import AdapterRecord, AdapterRegistry
+from loraplex.adapters.registry import AdapterRecord, AdapterRegistry, RecordView
+from loraplex.adapters.registry_s3 import SharedRegistry
 from loraplex.adapters.sources.base import AdapterSource
 from loraplex.adapters.sources.local import LocalDirSource
 from loraplex.adapters.sources.s3 import S3Source
@@ -41,6 +46,16 @@ class StoreConfig:
     max_lora_rank: int
     max_upload_bytes: int
     s3_endpoint: str | None = None
+    registry_url: str | None = None  # s3://bucket/prefix: one registry shared by replicas; None: state_dir's
+
+
+@dataclass(frozen=True)
+class _LocalCopy:
+    """Where this replica reads a shared record's files: its own registration's files, or a download."""
+
+    remote: str
+    source: AdapterSource[Any]
+    local_dir: Path
 
 
 class AdapterStore:
@@ -48,11 +63,19 @@ class AdapterStore:
         self.config = config
         self.module_shapes = dict(module_shapes)
         self.num_slots = num_slots
-        self.registry = AdapterRegistry(config.state_dir)
+        self.registry: RecordView = (SharedRegistry(config.registry_url, config.s3_endpoint) if config.registry_url
+                                     else AdapterRegistry(config.state_dir))
         self.local = LocalDirSource(config.adapter_root)
         self.upload = UploadSource(config.state_dir, config.max_upload_bytes)
         self.s3 = S3Source(config.state_dir, config.s3_endpoint, config.max_upload_bytes)
         self.port: AdapterPort | None = None
+        # Called (outside the lock) with each name unregistered here or by another replica: the runtime drops
+        # its metric labels and fails its queued requests.
+        self.on_removed: Callable[[str], None] = lambda name: None
+        # The records the engine was told about, by name: `sync` applies the difference to the registry's.
+        self._applied: dict[str, AdapterRecord] = {r.name: r for r in self.registry.list()}
+        self._copies: dict[str, _LocalCopy] = {}  # shared records' files on this replica, by name
+        self._fetch_locks: dict[str, threading.Lock] = {}  # one download per name at a time
         # Makes "pin budget check + manifest write + command to the engine" and "manifest removal + forget
         # command" atomic with respect to each other (the engine's inbox keeps their order). File copies,
         # validation and waiting for the engine (slow) run outside it.
@@ -83,18 +106,26 @@ class AdapterStore:
             raise AdapterConflictError(f"adapter {name!r} is already registered", field="name")
         self._check_pin_budget(pinned)  # early, before any download; checked again atomically below
         local_dir = source.materialize(ref, name)
-        committed = False
+        committed, remote = False, None
         try:
             weights = self.validate(source.files(local_dir))
-            record = AdapterRecord(name, source.describe(ref), str(local_dir), pinned, meta=_meta(weights))
+            if isinstance(self.registry, SharedRegistry):  # other replicas read this copy, never `local_dir`
+                remote = self.registry.upload_files(name, local_dir)
+            record = AdapterRecord(name, source.describe(ref), "" if remote else str(local_dir), pinned,
+                                   meta=_meta(weights), remote=remote)
             with self._lock:
                 self._check_pin_budget(pinned)
-                self.registry.add(record)  # 409 here when a concurrent registration of `name` won
+                self.registry.add(record)  # 409 here when a concurrent registration of `name` won (any replica)
                 committed = True
+                if remote:
+                    self._copies[name] = _LocalCopy(remote, source, local_dir)
+                self._applied[name] = record
                 handed = self._on_registered(record, weights)
         except BaseException:
             if not committed:  # a copy nothing refers to (upload/S3); in-place local dirs are never deleted
                 source.discard(local_dir)
+                if remote and isinstance(self.registry, SharedRegistry):
+                    self.registry.delete_files(remote)
             raise
         self._wait_applied(handed)  # so the answer (and a GET right after) shows the host tier
         log.info("registered adapter %s (rank %d, %s)", name, weights.max_rank, record.source)
@@ -122,12 +153,62 @@ class AdapterStore:
 
     def unregister(self, name: str) -> AdapterRecord:
         with self._lock:
-            record = self.registry.remove(name)
-            handed = self.port.forget(name) if self.port is not None else None
+            record = self.registry.remove(name)  # shared: 404 when another replica removed it first
+            handed = self._forget(name)
         self._wait_applied(handed)  # its slot is freed (or doomed to be, while in use) before the answer
-        self._source_of(record).discard(Path(record.local_dir))
+        if record.remote and isinstance(self.registry, SharedRegistry):
+            self.registry.delete_files(record.remote)
+        else:
+            self._source_of(record).discard(Path(record.local_dir))
         log.info("unregistered adapter %s", name)
         return record
+
+    def _forget(self, name: str) -> Command | None:
+        """Tell the engine `name` is gone and drop this replica's copy of a shared record's files. Hold _lock."""
+        self._applied.pop(name, None)
+        copy = self._copies.pop(name, None)
+        if copy is not None:
+            copy.source.discard(copy.local_dir)
+        return self.port.forget(name) if self.port is not None else None
+
+    # ---- a shared registry: what other replicas changed ---------------------------------------------
+    def sync(self) -> list[str]:
+        """Fetch the shared manifest if it changed and apply what other replicas registered or removed: a new
+        record becomes servable here (its files are fetched at its first load), a removed or replaced one is
+        forgotten (running requests finish on its slot). Returns the names that changed. A no-op (and no
+        request) for the local registry. Raises S3UnavailableError / ManifestError; the poller logs them."""
+        registry = self.registry
+        if not isinstance(registry, SharedRegistry) or not registry.refresh():
+            return []
+        removed: list[str] = []
+        added: list[str] = []
+        commands: list[Command | None] = []
+        with self._lock:
+            current = {r.name: r for r in registry.list()}
+            for name, record in list(self._applied.items()):
+                if name not in current or current[name].remote != record.remote:
+                    commands.append(self._forget(name))
+                    removed.append(name)
+            for name, record in current.items():
+                if name not in self._applied:
+                    self._applied[name] = record
+                    commands.append(self._on_synced(record))
+                    added.append(name)
+        for command in commands:
+            self._wait_applied(command)
+        for name in removed:
+            self.on_removed(name)
+        if removed or added:
+            log.info("registry %s: %d adapters added (%s), %d removed (%s) by other replicas", registry.url,
+                     len(added), ", ".join(added), len(removed), ", ".join(removed))
+        return sorted(set(removed) | set(added))
+
+    def _on_synced(self, record: AdapterRecord) -> Command | None:
+        """A record another replica wrote: clear an old error under the name, pin it when asked. Hold _lock."""
+        if self.port is None:
+            return None
+        restored = self.port.restore(record.name)
+        return self.port.pin(record.name) if record.pinned else restored
 
     def _remove_orphans(self) -> None:
         """Delete copied adapter dirs no record refers to: a kill -9 between the copy's final rename and the
@@ -155,11 +236,35 @@ class AdapterStore:
         return [r.name for r in self.registry.list()]
 
     def load_weights(self, name: str) -> AdapterWeights:
-        """The host loader's reader: re-read and re-validate the registered files."""
+        """The host loader's reader: re-read and re-validate the registered files (a shared record's are
+        downloaded first, once per replica)."""
         if name not in self.registry:
             raise AdapterNotFoundError(f"adapter {name!r} is not registered", field="model")
         record = self.registry.get(name)
+        if record.remote:
+            copy = self._local_copy(record)
+            return self.validate(copy.source.files(copy.local_dir))
         return self.validate(self._source_of(record).files(Path(record.local_dir)))
+
+    def _local_copy(self, record: AdapterRecord) -> _LocalCopy:
+        """This replica's copy of a shared record's files, downloaded on first use (host loader threads)."""
+        with self._lock:
+            lock = self._fetch_locks.setdefault(record.name, threading.Lock())
+        with lock:  # two loads of one name download once; other names are not held up
+            copy = self._copies.get(record.name)
+            if copy is not None and copy.remote == record.remote:
+                return copy
+            local_dir = self.s3.materialize(record.remote, record.name)
+            copy = _LocalCopy(record.remote, self.s3, local_dir)
+            with self._lock:
+                applied = self._applied.get(record.name)
+                if applied is None or applied.remote != record.remote:
+                    self.s3.discard(local_dir)  # removed or replaced while downloading: keep nothing
+                    raise AdapterNotFoundError(f"adapter {record.name!r} is not registered", field="model")
+                stale, self._copies[record.name] = self._copies.get(record.name), copy
+            if stale is not None:
+                stale.source.discard(stale.local_dir)
+            return copy
 
     def describe(self, name: str) -> dict[str, Any]:
         """The public record: name, rank, alpha, targets, size, tier, pinned, state (+reason), load stats."""

@@ -78,7 +78,12 @@ FLAGS: tuple[tuple[str, type, object, str], ...] = (
      "in-flight requests admitted before answering 429 (one adapter may hold 3/4)"),
     ("--max-body-bytes", int, _default(ServerConfig, "max_body_bytes"), "largest JSON request body"),
     ("--max-upload-bytes", int, _default(ServerConfig, "max_upload_bytes"), "largest adapter upload"),
-    ("--s3-endpoint", str, _default(ServerConfig, "s3_endpoint"), "S3-compatible endpoint URL for s3:// adapter paths"),
+    ("--s3-endpoint", str, _default(ServerConfig, "s3_endpoint"),
+     "S3-compatible endpoint URL for s3:// adapter paths and --registry"),
+    ("--registry", str, _default(ServerConfig, "registry"),
+     "s3://bucket/prefix: one adapter registry shared by every replica given it (unset: --state-dir's)"),
+    ("--registry-poll-seconds", float, _default(ServerConfig, "registry_poll_s"),
+     "how often a replica applies other replicas' registrations and deletions (with --registry)"),
     ("--drain-timeout", float, _default(ServerConfig, "drain_timeout_s"),
      "seconds to let in-flight requests finish after SIGTERM"),
     ("--log-level", str, "info", "debug, info, warning, error"),  # logging only: no config holds it
@@ -138,7 +143,8 @@ def configs_from_args(args: argparse.Namespace) -> RuntimeConfig:
         host=args.host, port=args.port, adapter_root=Path(args.adapter_root) if args.adapter_root else None,
         state_dir=Path(args.state_dir), api_key=args.api_key, admin_key=args.admin_key, preload=tuple(preload),
         max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, max_upload_bytes=args.max_upload_bytes,
-        s3_endpoint=args.s3_endpoint, drain_timeout_s=args.drain_timeout)
+        s3_endpoint=args.s3_endpoint, registry=args.registry, registry_poll_s=args.registry_poll_seconds,
+        drain_timeout_s=args.drain_timeout)
     return RuntimeConfig(model, engine, with_demo_adapters(server) if model.path is None else server)
 
 

@@ -72,11 +72,16 @@ class ServerConfig:
     max_body_bytes: int = 4 * 2**20  # JSON request bodies
     max_upload_bytes: int = 2 * 2**30  # adapter uploads
     s3_endpoint: str | None = None
+    registry: str | None = None  # s3://bucket/prefix shared by replicas; None: the registry in state_dir
+    registry_poll_s: float = 2.0
     drain_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         _require(0 < self.port < 65536, "--port", "must be in 1..65535")
         _require(self.max_queue >= 1, "--max-queue", "must be >= 1")
         _require(self.max_body_bytes >= 1024, "--max-body-bytes", "must be >= 1024")
+        _require(self.registry is None or self.registry.startswith("s3://"), "--registry",
+                 f"expected s3://bucket/prefix (unset: the registry in --state-dir), got {self.registry!r}")
+        _require(self.registry_poll_s > 0, "--registry-poll-seconds", "must be > 0")
         for name, path in self.preload:
             _require(bool(name) and bool(path), "--preload", f"expects NAME=PATH, got {name}={path}")

@@ -119,6 +119,19 @@ class _StateCollector(Collector):
         yield _gauge("vllm:num_requests_waiting", "Requests queued (vLLM name)", snap.waiting)
         yield _gauge("vllm:gpu_cache_usage_perc", "KV cache usage, 0..1 (vLLM name)", snap.kv_usage)
         yield from self._adapter_metrics(client.adapters if client is not None else None, snap)
+        yield from self._registry_metrics()
+
+    def _registry_metrics(self) -> Iterator:
+        """With a shared registry: how its polls went, and how stale this replica's view may be."""
+        poller = self.runtime.poller
+        if poller is None:
+            return
+        polls = CounterMetricFamily("loraplex_registry_polls", "Shared registry polls by result", labels=["result"])
+        for result, count in poller.polls.items():
+            polls.add_metric([result], count)
+        yield polls
+        yield _gauge("loraplex_registry_sync_age_seconds", "Seconds since the last successful registry poll",
+                     time.monotonic() - poller.last_success)
 
     def _adapter_metrics(self, adapters: AdapterSnapshot | None, snap: EngineSnapshot) -> Iterator:
         store, slots = self.runtime.store, self.runtime.config.engine.lora.max_loras

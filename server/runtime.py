@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from loraplex.adapters.registry_poller import RegistryPoller
 from loraplex.adapters.store import AdapterStore, StoreConfig
 from loraplex.server.config import ModelConfig, ServerConfig
 from loraplex.server.demo import DEMO_MODEL_NAME
@@ -36,6 +37,7 @@ class Runtime:
         self.loaded: LoadedModel | None = None
         self.engine: AsyncEngine | None = None
         self.store: AdapterStore | None = None
+        self.poller: RegistryPoller | None = None  # with a shared registry (--registry s3://…)
         self.metrics = Metrics(self)
         self.load_error: str | None = None
         self.fatal_error: str | None = None  # set once the process cannot serve any more (it then exits)
@@ -78,9 +80,10 @@ class Runtime:
         engine = LLMEngine(self.loaded, cfg.engine, adapter_loader=lambda name: self.store.load_weights(name))
         self.store = AdapterStore(
             StoreConfig(cfg.server.state_dir, cfg.server.adapter_root, cfg.engine.lora.max_lora_rank,
-                        cfg.server.max_upload_bytes, cfg.server.s3_endpoint),
+                        cfg.server.max_upload_bytes, cfg.server.s3_endpoint, cfg.server.registry),
             engine.lora.module_shapes(), cfg.engine.lora.max_loras)
         self.store.attach(engine.adapter_port)
+        self.store.on_removed = self.adapter_removed
         engine.adapters.on_load_seconds = self.metrics.observe_adapter_load  # called on the engine thread
         self._preload()
         async_engine = AsyncEngine(engine)
@@ -88,6 +91,18 @@ class Runtime:
         async_engine.on_fatal = self.fatal
         async_engine.start()
         self.engine = async_engine
+        if self.store.registry.shared:
+            self.poller = RegistryPoller(self.store.sync, cfg.server.registry_poll_s)
+            self.poller.start()
+
+    def adapter_removed(self, name: str) -> None:
+        """`name` was unregistered (here or, with a shared registry, by another replica)."""
+        # Its metric children go too (bounded memory); its requests that end from now on count as "unknown".
+        self.metrics.forget_adapter(name)
+        # Running requests finish on the device copy (the engine frees the slot on their last release);
+        # queued ones have not started and would otherwise wait for an adapter that is gone.
+        if self.engine is not None:
+            self.engine.fail_adapter(name, f"adapter {name!r} was unregistered before this request started")
 
     def _preload(self) -> None:
         for name, path in self.config.server.preload:
@@ -102,6 +117,8 @@ class Runtime:
         return thread
 
     def shutdown(self) -> None:
+        if self.poller is not None:
+            self.poller.stop()
         if self.engine is not None:
             self.engine.stop()
 

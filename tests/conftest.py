@@ -29,6 +29,38 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ATTENTION = ATTENTION_TARGETS
 
 
+def load_test_helper(filename: str):  # -> the module
+    """tests/ is not a package (pytest --import-mode=importlib): load a helper module next to this file."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).with_name(filename)
+    spec = importlib.util.spec_from_file_location(f"loraplex_test_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3-compatible server (moto_server) on loopback for the session, with dummy AWS credentials in
+    the environment (restored afterwards)."""
+    helper = load_test_helper("s3_server.py")
+    saved = {key: os.environ.get(key) for key in helper.DUMMY_AWS_ENV}
+    os.environ.update(helper.DUMMY_AWS_ENV)
+    server = helper.start_s3_server()
+    try:
+        yield server.endpoint
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def family_seed(family: str) -> int:
     """A fixed weight seed per family, distinct so that llama and mistral (same shape) differ."""
     from loraplex.server.tiny_models import FAMILIES

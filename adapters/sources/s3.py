@@ -110,7 +110,7 @@ class S3Source(AdapterSource[str]):
 
         def fill(tmp: Path) -> None:
             for filename in ADAPTER_FILES:
-                with _s3_errors(location, filename):
+                with s3_errors(location, filename):
                     body = client.get_object(Bucket=location.bucket, Key=location.key(filename))["Body"]
                     try:
                         copy_capped(body, tmp / filename, budget)
@@ -122,23 +122,26 @@ class S3Source(AdapterSource[str]):
     def _get_client(self) -> Any:
         with self._client_lock:  # boto3 clients are thread-safe; creating them is not
             if self._client is None:
-                config = Config(
-                    s3={"addressing_style": "path"} if self.endpoint_url else None,
-                    retries={"max_attempts": 3, "mode": "standard"},
-                    connect_timeout=10,
-                    read_timeout=60,
-                )
-                with _s3_errors(None, None):
-                    self._client = boto3.session.Session().client(
-                        "s3", endpoint_url=self.endpoint_url, config=config
-                    )
+                self._client = make_s3_client(self.endpoint_url)
             return self._client
 
     @staticmethod
     def _object_size(client: Any, location: S3Location, filename: str) -> int:
-        with _s3_errors(location, filename):
+        with s3_errors(location, filename):
             head = client.head_object(Bucket=location.bucket, Key=location.key(filename))
         return int(head["ContentLength"])
+
+
+def make_s3_client(endpoint_url: str | None) -> Any:
+    """A boto3 S3 client: path-style addressing for custom endpoints (MinIO, moto), bounded retries and timeouts."""
+    config = Config(
+        s3={"addressing_style": "path"} if endpoint_url else None,
+        retries={"max_attempts": 3, "mode": "standard"},
+        connect_timeout=10,
+        read_timeout=60,
+    )
+    with s3_errors(None, None):
+        return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
 
 
 def _url_label(location: S3Location) -> str:
@@ -147,8 +150,8 @@ def _url_label(location: S3Location) -> str:
 
 
 @contextmanager
-def _s3_errors(location: S3Location | None, filename: str | None) -> Iterator[None]:
-    """Translate boto errors into AdapterErrors that name the object."""
+def s3_errors(location: S3Location | None, filename: str | None, field: str = "path") -> Iterator[None]:
+    """Translate boto errors into AdapterErrors that name the object (and the request field to blame)."""
     where = location.url(filename) if location is not None else "the S3 store"
     try:
         yield
@@ -156,10 +159,10 @@ def _s3_errors(location: S3Location | None, filename: str | None) -> Iterator[No
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
         if code in _NOT_FOUND_CODES:
-            raise AdapterNotFoundError(f"{where} does not exist", field="path") from None
+            raise AdapterNotFoundError(f"{where} does not exist", field=field) from None
         if code in _DENIED_CODES:
-            raise AdapterForbiddenError(f"access to {where} was denied ({code})", field="path") from None
+            raise AdapterForbiddenError(f"access to {where} was denied ({code})", field=field) from None
         message = error.get("Message") or code
-        raise S3UnavailableError(f"S3 error for {where}: {message}", field="path") from None
+        raise S3UnavailableError(f"S3 error for {where}: {message}", field=field) from None
     except BotoCoreError as exc:  # no credentials, endpoint unreachable, stream cut…
-        raise S3UnavailableError(f"cannot fetch {where}: {exc}", field="path") from None
+        raise S3UnavailableError(f"cannot reach {where}: {exc}", field=field) from None

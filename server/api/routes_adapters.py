@@ -67,11 +67,7 @@ async def _unregister(request: Request, name: str) -> dict[str, Any]:
     record = store.describe(name)  # 404 naming it when unknown; the answer shows what was removed
     await run_in_threadpool(store.unregister, name)
     rt: Runtime = request.app.state.runtime
-    # Its metric children go too (bounded memory); its requests that end from now on count as "unknown".
-    rt.metrics.forget_adapter(name)
-    # Running requests finish on the device copy (the engine frees the slot on their last release);
-    # queued ones have not started and would otherwise wait for an adapter that is gone.
-    rt.engine.fail_adapter(name, f"adapter {name!r} was unregistered before this request started")
+    rt.adapter_removed(name)
     return record
 
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
 import shutil
-import sys
 import tarfile
 from pathlib import Path
 
@@ -27,16 +25,6 @@ from loraplex.adapters.sources import LocalDirSource, S3Source, S3UnavailableErr
 from loraplex.adapters.weights import AdapterFiles, AdapterWeights, load_adapter_dir
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-
-
-def _load_s3_helper():
-    """tests/ is not a package (pytest --import-mode=importlib): load the helper next to this file."""
-    path = Path(__file__).with_name("s3_server.py")
-    spec = importlib.util.spec_from_file_location("loraplex_test_s3_server", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="session")
@@ -463,23 +451,6 @@ def test_stale_temp_dirs_are_removed_and_discard_is_confined(tmp_path, state, ad
 
 
 # -- S3 against a real S3-compatible server ----------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    helper = _load_s3_helper()
-    saved = {key: os.environ.get(key) for key in helper.DUMMY_AWS_ENV}
-    os.environ.update(helper.DUMMY_AWS_ENV)
-    server = helper.start_s3_server()
-    try:
-        yield server.endpoint
-    finally:
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture(scope="session")

@@ -111,9 +111,11 @@ class EngineSide:
 def make_store(tmp_path, root, module_shapes) -> Callable[..., AdapterStore]:
     sides: list[EngineSide] = []
 
-    def build(num_slots: int = 3, attach: bool = True, state: Path | None = None) -> AdapterStore:
-        store = AdapterStore(StoreConfig(state or tmp_path / "state", root, max_lora_rank=16, max_upload_bytes=10**6),
-                             module_shapes, num_slots)
+    def build(num_slots: int = 3, attach: bool = True, state: Path | None = None, registry: str | None = None,
+                  s3_endpoint: str | None = None) -> AdapterStore:
+        config = StoreConfig(state or tmp_path / "state", root, max_lora_rank=16, max_upload_bytes=10**6,
+                             s3_endpoint=s3_endpoint, registry_url=registry)
+        store = AdapterStore(config, module_shapes, num_slots)
         if attach:
             sides.append(EngineSide(store, num_slots))
             store.engine_side = sides[-1]  # for the tests' eyes
@@ -444,3 +446,98 @@ def test_copies_no_record_refers_to_are_removed_at_start(make_store, other, tmp_
     again = make_store()
     assert upload_dirs(again) == sorted([*kept, "note.txt"]) and not s3_orphan.exists()
     assert again.names() == ["kept"] and again.load_weights("kept").max_rank == 4
+
+
+# -- a registry shared by replicas (--registry s3://…) ----------------------------------------------------
+
+
+@pytest.fixture
+def replicas(make_store, tmp_path, s3_endpoint) -> Callable[[int], list[AdapterStore]]:
+    """`n` stores (replicas) with their own state dirs and engine sides, sharing one registry in moto."""
+    import boto3
+
+    bucket = f"shared-{tmp_path.name.lower().replace('_', '-')[-40:]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+
+    def build(n: int = 2) -> list[AdapterStore]:
+        return [make_store(state=tmp_path / f"replica-{i}", registry=f"s3://{bucket}/fleet", s3_endpoint=s3_endpoint)
+                for i in range(n)]
+
+    return build
+
+
+def test_shared_registration_is_served_by_the_other_replica_after_it_syncs(replicas, other):
+    a, b = replicas(2)
+    removed: list[str] = []
+    b.on_removed = removed.append
+    a.register_path("p", "good0")
+    a.register_upload("u", files_of(other))
+    assert a.get("p").local_dir == "" and a.get("p").remote.startswith("s3://")  # the manifest names no local dir
+    assert b.names() == [] and b.sync() == ["p", "u"] and b.names() == ["p", "u"]
+    assert b.sync() == []  # unchanged: a 304, nothing applied twice
+    side = b.engine_side
+    weights = side.acquire("u")  # b downloads u's files at its first load, from the registry's copy
+    assert weights.max_rank == 4 and len(list(b.s3.owned_dir.iterdir())) == 1
+    assert torch.equal(weights.modules["model.layers.0.self_attn.q_proj"].a,
+                       a.load_weights("u").modules["model.layers.0.self_attn.q_proj"].a)
+    side.table.release("u")
+    a.unregister("u")
+    assert b.sync() == ["u"] and removed == ["u"] and b.names() == ["p"]
+    side.apply()
+    assert side.table.tier("u") == "disk" and list(b.s3.owned_dir.iterdir()) == []  # slot and copy dropped
+    with pytest.raises(AdapterNotFoundError):
+        b.load_weights("u")
+
+
+def test_shared_names_conflict_across_replicas_before_any_sync(replicas):
+    a, b = replicas(2)
+    a.register_path("x", "good0")
+    with pytest.raises(AdapterConflictError, match="'x' is already registered"):
+        b.register_path("x", "good1")  # b never synced: the conditional write read the newest manifest
+    with pytest.raises(AdapterNotFoundError):
+        b.unregister("nope")
+    b.unregister("x")  # a replica may remove what another registered
+    assert a.sync() == ["x"] and a.names() == []
+
+
+def test_shared_reregistration_under_the_same_name_replaces_the_old_copy(replicas, other):
+    a, b = replicas(2)
+    a.register_path("x", "good0")
+    b.sync()
+    first = b.engine_side.acquire("x")
+    b.engine_side.table.release("x")
+    a.unregister("x")
+    a.register_path("x", "other")  # b sees a different record under the same name in one poll
+    assert b.sync() == ["x"]
+    again = b.engine_side.acquire("x")
+    assert first.max_rank == 8 and again.max_rank == 4
+
+
+def test_shared_pins_and_restarts_come_from_the_manifest(replicas, make_store, tmp_path, s3_endpoint):
+    a, b = replicas(2)
+    a.register_path("pinned", "good0", pinned=True)
+    b.sync()
+    b.engine_side.apply()
+    assert b.engine_side.table.is_pinned("pinned")
+    restarted = make_store(state=tmp_path / "fresh-replica", registry=a.config.registry_url, s3_endpoint=s3_endpoint)
+    assert restarted.names() == ["pinned"]  # a new replica starts from the shared manifest
+    restarted.engine_side.apply()
+    assert restarted.engine_side.table.is_pinned("pinned")
+
+
+def test_shared_registration_that_loses_a_race_leaves_no_files_behind(replicas):
+    import boto3
+
+    a, b = replicas(2)
+    a.register_path("x", "good0")
+    url = a.config.registry_url
+    bucket, prefix = url[5:].split("/", 1)
+    client = boto3.client("s3", endpoint_url=a.config.s3_endpoint)
+
+    def copies() -> int:
+        return client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/adapters/x/").get("KeyCount", 0)
+
+    assert copies() == 2
+    with pytest.raises(AdapterConflictError):  # b's view is stale: it uploads, then loses the manifest write
+        b.register_path("x", "good1")
+    assert copies() == 2 and upload_dirs(b) == []

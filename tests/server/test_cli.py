@@ -32,6 +32,8 @@ FLAG_FIELDS = {
     "--max-body-bytes": (ServerConfig, "max_body_bytes"),
     "--max-upload-bytes": (ServerConfig, "max_upload_bytes"),
     "--s3-endpoint": (ServerConfig, "s3_endpoint"),
+    "--registry": (ServerConfig, "registry"),
+    "--registry-poll-seconds": (ServerConfig, "registry_poll_s"),
     "--drain-timeout": (ServerConfig, "drain_timeout_s"),
     "--max-loras": (LoRAConfig, "max_loras"),
     "--max-cpu-loras": (LoRAConfig, "max_cpu_loras"),
@@ -118,3 +120,15 @@ def test_a_bad_env_value_or_log_level_is_a_usage_error_naming_the_flag(monkeypat
     with pytest.raises(SystemExit) as exc:
         main(["serve", "--log-level", "loud"])
     assert exc.value.code == 2 and "--log-level: expected one of debug, info" in capsys.readouterr().err
+
+
+def test_registry_flags_build_the_server_config_and_refuse_bad_values(monkeypatch):
+    args = ["serve", "--model", "m", "--registry", "s3://fleet/prod", "--registry-poll-seconds", "0.5"]
+    cfg = configs_from_args(build_parser().parse_args(args))
+    assert cfg.server.registry == "s3://fleet/prod" and cfg.server.registry_poll_s == 0.5
+    monkeypatch.setenv("LORAPLEX_REGISTRY", "s3://from-env/x")
+    assert configs_from_args(build_parser().parse_args(["serve", "--model", "m"])).server.registry == "s3://from-env/x"
+    for bad, message in ((["--registry", "/some/dir"], "--registry: expected s3://bucket/prefix"),
+                         (["--registry-poll-seconds", "0"], "--registry-poll-seconds: must be > 0")):
+        with pytest.raises(ValueError, match=message):
+            configs_from_args(build_parser().parse_args(["serve", "--model", "m", *bad]))

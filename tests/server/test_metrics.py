@@ -190,7 +190,7 @@ def test_state_gauges_read_the_engine_snapshot_at_scrape_time():
     snap = EngineSnapshot(waiting=1, running=4, kv_usage=0.25, running_adapters=("a-ad", "b-ad"),
                           waiting_adapters=("c-ad",))
     store = SimpleNamespace(names=lambda: ["a-ad", "b-ad", "c-ad", "d-ad"])
-    runtime = SimpleNamespace(engine=SimpleNamespace(snapshot=snap, adapters=adapters), store=store,
+    runtime = SimpleNamespace(engine=SimpleNamespace(snapshot=snap, adapters=adapters), store=store, poller=None,
                               served_model_name="base",
                               config=SimpleNamespace(engine=SimpleNamespace(lora=SimpleNamespace(max_loras=2))))
     body, _ = Metrics(runtime).render()
@@ -212,7 +212,7 @@ def test_label_sanitizer_accepts_only_registered_names_and_the_base():
         def names(self) -> list[str]:
             return sorted(self)
 
-    runtime = SimpleNamespace(store=Store({"alpha"}), served_model_name="base", engine=None,
+    runtime = SimpleNamespace(store=Store({"alpha"}), served_model_name="base", engine=None, poller=None,
                               config=SimpleNamespace(engine=SimpleNamespace(lora=SimpleNamespace(max_loras=1))))
     metrics = Metrics(runtime)
     assert [metrics.label(n) for n in ("alpha", "base", None, "ALPHA", "beta", "")] == \
@@ -226,7 +226,7 @@ class _Store(set):
 
 def _bare_metrics(*registered: str) -> tuple[Metrics, _Store]:
     store = _Store(registered)
-    runtime = SimpleNamespace(store=store, served_model_name="base", engine=None,
+    runtime = SimpleNamespace(store=store, served_model_name="base", engine=None, poller=None,
                               config=SimpleNamespace(engine=SimpleNamespace(lora=SimpleNamespace(max_loras=1))))
     return Metrics(runtime), store
 
