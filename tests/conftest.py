@@ -29,17 +29,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ATTENTION = ATTENTION_TARGETS
 
 
-def load_test_helper(filename: str):  # -> the module
-    """tests/ is not a package (pytest --import-mode=importlib): load a helper module next to this file."""
+def load_test_helper(relative: str):  # -> the module
+    """tests/ is not a package (pytest --import-mode=importlib): load a helper module by its path under tests/."""
     import importlib.util
     import sys
 
-    path = Path(__file__).with_name(filename)
+    path = Path(__file__).parent / relative
     spec = importlib.util.spec_from_file_location(f"loraplex_test_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up here
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def test_helper() -> Callable[[str], object]:
+    """`test_helper("deploy/nginx_server.py")`: a helper module under tests/, for test files to use."""
+    return load_test_helper
 
 
 @pytest.fixture(scope="session")
