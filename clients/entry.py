@@ -19,6 +19,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = argparse.ArgumentParser(prog="loraplex", description="Multi-tenant LoRA inference server")
         add_client_commands(parser.add_subparsers(dest="command", required=True))
         return run(parser.parse_args(args))
+    if args and args[0] == "serve-ray":  # Ray Serve: an optional extra, imported only for this verb
+        try:
+            from loraplex.server.ray_serve import main as serve_ray
+        except ImportError as exc:
+            print(f"loraplex: error: {exc}", file=sys.stderr)
+            return 2
+        return serve_ray(args[1:])
     from loraplex.server.cli import main as server_main
 
     return server_main(args)

@@ -3,7 +3,7 @@
 # Idempotent: re-installs only when pyproject.toml changed since the last successful run.
 #   LORAPLEX_TORCH   torch requirement to install first (default: torch==2.13.0, the CPU wheel).
 #                    GPU users: LORAPLEX_TORCH="torch --index-url https://download.pytorch.org/whl/cu128"
-#   LORAPLEX_EXTRAS  pip extras to install (default: none; the test script passes "dev").
+#   LORAPLEX_EXTRAS  pip extras to install, comma-separated (default: none; the test script passes "dev,ray").
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -24,7 +24,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     SPEC="."
     [ -n "$EXTRAS" ] && SPEC=".[${EXTRAS}]"
     .venv/bin/python -m pip install -q -e "$SPEC"
-    if [ "$EXTRAS" = "dev" ]; then
+    if [[ ",$EXTRAS," == *",dev,"* ]]; then
         # The LoRAX client pins huggingface-hub<1 (transformers 5 needs >=1): install it without its deps;
         # what it imports at run time (requests, aiohttp, pydantic, certifi) comes with the dev extra.
         .venv/bin/python -m pip install -q --no-deps "lorax-client==0.6.3"

@@ -3,7 +3,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-LORAPLEX_EXTRAS=dev bash scripts/bootstrap.sh
+LORAPLEX_EXTRAS=dev,ray bash scripts/bootstrap.sh
 # Services the tests talk to for real (installed from Debian's packages when absent).
 bash scripts/install_prometheus.sh
 bash scripts/install_nginx.sh

@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"{help_} (env {_env_name(flag)}; default {default})")
     serve.add_argument("--preload", action="append", default=_env_preload(), metavar="NAME=PATH",
                        help="register an adapter at start (repeatable; env LORAPLEX_PRELOAD, comma-separated)")
+    sub.add_parser("serve-ray", add_help=False,  # listed for --help; `loraplex serve-ray` is parsed by ray_serve.main
+                   help="run --replicas servers on Ray Serve, routed by adapter (pip install 'loraplex[ray]'; "
+                        "see loraplex serve-ray --help)")
     add_client_commands(sub)
     return parser
 
@@ -179,6 +182,11 @@ class DrainingServer(uvicorn.Server):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve-ray"]:
+        from loraplex.server.ray_serve import main as serve_ray
+
+        return serve_ray(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command != "serve":

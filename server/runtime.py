@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from loraplex.adapters.errors import AdapterConflictError
 from loraplex.adapters.registry_poller import RegistryPoller
 from loraplex.adapters.store import AdapterStore, StoreConfig
 from loraplex.server.config import ModelConfig, ServerConfig
@@ -109,7 +110,13 @@ class Runtime:
             if name in self.store:
                 log.info("preload %s: already registered (kept from --state-dir)", name)
                 continue
-            self.store.register_path(name, path)
+            try:
+                self.store.register_path(name, path)
+            except AdapterConflictError:  # another replica of a shared registry preloaded it first
+                if not self.store.registry.shared:
+                    raise
+                log.info("preload %s: already registered in the shared registry by another replica", name)
+                self.store.sync()
 
     def start_loading(self) -> threading.Thread:
         thread = threading.Thread(target=self.load, name="loraplex-load", daemon=True)
