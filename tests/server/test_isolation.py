@@ -138,10 +138,10 @@ def test_a_row_that_breaks_the_sampler_fails_alone(setup, monkeypatch):
     engine = make_engine(model_dir, adapters)
     sample = engine.sampler.sample
 
-    def picky(logits, rows):  # stands in for any parameter the batched sampler cannot handle
+    def picky(logits, rows, bitmask=None):  # stands in for any parameter the batched sampler cannot handle
         if any(r.params.seed == 666 for r in rows):
             raise RuntimeError("invalid multinomial distribution")
-        return sample(logits, rows)
+        return sample(logits, rows, bitmask)
 
     monkeypatch.setattr(engine.sampler, "sample", picky)
     engine.add_request("ok", LONG_PROMPT, greedy(10), "good")
@@ -156,7 +156,7 @@ def test_sampler_edge_values_stay_finite():
 
     logits = torch.tensor([[1e30, 0.0, -1e30, 5.0], [3.0, 2.0, 1.0, 0.0]])
     rows = [SampleRow(SamplingParams(temperature=2e-5), None), SampleRow(SamplingParams(top_p=5e-324), None)]
-    assert Sampler().sample(logits, rows).tolist() == [0, 0]
+    assert Sampler().sample(logits, rows).tokens.tolist() == [0, 0]
     assert SamplingParams(temperature=1e-45).greedy and not SamplingParams(temperature=1e-5).greedy
 
 

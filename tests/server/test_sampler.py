@@ -76,7 +76,7 @@ def _rows(params: SamplingParams, n: int, **kwargs) -> list[SampleRow]:
 def test_greedy_rows_take_argmax():
     torch.manual_seed(0)
     logits = torch.randn(6, VOCAB)
-    out = Sampler().sample(logits, _rows(SamplingParams(temperature=0.0), 6))
+    out = Sampler().sample(logits, _rows(SamplingParams(temperature=0.0), 6)).tokens
     assert out.dtype == torch.int64 and out.shape == (6,)
     assert torch.equal(out, logits.argmax(-1))
 
@@ -84,7 +84,7 @@ def test_greedy_rows_take_argmax():
 def test_greedy_accepts_half_precision_logits():
     torch.manual_seed(1)
     logits = torch.randn(3, VOCAB).to(torch.bfloat16)
-    out = Sampler().sample(logits, _rows(SamplingParams(temperature=0.0), 3))
+    out = Sampler().sample(logits, _rows(SamplingParams(temperature=0.0), 3)).tokens
     assert torch.equal(out, logits.float().argmax(-1))
 
 
@@ -95,9 +95,9 @@ def test_top_k_one_and_tiny_top_p_are_greedy():
     sampler = Sampler()
     for _ in range(20):
         top_k_one = _rows(SamplingParams(temperature=1.5, top_k=1), 8)
-        assert torch.equal(sampler.sample(logits, top_k_one), expected)
+        assert torch.equal(sampler.sample(logits, top_k_one).tokens, expected)
         tiny_p = _rows(SamplingParams(temperature=1.5, top_p=1e-6), 8, generator=make_generator(None, "cpu"))
-        assert torch.equal(sampler.sample(logits, tiny_p), expected)
+        assert torch.equal(sampler.sample(logits, tiny_p).tokens, expected)
 
 
 def test_flat_logits_without_filters_do_wander():
@@ -106,7 +106,7 @@ def test_flat_logits_without_filters_do_wander():
     logits = torch.randn(8, VOCAB) * 0.5
     out = Sampler().sample(
         logits, _rows(SamplingParams(temperature=1.5), 8, generator=make_generator(3, "cpu"))
-    )
+    ).tokens
     assert not torch.equal(out, logits.argmax(-1))
 
 
@@ -127,7 +127,7 @@ def _seeded_stream(
         rows.insert(position, mine)
         batch = torch.randn(others + 1, VOCAB, generator=torch.Generator().manual_seed(step))
         batch[position] = logits
-        tokens.append(int(sampler.sample(batch.to(device), rows)[position]))
+        tokens.append(int(sampler.sample(batch.to(device), rows).tokens[position]))
     return tokens
 
 
@@ -148,7 +148,7 @@ def test_unseeded_generators_differ():
     for _ in range(5):
         g = make_generator(None, "cpu")
         draws.add(
-            tuple(int(Sampler().sample(probs_logits, [SampleRow(SamplingParams(), g)])) for _ in range(5))
+            tuple(int(Sampler().sample(probs_logits, [SampleRow(SamplingParams(), g)]).tokens) for _ in range(5))
         )
     assert len(draws) == 5
 
@@ -157,10 +157,10 @@ def _frequencies(logits: torch.Tensor, params: SamplingParams, n: int, seeded: b
     sampler = Sampler()
     if seeded:  # one seeded row, many steps: exercises the per-row generator path
         g = make_generator(123, "cpu")
-        tokens = torch.cat([sampler.sample(logits[None], [SampleRow(params, g)]) for _ in range(n)])
+        tokens = torch.cat([sampler.sample(logits[None], [SampleRow(params, g)]).tokens for _ in range(n)])
     else:  # many unseeded rows in one batch: exercises the batched path
         torch.manual_seed(123)
-        tokens = sampler.sample(logits.expand(n, -1), _rows(params, n))
+        tokens = sampler.sample(logits.expand(n, -1), _rows(params, n)).tokens
     return torch.bincount(tokens, minlength=logits.numel()).double() / n
 
 
@@ -208,7 +208,7 @@ def test_filters_apply_per_row_in_a_mixed_batch():
     reps = 300  # the same five rows, interleaved, 300 times in one batch
     logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1])).expand(len(params) * reps, -1)
     torch.manual_seed(5)
-    out = Sampler().sample(logits, [SampleRow(p) for _ in range(reps) for p in params])
+    out = Sampler().sample(logits, [SampleRow(p) for _ in range(reps) for p in params]).tokens
     seen = [set(out[i :: len(params)].tolist()) for i in range(len(params))]
     assert seen == allowed
 
@@ -219,16 +219,16 @@ def test_min_tokens_masks_eos_and_stop_tokens_until_reached():
     logits[0, 5] = 9.0  # then a stop token
     params = SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=(5,))
     sampler = Sampler()
-    early = sampler.sample(logits, [SampleRow(params, None, num_output_tokens=2, eos_token_ids=(0,))])
+    early = sampler.sample(logits, [SampleRow(params, None, eos_token_ids=(0,), output_ids=[1, 1])]).tokens
     assert int(early) not in (0, 5)
-    assert int(sampler.sample(logits, [SampleRow(params, None, 3, (0,))])) == 0
+    assert int(sampler.sample(logits, [SampleRow(params, None, (0,), output_ids=[1, 1, 1])]).tokens) == 0
     # ignore_eos does not lift the mask; an out-of-vocab eos id is ignored rather than crashing.
     ignore = SamplingParams(temperature=0.0, min_tokens=3, ignore_eos=True)
-    assert int(sampler.sample(logits, [SampleRow(ignore, None, 0, (0, 99))])) == 5
+    assert int(sampler.sample(logits, [SampleRow(ignore, None, (0, 99))]).tokens) == 5
     # Sampled rows are masked too: EOS never appears before min_tokens.
     sampled = SamplingParams(temperature=1.0, min_tokens=1)
     torch.manual_seed(0)
-    out = sampler.sample(logits.expand(500, -1), [SampleRow(sampled, None, 0, (0,)) for _ in range(500)])
+    out = sampler.sample(logits.expand(500, -1), [SampleRow(sampled, None, (0,)) for _ in range(500)]).tokens
     assert 0 not in out.tolist()
 
 
@@ -241,7 +241,7 @@ def test_sampler_does_not_modify_caller_logits():
     logits = torch.randn(2, VOCAB)
     before = logits.clone()
     rows = [
-        SampleRow(SamplingParams(min_tokens=2, top_k=3), None, 0, (0,)),
+        SampleRow(SamplingParams(min_tokens=2, top_k=3), None, (0,)),
         SampleRow(SamplingParams(top_p=0.3)),
     ]
     Sampler().sample(logits, rows)
@@ -265,7 +265,7 @@ def test_random_batches_always_return_allowed_tokens():
         ]
         out = Sampler().sample(
             logits, [SampleRow(p, make_generator(rng.randint(0, 99), "cpu")) for p in params]
-        )
+        ).tokens
         for i, p in enumerate(params):
             assert int(out[i]) in _allowed(logits[i], p)
 
