@@ -9,6 +9,9 @@ Two pools, as the SlotTable asks: reads a device slot waits for (`urgent`) and s
 for queued requests. A burst of prefetches must never delay a device-bound read, so they queue apart. A read
 asked for again while it is still queued or running is merged (a queued prefetch asked for urgently moves to
 the urgent pool), so a name is never read twice for one ask.
+
+A virtual adapter's name ("merge:...", a ties / dare merge recipe, adapters/merge.py) is not read but
+computed here, from its components read through the same `loader`: off the engine thread, like any read.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loraplex.adapters.merge import is_virtual, load_virtual
 from loraplex.adapters.messages import HostLoaded, HostLoadFailed
 from loraplex.adapters.weights import AdapterWeights
 
@@ -85,5 +89,5 @@ class HostLoader:
         self._wake()
 
     def _read(self, name: str) -> AdapterWeights:
-        weights = self._loader(name)
+        weights = load_virtual(name, self._loader) if is_virtual(name) else self._loader(name)
         return weights.prepared(pin=self._pin)  # the slot layout, on this thread: the engine's copy stays a copy

@@ -3,6 +3,7 @@ and describe each forward's adapter use to those layers once (`set_token_slots`)
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from loraplex.adapters.context import LoRABatchContext
 from loraplex.adapters.layer import MultiLoRALinear
-from loraplex.adapters.ops import LoRABatch, LoRABatchBuffers, plan_groups
+from loraplex.adapters.ops import LoRABatch, LoRABatchBuffers, TokenMerges, plan_groups, split_passes
 from loraplex.adapters.targets import TARGET_MODULES
 from loraplex.adapters.weights import AdapterWeights
 
@@ -27,9 +28,11 @@ class LoRAInjection:
     max_rank: int
     buffers: LoRABatchBuffers
     slot_ranks: list[dict[str, int]] = field(init=False)
+    pass_buffers: list[LoRABatchBuffers] = field(init=False)  # passes 1, 2, ... of merged steps, grown on use
 
     def __post_init__(self) -> None:
         self.slot_ranks = [{} for _ in range(self.num_slots)]
+        self.pass_buffers = []
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """Full module name -> (in_features, out_features), for adapter validation."""
@@ -63,21 +66,39 @@ class LoRAInjection:
         for layer in self.layers.values():
             layer.clear_slot(slot)
 
-    def set_token_slots(self, token_slots: Sequence[int], *, gather: bool = False) -> None:
+    def set_token_slots(self, token_slots: Sequence[int], *, gather: bool = False,
+                        merges: TokenMerges | None = None) -> None:
         """Describe the next forward: the slot of each flattened token (-1 = base only), laid out once into
         the preallocated buffers every layer reads. `gather`: the static gather form (batch.py) for a
         capturable decode step, at rank bounds of the resident adapters so its shapes never depend on which
         of them the step uses; else the window / grouped form at the step's own rank bounds. A step in which
-        no token uses an adapter runs no LoRA at all."""
-        highest = max(token_slots, default=-1)
+        no token uses an adapter runs no LoRA at all.
+
+        `merges`: token -> its adapters' (slot, weight) for tokens of linear merges (adapters/merge.py); they
+        add passes (batch.py `split_passes`; passes after the first take the grouped / window form even in a
+        gather step, which is then not capturable: the runner runs it eagerly). Rank bounds cover every pass."""
+        passes = split_passes(token_slots, merges or {})
+        highest = max((s for slots, _ in passes for s in slots), default=-1)
         if highest >= self.num_slots:
             raise IndexError(f"token slot {highest} outside [-1, {self.num_slots})")
-        plan = plan_groups(token_slots, gather=gather, null_slot=self.null_slot)
-        if plan is None:
+        plans = [plan_groups(slots, gather=gather and k == 0, null_slot=self.null_slot)
+                 for k, (slots, _) in enumerate(passes)]
+        if plans[0] is None:  # no token uses an adapter (merged tokens always do)
             self.context.set(None)
             return
-        ranks = self._rank_bounds(set(plan.group_slots), gather)
-        self.context.set(self.buffers.fill(token_slots, plan, ranks))
+        used = {s for plan in plans for s in plan.group_slots if s != self.null_slot}
+        ranks = self._rank_bounds(used, gather)
+        batches = [buffers.fill(slots, plan, ranks, weights)
+                   for buffers, (slots, weights), plan in zip(self._buffers_for(len(passes)), passes, plans,
+                                                              strict=True)]
+        first = batches[0] if len(batches) == 1 else dataclasses.replace(batches[0], passes=tuple(batches[1:]))
+        self.context.set(first)
+
+    def _buffers_for(self, n_passes: int) -> list[LoRABatchBuffers]:
+        """One set of buffers per pass: every pass's views stay valid through the forward."""
+        while len(self.pass_buffers) < n_passes - 1:
+            self.pass_buffers.append(LoRABatchBuffers(self.buffers.device, capacity=self.buffers.capacity))
+        return [self.buffers, *self.pass_buffers[: n_passes - 1]]
 
     def static_batch(self, token_slots: torch.Tensor, group_slots: torch.Tensor) -> LoRABatch:
         """The gather form over caller-owned device buffers, at rank bound --max-lora-rank for every kind:

@@ -1,6 +1,8 @@
 """MultiLoRALinear: wraps one base linear layer and adds per-token multi-adapter LoRA beside it.
 
     y_t = base(x_t) + scale_s * B_s (A_s x_t)      s = slot of token t (-1: base only)
+    y_t = base(x_t) + sum_k w_k scale_k B_k (A_k x_t)   a token of a linear merge: several slots, weighted
+                                                        (adapters/merge.py; the op runs them as passes)
 
 The base may be nn.Linear or a bitsandbytes Linear4bit / Linear8bitLt: LoRA runs beside it in the compute
 dtype (QLoRA style). Slot stacks are preallocated with one extra null slot (index num_slots, always zero)

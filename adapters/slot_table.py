@@ -16,6 +16,10 @@ request waits without blocking others. An adapter used by a running request (ref
 never evicted. A failing read or copy marks only that adapter errored. A name the registry does not hold
 (`is_registered`) is answered ERRORED at once and costs no resident adapter its slot. The host tier is an
 LRU bounded by a count and a byte budget, whichever binds first.
+
+A virtual adapter (a ties / dare merge recipe, adapters/merge.py: "merge:...") is an entry like any other,
+its "read" computed by the host loader. It counts as registered while every adapter of its recipe is, and is
+forgotten with any of them: a component registered again gets a fresh merge.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from loraplex.adapters.merge import is_virtual, recipe_of
 from loraplex.adapters.messages import Forget, HostLoaded, HostLoadFailed, Message, Pin, PutHost, Restore
 from loraplex.adapters.weights import AdapterWeights
 
@@ -166,15 +171,15 @@ class SlotTable:
         if entry is not None and entry.state is AdapterState.ERRORED:
             return Acquired(SlotState.ERRORED, reason=entry.error)
         if name in self._doomed:  # the old copy is still in use; a re-registered one waits for it
-            return Acquired(SlotState.LOADING) if self.is_registered(name) else _not_registered(name)
+            return Acquired(SlotState.LOADING) if self._known(name) else self._not_registered(name)
         if entry is not None and entry.state is AdapterState.DEVICE_READY:
             entry.refs += 1
             self._device_lru.move_to_end(name)
             return Acquired(SlotState.READY, entry.slot)
         if entry is not None and entry.slot is not None:
             return Acquired(SlotState.LOADING)
-        if not self.is_registered(name):  # e.g. DELETEd as its request was added: evict nothing for it
-            return _not_registered(name)
+        if not self._known(name):  # e.g. DELETEd as its request was added: evict nothing for it
+            return self._not_registered(name)
         # No host prefetch on NO_SLOT here: the scheduler asks every step, and with more waiting adapters
         # than host room, prefetching each time would evict them from host in a circle.
         return self._start_device_load(self._entry(name), evict=True, host_fallback=False)
@@ -191,10 +196,16 @@ class SlotTable:
         host memory. It evicts nothing (unless `evict`, for pinning): a speculative load must not take the
         slot of an adapter whose queued requests are about to run."""
         entry = self._entries.get(name)
-        if name in self._doomed or not self.is_registered(name):
+        if name in self._doomed or not self._known(name):
             return
         if entry is None or (entry.slot is None and entry.state is not AdapterState.ERRORED):
             self._start_device_load(self._entry(name), evict=evict, host_fallback=True)
+
+    def usable_slots(self, names: tuple[str, ...]) -> int:
+        """How many slots `names` could hold at once: all but those of pinned adapters outside them (a linear
+        merge needs one per adapter at the same time, adapters/merge.py)."""
+        pinned = sum(1 for e in self._entries.values() if e.pinned and e.name not in names)
+        return len(self._slots) - pinned
 
     def refcount(self, name: str) -> int:
         entry = self._doomed.get(name) or self._entries.get(name)
@@ -234,7 +245,7 @@ class SlotTable:
     # ---- admin (applied from messages) ----------------------------------------------------------
     def pin(self, name: str, pinned: bool = True) -> None:
         entry = self._entries.get(name)
-        if entry is None and (not pinned or not self.is_registered(name)):
+        if entry is None and (not pinned or not self._known(name)):
             return
         entry = entry or self._entry(name)
         entry.pinned = pinned
@@ -244,7 +255,14 @@ class SlotTable:
 
     def forget(self, name: str) -> None:
         """Drop every cached copy of `name` (unregistered); a slot still in use is freed on its last release.
-        Results of reads started for this registration are ignored from now on (the epoch is gone)."""
+        Results of reads started for this registration are ignored from now on (the epoch is gone). The virtual
+        adapters merged from it go too."""
+        self._forget_one(name)
+        if not is_virtual(name):
+            for other in [n for n in self._entries if is_virtual(n) and _merges(n, name)]:
+                self._forget_one(other)
+
+    def _forget_one(self, name: str) -> None:
         entry = self._entries.pop(name, None)
         self._drop_host(name)
         self._dirty.add(name)
@@ -489,6 +507,22 @@ class SlotTable:
             return "device"
         return "host" if entry.name in self._host else "disk"
 
+    def _known(self, name: str) -> bool:
+        """Registered; a virtual adapter while its recipe is remembered and every adapter of it registered."""
+        if not is_virtual(name):
+            return self.is_registered(name)
+        recipe = recipe_of(name)
+        return recipe is not None and all(map(self.is_registered, recipe.names))
+
+    def _not_registered(self, name: str) -> Acquired:
+        # Not kept as an error: a later registration of `name` (or of a merge's adapter) must load normally.
+        if not is_virtual(name):
+            return Acquired(SlotState.ERRORED, reason=f"adapter {name!r} is not registered")
+        recipe = recipe_of(name)
+        missing = [n for n in recipe.names if not self.is_registered(n)] if recipe is not None else []
+        return Acquired(SlotState.ERRORED, reason=f"adapter {missing[0]!r} is not registered" if missing
+                        else f"merge {name!r} is no longer remembered; send the request again")
+
     def _count(self, kind: str, tier: str) -> None:
         self._counts[kind][tier] += 1
         self._changed = True
@@ -498,6 +532,7 @@ class SlotTable:
         self._changed = True
 
 
-def _not_registered(name: str) -> Acquired:
-    # Not kept as an error: a later registration of `name` must load normally.
-    return Acquired(SlotState.ERRORED, reason=f"adapter {name!r} is not registered")
+def _merges(virtual: str, name: str) -> bool:
+    """Whether the virtual adapter was merged from `name` (one whose recipe is forgotten: assume so)."""
+    recipe = recipe_of(virtual)
+    return recipe is None or name in recipe.names

@@ -66,14 +66,19 @@ class Metrics:
 
     def record_request(self, *, endpoint: str, adapter: str | None, status: int, latency_s: float | None = None,
                        ttft_s: float | None = None, tpot_s: float | None = None, prompt_tokens: int = 0,
-                       generation_tokens: int = 0) -> None:
+                       generation_tokens: int = 0, count_request: bool = True) -> None:
+        """One finished HTTP request. The extra choices of an `n` > 1 request pass `count_request=False`:
+        their tokens count, the request (and its latency) is counted once, by its first choice."""
         # A request that finishes just after its adapter's DELETE resolves to "unknown" (the store no longer
         # has it) and so cannot re-create a child forget_adapter removed: the lock orders the two.
         with self._lock:
             label = self.label(adapter)
-            self._child(self.requests, label, endpoint, str(status)).inc()
+            if count_request:
+                self._child(self.requests, label, endpoint, str(status)).inc()
             if generation_tokens:
                 self._child(self.generation_tokens, label).inc(generation_tokens)
+        if not count_request:
+            return
         for hist, value in ((self.latency, latency_s), (self.ttft, ttft_s), (self.tpot, tpot_s)):
             if value is not None:
                 hist.observe(value)

@@ -17,11 +17,11 @@ import os
 import torch
 
 from loraplex.adapters.ops.base import LoRABackend
-from loraplex.adapters.ops.batch import GroupPlan, LoRABatch, LoRABatchBuffers, plan_groups
+from loraplex.adapters.ops.batch import GroupPlan, LoRABatch, LoRABatchBuffers, TokenMerges, plan_groups, split_passes
 from loraplex.adapters.ops.torch_ops import TorchLoRABackend
 
-__all__ = ["BACKEND_ENV", "GroupPlan", "LoRABackend", "LoRABatch", "LoRABatchBuffers", "get_backend",
-           "get_backend_named", "lora_apply", "plan_groups"]
+__all__ = ["BACKEND_ENV", "GroupPlan", "LoRABackend", "LoRABatch", "LoRABatchBuffers", "TokenMerges", "get_backend",
+           "get_backend_named", "lora_apply", "plan_groups", "split_passes"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,8 @@ def lora_apply(y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack:
             s = batch.token_slots[t]
             if s >= 0:
                 y[t] += B[s, :rank].T @ (A[s, :rank] @ x[t])
+    and a merged token (a linear merge) adds w_k * B[s_k, :rank].T @ (A[s_k, :rank] @ x[t]) for each of its
+    adapters' (slot s_k, weight w_k): the batch's passes (batch.py), run one after the other.
     x: [T, in]; y: [T, out]; a_stack: [S + 1, R_max, in]; b_stack: [S + 1, R_max, out] (B transposed, the
     adapter's scale folded in, zeros past each slot's own rank); rank: the step's bound for this layer;
     slot_ranks: [S + 1] int32, each slot's own rank for this layer (<= rank for the step's slots), where a
@@ -91,4 +93,8 @@ def lora_apply(y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack:
         raise ValueError(f"stacks A{tuple(a_stack.shape)} B{tuple(b_stack.shape)} do not fit rank {rank}")
     if tuple(slot_ranks.shape) != (a_stack.shape[0],):
         raise ValueError(f"expected slot_ranks [{a_stack.shape[0]}], got {tuple(slot_ranks.shape)}")
-    get_backend(x.device).apply(y, x, a_stack, b_stack, batch, rank, slot_ranks)
+    if any(p.num_tokens != t for p in batch.passes):
+        raise ValueError(f"every pass of a batch covers the same {t} tokens")
+    backend = get_backend(x.device)
+    for part in (batch, *batch.passes):
+        backend.apply(y, x, a_stack, b_stack, part, rank, slot_ranks)

@@ -27,8 +27,9 @@ class LoRABackend(ABC):
     @abstractmethod
     def apply(self, y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
               batch: LoRABatch, rank: int, slot_ranks: torch.Tensor) -> None:
-        """y[t] += (x[t] @ A[s, :r].T) @ B[s, :r] for every grid row (token t, slot s), in place, where r is
-        any bound with slot_ranks[s] <= r <= rank (the rows in between are zeros).
+        """y[t] += w * (x[t] @ A[s, :r].T) @ B[s, :r] for every grid row (token t, slot s, weight w: the row's
+        batch.row_weights entry, or 1 without them), in place, where r is any bound with
+        slot_ranks[s] <= r <= rank (the rows in between are zeros). One pass: `batch.passes` are not read.
 
         The op sequence must not depend on which slots or how many segments the batch holds, and nothing
         may synchronise with the host (the decode step is captured by CUDA graphs).

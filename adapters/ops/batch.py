@@ -19,6 +19,14 @@ mix (the op sequence never depends on how many adapters or segments the step hol
   Either way G*D <= max(COMPACT_SLACK * N, 2N + U) and G <= 2U.
 Padding rows (a group shorter than D) repeat their group's first token marked as padding: the op zeroes
 their input, so they add exactly zero into that token (even a NaN adapter pollutes only its own token).
+
+Merged tokens (adapters/merge.py, a linear merge: one token, several slots, weighted) run as extra passes of
+the same op (`split_passes`): pass 0 is the step as above, a merged token in it taking its first adapter's
+slot; pass k >= 1 covers only the tokens merging more than k adapters, with their (k+1)-th slot, in the
+grouped / window form. A pass with merged tokens carries per-row weights that scale each row's delta (1.0 on
+the other rows of pass 0: an exact product). Each pass holds a token at most once, so the triton kernels
+keep their one-writer-per-token rule; the passes of a step run one after the other. A step without merged
+tokens has one pass and no weights: exactly the op it had before merging existed.
 """
 
 from __future__ import annotations
@@ -33,6 +41,11 @@ import torch
 # costs a few MACs per rank, gathering an adapter's A/B again costs copying them (the dearer, measured by
 # bench_lora_ops.py), so splitting a deep slot pays only when the padding would be large (a long prefill).
 COMPACT_SLACK = 4
+
+# A linear merge per flattened token: token -> its adapters' (slot, weight), in recipe order.
+TokenMerges = Mapping[int, Sequence[tuple[int, float]]]
+# One pass of the op: per token its slot (-1: not in this pass) and weight (None: all 1, no merged token).
+PassSlots = tuple[list[int], list[float] | None]
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,22 @@ def plan_groups(token_slots: Sequence[int], *, gather: bool, null_slot: int) -> 
     return _grid(per_slot, math.ceil(adapted / len(per_slot)), None)
 
 
+def split_passes(token_slots: Sequence[int], merges: TokenMerges) -> list[PassSlots]:
+    """The passes of a step (module docstring): pass 0 is `token_slots` with each merged token on its first
+    adapter's slot and weight (its `token_slots` entry is not read), pass k >= 1 the (k+1)-th adapters."""
+    if not merges:
+        return [(list(token_slots), None)]
+    if not all(merges.values()):
+        raise ValueError("a merged token needs at least one (slot, weight)")
+    n, depth = len(token_slots), max(map(len, merges.values()))
+    slots = [list(token_slots)] + [[-1] * n for _ in range(depth - 1)]
+    weights = [[1.0] * n] + [[0.0] * n for _ in range(depth - 1)]  # 0.0: tokens a pass skips (never read)
+    for t, pairs in merges.items():
+        for k, (slot, weight) in enumerate(pairs):
+            slots[k][t], weights[k][t] = slot, float(weight)
+    return list(zip(slots, weights, strict=True))
+
+
 def _grid(per_slot: dict[int, list[int]], depth: int, window_lo: int | None) -> GroupPlan:
     """Each slot's tokens in groups of `depth` rows, padding rows repeating the group's first token."""
     rows: list[int] = []
@@ -94,6 +123,9 @@ class LoRABatch:
     ranks:       rank bound per module kind ("q_proj", ...) for this step: the largest rank any slot of the
                  step holds for that kind (0: no adapter of the step targets it, so those layers skip LoRA).
                  A slot's A/B are zero past its own rank, so computing at a larger bound adds exact zeros.
+    row_weights: [G*D] fp32, each grid row's delta is multiplied by it (merged tokens); None: no scaling.
+    passes:      the step's further passes (linear merges), run after this one over the same x and y; they
+                 share `ranks` (the bound over every pass's slots).
     """
 
     token_slots: torch.Tensor
@@ -104,6 +136,8 @@ class LoRABatch:
     depth: int
     ranks: Mapping[str, int]
     window_lo: int | None = None  # the groups are the stack slots [lo, lo + G): read in place
+    row_weights: torch.Tensor | None = None
+    passes: tuple[LoRABatch, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -125,9 +159,12 @@ class LoRABatchBuffers:
         self._rows = torch.zeros(capacity, dtype=torch.long, device=self.device)
         self._padding = torch.zeros(capacity, 1, dtype=torch.bool, device=self.device)
         self._groups = torch.zeros(capacity, dtype=torch.long, device=self.device)
+        self._weights = torch.ones(capacity, dtype=torch.float32, device=self.device)
 
-    def fill(self, token_slots: Sequence[int], plan: GroupPlan, ranks: Mapping[str, int]) -> LoRABatch:
-        """Copy one step's description into the buffers (host -> device, no sync) and return views of it."""
+    def fill(self, token_slots: Sequence[int], plan: GroupPlan, ranks: Mapping[str, int],
+             token_weights: Sequence[float] | None = None) -> LoRABatch:
+        """Copy one pass's description into the buffers (host -> device, no sync) and return views of it.
+        token_weights: [T] per token (merged steps), laid out per grid row; None: no row weights."""
         need = max(len(token_slots), len(plan.rows))
         if need > self.capacity:
             self._alloc(max(need, 2 * self.capacity))
@@ -136,11 +173,15 @@ class LoRABatchBuffers:
         _write(self._rows, plan.rows)
         _write(self._padding[:, 0], [not v for v in plan.valid])
         _write(self._groups, plan.group_slots)
+        weights = None
+        if token_weights is not None:
+            _write(self._weights, [token_weights[t] for t in plan.rows])
+            weights = self._weights[:n]
         return LoRABatch(self._token_slots[: len(token_slots)], self._rows[:n], self._padding[:n],
-                         self._groups[:g], g, plan.depth, dict(ranks), plan.window_lo)
+                         self._groups[:g], g, plan.depth, dict(ranks), plan.window_lo, weights)
 
 
-def _write(buffer: torch.Tensor, values: list[int] | list[bool]) -> None:
+def _write(buffer: torch.Tensor, values: list[int] | list[bool] | list[float]) -> None:
     """buffer[:len(values)] = values, as one host -> device copy (non-blocking on CUDA)."""
     host = torch.tensor(values, dtype=buffer.dtype)
     buffer[: len(values)].copy_(host, non_blocking=buffer.is_cuda)

@@ -7,6 +7,7 @@ slot range read in place (window form); never more, for 1 or 16 adapters and any
 (bench_dispatch.py counts them), and no host sync: the grid layout arrives in device buffers (batch.py).
 Every group is computed at the step's rank bound: the slots' zeros past their own rank add exact zeros, so
 `slot_ranks` is not read (a per-slot bound would need per-group shapes, i.e. a loop or a host sync).
+A pass with row weights (merged tokens) scales the delta rows by them in fp32: one more op.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class TorchLoRABackend(LoRABackend):
         a, b = _group_stacks(a_stack[:, :rank], b_stack[:, :rank], batch)  # [G, rank, in], [G, rank, out]
         h = torch.bmm(xs.view(g, d, -1), a.transpose(1, 2))  # [G, D, rank]
         delta = torch.bmm(h, b).view(g * d, -1)  # [G*D, out]
+        if batch.row_weights is not None:  # [G*D] fp32: promotes a half-precision delta to fp32 before scaling
+            delta = delta * batch.row_weights[:, None]
         y.index_add_(0, batch.rows, delta.to(y.dtype))
 
 

@@ -9,9 +9,11 @@ each slot's own rank for this layer (`slot_ranks`, [S + 1] int32):
           slot's own rank returns at once, so rank padding costs a launch slot, never loads or FLOPs; the
           null slot (rank 0) does nothing. Split-K over the input dim (hidden and intermediate sizes are
           thousands wide) fills the GPU when the grid has few rows: a decode batch of 32 tokens.
-  expand  y[token(row), n] += sum_{r < r_s} (sum_split part[split, row, r]) * B[slot, r, n]
+  expand  y[token(row), n] += w[row] * sum_{r < r_s} (sum_split part[split, row, r]) * B[slot, r, n]
           grid (G * ceil(D / BLOCK_M), ceil(out / BLOCK_N)): the rank loop stops at the slot's own rank, and
-          the split partials are summed in split order (deterministic, no atomics).
+          the split partials are summed in split order (deterministic, no atomics). w: the pass's row weights
+          (merged tokens, batch.py), applied to the fp32 accumulator; a pass without them compiles without
+          the load (HAS_W is a constexpr).
 Padding rows are masked out of every load and store: their token's x is never read (it may be inf/NaN) and
 each token is stored by exactly one valid row, so there are no races. Every product is a tl.dot (exact IEEE
 for fp32) over a tile of BLOCK_M >= 16 rows of one group, tl.dot's smallest M on GPUs: a segment (window
@@ -115,12 +117,13 @@ def _sum_splits(part_ptr, grid_row, offs_r, mask, splits, num_rows, r_pad,
 
 
 @triton.jit
-def _expand_kernel(part_ptr, b_ptr, y_ptr, rows_ptr, pad_ptr, groups_ptr, ranks_ptr,
+def _expand_kernel(part_ptr, b_ptr, y_ptr, rows_ptr, pad_ptr, groups_ptr, ranks_ptr, w_ptr,
                    depth, rank_bound, n_size, splits, num_rows, r_pad,
                    stride_yt, stride_yn, stride_bs, stride_br, stride_bn, stride_pad,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                   F32_DOT: tl.constexpr):
-    """y[token, n] += h[row, :r_s] @ B[slot, :r_s, n] for this program's rows [BLOCK_M] x columns [BLOCK_N]."""
+                   F32_DOT: tl.constexpr, HAS_W: tl.constexpr):
+    """y[token, n] += w[row] * h[row, :r_s] @ B[slot, :r_s, n] for this program's rows [BLOCK_M] x columns
+    [BLOCK_N] (w = 1 without HAS_W)."""
     slot, own_rank, grid_row, token, valid = _program_rows(groups_ptr, ranks_ptr, rows_ptr, pad_ptr, stride_pad,
                                                            depth, rank_bound, BLOCK_M)
     if own_rank == 0:  # the null slot, or an adapter that does not target this layer: y stays as it is
@@ -137,6 +140,8 @@ def _expand_kernel(part_ptr, b_ptr, y_ptr, rows_ptr, pad_ptr, groups_ptr, ranks_
         bt = tl.load(b_slot + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
                      mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         acc = _mm(h, bt, acc, F32_DOT)  # [BLOCK_M, BLOCK_R] @ [BLOCK_R, BLOCK_N]
+    if HAS_W:  # a merged token's weight for this pass, [BLOCK_M] fp32 (1.0 on plain rows of pass 0: exact)
+        acc = acc * tl.load(w_ptr + grid_row, mask=valid, other=0.0)[:, None]
     y_tile = y_ptr + token[:, None] * stride_yt + offs_n[None, :] * stride_yn  # int64 offsets
     mask = valid[:, None] & n_ok[None, :]  # padding rows store nothing: each token has one valid row
     y = tl.load(y_tile, mask=mask, other=0.0)
@@ -205,6 +210,8 @@ class TritonLoRABackend(LoRABackend):
         _shrink_kernel[(g * cfg.m_tiles(d), cfg.splits, cfg.r_tiles)](
             x, a_stack, part, *meta, d, rank, x.shape[1], cfg.k_chunk, rows, r_pad,
             *x.stride(), *a_stack.stride(), batch.padding.stride(0), BLOCK_K=cfg.block_k, **common)
+        weights = batch.row_weights  # [G*D] fp32, or None: the kernel never reads w_ptr then
         _expand_kernel[(g * cfg.m_tiles(d), triton.cdiv(y.shape[1], cfg.block_n))](
-            part, b_stack, y, *meta, d, rank, y.shape[1], cfg.splits, rows, r_pad,
-            *y.stride(), *b_stack.stride(), batch.padding.stride(0), BLOCK_N=cfg.block_n, **common)
+            part, b_stack, y, *meta, part if weights is None else weights, d, rank, y.shape[1], cfg.splits, rows,
+            r_pad, *y.stride(), *b_stack.stride(), batch.padding.stride(0), BLOCK_N=cfg.block_n,
+            HAS_W=weights is not None, **common)

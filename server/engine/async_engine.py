@@ -16,11 +16,16 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from loraplex.adapters.slot_table import AdapterSnapshot
 from loraplex.server.engine.engine import LLMEngine
 from loraplex.server.engine.request import Request, RequestOutput, StepStats
 from loraplex.server.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from loraplex.adapters.merge import MergeRecipe
+    from loraplex.server.engine.guided import CompiledGrammar, GuidedSpec
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,8 @@ class _Add:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: str | None
+    merge: MergeRecipe | None = None
+    prefix_of: str | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,10 @@ class AsyncEngine:
         """RequestRejected (a ValueError) with the numbers if the request can never run."""
         self.engine.check_fits(prompt_len, params)
 
+    def compile_grammar(self, spec: GuidedSpec) -> CompiledGrammar:
+        """Compile a structured-output grammar (thread-safe, cached): the API does it before admission."""
+        return self.engine.compile_grammar(spec)
+
     @property
     def token_capacity(self) -> int:
         """Most tokens (prompt + output) one request may hold: the context limit or the KV pool."""
@@ -122,14 +133,16 @@ class AsyncEngine:
 
     # ---- requests ------------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; leaving the iterator early (client gone) aborts the request."""
+                       request_id: str | None = None, *, merge: MergeRecipe | None = None,
+                       prefix_of: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; leaving the iterator early (client gone) aborts the request.
+        `merge` and `prefix_of` as in LLMEngine.add_request."""
         rid = request_id or uuid.uuid4().hex
         self.check_fits(len(prompt_ids), params)  # reject early, in the caller's context
         self._check_alive()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), queue)
-        self._post(_Add(rid, list(prompt_ids), params, adapter))
+        self._post(_Add(rid, list(prompt_ids), params, adapter, merge, prefix_of))
         if self.dead_reason is not None:  # died between the check and registering: no one will answer
             queue.put_nowait(_dead_output(rid, len(prompt_ids), self.dead_reason))
         finished = False
@@ -234,7 +247,8 @@ class AsyncEngine:
             self._arm_fault(item.reason)
         elif isinstance(item, _Add):
             try:
-                self.engine.add_request(item.request_id, item.prompt_ids, item.params, item.adapter)
+                self.engine.add_request(item.request_id, item.prompt_ids, item.params, item.adapter, item.merge,
+                                        item.prefix_of)
             except ValueError as exc:
                 self._deliver([_error_output(item, str(exc), "request")])
         elif item[0] == "abort":

@@ -6,10 +6,12 @@ thread.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,16 +27,28 @@ from loraplex.server.engine.attention import PagedKVCache, register_paged_attent
 from loraplex.server.engine.block_pool import BlockPool
 from loraplex.server.engine.cuda_graphs import DecodeGraphs
 from loraplex.server.engine.detokenizer import IncrementalDetokenizer
+from loraplex.server.engine.guided import CompiledGrammar, GuidedCompiler, GuidedError, GuidedSpec, fill_bitmasks
 from loraplex.server.engine.kv_sizing import auto_num_blocks, kv_bytes_per_token
 from loraplex.server.engine.model_runner import ModelRunner
 from loraplex.server.engine.paged_kernels import select_paged_kernel
 from loraplex.server.engine.postprocess import Postprocessor
-from loraplex.server.engine.request import Request, RequestOutput, Status, StepResult, StepStats
-from loraplex.server.engine.sampler import Sampler, SampleRow, make_generator
+from loraplex.server.engine.request import Request, RequestOutput, Status, StepResult, StepStats, TokenLogprob
+from loraplex.server.engine.sampler import (
+    Bitmask,
+    SampleOutput,
+    Sampler,
+    SampleRow,
+    bitmask_row,
+    check_vocab,
+    make_generator,
+)
 from loraplex.server.engine.sampling_params import SamplingParams
 from loraplex.server.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from loraplex.server.engine.stop import StopStringMatcher
 from loraplex.server.model_loader import LoadedModel
+
+if TYPE_CHECKING:
+    from loraplex.adapters.merge import MergeRecipe
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +104,12 @@ class LLMEngine:
             self.runner.use_graphs(DecodeGraphs.for_device(self.runner.forward_decode, self.lora, loaded.device),
                                    config.scheduler.max_num_seqs)
         self.sampler = Sampler()
+        self.vocab_size = model.get_output_embeddings().out_features  # the logits' width
         self.post = Postprocessor(_eos_ids(loaded), config.max_model_len)
+        self.guided = _guided_compiler(self.tokenizer, self.vocab_size, self.post.eos_ids)
         self.requests: dict[str, Request] = {}
+        self._forks: dict[str, list[Request]] = {}  # leader request id -> choices waiting for its prompt
+        self.shared_prefix_tokens = 0  # prompt tokens choices did not compute thanks to a shared prefix
 
     def _make_kv(self, model: torch.nn.Module, loaded: LoadedModel) -> tuple[BlockPool, PagedKVCache]:
         cfg = model.config.get_text_config()
@@ -110,16 +128,41 @@ class LLMEngine:
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    adapter: str | None = None) -> None:
+                    adapter: str | None = None, merge: MergeRecipe | None = None, prefix_of: str | None = None
+                    ) -> None:
+        """Queue a request for `adapter` (None: the base model), or for several adapters merged (`merge`).
+
+        `prefix_of`: another choice of the same HTTP request (same prompt and adapter, `n` > 1). This one then
+        starts once that one's prompt is in the KV pool, sharing its prompt's full blocks instead of computing
+        them again (it computes at most one block of the prompt itself, for its own first token)."""
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
+        if merge is not None and adapter is not None:
+            raise ValueError("a request names one adapter or a merge recipe, not both")
         self.check_fits(len(prompt_ids), params)
+        try:
+            check_vocab(params, self.vocab_size)
+            guided = self.compile_grammar(params.guided).new_state() if params.guided is not None else None
+        except ValueError as exc:  # GuidedError included (the API compiled it first: normally a cache hit)
+            raise RequestRejected(str(exc)) from None
         req = Request(request_id, list(prompt_ids), params, adapter,
                       make_generator(params.seed, self.loaded.device) if not params.greedy else None,
                       IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
-                      StopStringMatcher(params.stop))
+                      StopStringMatcher(params.stop), merge=merge, guided=guided)
         self.requests[request_id] = req
-        self.scheduler.add(req)
+        leader = self.requests.get(prefix_of) if prefix_of is not None else None
+        if leader is not None and _same_prefix(leader, req):
+            self._forks.setdefault(leader.request_id, []).append(req)  # started by _start_forks
+            self._start_forks()
+        else:
+            self.scheduler.add(req)
+
+    def compile_grammar(self, spec: GuidedSpec) -> CompiledGrammar:
+        """Compile (or find in the cache) a structured-output grammar; any thread (the API calls it first, off
+        the engine thread). GuidedError names the request field when the schema or pattern is invalid."""
+        if self.guided is None:
+            raise GuidedError(spec.field, "structured output is unavailable for this model's tokenizer")
+        return self.guided.compile(spec)
 
     def check_fits(self, prompt_len: int, params: SamplingParams) -> None:
         limit = self.config.max_model_len
@@ -140,17 +183,55 @@ class LLMEngine:
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
-        self.scheduler.finish(req)
+        if not self._drop_fork(req):
+            self.scheduler.finish(req)
+        self._start_forks()  # an aborted leader's choices start on their own
         return self.post.final(req, "abort")
 
     def fail_adapter(self, adapter: str, reason: str) -> list[RequestOutput]:
         """End every request for `adapter` that has not started (it was unregistered). Requests that started
         hold the adapter's slot, preempted ones included, and finish with it (DESIGN: in-flight ones finish)."""
-        doomed = [r for r in self.scheduler.waiting if r.adapter == adapter and not r.holds_adapter]
+        doomed = [r for r in self.scheduler.waiting if not r.holds_adapter and
+                  (r.adapter == adapter or (r.merge is not None and adapter in r.merge.names))]
         return [self._fail(r, reason, "request") for r in doomed]
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()  # requests waiting on adapter loads included
+        return self.scheduler.has_work() or bool(self._forks)  # requests waiting on adapter loads included
+
+    # ---- n > 1: choices sharing their prompt's KV blocks ------------------------------------------
+    def _start_forks(self) -> None:
+        """Hand each waiting choice to the scheduler once its leader's prompt is in the KV pool (sharing its
+        full blocks), or at once, unshared, when the leader can no longer share (finished, preempted)."""
+        for leader_id, forks in list(self._forks.items()):
+            leader = self.requests.get(leader_id)
+            ready = leader is not None and leader.status is Status.RUNNING and \
+                leader.num_computed >= len(leader.prompt_ids)
+            if leader is not None and leader.status is not Status.FINISHED and not ready:
+                continue
+            del self._forks[leader_id]
+            for req in forks:
+                if ready:
+                    self._share_prefix(leader, req)
+                self.scheduler.add(req)
+
+    def _share_prefix(self, leader: Request, req: Request) -> None:
+        """Give `req` the leader's full prompt blocks before the last prompt token (never written again)."""
+        full = (len(req.prompt_ids) - 1) // self.pool.block_size
+        if full and len(leader.blocks) >= full:
+            req.blocks = self.pool.share(leader.blocks[:full])
+            req.num_computed = full * self.pool.block_size
+            req.prompt_logprobs = list(leader.prompt_logprobs)  # the leader scored the whole prompt
+            self.shared_prefix_tokens += req.num_computed
+
+    def _drop_fork(self, req: Request) -> bool:
+        """Take a choice that never reached the scheduler out of the fork list; False if it is not there."""
+        for leader_id, forks in self._forks.items():
+            if req in forks:
+                forks.remove(req)
+                if not forks:
+                    del self._forks[leader_id]
+                return True
+        return False
 
     # ---- adapters (engine thread) -----------------------------------------------------------------
     def apply_adapter_messages(self) -> bool:
@@ -190,72 +271,111 @@ class LLMEngine:
         outputs = [self._fail(req, reason, "request") for req, reason in sched.failed]
         if not sched.chunks:
             return StepResult(outputs)
-        stats = StepStats(sched.num_tokens, len(sched.chunks),
-                          len({c.request.slot for c in sched.chunks if c.request.slot >= 0}))
+        slots = {s for c in sched.chunks for s in (c.request.merge_slots or (c.request.slot,)) if s >= 0}
+        stats = StepStats(sched.num_tokens, len(sched.chunks), len(slots))
         try:
             self._run(sched, outputs)
+            self._start_forks()
         except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving the others
             log.exception("engine step failed; failing the %d requests scheduled in it", len(sched.chunks))
             reason = (f"internal engine error in the step that ran this request ({type(exc).__name__}: {exc}); "
                       "other requests are unaffected")
             outputs += [self._fail(c.request, reason, "internal") for c in sched.chunks
                         if c.request.status is not Status.FINISHED]
+            self._start_forks()
         return StepResult(outputs, stats)
 
     def _run(self, sched: SchedulerOutput, outputs: list[RequestOutput]) -> None:
         """Forward, sample, postprocess; appends to `outputs` as it goes (a later fault keeps them)."""
-        logits = self.runner.execute(sched.chunks)
-        sampling = [c.request for c in sched.chunks if c.samples]
-        picks, bad = self._sample(logits, sampling)
+        result = self.runner.execute(sched.chunks)
+        for chunk, rows in result.prompt_logits:
+            _record_prompt_logprobs(chunk.request, chunk.start, rows)
+        ends = [c.request for c in sched.chunks if c.samples]
+        sampling = [i for i, req in enumerate(ends) if req.params.max_tokens > 0]  # max_tokens 0: scoring only
+        logits = result.logits if len(sampling) == len(ends) else result.logits[sampling]
+        reqs = [ends[i] for i in sampling]
+        picks, bad = self._sample(logits, reqs, self._guided_bitmask(reqs))
         outputs += [self._fail(req, reason, "request") for req, reason in bad.items()]
+        outputs += [self._finish_scored(ends[i]) for i in range(len(ends)) if ends[i].params.max_tokens == 0]
         self._postprocess(sched, picks, outputs)
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]
-                ) -> tuple[dict[Request, tuple[int, float]], dict[Request, str]]:
-        """logits [N, V] → ({request: (token, logprob)}, {request: why it failed}), one host sync.
+    def _finish_scored(self, req: Request) -> RequestOutput:
+        """A request that only scores its prompt (max_tokens 0): done once the prompt is computed."""
+        self.requests.pop(req.request_id, None)
+        self.scheduler.finish(req)
+        return self._with_prompt_logprobs(req, self.post.final(req, "length"))
+
+    def _with_prompt_logprobs(self, req: Request, out: RequestOutput) -> RequestOutput:
+        """Attach the prompt's logprobs to the request's first output (once)."""
+        if req.params.prompt_logprobs is None or req.prompt_logprobs_sent:
+            return out
+        req.prompt_logprobs_sent = True
+        return dataclasses.replace(out, prompt_logprobs=[None, *req.prompt_logprobs])
+
+    def _guided_bitmask(self, reqs: list[Request]) -> Bitmask | None:
+        """(rows, allowed-token words [M, ceil(V/32)] int32) for the rows under a grammar; None (no work) when
+        no row has one. Filled on the CPU after the forward was launched (on CUDA it overlaps the forward)."""
+        rows = [i for i, r in enumerate(reqs) if r.guided is not None]
+        if not rows:
+            return None
+        return torch.tensor(rows, dtype=torch.int64), fill_bitmasks([reqs[i].guided for i in rows], self.vocab_size)
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request], bitmask: Bitmask | None = None
+                ) -> tuple[dict[Request, Pick], dict[Request, str]]:
+        """logits [N, V] → ({request: its pick}, {request: why it failed}), one host sync.
 
         A row with non-finite logits (e.g. an adapter whose weights overflow) fails alone: the sampler sees a
-        zeroed row in its place, so batch-mates sample exactly as they would without it.
+        zeroed row in its place, so batch-mates sample exactly as they would without it. So does a row whose
+        parameters cannot apply (a logit_bias id past the vocabulary) or whose grammar allows no token.
         """
         lo, hi = torch.aminmax(logits, dim=-1)  # one pass; NaN and inf propagate into them
         finite = torch.isfinite(lo) & torch.isfinite(hi)  # [N]
         logits = torch.where(finite[:, None], logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
-        tokens, errors = self._sample_rows(logits, reqs)
-        # [N] log p(token) under the raw distribution (before temperature/top-k/top-p), as vLLM reports it;
-        # logit - logsumexp, not a full [N, V] log_softmax.
-        raw = logits.float()
-        logprobs = raw.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(raw, dim=-1)
-        host = torch.stack([tokens.double(), logprobs.double(), finite.double()], dim=1).tolist()  # [N, 3]
-        picks: dict[Request, tuple[int, float]] = {}
-        for req, (token, logprob, ok) in zip(reqs, host, strict=True):
+        out, errors = self._sample_rows(logits, reqs, bitmask)
+        host = torch.stack([out.tokens.double(), out.logprobs.double(), finite.double(), out.no_token.double()],
+                           dim=1).tolist()  # [N, 4]
+        tops = _tops(out)
+        picks: dict[Request, Pick] = {}
+        for i, (req, (token, logprob, ok, no_token)) in enumerate(zip(reqs, host, strict=True)):
             if req in errors:
                 continue
             if not ok:
                 errors[req] = _non_finite_message(req)
-                continue
-            picks[req] = (int(token), logprob)
+            elif no_token:
+                errors[req] = ("the structured-output grammar allows no token at this position (min_tokens may "
+                               "forbid the only ones it allows)")
+            elif req.guided is not None and not req.guided.accept(int(token)):  # only a masking bug gets here
+                errors[req] = f"sampled token {int(token)} breaks the grammar ({req.guided.error})"
+            else:
+                k = req.params.logprobs or 0
+                picks[req] = Pick(int(token), logprob, tops[i][:k] if tops else ())
         return picks, errors
 
-    def _sample_rows(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[torch.Tensor, dict[Request, str]]:
+    def _sample_rows(self, logits: torch.Tensor, reqs: list[Request], bitmask: Bitmask | None
+                     ) -> tuple[SampleOutput, dict[Request, str]]:
         """All rows in one batched call; should that raise, row by row, so only the failing rows fail."""
         rows = [self._sample_row(r) for r in reqs]
         try:
-            return self.sampler.sample(logits, rows), {}
+            out = self.sampler.sample(logits, rows, bitmask)
+            return out, {reqs[i]: reason for i, reason in out.errors.items()}
         except Exception:  # noqa: BLE001 - isolate the culprit below
             log.exception("batched sampling failed; sampling row by row to isolate the failing requests")
-        tokens = torch.zeros(len(reqs), dtype=torch.int64, device=logits.device)
+        parts: list[SampleOutput] = []
         errors: dict[Request, str] = {}
         for i, (req, row) in enumerate(zip(reqs, rows, strict=True)):
             try:
-                tokens[i] = self.sampler.sample(logits[i : i + 1], [row])[0]
+                parts.append(self.sampler.sample(logits[i : i + 1], [row], bitmask_row(bitmask, i)))
+                if parts[-1].errors:
+                    errors[req] = parts[-1].errors[0]
             except Exception as exc:  # noqa: BLE001 - this request's parameters broke sampling: it alone fails
                 errors[req] = f"sampling failed for this request's parameters ({type(exc).__name__}: {exc})"
-        return tokens, errors
+                parts.append(_empty_output(logits.device))
+        return _concat_outputs(parts), errors
 
     def _sample_row(self, req: Request) -> SampleRow:
-        return SampleRow(req.params, req.generator, len(req.output_ids), self.post.eos_ids)
+        return SampleRow(req.params, req.generator, self.post.eos_ids, req.prompt_ids, req.output_ids)
 
-    def _postprocess(self, sched: SchedulerOutput, tokens: dict[Request, tuple[int, float]],
+    def _postprocess(self, sched: SchedulerOutput, tokens: dict[Request, Pick],
                      outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
         for chunk in sched.chunks:
@@ -264,7 +384,8 @@ class LLMEngine:
             if req not in tokens or req.status is not Status.RUNNING:
                 continue
             req.first_token_time = req.first_token_time or now
-            out = self.post.append(req, *tokens[req])
+            pick = tokens[req]
+            out = self._with_prompt_logprobs(req, self.post.append(req, pick.token, pick.logprob, pick.top))
             if out.finished:
                 self.requests.pop(req.request_id, None)
                 self.scheduler.finish(req)
@@ -276,8 +397,82 @@ class LLMEngine:
         return self.post.final(req, "error", error=reason, error_kind=kind)
 
 
+@dataclass(frozen=True, slots=True)
+class Pick:
+    """A sampled token, its raw logprob, and the top alternatives the request asked for."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def _tops(out: SampleOutput) -> list[tuple[tuple[int, float], ...]] | None:
+    """Per row, (token, logprob) of the top alternatives the batch computed (None: no row asked)."""
+    if out.top_ids is None:
+        return None
+    return [tuple(zip(ids, lps, strict=True)) for ids, lps in zip(out.top_ids.tolist(), out.top_logprobs.tolist(),
+                                                                   strict=True)]
+
+
+def _empty_output(device: torch.device) -> SampleOutput:
+    """One failed row's stand-in when sampling row by row."""
+    return SampleOutput(torch.zeros(1, dtype=torch.int64, device=device), torch.zeros(1, device=device), None, None,
+                        torch.zeros(1, dtype=torch.bool, device=device))
+
+
+def _concat_outputs(parts: list[SampleOutput]) -> SampleOutput:
+    """Row-by-row outputs as one (top alternatives padded to the widest with -inf / token 0)."""
+    k = max((p.top_ids.shape[1] for p in parts if p.top_ids is not None), default=0)
+    ids = lps = None
+    if k:
+        device = parts[0].tokens.device
+        ids = torch.zeros(len(parts), k, dtype=torch.int64, device=device)
+        lps = torch.full((len(parts), k), float("-inf"), device=device)
+        for i, p in enumerate(parts):
+            if p.top_ids is not None:
+                ids[i, : p.top_ids.shape[1]], lps[i, : p.top_ids.shape[1]] = p.top_ids[0], p.top_logprobs[0]
+    return SampleOutput(torch.cat([p.tokens for p in parts]), torch.cat([p.logprobs for p in parts]), ids, lps,
+                        torch.cat([p.no_token for p in parts]))
+
+
+def _same_prefix(leader: Request, req: Request) -> bool:
+    return leader.prompt_ids == req.prompt_ids and leader.adapter == req.adapter and leader.merge == req.merge
+
+
+def _record_prompt_logprobs(req: Request, start: int, logits: torch.Tensor) -> None:
+    """logits [m, V]: rows start .. start + m - 1 of the prompt, row i predicting prompt token start + i + 1.
+    Positions recorded before (a preempted request computes its prompt again) are not recorded twice."""
+    done = len(req.prompt_logprobs)  # positions 1 .. done are recorded
+    skip = done - start
+    if skip >= logits.shape[0]:
+        return
+    rows = logits[max(skip, 0):]
+    first = start + max(skip, 0) + 1  # the prompt position rows[0] predicts
+    targets = torch.tensor(req.prompt_ids[first : first + rows.shape[0]], device=rows.device)
+    logprobs = torch.log_softmax(rows, dim=-1)  # [m, V] fp32
+    chosen_t = logprobs.gather(1, targets[:, None])  # [m, 1]
+    ranks = ((logprobs > chosen_t).sum(dim=-1) + 1).tolist()
+    chosen = chosen_t[:, 0].tolist()
+    k = req.params.prompt_logprobs
+    top = logprobs.topk(k, dim=-1) if k else None
+    top_ids = top.indices.tolist() if top is not None else [[]] * len(chosen)
+    top_lps = top.values.tolist() if top is not None else [[]] * len(chosen)
+    for token, lp, ids, lps, rank in zip(targets.tolist(), chosen, top_ids, top_lps, ranks, strict=True):
+        req.prompt_logprobs.append(TokenLogprob(token, lp, tuple(zip(ids, lps, strict=True)), rank))
+
+
+def _guided_compiler(tokenizer: object, vocab_size: int, eos_ids: tuple[int, ...]) -> GuidedCompiler | None:
+    """The structured-output compiler (building it reads the whole vocabulary once: ~1 s at 50k tokens)."""
+    try:
+        return GuidedCompiler(tokenizer, vocab_size, eos_token_ids=eos_ids)
+    except ValueError as exc:  # e.g. a slow (non-"fast") tokenizer
+        log.warning("structured output is unavailable: %s", exc)
+        return None
+
+
 def _non_finite_message(req: Request) -> str:
-    source = f"adapter {req.adapter!r}" if req.adapter else "the base model"
+    source = f"adapter {req.adapter!r}" if req.adapter else (f"merge {req.merge.label}" if req.merge else
+                                                              "the base model")
     return (f"the forward pass produced non-finite logits (NaN or inf) for this request with {source}; "
             "its weights may overflow in this dtype. Other requests are unaffected")
 

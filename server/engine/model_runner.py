@@ -16,20 +16,36 @@ A padded decode step is described by host tensors with fixed names and shapes (`
 set of device buffers per captured graph and replays it. With a paged attention kernel (CUDA) every step's
 sequences are described by `PagedMetadata`; decode steps then use a block table as wide as --max-model-len,
 so one graph per bucket serves every context length.
+
+A linearly merged request (adapters/merge.py) holds a slot per adapter (`request.merge_slots`); its rows take
+the first as their slot and all of them, weighted, through `set_token_slots(..., merges=)`, which adds passes
+to the LoRA op. A padded decode step with such rows runs eagerly: a captured graph holds one slot per row.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from loraplex.adapters.inject import LoRAInjection
-from loraplex.adapters.ops import LoRABatch
+from loraplex.adapters.ops import LoRABatch, TokenMerges
 from loraplex.server.engine.attention import AttentionMetadata, PagedKVCache, PrefillPart
 from loraplex.server.engine.cuda_graphs import DecodeGraphs
 from loraplex.server.engine.paged_kernels import PagedMetadata, paged_metadata
 from loraplex.server.engine.scheduler import ScheduledChunk
 
 DecodeInputs = dict[str, torch.Tensor]  # name -> tensor of one padded decode step (see _decode_inputs)
+
+
+@dataclass(frozen=True)
+class RunnerOutput:
+    """One step's logits: `logits` [K, V] fp32 for the K chunks that sample, in chunk order; `prompt_logits`
+    for each chunk whose request wants prompt logprobs, [m, V] for its m rows that predict a prompt token
+    (row i of the chunk predicts token start + i + 1)."""
+
+    logits: torch.Tensor
+    prompt_logits: list[tuple[ScheduledChunk, torch.Tensor]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -57,20 +73,24 @@ class ModelRunner:
             graphs.capture_buckets(lambda n: self._decode_inputs([], n, [0] * n, [0] * n, [-1] * n), sizes)
 
     @torch.inference_mode()
-    def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Forward every chunk; return fp32 logits [K, V] for the K chunks that sample, in chunk order."""
+    def execute(self, chunks: list[ScheduledChunk]) -> RunnerOutput:
+        """Forward every chunk; fp32 logits [K, V] for the K chunks that sample, in chunk order, plus the rows
+        that predict prompt tokens for the chunks whose request asked for prompt logprobs."""
         order = sorted(range(len(chunks)), key=lambda i: chunks[i].n != 1)  # decodes first, else stable
         packed = [chunks[i] for i in order]
         static = self.decode_buckets and all(c.n == 1 for c in packed)
         pad = bucket(len(packed)) - len(packed) if static else 0
         ids, pos, slots, last_row = self._pack(packed, pad)
         keep = [last_row[k] for k in sorted(range(len(order)), key=order.__getitem__) if packed[k].samples]
+        scored = _prompt_rows(packed, last_row)  # [(chunk, first row, rows)]: rows predicting prompt tokens
+        keep += [row for _, first, n in scored for row in range(first, first + n)]
         if static:
-            logits = self._run_decode(self._decode_inputs(packed, pad, ids, pos, slots), slots)  # [bucket, V]
-            return logits.index_select(0, self._tensor(keep)).float()
+            logits = self._run_decode(self._decode_inputs(packed, pad, ids, pos, slots), slots,
+                                      _merged_rows(packed))  # [bucket, V]
+            return _split(logits.index_select(0, self._tensor(keep)).float(), scored)
         meta = self._attention_metadata(packed)
         if self.lora is not None:
-            self.lora.set_token_slots(slots)
+            self.lora.set_token_slots(slots, merges=_merged_rows(packed))
         out = self.model(
             input_ids=self._tensor(ids)[None],
             position_ids=self._tensor(pos)[None],
@@ -79,7 +99,7 @@ class ModelRunner:
             logits_to_keep=self._tensor(keep),
             use_cache=False,
         )
-        return out.logits[0].float()
+        return _split(out.logits[0].float(), scored)
 
     def _pack(self, chunks: list[ScheduledChunk], pad: int) -> tuple[list[int], list[int], list[int], list[int]]:
         """Token ids, positions, adapter slots (per token, `pad` pad rows last) and each chunk's last row."""
@@ -95,16 +115,17 @@ class ModelRunner:
         return ids + [0] * pad, pos + [0] * pad, slots + [-1] * pad, last
 
     # ---- padded decode steps (static shapes: eager or a captured graph) ---------------------------
-    def _run_decode(self, inputs: DecodeInputs, slots: list[int]) -> torch.Tensor:
+    def _run_decode(self, inputs: DecodeInputs, slots: list[int], merges: TokenMerges) -> torch.Tensor:
         """Logits [bucket, V] of a padded decode step (`slots`: its token slots, as `inputs` holds them):
-        replayed from a graph when graphs are on, else eager."""
+        replayed from a graph when graphs are on, else eager. A step with linearly merged rows (`merges`)
+        runs eagerly: a graph replays the one-slot-per-row gather form only."""
         use_lora = self.lora is not None and max(slots) >= 0
-        if self.graphs is not None:
+        if self.graphs is not None and not merges:
             return self.graphs.run(inputs, use_lora)
         device_inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
         batch = None
         if use_lora:
-            self.lora.set_token_slots(slots, gather=True)
+            self.lora.set_token_slots(slots, gather=True, merges=merges)
             batch = self.lora.context.batch
         return self.forward_decode(device_inputs, batch)
 
@@ -193,8 +214,46 @@ class ModelRunner:
         return _long(values).to(self.device, non_blocking=True)
 
 
+def _merged_rows(chunks: list[ScheduledChunk]) -> TokenMerges:
+    """Row -> (slot, weight) of each adapter, for the rows of linearly merged requests (in `_pack`'s row
+    order); empty when the step has none, and the LoRA op then runs as it always did."""
+    rows: dict[int, tuple[tuple[int, float], ...]] = {}
+    row = 0
+    for c in chunks:
+        merge = c.request.merge
+        if merge is not None and not merge.virtual:  # a ties / dare merge runs on its virtual adapter's slot
+            pairs = tuple(zip(c.request.merge_slots, merge.weights, strict=True))
+            rows.update(dict.fromkeys(range(row, row + c.n), pairs))
+        row += c.n
+    return rows
+
+
 def _long(values: list[int]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long)
+
+
+def _prompt_rows(packed: list[ScheduledChunk], last_row: list[int]) -> list[tuple[ScheduledChunk, int, int]]:
+    """(chunk, first row, row count) of the rows whose next token is a prompt token, for the chunks whose
+    request asked for prompt logprobs (none of them: an empty list, and the step keeps only sampling rows)."""
+    out = []
+    for chunk, last in zip(packed, last_row, strict=True):
+        req = chunk.request
+        if req.params.prompt_logprobs is None:
+            continue
+        n = min(chunk.start + chunk.n, len(req.prompt_ids) - 1) - chunk.start  # rows predicting prompt tokens
+        if n > 0:
+            out.append((chunk, last - chunk.n + 1, n))
+    return out
+
+
+def _split(logits: torch.Tensor, scored: list[tuple[ScheduledChunk, int, int]]) -> RunnerOutput:
+    """logits [K + Σm, V]: the sampling rows, then each scored chunk's prompt rows (as `execute` kept them)."""
+    k = logits.shape[0] - sum(n for _, _, n in scored)
+    parts, at = [], k
+    for chunk, _, n in scored:
+        parts.append((chunk, logits[at : at + n]))
+        at += n
+    return RunnerOutput(logits[:k], parts)
 
 
 def bucket(n: int) -> int:

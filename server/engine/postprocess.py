@@ -12,7 +12,8 @@ class Postprocessor:
         self.eos_ids = eos_ids
         self.max_model_len = max_model_len
 
-    def append(self, req: Request, token: int, logprob: float | None = None) -> RequestOutput:
+    def append(self, req: Request, token: int, logprob: float | None = None,
+               top: tuple[tuple[int, float], ...] | None = None) -> RequestOutput:
         req.output_ids.append(token)
         reason = self._finish_reason(req, token)
         text, stopped = req.stop_matcher.feed(req.detokenizer.push([token]))
@@ -22,7 +23,10 @@ class Postprocessor:
             text += self._drain(req)
         req.finish_reason = reason
         out = self._output(req, [token], text, reason)
-        return out if logprob is None else dataclasses.replace(out, logprobs=[logprob])
+        if logprob is None:
+            return out
+        wants_top = bool(req.params.logprobs)
+        return dataclasses.replace(out, logprobs=[logprob], top_logprobs=[top or ()] if wants_top else None)
 
     def final(self, req: Request, reason: str, error: str | None = None,
               error_kind: str | None = None) -> RequestOutput:
@@ -33,6 +37,8 @@ class Postprocessor:
     def _finish_reason(self, req: Request, token: int) -> str | None:
         p = req.params
         n = len(req.output_ids)
+        if req.guided is not None and req.guided.terminated:  # the grammar is complete: nothing may follow
+            return "stop"
         if n >= p.min_tokens and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)):
             return "stop"
         if n >= p.max_tokens or req.num_tokens >= self.max_model_len:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,11 +13,26 @@ from loraplex.server.engine.detokenizer import IncrementalDetokenizer
 from loraplex.server.engine.sampling_params import SamplingParams
 from loraplex.server.engine.stop import StopStringMatcher
 
+if TYPE_CHECKING:
+    from loraplex.adapters.merge import MergeRecipe
+    from loraplex.server.engine.guided import GuidedState
+
 
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model's raw distribution, and the `top` alternatives asked for
+    ((token, logprob), best first)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None  # 1 + how many tokens the model found likelier
 
 
 @dataclass(frozen=True)
@@ -32,6 +48,11 @@ class RequestOutput:
     num_output_tokens: int
     error: str | None = None
     logprobs: list[float] | None = None  # log-probability of each new token under the model's raw logits
+    # Per new token, the top alternatives when the request asked for logprobs >= 1 (else None).
+    top_logprobs: list[tuple[tuple[int, float], ...]] | None = None
+    # With the first output (or the only one, for max_tokens 0): each prompt token's logprob when the request
+    # asked for prompt logprobs; the first prompt token has none (nothing predicts it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     # Who is at fault when finish_reason == "error": "request" (its own parameters, prompt or adapter: a
     # client error), "internal" (a server fault in a step) or "unavailable" (the engine stopped).
     error_kind: str | None = None
@@ -60,6 +81,13 @@ class Request:
     started: bool = False  # admitted at least once: from then on it keeps its adapter ref until finished
     charged_prompt: int = 0  # prompt tokens already charged to its tenant's fairness counter
     fair_preempted: bool = False  # preempted once for fairness: never again (bounds its recomputation)
+    # Several registered adapters combined for this request (LoRAX-style merging); `adapter` is then None.
+    merge: MergeRecipe | None = None
+    merge_slots: tuple[int, ...] = ()  # device slots of a merge's adapters (recipe order) while it holds them
+    # Prompt logprobs computed so far (params.prompt_logprobs set): one per prompt position, the first None.
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
+    guided: GuidedState | None = None  # the structured-output grammar's state, advanced by each output token
 
     @property
     def num_tokens(self) -> int:

@@ -13,7 +13,9 @@ When the KV pool runs dry, the newest running request is preempted (its blocks f
 
 A started request keeps its adapter ref (and so its slot) until it finishes, through any preemption: an
 adapter unregistered after the request started cannot be acquired again, yet the request must finish; and
-re-admission needs no reload.
+re-admission needs no reload. A merged request (adapters/merge.py) does the same with every slot its recipe
+needs (each adapter of a linear merge, or the one virtual adapter of a ties / dare merge), acquired all or
+nothing per step, and is accounted to its own tenant, the recipe's label.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from loraplex.adapters.slot_table import SlotState, SlotTable
+from loraplex.adapters.merge import remember
+from loraplex.adapters.slot_table import Acquired, SlotState, SlotTable
 from loraplex.server.engine.block_pool import BlockPool
 from loraplex.server.engine.fairness import VirtualTokenCounter, request_worth, tenant_of
 from loraplex.server.engine.request import Request, Status
@@ -82,9 +85,12 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
-        self.vtc.arrive(tenant_of(request.adapter))
-        if request.adapter is not None and self.adapters is not None:
-            self.adapters.prefetch(request.adapter)
+        self.vtc.arrive(_tenant(request))
+        if request.merge is not None and request.merge.virtual:
+            remember(request.merge)  # its virtual name resolves from now on (SlotTable, host loader)
+        if self.adapters is not None:
+            for name in _slot_names(request):  # a merge's adapters (or its virtual one) load in parallel
+                self.adapters.prefetch(name)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -110,7 +116,7 @@ class Scheduler:
         prompt_end = min(start + n, len(req.prompt_ids))
         new_prompt = max(0, prompt_end - max(start, req.charged_prompt))
         req.charged_prompt = max(req.charged_prompt, prompt_end)
-        self.vtc.charge(tenant_of(req.adapter), new_prompt, int(chunk.samples))
+        self.vtc.charge(_tenant(req), new_prompt, int(chunk.samples))
 
     # ---- running ---------------------------------------------------------------------------
     def _schedule_running(self, out: SchedulerOutput) -> int:
@@ -143,7 +149,7 @@ class Scheduler:
         req.num_computed = 0
         req.status = Status.WAITING
         self.waiting.appendleft(req)
-        self.vtc.enqueue(tenant_of(req.adapter))
+        self.vtc.enqueue(_tenant(req))
         self.on_preempt(req)
 
     # ---- fairness preemption ----------------------------------------------------------------
@@ -168,7 +174,7 @@ class Scheduler:
                 continue
             victim.fair_preempted = True
             self.preempt(victim)
-            running[tenant_of(victim.adapter)] -= 1
+            running[_tenant(victim)] -= 1
             promised.append(req)
         return promised
 
@@ -176,12 +182,12 @@ class Scheduler:
         """The newest running request of the most-served tenant over its share of slots, if any."""
         cap = self.config.max_num_seqs
         candidates = [r for r in self.running
-                      if not r.fair_preempted and self.vtc.over_share(tenant_of(r.adapter), running, cap)]
+                      if not r.fair_preempted and self.vtc.over_share(_tenant(r), running, cap)]
         if not candidates:
             return None
-        tenants = dict.fromkeys(tenant_of(r.adapter) for r in candidates)  # ordered: ties go to the oldest
+        tenants = dict.fromkeys(_tenant(r) for r in candidates)  # ordered: ties go to the oldest
         victim_tenant = max(tenants, key=self.vtc.counter)
-        return [r for r in candidates if tenant_of(r.adapter) == victim_tenant][-1]
+        return [r for r in candidates if _tenant(r) == victim_tenant][-1]
 
     def _ranked(self, queues: dict[str, deque[Request]], running: dict[str, int]) -> list[tuple[str, bool]]:
         """Waiting tenants in admission order, with whether each is entitled."""
@@ -194,7 +200,7 @@ class Scheduler:
         return [r for t, entitled in self._ranked(queues, running) if entitled for r in queues[t]]
 
     def _running_per_tenant(self) -> Counter[str]:
-        return Counter(tenant_of(r.adapter) for r in self.running)
+        return Counter(_tenant(r) for r in self.running)
 
     def _queues(self) -> dict[str, deque[Request]]:
         """The oldest waiting requests of each tenant, at most `max_num_seqs` each (no step admits more),
@@ -206,7 +212,7 @@ class Scheduler:
         for req in self.waiting:
             if missing <= 0:
                 break
-            queue = queues.setdefault(tenant_of(req.adapter), deque())
+            queue = queues.setdefault(_tenant(req), deque())
             if len(queue) < cap:
                 queue.append(req)
                 missing -= 1
@@ -274,15 +280,17 @@ class Scheduler:
         verdict = self._admit_adapter(req, out)
         if verdict != "ok":
             return verdict
-        n = min(req.num_tokens, budget)
-        if not self.pool.grow(req.blocks, n):
+        # A choice of an n > 1 request may start with its prompt's full blocks shared (num_computed > 0).
+        start = req.num_computed
+        n = min(req.num_tokens - start, budget)
+        if not self.pool.grow(req.blocks, start + n):
             if not req.started:  # only a started request needs to keep its ref while it waits
                 self._release_adapter(req)
             return "no_blocks"
         req.status, req.started, req.waiting_steps = Status.RUNNING, True, 0
         self.running.append(req)
-        self.vtc.dequeue(tenant_of(req.adapter))
-        self._emit(out, req, 0, n)
+        self.vtc.dequeue(_tenant(req))
+        self._emit(out, req, start, n)
         return "ok"
 
     def _starving(self, req: Request) -> bool:
@@ -291,21 +299,47 @@ class Scheduler:
         return req.waiting_steps >= self.config.starvation_steps
 
     def _admit_adapter(self, req: Request, out: SchedulerOutput) -> str:
-        """'ok' (slot held or acquired, or base only), 'loading', 'no_slot' (all slots busy) or 'failed'."""
-        if req.adapter is None or self.adapters is None:
+        """'ok' (slots held or acquired, or base only), 'loading', 'no_slot' (all slots busy) or 'failed'.
+
+        A merged request holds a slot for every adapter of a linear recipe (the virtual adapter's one for
+        ties / dare), acquired all or nothing each step: one still loading gives the others' refs back at once,
+        so requests waiting for slots never hold any (two merges cannot deadlock on each other's halves)."""
+        names = _slot_names(req)
+        if not names or self.adapters is None:
             req.slot = -1
             return "ok"
-        if req.holds_adapter:  # started before (then preempted): the slot is still its own
+        if req.holds_adapter:  # started before (then preempted): the slots are still its own
             return "ok"
-        got = self.adapters.acquire(req.adapter, first=not req.adapter_asked)
-        req.adapter_asked = True
-        if got.state is SlotState.READY:
-            req.slot, req.holds_adapter = got.slot, True
+        if req.merge is not None and req.merge.virtual:
+            remember(req.merge)  # keeps its virtual name resolvable for the host loader
+        first, req.adapter_asked = not req.adapter_asked, True
+        got = [self.adapters.acquire(name, first=first) for name in names]
+        if all(g.state is SlotState.READY for g in got):
+            req.slot, req.holds_adapter = got[0].slot, True
+            if req.merge is not None:
+                req.merge_slots = tuple(g.slot for g in got)  # recipe order: what the runner weights
             return "ok"
-        if got.state is SlotState.ERRORED:
-            out.failed.append((req, f"adapter {req.adapter!r} failed to load: {got.reason}"))
+        for name, g in zip(names, got, strict=True):
+            if g.state is SlotState.READY:
+                self.adapters.release(name)
+        return self._adapter_wait(req, out, names, got)
+
+    def _adapter_wait(self, req: Request, out: SchedulerOutput, names: tuple[str, ...], got: list[Acquired]
+                      ) -> str:
+        """Why `req` cannot have its adapters' slots this step: 'failed' (listed in out.failed) when one errored
+        or the slots not pinned by other adapters can never hold them all, else 'no_slot' or 'loading'."""
+        errored = next(((n, g) for n, g in zip(names, got, strict=True) if g.state is SlotState.ERRORED), None)
+        if errored is not None:
+            out.failed.append((req, f"adapter {errored[0]!r} failed to load: {errored[1].reason}"))
             return "failed"
-        return "no_slot" if got.state is SlotState.NO_SLOT else "loading"
+        if not any(g.state is SlotState.NO_SLOT for g in got):
+            return "loading"
+        usable = self.adapters.usable_slots(names) if len(names) > 1 else 1  # one slot is never pinned
+        if len(names) > usable:
+            out.failed.append((req, f"{req.merge.label if req.merge else names[0]} needs {len(names)} device "
+                                    f"slots at once, but only {usable} are not pinned by other adapters"))
+            return "failed"
+        return "no_slot"
 
     # ---- finishing -------------------------------------------------------------------------
     def finish(self, req: Request) -> None:
@@ -315,12 +349,29 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         if req.status is not Status.FINISHED:
-            self.vtc.depart(tenant_of(req.adapter), queued=req.status is Status.WAITING)
+            self.vtc.depart(_tenant(req), queued=req.status is Status.WAITING)
         self.pool.release(req.blocks)
         self._release_adapter(req)
         req.status = Status.FINISHED
 
     def _release_adapter(self, req: Request) -> None:
-        if req.holds_adapter and self.adapters is not None and req.adapter is not None:
-            self.adapters.release(req.adapter)
+        if req.holds_adapter and self.adapters is not None:
+            for name in _slot_names(req):
+                self.adapters.release(name)
         req.holds_adapter, req.slot = False, -1
+        if req.merge is not None:
+            req.merge_slots = ()
+
+
+def _tenant(req: Request) -> str:
+    """The fairness tenant: its adapter, "" for the base model, a merge's recipe label ("merge:a*0.7+b*0.3"):
+    a recipe is its own tenant, charged apart from the adapters it merges."""
+    return req.merge.label if req.merge is not None else tenant_of(req.adapter)
+
+
+def _slot_names(req: Request) -> tuple[str, ...]:
+    """The adapters whose slots `req` holds while it runs: a linear merge's adapters in recipe order, a ties /
+    dare merge's virtual adapter, its adapter, or none (the base model)."""
+    if req.merge is not None:
+        return req.merge.slot_names
+    return () if req.adapter is None else (req.adapter,)

@@ -1,0 +1,99 @@
+"""n > 1: choices of one request share their prompt's KV blocks (not recomputed) and still give exactly the
+tokens each would give alone; the pool's shared blocks return when their last holder lets go."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from loraplex.server.engine.block_pool import BlockPool
+from loraplex.server.engine.sampling_params import SamplingParams
+
+from .engine_helpers import PeftReference, make_engine, run_to_completion, tokens_of
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, adapter_dir):
+    model_dir = tiny_model_dir("llama")
+    adapters = {"a8": adapter_dir("llama", 8, ("q_proj", "k_proj", "v_proj", "o_proj"), 31)}
+    return model_dir, adapters, PeftReference(model_dir, adapters)
+
+
+PROMPT = [random.Random(7).randrange(5, 500) for _ in range(30)]
+
+
+def sampled(seed: int, max_tokens: int = 8) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.9, top_k=50, seed=seed, ignore_eos=True)
+
+
+def test_block_pool_counts_holders():
+    pool = BlockPool(4, 2)
+    a: list[int] = []
+    assert pool.grow(a, 4) and pool.num_free == 2
+    b = pool.share(a)
+    pool.release(a)
+    assert pool.num_free == 2 and [pool.holders(x) for x in b] == [1, 1]  # still held by b
+    pool.release(b)
+    assert pool.num_free == 4
+    with pytest.raises(ValueError, match="is free"):
+        pool.share([0])
+
+
+def test_choices_share_the_prompt_and_match_running_alone(setup):
+    model_dir, adapters, _ = setup
+    seeds = [11, 12, 13, 14]
+    alone = {}
+    for seed in seeds:  # each choice on its own engine: no sharing, nothing else in the batch
+        engine = make_engine(model_dir, adapters)
+        engine.add_request("x", PROMPT, sampled(seed), "a8")
+        alone[seed] = tokens_of(run_to_completion(engine)["x"])
+    engine = make_engine(model_dir, adapters, block_size=4)
+    engine.add_request("c0", PROMPT, sampled(seeds[0]), "a8")
+    for i, seed in enumerate(seeds[1:], start=1):
+        engine.add_request(f"c{i}", PROMPT, sampled(seed), "a8", prefix_of="c0")
+    outs = run_to_completion(engine)
+    for i, seed in enumerate(seeds):
+        assert tokens_of(outs[f"c{i}"]) == alone[seed], i
+    assert len({tuple(alone[s]) for s in seeds}) == len(seeds)  # independent draws
+    # Each of the 3 others shared the 7 full blocks before the last prompt token: 28 of 30 prompt tokens.
+    assert engine.shared_prefix_tokens == 3 * 28
+    assert engine.pool.num_free == engine.pool.num_blocks
+
+
+def test_greedy_choices_with_chunked_prefill_and_peft(setup):
+    model_dir, adapters, ref = setup
+    engine = make_engine(model_dir, adapters, block_size=4, max_batch_tokens=8)  # the prompt takes 4 steps
+    for i in range(3):
+        engine.add_request(f"g{i}", PROMPT, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), "a8",
+                           prefix_of="g0" if i else None)
+    outs = run_to_completion(engine)
+    expected = ref.generate(PROMPT, "a8", 6)
+    assert [tokens_of(outs[f"g{i}"]) for i in range(3)] == [expected] * 3
+    assert engine.shared_prefix_tokens == 2 * 28
+    assert engine.pool.num_free == engine.pool.num_blocks
+
+
+def test_a_leader_gone_before_its_prompt_was_computed_leaves_the_others_running(setup):
+    model_dir, adapters, ref = setup
+    engine = make_engine(model_dir, adapters, block_size=4, max_batch_tokens=8)
+    engine.add_request("lead", PROMPT, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), "a8")
+    engine.add_request("follow", PROMPT, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), "a8",
+                       prefix_of="lead")
+    engine.step()  # the leader computed its first chunk only
+    assert engine.abort("lead").finish_reason == "abort"
+    outs = run_to_completion(engine)
+    assert tokens_of(outs["follow"]) == ref.generate(PROMPT, "a8", 4)
+    assert engine.shared_prefix_tokens == 0  # nothing to share: it computed its prompt itself
+    assert engine.pool.num_free == engine.pool.num_blocks
+
+
+def test_a_waiting_choice_can_be_aborted(setup):
+    model_dir, adapters, _ = setup
+    engine = make_engine(model_dir, adapters, block_size=4, max_batch_tokens=8)
+    engine.add_request("lead", PROMPT, sampled(1, 3), None)
+    engine.add_request("other", PROMPT, sampled(2, 3), None, prefix_of="lead")
+    assert engine.abort("other").finish_reason == "abort"  # before it ever reached the scheduler
+    outs = run_to_completion(engine)
+    assert "other" not in outs and len(tokens_of(outs["lead"])) == 3
+    assert not engine.has_work() and engine.pool.num_free == engine.pool.num_blocks
