@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
@@ -32,9 +34,13 @@ from starlette.types import Receive, Scope, Send
 from loraplex.adapters.errors import AdapterError
 from loraplex.server.api.errors import ApiError
 from loraplex.server.engine.engine import RequestRejected
-from loraplex.server.engine.request import RequestOutput
+from loraplex.server.engine.request import RequestOutput, TokenLogprob
 from loraplex.server.engine.sampling_params import SamplingParams
 from loraplex.server.runtime import Runtime
+
+if TYPE_CHECKING:
+    from loraplex.adapters.merge import MergeRecipe
+    from loraplex.server.engine.guided import GuidedSpec
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +151,62 @@ def check_token_ids(rt: Runtime, ids: Sequence[int], *, param: str) -> list[int]
     return list(ids)
 
 
+def resolve_merge(rt: Runtime, model: str | None, adapters: Sequence[Any] | None, strategy: str, density: float,
+                  majority_sign_method: str, *, param: str = "adapters") -> MergeRecipe | None:
+    """The merge recipe a request names (LoRAX's per-request merging), or None. The request's model must then
+    be the base model; every adapter must be registered (404); the recipe must fit the device slots (400)."""
+    if not adapters:
+        return None
+    from loraplex.adapters.merge import MergeRecipe, check_recipe
+
+    if model not in (None, "", rt.served_model_name):
+        raise ApiError(400, f"with {param}, the model must be the base model {rt.served_model_name!r} (the adapters "
+                            f"to merge are listed in {param}), got {quote(model)}", param="model")
+    names = [_merged_adapter(rt, a.name, f"{param}.{i}.name") for i, a in enumerate(adapters)]
+    try:
+        recipe = MergeRecipe(tuple(zip(names, (float(a.weight) for a in adapters), strict=True)), strategy,
+                             density, majority_sign_method)
+        check_recipe(recipe, rt.config.engine.lora.max_loras)
+    except ValueError as exc:  # RecipeError names the recipe's field: "adapters.1.weight", "density", ...
+        field = getattr(exc, "field", "adapters")
+        where = param + field.removeprefix("adapters") if field.startswith("adapters") else field
+        raise ApiError(400, str(exc), param=where) from exc
+    return recipe
+
+
+def _merged_adapter(rt: Runtime, name: str, param: str) -> str:
+    adapter = resolve_adapter(rt, name, param=param, empty_is_base=False)
+    if adapter is None:
+        raise ApiError(400, f"{param}: {quote(name)} is the base model, not an adapter to merge", param=param)
+    return adapter
+
+
+def guided_or_400(build: Callable[[], GuidedSpec], param: str) -> GuidedSpec:
+    """Build a structured-output spec; its validation errors become a 400 naming `param`."""
+    from loraplex.server.engine.guided import GuidedError
+
+    try:
+        return build()
+    except GuidedError as exc:
+        raise ApiError(400, f"{param}: {exc.reason}", param=param) from exc
+
+
+async def compile_guided(rt: Runtime, spec: GuidedSpec | None, param: str | None = None) -> GuidedSpec | None:
+    """Compile the grammar off the event loop before the request is admitted (the engine then finds it in the
+    compiler's cache): an invalid schema or regex is a 400 naming the field (`param`, else the OpenAI field
+    the spec came from), never a failed request later."""
+    if spec is None:
+        return None
+    from loraplex.server.engine.guided import GuidedError
+
+    try:
+        await run_in_threadpool(rt.engine.compile_grammar, spec)
+    except GuidedError as exc:
+        field = param or exc.field
+        raise ApiError(400, f"{field}: {exc.reason}", param=field) from exc
+    return spec
+
+
 def make_params(**kwargs: Any) -> SamplingParams:
     """SamplingParams re-checks what the schemas check, plus cross-field rules (min_tokens <= max_tokens)."""
     try:
@@ -167,11 +229,14 @@ class GenerationRequest:
 
     endpoint: str  # metrics label, e.g. "/v1/completions"
     model: str | None  # the name the caller used (echoed back); None = base via TGI's empty adapter_id
-    adapter: str | None  # registered adapter name, None = base model only
+    adapter: str | None  # registered adapter name, None = base model only (or a merge)
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     arrival: float  # time.perf_counter() when the request arrived
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    merge: MergeRecipe | None = None  # several adapters combined (adapter is then None)
+    prefix_of: str | None = None  # another choice of the same HTTP request whose prompt blocks it shares
+    counted: bool = True  # counted as an HTTP request in the metrics (the extra choices of n > 1 are not)
 
 
 def start(rt: Runtime, req: GenerationRequest) -> Generation:
@@ -181,15 +246,108 @@ def start(rt: Runtime, req: GenerationRequest) -> Generation:
     return Generation(rt, req)
 
 
+def start_choices(rt: Runtime, req: GenerationRequest, count: int) -> list[Generation]:
+    """`count` independent choices of one request (n / best_of): the first computes the prompt, the others
+    share its KV blocks (prefix_of). Choice i > 0 of a seeded request draws from a seed derived from (seed, i),
+    so every choice is reproducible and none repeats another. All admitted, or none (429 closes the others)."""
+    rt.engine.check_fits(len(req.prompt_ids), req.params)
+    started: list[Generation] = []
+    try:
+        for i in range(count):
+            choice = req if i == 0 else dataclasses.replace(
+                req, request_id=f"{req.request_id}-{i}", params=_choice_params(req.params, i),
+                prefix_of=req.request_id, counted=False)
+            admit(rt, choice.adapter)
+            started.append(Generation(rt, choice))
+    except BaseException:
+        for generation in started:
+            generation.close_unstarted()
+        raise
+    return started
+
+
+def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
+    if params.seed is None:
+        return params
+    digest = hashlib.blake2b(f"{params.seed}:{index}".encode(), digest_size=8).digest()
+    return dataclasses.replace(params, seed=int.from_bytes(digest, "big") >> 1)  # 63 bits: a valid seed
+
+
+async def merged_outputs(generations: Sequence[Generation]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(choice index, output) from every choice as they come, until all finished."""
+    queue: asyncio.Queue[tuple[int, RequestOutput | None]] = asyncio.Queue()
+
+    async def pump(index: int, generation: Generation) -> None:
+        try:
+            async for out in generation.outputs():
+                await queue.put((index, out))
+        finally:
+            await queue.put((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, out = await queue.get()
+            if out is None:
+                remaining -= 1
+            else:
+                yield index, out
+        for task in tasks:
+            task.result()  # re-raise a pump's failure
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def complete_all(generations: Sequence[Generation], request: Request) -> bool:
+    """Run every choice to its end (non-streamed) and close them; False if the client left first. An engine
+    failure of any choice raises ApiError with its message (the others are aborted)."""
+    async def drain() -> None:
+        async for _ in merged_outputs(generations):
+            pass
+
+    try:
+        finished = await _until_done_or_gone(drain(), request)
+    finally:
+        for generation in generations:
+            await generation.aclose()
+    failed = next((g for g in generations if g.finish_reason == "error"), None)
+    if finished and failed is not None:
+        raise ApiError(failed.failure_status, failed.error or "generation failed")
+    return finished
+
+
+async def _until_done_or_gone(work_coro: Awaitable[None], request: Request) -> bool:
+    """Await `work_coro` unless the client disconnects first (then cancel it and answer False)."""
+    work = asyncio.ensure_future(work_coro)
+    watch = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (work, watch):
+            task.cancel()
+        await asyncio.gather(work, watch, return_exceptions=True)
+    if work.cancelled():
+        return False
+    if work.exception() is not None:
+        raise work.exception()
+    return True
+
+
 class Generation:
     """An admitted request. Iterate `outputs()` (once); always `await aclose()` (idempotent)."""
 
     def __init__(self, rt: Runtime, req: GenerationRequest) -> None:
         self.rt, self.req = rt, req
-        self._outs = rt.engine.generate(list(req.prompt_ids), req.params, req.adapter, req.request_id)
+        self._outs = rt.engine.generate(list(req.prompt_ids), req.params, req.adapter, req.request_id,
+                                        merge=req.merge, prefix_of=req.prefix_of)
         self.token_ids: list[int] = []
         self.token_texts: list[str] = []  # text emitted with each token (a held partial char comes later)
         self.token_logprobs: list[float | None] = []  # None while the engine reports no logprobs
+        self.token_top_logprobs: list[tuple[tuple[int, float], ...]] = []  # per token, when logprobs >= 1
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None  # when prompt logprobs were asked for
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.error_kind: str | None = None
@@ -220,40 +378,24 @@ class Generation:
             # goes with the last of them.
             self.token_texts.extend([""] * (len(out.new_token_ids) - 1) + [out.new_text])
             self.token_logprobs.extend(token_logprobs(out))
+            if out.top_logprobs is not None:
+                self.token_top_logprobs.extend(out.top_logprobs)
         elif out.new_text and self.token_texts:
             self.token_texts[-1] += out.new_text
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         if out.finished:
             self.finish_reason, self.error, self.error_kind = out.finish_reason, out.error, out.error_kind
+
+    @property
+    def cumulative_logprob(self) -> float:
+        """Sum of the generated tokens' logprobs: how best_of ranks choices (vLLM's rule)."""
+        return sum(lp for lp in self.token_logprobs if lp is not None)
 
     async def complete(self, request: Request) -> bool:
         """Run a non-streamed request to the end and close it. False if the client disconnected first (the
         request was aborted); an engine failure raises ApiError with the engine's message."""
-        try:
-            finished = await self._collect(request)
-        finally:
-            await self.aclose()
-        if finished and self.finish_reason == "error":
-            raise ApiError(self.failure_status, self.error or "generation failed")
-        return finished
-
-    async def _collect(self, request: Request) -> bool:
-        async def drain() -> None:
-            async for _ in self.outputs():
-                pass
-
-        work = asyncio.ensure_future(drain())
-        watch = asyncio.ensure_future(_until_disconnected(request))
-        try:
-            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (work, watch):
-                task.cancel()
-            await asyncio.gather(work, watch, return_exceptions=True)
-        if work.cancelled():
-            return False
-        if work.exception() is not None:
-            raise work.exception()
-        return True
+        return await complete_all([self], request)
 
     @property
     def failure_status(self) -> int:
@@ -271,6 +413,13 @@ class Generation:
         if self.finish_reason in ("stop", "length"):
             return 200
         return self.failure_status if self.finish_reason == "error" else CLIENT_GONE
+
+    def close_unstarted(self) -> None:
+        """Give back the admission of a choice whose siblings could not all be admitted (nothing ran yet:
+        the engine generator never started, so there is no engine request to abort)."""
+        if not self._closed:
+            self._closed = True
+            self.rt.release(self.req.adapter)
 
     async def aclose(self) -> None:
         if self._closed:
@@ -290,7 +439,7 @@ class Generation:
             latency_s=now - self.req.arrival,
             ttft_s=first - self.req.arrival if first is not None else None,
             tpot_s=(last - first) / (n - 1) if first is not None and last is not None and n > 1 else None,
-            prompt_tokens=self.num_prompt_tokens, generation_tokens=n)
+            prompt_tokens=self.num_prompt_tokens, generation_tokens=n, count_request=self.req.counted)
 
 
 def token_logprobs(out: RequestOutput) -> list[float | None]:
@@ -328,19 +477,20 @@ class EventStream(StreamingResponse):
     `error_events(message)` returns, in the caller's dialect.
     """
 
-    def __init__(self, events: AsyncGenerator[str, None], generation: Generation,
+    def __init__(self, events: AsyncGenerator[str, None], generations: Generation | Sequence[Generation],
                  error_events: Callable[[str], str]) -> None:
-        self._events = _guarded(events, error_events, generation.req.request_id)
+        self._generations = [generations] if isinstance(generations, Generation) else list(generations)
+        self._events = _guarded(events, error_events, self._generations[0].req.request_id)
         super().__init__(self._events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._generation = generation
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self._events.aclose()
-            await self._generation.aclose()
+            for generation in self._generations:
+                await generation.aclose()
 
 
 async def _guarded(events: AsyncGenerator[str, None], error_events: Callable[[str], str],

@@ -8,6 +8,7 @@ as one `data: {"error": {...}}` event, then `[DONE]`.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,19 +27,33 @@ from loraplex.server.api.generation import (
     GenerationRequest,
     check_loaded,
     check_token_ids,
+    compile_guided,
+    complete_all,
     context_room,
     encode_text,
+    guided_or_400,
     make_params,
+    merged_outputs,
     quote,
     recorded_rejections,
     refuse_unsupported,
     require_ready,
     resolve_adapter,
+    resolve_merge,
     runtime_of,
     sse,
-    start,
+    start_choices,
+)
+from loraplex.server.api.logprobs import (
+    TokenTexts,
+    chat_logprobs,
+    completion_logprobs,
+    padded_tops,
+    vllm_prompt_logprobs,
 )
 from loraplex.server.api.schemas_openai import ChatCompletionRequest, ChatMessage, CompletionRequest
+from loraplex.server.engine.guided import GuidedSpec
+from loraplex.server.engine.request import RequestOutput
 from loraplex.server.engine.sampling_params import SamplingParams
 from loraplex.server.runtime import Runtime
 
@@ -46,6 +61,7 @@ router = APIRouter()
 _GENERATION_DEPS = [Depends(require_api_key), Depends(require_ready)]
 _STARTED = int(time.time())
 _SamplingBody = CompletionRequest | ChatCompletionRequest
+MAX_PROMPTS = 64  # prompts in one completions request (lm-eval batches them)
 
 
 # ---- response shapes -----------------------------------------------------------------------------
@@ -58,43 +74,71 @@ class _Shape:
     chunk_object: str
     id_prefix: str
 
-    def choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def choice(self, index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict[str, Any]:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
-    def chunk_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
-        return self.choice(text, finish_reason)
+    def chunk_choice(self, index: int, text: str, finish_reason: str | None, logprobs: dict | None
+                     ) -> dict[str, Any]:
+        return self.choice(index, text, finish_reason, logprobs)
 
-    def opening_choice(self) -> dict[str, Any] | None:
+    def opening_choice(self, index: int) -> dict[str, Any] | None:
         return None
 
 
 class _ChatShape(_Shape):
-    def choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+    def choice(self, index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict[str, Any]:
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                 "finish_reason": finish_reason}
 
-    def chunk_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
-        return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None,
+    def chunk_choice(self, index: int, text: str, finish_reason: str | None, logprobs: dict | None
+                     ) -> dict[str, Any]:
+        return {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
                 "finish_reason": finish_reason}
 
-    def opening_choice(self) -> dict[str, Any] | None:
+    def opening_choice(self, index: int) -> dict[str, Any] | None:
         # The first chat chunk carries the role, as OpenAI's does.
-        return {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                "finish_reason": None}
 
 
 COMPLETION = _Shape("/v1/completions", "text_completion", "text_completion", "cmpl-")
 CHAT = _ChatShape("/v1/chat/completions", "chat.completion", "chat.completion.chunk", "chatcmpl-")
 
 
+@dataclass(frozen=True)
+class _Prompt:
+    ids: list[int]
+    text: str  # what `echo` puts before the completion
+
+
+@dataclass
+class _Run:
+    """One HTTP request's generations: for each prompt, `per_prompt` choices (best_of, else n), in order."""
+
+    body: Any  # CompletionRequest | ChatCompletionRequest
+    shape: _Shape
+    prompts: list[_Prompt]
+    generations: list[Generation]
+    per_prompt: int
+
+    @property
+    def n(self) -> int:
+        return self.body.choices
+
+    def groups(self) -> list[tuple[_Prompt, list[Generation]]]:
+        k = self.per_prompt
+        return [(p, self.generations[i * k:(i + 1) * k]) for i, p in enumerate(self.prompts)]
+
+
 # ---- routes --------------------------------------------------------------------------------------
 @router.post("/v1/completions", dependencies=_GENERATION_DEPS)
 async def completions(body: CompletionRequest, request: Request) -> Response:
-    return await _respond(await _start(request, body, COMPLETION, _completion_prompt_ids), request, body, COMPLETION)
+    return await _respond(await _start(request, body, COMPLETION, _completion_prompts), request)
 
 
 @router.post("/v1/chat/completions", dependencies=_GENERATION_DEPS)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    return await _respond(await _start(request, body, CHAT, _chat_prompt_ids), request, body, CHAT)
+    return await _respond(await _start(request, body, CHAT, _chat_prompts), request)
 
 
 @router.get("/v1/models", dependencies=[Depends(require_api_key)])
@@ -116,35 +160,145 @@ async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     raise ApiError(404, f"model {quote(model_id)} not found", param="model")
 
 
-# ---- helpers -------------------------------------------------------------------------------------
+# ---- starting --------------------------------------------------------------------------------------
 async def _start(request: Request, body: _SamplingBody, shape: _Shape,
-                 prompt_ids: Callable[[Runtime, Any], Awaitable[list[int]]]) -> Generation:
+                 prompts: Callable[[Runtime, Any], Awaitable[list[_Prompt]]]) -> _Run:
     rt, arrival = runtime_of(request), time.perf_counter()
     with recorded_rejections(rt, shape.endpoint, body.model, arrival):
         refuse_unsupported(body.unsupported())
-        adapter = resolve_adapter(rt, body.model, param="model", empty_is_base=False)
-        ids = await prompt_ids(rt, body)
-        params = _sampling(body, body.requested_max_tokens or context_room(rt, len(ids)))
-        return start(rt, GenerationRequest(shape.endpoint, body.model, adapter, tuple(ids), params, arrival))
+        merge = resolve_merge(rt, body.model, body.adapters, body.merge_strategy, body.density,
+                              body.majority_sign_method)
+        adapter = None if merge else resolve_adapter(rt, body.model, param="model", empty_is_base=False)
+        per_prompt = _per_prompt(body)
+        spec, spec_param = _guided_spec(body)
+        guided = await compile_guided(rt, spec, spec_param)
+        run = _Run(body, shape, await prompts(rt, body), [], per_prompt)
+        try:
+            for i, prompt in enumerate(run.prompts):
+                params = _sampling(rt, body, prompt, guided)
+                rid = uuid.uuid4().hex
+                req = GenerationRequest(shape.endpoint, body.model, adapter, tuple(prompt.ids), params, arrival,
+                                        rid, merge=merge, counted=i == 0)
+                run.generations += start_choices(rt, req, per_prompt)
+        except BaseException:
+            for generation in run.generations:
+                await generation.aclose()
+            raise
+        return run
 
 
-async def _completion_prompt_ids(rt: Runtime, body: CompletionRequest) -> list[int]:
-    prompt = body.single_prompt()
-    return await encode_text(rt, prompt) if isinstance(prompt, str) else check_token_ids(rt, prompt, param="prompt")
+def _per_prompt(body: _SamplingBody) -> int:
+    best_of = getattr(body, "best_of", None) or body.choices
+    if best_of < body.choices:
+        raise ApiError(400, f"best_of ({best_of}) must be >= n ({body.choices})", param="best_of")
+    if best_of > body.choices and body.stream:
+        raise ApiError(400, "best_of > n cannot stream: the best choices are known only at the end", param="best_of")
+    return best_of
 
 
-def _sampling(body: _SamplingBody, max_tokens: int) -> SamplingParams:
-    return make_params(
-        max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, seed=body.seed,
-        stop=tuple(body.stop or ()), stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
-        min_tokens=body.min_tokens, skip_special_tokens=body.skip_special_tokens)
+async def _completion_prompts(rt: Runtime, body: CompletionRequest) -> list[_Prompt]:
+    if len(body.prompts) > MAX_PROMPTS:
+        raise ApiError(400, f"at most {MAX_PROMPTS} prompts in one request, got {len(body.prompts)}",
+                       param="prompt")
+    out = []
+    for i, prompt in enumerate(body.prompts):
+        param = "prompt" if len(body.prompts) == 1 else f"prompt.{i}"
+        if isinstance(prompt, str):
+            out.append(_Prompt(await encode_text(rt, prompt, param=param), prompt))
+        else:
+            ids = check_token_ids(rt, prompt, param=param)
+            out.append(_Prompt(ids, rt.loaded.tokenizer.decode(ids) if body.echo else ""))
+    return out
 
 
-async def _chat_prompt_ids(rt: Runtime, body: ChatCompletionRequest) -> list[int]:
+async def _chat_prompts(rt: Runtime, body: ChatCompletionRequest) -> list[_Prompt]:
     turns = [ChatTurn(m.role, _content_text(m)) for m in body.messages]
     prompt = await run_in_threadpool(build_chat_prompt, rt.loaded.tokenizer, turns, body.add_generation_prompt)
-    return await encode_text(rt, prompt.text, add_special_tokens=not prompt.templated, param="messages")
+    ids = await encode_text(rt, prompt.text, add_special_tokens=not prompt.templated, param="messages")
+    return [_Prompt(ids, prompt.text)]
+
+
+def _sampling(rt: Runtime, body: _SamplingBody, prompt: _Prompt, guided: GuidedSpec | None) -> SamplingParams:
+    max_tokens = body.requested_max_tokens
+    return make_params(
+        max_tokens=context_room(rt, len(prompt.ids)) if max_tokens is None else max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, seed=body.seed,
+        stop=tuple(body.stop or ()), stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
+        min_tokens=body.min_tokens, skip_special_tokens=body.skip_special_tokens,
+        presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=body.repetition_penalty or 1.0, logit_bias=_logit_bias(rt, body.logit_bias),
+        logprobs=_logprobs(body), prompt_logprobs=_prompt_logprobs(body), guided=guided)
+
+
+def _logprobs(body: _SamplingBody) -> int | None:
+    """Top alternatives per generated token: completions' `logprobs`; chat's `top_logprobs` (with logprobs)."""
+    if isinstance(body, CompletionRequest):
+        return body.logprobs
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    return (body.top_logprobs or 0) if body.logprobs else None
+
+
+def _prompt_logprobs(body: _SamplingBody) -> int | None:
+    """vLLM's prompt_logprobs, or completions' echo with logprobs (the echoed prompt tokens carry theirs)."""
+    if body.prompt_logprobs is not None:
+        return body.prompt_logprobs
+    if isinstance(body, CompletionRequest) and body.echo and body.logprobs is not None:
+        return body.logprobs
+    return None
+
+
+def _logit_bias(rt: Runtime, bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI sends token ids as JSON object keys (strings)."""
+    out: dict[int, float] = {}
+    vocab = rt.loaded.model.config.get_text_config().vocab_size
+    for key, value in (bias or {}).items():
+        if not key.isdigit() or int(key) >= vocab:
+            raise ApiError(400, f"logit_bias: key {quote(key)} is not a token id in [0, {vocab})",
+                           param="logit_bias")
+        out[int(key)] = value
+    return out
+
+
+def _guided_spec(body: _SamplingBody) -> tuple[GuidedSpec | None, str | None]:
+    """The one structured-output constraint the request names, if any, and the field that named it (400 for
+    two, or for an unknown response_format type)."""
+    specs: list[tuple[str, Callable[[], GuidedSpec]]] = []
+    fmt = getattr(body, "response_format", None)
+    if fmt is not None:
+        spec = _response_format_spec(fmt)
+        if spec is not None:
+            specs.append((spec.field, lambda: spec))
+    if body.guided_json is not None:
+        specs.append(("guided_json", lambda: GuidedSpec.json_schema(body.guided_json)))
+    if body.guided_regex is not None:
+        specs.append(("guided_regex", lambda: GuidedSpec.regex(body.guided_regex)))
+    if body.guided_choice is not None:
+        specs.append(("guided_choice", lambda: GuidedSpec.choice(body.guided_choice)))
+    if len(specs) > 1:
+        names = ", ".join(name for name, _ in specs)
+        raise ApiError(400, f"at most one structured-output constraint per request, got {names}",
+                       param=specs[1][0])
+    if not specs:
+        return None, None
+    return guided_or_400(specs[0][1], specs[0][0]), specs[0][0]
+
+
+def _response_format_spec(fmt: dict) -> GuidedSpec | None:
+    kind = fmt.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return GuidedSpec.json_object()
+    if kind == "json_schema":
+        schema = (fmt.get("json_schema") or {}).get("schema") if isinstance(fmt.get("json_schema"), dict) else None
+        if schema is None:
+            raise ApiError(400, "response_format json_schema needs json_schema.schema (a JSON Schema object)",
+                           param="response_format.json_schema.schema")
+        return guided_or_400(lambda: GuidedSpec.json_schema(schema), "response_format.json_schema.schema")
+    raise ApiError(400, f"response_format type {quote(str(kind))} is not one of text, json_object, json_schema",
+                   param="response_format.type")
 
 
 def _content_text(message: ChatMessage) -> str:
@@ -165,41 +319,95 @@ def _adapter_card(rt: Runtime, name: str) -> dict[str, Any]:
             "root": name, "parent": rt.served_model_name}
 
 
-def _usage(generation: Generation) -> dict[str, int]:
-    n_prompt, n_out = generation.num_prompt_tokens, len(generation.token_ids)
+# ---- answering -------------------------------------------------------------------------------------
+def _usage(run: _Run, returned: list[Generation]) -> dict[str, int]:
+    n_prompt = sum(len(p.ids) for p in run.prompts)
+    n_out = sum(len(g.token_ids) for g in returned)
     return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
 
 
-def _head(generation: Generation, shape: _Shape, object_: str) -> dict[str, Any]:
-    return {"id": shape.id_prefix + generation.req.request_id, "object": object_, "created": int(time.time()),
-            "model": generation.req.model}
+def _head(run: _Run, object_: str) -> dict[str, Any]:
+    first = run.generations[0]
+    return {"id": run.shape.id_prefix + first.req.request_id, "object": object_, "created": int(time.time()),
+            "model": first.req.model}
 
 
-async def _respond(generation: Generation, request: Request, body: _SamplingBody, shape: _Shape) -> Response:
-    if body.stream:
-        return EventStream(_events(generation, body.include_usage, shape), generation, _error_events)
-    if not await generation.complete(request):
+async def _respond(run: _Run, request: Request) -> Response:
+    if run.body.stream:
+        return EventStream(_events(run), run.generations, _error_events)
+    if not await complete_all(run.generations, request):
         return Response(status_code=CLIENT_GONE)  # nobody is listening; the request was aborted
-    return JSONResponse({**_head(generation, shape, shape.object),
-                         "choices": [shape.choice(generation.text, generation.finish_reason)],
-                         "usage": _usage(generation)})
+    texts = TokenTexts(run.generations[0].rt.loaded.tokenizer)
+    choices, returned = [], []
+    for prompt, group in run.groups():
+        best = sorted(group, key=lambda g: -g.cumulative_logprob)[:run.n] if run.per_prompt > run.n else group
+        for generation in best:
+            choices.append(_final_choice(run, texts, len(choices), prompt, generation))
+            returned.append(generation)
+    return JSONResponse({**_head(run, run.shape.object), "choices": choices, "usage": _usage(run, returned)})
 
 
-async def _events(generation: Generation, include_usage: bool, shape: _Shape) -> AsyncGenerator[str, None]:
-    head = _head(generation, shape, shape.chunk_object)
-    usage_slot: dict[str, Any] = {"usage": None} if include_usage else {}
-    opening = shape.opening_choice()
-    if opening is not None:
-        yield sse({**head, "choices": [opening], **usage_slot})
-    async for out in generation.outputs():
+def _final_choice(run: _Run, texts: TokenTexts, index: int, prompt: _Prompt, g: Generation) -> dict[str, Any]:
+    echo = isinstance(run.body, CompletionRequest) and run.body.echo
+    text = (prompt.text if echo else "") + g.text
+    choice = run.shape.choice(index, text, g.finish_reason, _logprobs_object(run, texts, prompt, g, echo))
+    if run.body.prompt_logprobs is not None and g.prompt_logprobs is not None:
+        choice["prompt_logprobs"] = vllm_prompt_logprobs(texts, g.prompt_logprobs)
+    return choice
+
+
+def _logprobs_object(run: _Run, texts: TokenTexts, prompt: _Prompt, g: Generation, echo: bool) -> dict | None:
+    wanted = g.req.params.logprobs
+    if wanted is None:
+        return None
+    tops = padded_tops(len(g.token_ids), g.token_top_logprobs)
+    if isinstance(run.body, ChatCompletionRequest):
+        return chat_logprobs(texts, g.token_ids, g.token_logprobs, tops, wanted)
+    ids, lps, top = list(g.token_ids), list(g.token_logprobs), list(tops)
+    if echo:
+        entries = g.prompt_logprobs or [None] * len(prompt.ids)
+        ids = list(prompt.ids) + ids
+        lps = [e.logprob if e else None for e in entries] + lps
+        top = [e.top if e else None for e in entries] + top
+    return completion_logprobs(texts, ids, lps, top)
+
+
+async def _events(run: _Run) -> AsyncGenerator[str, None]:
+    shape, body = run.shape, run.body
+    head = _head(run, shape.chunk_object)
+    usage_slot: dict[str, Any] = {"usage": None} if body.include_usage else {}
+    texts = TokenTexts(run.generations[0].rt.loaded.tokenizer)
+    echo = isinstance(body, CompletionRequest) and body.echo
+    for index in range(len(run.generations)):
+        opening = shape.opening_choice(index)
+        if opening is not None:
+            yield sse({**head, "choices": [opening], **usage_slot})
+        if echo:
+            prompt = run.prompts[index // run.per_prompt]
+            yield sse({**head, "choices": [shape.chunk_choice(index, prompt.text, None, None)], **usage_slot})
+    async for index, out in merged_outputs(run.generations):
         if out.finish_reason == "error":
-            yield _error_events(out.error or "generation failed", generation.failure_status)
+            yield _error_events(out.error or "generation failed", run.generations[index].failure_status)
             return
-        if out.new_text or out.finished:
-            yield sse({**head, "choices": [shape.chunk_choice(out.new_text, out.finish_reason)], **usage_slot})
-    if include_usage:
-        yield sse({**head, "choices": [], "usage": _usage(generation)})
+        if out.new_text or out.finished or out.new_token_ids:
+            logprobs = _chunk_logprobs(run, texts, out)
+            if out.new_text or out.finished or logprobs is not None:
+                choice = shape.chunk_choice(index, out.new_text, out.finish_reason, logprobs)
+                yield sse({**head, "choices": [choice], **usage_slot})
+    if body.include_usage:
+        yield sse({**head, "choices": [], "usage": _usage(run, run.generations)})
     yield sse("[DONE]")
+
+
+def _chunk_logprobs(run: _Run, texts: TokenTexts, out: RequestOutput) -> dict | None:
+    wanted = run.generations[0].req.params.logprobs
+    if wanted is None or not out.new_token_ids:
+        return None
+    lps = out.logprobs or [None] * len(out.new_token_ids)
+    tops = padded_tops(len(out.new_token_ids), out.top_logprobs or [])
+    if isinstance(run.body, ChatCompletionRequest):
+        return chat_logprobs(texts, out.new_token_ids, lps, tops, wanted)
+    return completion_logprobs(texts, out.new_token_ids, lps, tops)
 
 
 def _error_events(message: str, status: int = 500) -> str:

@@ -40,6 +40,16 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
+class AdapterWeight(StrictModel):
+    """One adapter of a merge (the `adapters` extension): a registered name and its weight."""
+
+    name: NonEmptyText
+    weight: Annotated[float, Field(allow_inf_nan=False)] = 1.0
+
+
+LogprobCount = Annotated[int, Field(ge=0, le=20)]
+
+
 class _SamplingFields(StrictModel):
     """Fields shared by both endpoints (OpenAI's, then vLLM's extensions)."""
 
@@ -62,6 +72,16 @@ class _SamplingFields(StrictModel):
     stop_token_ids: Annotated[list[TokenId], Field(max_length=_MAX_STOP_TOKEN_IDS)] | None = None
     skip_special_tokens: bool = True
     repetition_penalty: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)] | None = None
+    prompt_logprobs: LogprobCount | None = None
+    # Structured output (vLLM's extensions; response_format is on chat).
+    guided_json: dict | str | None = None
+    guided_regex: NonEmptyText | None = None
+    guided_choice: Annotated[list[NonEmptyText], Field(min_length=1, max_length=256)] | None = None
+    # Adapter merging (LoRAX's feature): "model" names the base model, these adapters are combined.
+    adapters: Annotated[list[AdapterWeight], Field(min_length=2, max_length=8)] | None = None
+    merge_strategy: Literal["linear", "ties", "dare_linear", "dare_ties"] = "linear"
+    density: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
+    majority_sign_method: Literal["total", "frequency"] = "total"
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -74,25 +94,20 @@ class _SamplingFields(StrictModel):
 
     def unsupported(self) -> Unsupported:
         """Fields set to values this server does not implement (→ 400 naming them)."""
-        out = []
-        if self.n not in (None, 1):
-            out.append(("n", f"n={self.n} (one choice per request)"))
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0):
-                out.append((name, name))
-        if self.repetition_penalty not in (None, 1):
-            out.append(("repetition_penalty", "repetition_penalty"))
-        if self.logit_bias:
-            out.append(("logit_bias", "logit_bias"))
-        return out
+        return []
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
 
 
 class CompletionRequest(_SamplingFields):
     # One prompt: a string, a list holding one string, token ids, or a list holding one list of ids.
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: MaxTokens | None = 16
+    # 0: generate nothing, score the prompt (with echo + logprobs, or prompt_logprobs), as lm-eval asks.
+    max_tokens: Annotated[int, Field(ge=0, le=MAX_TOKENS_LIMIT)] | None = 16
     echo: bool = False
-    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    logprobs: LogprobCount | None = None
     best_of: Annotated[int, Field(ge=1, le=128)] | None = None
     suffix: str | None = None
 
@@ -107,22 +122,18 @@ class CompletionRequest(_SamplingFields):
 
     def unsupported(self) -> Unsupported:
         out = super().unsupported()
-        if _is_batch(self.prompt) and len(self.prompt) > 1:
-            out.append(("prompt", f"{len(self.prompt)} prompts in one request (send one per request)"))
-        if self.best_of not in (None, 1):
-            out.append(("best_of", f"best_of={self.best_of}"))
-        for name in ("echo", "logprobs", "suffix"):
-            if getattr(self, name) not in (None, False, ""):
-                out.append((name, name))
+        if self.suffix:
+            out.append(("suffix", "suffix"))
         return out
 
     @property
     def requested_max_tokens(self) -> int:
-        return self.max_tokens or 16  # OpenAI's default for completions (null included)
+        return 16 if self.max_tokens is None else self.max_tokens  # OpenAI's default for completions
 
-    def single_prompt(self) -> str | list[int]:
-        """The one prompt as text or token ids (multi-prompt requests were refused by `unsupported`)."""
-        return self.prompt[0] if _is_batch(self.prompt) else self.prompt
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt as text or token ids (a batch of prompts: choices are numbered prompt by prompt)."""
+        return list(self.prompt) if _is_batch(self.prompt) else [self.prompt]
 
 
 def _is_ids(value: object) -> bool:
@@ -163,7 +174,7 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: LogprobCount | None = None
     tools: list[dict] | None = None
     response_format: dict | None = None
     # vLLM extension
@@ -171,12 +182,8 @@ class ChatCompletionRequest(_SamplingFields):
 
     def unsupported(self) -> Unsupported:
         out = super().unsupported()
-        if self.logprobs or self.top_logprobs:
-            out.append(("logprobs", "logprobs"))
         if self.tools:
-            out.append(("tools", "tools"))
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            out.append(("response_format", f"response_format type {self.response_format.get('type')!r}"))
+            out.append(("tools", "tools and function calling"))
         for i, msg in enumerate(self.messages):
             for part in msg.content if isinstance(msg.content, list) else []:
                 if part.type != "text" or part.text is None:

@@ -7,7 +7,7 @@ not implement are refused with a 400 naming them, never silently ignored.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -25,6 +25,16 @@ from loraplex.server.api.schemas_openai import (
 DEFAULT_MAX_NEW_TOKENS = 100
 
 
+class MergedAdapters(StrictModel):
+    """LoRAX's `merged_adapters`: registered adapter ids with weights, and how to merge them."""
+
+    ids: Annotated[list[NonEmptyText], Field(min_length=2, max_length=8)]
+    weights: Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], Field(min_length=2, max_length=8)]
+    merge_strategy: Literal["linear", "ties", "dare_linear", "dare_ties"] = "linear"
+    density: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
+    majority_sign_method: Literal["total", "frequency"] = "total"
+
+
 class TGIParameters(StrictModel):
     adapter_id: str | None = None
     adapter_source: str | None = None  # ignored: adapters are registered by name beforehand
@@ -40,16 +50,18 @@ class TGIParameters(StrictModel):
     details: bool = False
     return_full_text: bool = False
     truncate: Annotated[int, Field(ge=1)] | None = None
-    # Not implemented: refused by unsupported() when set to anything but their neutral value.
-    repetition_penalty: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
-    frequency_penalty: Annotated[float, Field(allow_inf_nan=False)] | None = None
-    typical_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
-    best_of: Annotated[int, Field(ge=1)] | None = None
-    watermark: bool = False
+    repetition_penalty: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)] | None = None
+    best_of: Annotated[int, Field(ge=1, le=16)] | None = None
     decoder_input_details: bool = False
-    merged_adapters: dict | None = None
-    response_format: dict | None = None
-    return_k_alternatives: Annotated[int, Field(ge=1)] | None = None
+    top_n_tokens: Annotated[int, Field(ge=0, le=20)] | None = None
+    return_k_alternatives: Annotated[int, Field(ge=0, le=20)] | None = None  # LoRAX's name for top_n_tokens
+    merged_adapters: MergedAdapters | None = None
+    response_format: dict | None = None  # LoRAX: {"type": "json_object", "schema": {...}}
+    grammar: dict | None = None  # TGI: {"type": "json" | "regex", "value": ...}
+    # Not implemented: refused by unsupported() when set to anything but their neutral value.
+    typical_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
+    watermark: bool = False
 
     @property
     def sampling(self) -> bool:
@@ -58,18 +70,12 @@ class TGIParameters(StrictModel):
         return (self.do_sample or warped) and self.temperature != 0
 
     def unsupported(self) -> Unsupported:
-        checks = {
-            "repetition_penalty": self.repetition_penalty not in (None, 1.0),
-            "frequency_penalty": self.frequency_penalty not in (None, 0.0),
-            "typical_p": self.typical_p not in (None, 1.0),
-            "best_of": self.best_of not in (None, 1),
-            "watermark": self.watermark,
-            "decoder_input_details": self.decoder_input_details,
-            "merged_adapters": self.merged_adapters is not None,
-            "response_format": self.response_format is not None,
-            "return_k_alternatives": self.return_k_alternatives is not None,
-        }
+        checks = {"typical_p": self.typical_p not in (None, 1.0), "watermark": self.watermark}
         return [(f"parameters.{name}", name) for name, bad in checks.items() if bad]
+
+    @property
+    def top_alternatives(self) -> int | None:
+        return self.top_n_tokens if self.top_n_tokens is not None else self.return_k_alternatives
 
 
 class TGIRequest(StrictModel):

@@ -126,8 +126,8 @@ def test_errors_use_tgi_form(live):
     invalid = post(live, "/generate_stream", max_new_tokens=0)
     assert invalid.status_code == 422
     assert invalid.json()["error_type"] == "validation" and "max_new_tokens" in invalid.json()["error"]
-    unsupported = post(live, "/", repetition_penalty=1.3)
-    assert unsupported.status_code == 400 and "repetition_penalty" in unsupported.json()["error"]
+    unsupported = post(live, "/", watermark=True)
+    assert unsupported.status_code == 400 and "watermark" in unsupported.json()["error"]
 
 
 # ---- LoRAX's Python client -------------------------------------------------------------------------
