@@ -7,7 +7,6 @@ built in a temporary sibling directory and renamed into place, so an interrupted
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import random
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from results_io import command_line, git_commit, write_json  # noqa: F401 - re-exported for the bench scripts
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from loraplex.adapters.synthetic import PRESETS, make_peft_adapter
@@ -158,32 +158,6 @@ def paired_ratio(num: Sequence[float], den: Sequence[float]) -> float:
 
 
 # ---- output ----------------------------------------------------------------------------------------------
-def write_json(path: Path, data: dict[str, object]) -> None:
-    """Write a result, with the commit it ran on and the exact command first (BENCHMARK.md: every result
-    JSON records them)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"commit": git_commit(), "command": command_line()} | data
-    path.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {path}")
-
-
-def git_commit() -> str:
-    """HEAD of the checkout the benchmark runs from, "-dirty" when the tree has uncommitted changes."""
-    here = Path(__file__).parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=here)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=here)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def command_line() -> str:
-    """The exact command, with the environment settings the run lines ask for."""
-    env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "HF_HUB_OFFLINE") if k in os.environ]
-    return " ".join([*env, Path(sys.executable).name, *sys.argv])
-
-
 def bar_chart(path: Path, title: str, groups: dict[str, dict[str, float]], ylabel: str,
               marks: dict[str, float] | None = None) -> None:
     """Grouped bars: groups = {group label: {series label: value}}; `marks` = {group label: target}, drawn

@@ -58,11 +58,9 @@ import argparse
 import bisect
 import hashlib
 import heapq
-import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import time
 from collections import OrderedDict
@@ -71,6 +69,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))  # results_io next to this file, however the script is loaded
+from results_io import write_json  # noqa: E402 - torch-free (common.py imports torch)
 
 RESULTS_DIR = Path(__file__).parent / "results"
 POLICIES = ("random", "hash", "affinity")
@@ -439,24 +440,7 @@ def plot(path: Path, rows: list[dict[str, object]], replicas: list[int], slots: 
     print(f"wrote {path}")
 
 
-# ---- output (common.py's conventions, without its torch import) ------------------------------------------
-def git_commit() -> str:
-    here = Path(__file__).parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=here)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=here)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def write_json(path: Path, data: dict[str, object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"commit": git_commit(), "command": " ".join([Path(sys.executable).name, *sys.argv])} | data
-    path.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {path}")
-
-
+# ---- output --------------------------------------------------------------------------------------------
 def machine() -> dict[str, object]:
     return {"cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
             "python": platform.python_version(), "numpy": np.__version__, "platform": platform.platform(),

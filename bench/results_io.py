@@ -1,0 +1,38 @@
+"""Writing benchmark results: the JSON record with the commit and the exact command first (BENCHMARK.md).
+
+No torch here, so that scripts which never touch a model (sim_affinity.py) share it with common.py's users.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def write_json(path: Path, data: dict[str, object]) -> None:
+    """Write a result, with the commit it ran on and the exact command first (BENCHMARK.md: every result
+    JSON records them)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"commit": git_commit(), "command": command_line()} | data
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+def git_commit() -> str:
+    """HEAD of the checkout the benchmark runs from, "-dirty" when the tree has uncommitted changes."""
+    here = Path(__file__).parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=here)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=here)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def command_line() -> str:
+    """The exact command, with the environment settings the run lines ask for."""
+    env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "HF_HUB_OFFLINE") if k in os.environ]
+    return " ".join([*env, Path(sys.executable).name, *sys.argv])
