@@ -239,13 +239,6 @@ class GenerationRequest:
     counted: bool = True  # counted as an HTTP request in the metrics (the extra choices of n > 1 are not)
 
 
-def start(rt: Runtime, req: GenerationRequest) -> Generation:
-    """Check the request fits the context (400, before any slot is taken), admit it (429), start it."""
-    rt.engine.check_fits(len(req.prompt_ids), req.params)
-    admit(rt, req.adapter)
-    return Generation(rt, req)
-
-
 def start_choices(rt: Runtime, req: GenerationRequest, count: int) -> list[Generation]:
     """`count` independent choices of one request (n / best_of): the first computes the prompt, the others
     share its KV blocks (prefix_of). Choice i > 0 of a seeded request draws from a seed derived from (seed, i),
@@ -391,11 +384,6 @@ class Generation:
     def cumulative_logprob(self) -> float:
         """Sum of the generated tokens' logprobs: how best_of ranks choices (vLLM's rule)."""
         return sum(lp for lp in self.token_logprobs if lp is not None)
-
-    async def complete(self, request: Request) -> bool:
-        """Run a non-streamed request to the end and close it. False if the client disconnected first (the
-        request was aborted); an engine failure raises ApiError with the engine's message."""
-        return await complete_all([self], request)
 
     @property
     def failure_status(self) -> int:

@@ -275,14 +275,13 @@ class LLMEngine:
         stats = StepStats(sched.num_tokens, len(sched.chunks), len(slots))
         try:
             self._run(sched, outputs)
-            self._start_forks()
         except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving the others
             log.exception("engine step failed; failing the %d requests scheduled in it", len(sched.chunks))
             reason = (f"internal engine error in the step that ran this request ({type(exc).__name__}: {exc}); "
                       "other requests are unaffected")
             outputs += [self._fail(c.request, reason, "internal") for c in sched.chunks
                         if c.request.status is not Status.FINISHED]
-            self._start_forks()
+        self._start_forks()  # leaders whose prompt is now in the pool (or that ended) release their choices
         return StepResult(outputs, stats)
 
     def _run(self, sched: SchedulerOutput, outputs: list[RequestOutput]) -> None:
@@ -332,11 +331,14 @@ class LLMEngine:
         finite = torch.isfinite(lo) & torch.isfinite(hi)  # [N]
         logits = torch.where(finite[:, None], logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
         out, errors = self._sample_rows(logits, reqs, bitmask)
-        host = torch.stack([out.tokens.double(), out.logprobs.double(), finite.double(), out.no_token.double()],
-                           dim=1).tolist()  # [N, 4]
-        tops = _tops(out)
+        # One device -> host copy: [N, 4 + 2K] = token, logprob, finite, no allowed token, K top ids, K top logprobs.
+        table = torch.stack([out.tokens.double(), out.logprobs.double(), finite.double(), out.no_token.double()], dim=1)
+        k_max = 0 if out.top_ids is None else out.top_ids.shape[1]
+        if k_max:
+            table = torch.cat([table, out.top_ids.double(), out.top_logprobs.double()], dim=1)
         picks: dict[Request, Pick] = {}
-        for i, (req, (token, logprob, ok, no_token)) in enumerate(zip(reqs, host, strict=True)):
+        for req, row in zip(reqs, table.tolist(), strict=True):
+            token, logprob, ok, no_token = row[:4]
             if req in errors:
                 continue
             if not ok:
@@ -347,8 +349,9 @@ class LLMEngine:
             elif req.guided is not None and not req.guided.accept(int(token)):  # only a masking bug gets here
                 errors[req] = f"sampled token {int(token)} breaks the grammar ({req.guided.error})"
             else:
-                k = req.params.logprobs or 0
-                picks[req] = Pick(int(token), logprob, tops[i][:k] if tops else ())
+                k = min(req.params.logprobs or 0, k_max)
+                top = tuple(zip(map(int, row[4 : 4 + k]), row[4 + k_max : 4 + k_max + k], strict=True))
+                picks[req] = Pick(int(token), logprob, top)
         return picks, errors
 
     def _sample_rows(self, logits: torch.Tensor, reqs: list[Request], bitmask: Bitmask | None
@@ -404,14 +407,6 @@ class Pick:
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
-
-
-def _tops(out: SampleOutput) -> list[tuple[tuple[int, float], ...]] | None:
-    """Per row, (token, logprob) of the top alternatives the batch computed (None: no row asked)."""
-    if out.top_ids is None:
-        return None
-    return [tuple(zip(ids, lps, strict=True)) for ids, lps in zip(out.top_ids.tolist(), out.top_logprobs.tolist(),
-                                                                   strict=True)]
 
 
 def _empty_output(device: torch.device) -> SampleOutput:
