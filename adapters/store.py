@@ -173,13 +173,17 @@ class AdapterStore:
 
     # ---- a shared registry: what other replicas changed ---------------------------------------------
     def sync(self) -> list[str]:
-        """Fetch the shared manifest if it changed and apply what other replicas registered or removed: a new
-        record becomes servable here (its files are fetched at its first load), a removed or replaced one is
-        forgotten (running requests finish on its slot). Returns the names that changed. A no-op (and no
+        """Fetch the shared manifest if it changed, then apply what the registry's view holds that this replica has
+        not applied yet (other replicas' registrations and deletions): a new record becomes servable here (its
+        files are fetched at its first load), a removed or replaced one is forgotten (running requests finish on
+        its slot). Returns the names that changed. A no-op (and no
         request) for the local registry. Raises S3UnavailableError / ManifestError; the poller logs them."""
         registry = self.registry
-        if not isinstance(registry, SharedRegistry) or not registry.refresh():
+        if not isinstance(registry, SharedRegistry):
             return []
+        # Diff even when this poll saw no change: a registration or deletion through this replica also reads the
+        # newest manifest, so other replicas' changes can reach the view there first.
+        registry.refresh()
         removed: list[str] = []
         added: list[str] = []
         commands: list[Command | None] = []
@@ -257,8 +261,10 @@ class AdapterStore:
             local_dir = self.s3.materialize(record.remote, record.name)
             copy = _LocalCopy(record.remote, self.s3, local_dir)
             with self._lock:
-                applied = self._applied.get(record.name)
-                if applied is None or applied.remote != record.remote:
+                # The registry's view, not `_applied`: a poll makes a record servable (the API and the slot table
+                # ask the registry) a moment before `sync` records it as applied.
+                current = self.registry.get(record.name) if record.name in self.registry else None
+                if current is None or current.remote != record.remote:
                     self.s3.discard(local_dir)  # removed or replaced while downloading: keep nothing
                     raise AdapterNotFoundError(f"adapter {record.name!r} is not registered", field="model")
                 stale, self._copies[record.name] = self._copies.get(record.name), copy

@@ -541,3 +541,24 @@ def test_shared_registration_that_loses_a_race_leaves_no_files_behind(replicas):
     with pytest.raises(AdapterConflictError):  # b's view is stale: it uploads, then loses the manifest write
         b.register_path("x", "good1")
     assert copies() == 2 and upload_dirs(b) == []
+
+
+def test_a_load_between_a_poll_and_its_sync_finds_the_new_adapter(replicas):
+    """The poll makes a record servable (the API and the slot table ask the registry) before `sync` applies
+    it: a load in that window must read it, not call it unregistered (which errored it on that replica)."""
+    a, b = replicas(2)
+    a.register_path("x", "good0")
+    assert b.registry.refresh()  # the poller's first half; sync's bookkeeping has not run yet
+    assert b.load_weights("x").max_rank == 8
+    assert b.sync() == ["x"] and b.load_weights("x").max_rank == 8
+
+
+def test_changes_seen_by_this_replicas_own_write_are_applied_at_the_next_sync(replicas):
+    a, b = replicas(2)
+    a.register_path("x", "good0")
+    b.register_path("y", "good1")  # its write read the newest manifest: b's view holds "x" already
+    b.engine_side.apply()
+    assert b.sync() == ["x"]  # applied although that poll itself saw no change
+    a.unregister("x")
+    b.register_path("z", "other")  # sees the deletion the same way
+    assert b.sync() == ["x"] and b.names() == ["y", "z"]
