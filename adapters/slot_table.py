@@ -318,6 +318,16 @@ class SlotTable:
         entry = self._entries.get(name)
         return entry is not None and entry.pinned
 
+    def occupancy(self) -> list[tuple[str, int, int] | None]:
+        """Per device slot: (name, epoch, refs) of the registration holding it (an unregistered copy still in
+        use included), or None when free. For invariant checks (the engine simulation) and debugging."""
+        return [None if e is None else (e.name, e.epoch, e.refs) for e in self._slots]
+
+    def epoch(self, name: str) -> int | None:
+        """The epoch of `name`'s current registration as the table tracks it (None: nothing tracked)."""
+        entry = self._entries.get(name)
+        return entry.epoch if entry is not None else None
+
     def resident(self) -> dict[str, list[str]]:
         """Adapter names per tier; device ones are ready in a slot (an unregistered copy still in use too)."""
         device = [e.name for e in self._slots if e is not None and e.state is AdapterState.DEVICE_READY]

@@ -80,7 +80,11 @@ class Request:
     waiting_steps: int = 0  # steps spent blocked at the head of the queue (fairness)
     started: bool = False  # admitted at least once: from then on it keeps its adapter ref until finished
     charged_prompt: int = 0  # prompt tokens already charged to its tenant's fairness counter
-    fair_preempted: bool = False  # preempted once for fairness: never again (bounds its recomputation)
+    # len(output_ids) when last preempted for fairness (None: never); see scheduler.REFAIR_TOKENS
+    fair_preempted_at: int | None = None
+    # The choices of one n > 1 request share a group (the first choice's id): they share prompt blocks, and
+    # when one fails they all end.
+    group: str | None = None
     # Several registered adapters combined for this request (LoRAX-style merging); `adapter` is then None.
     merge: MergeRecipe | None = None
     merge_slots: tuple[int, ...] = ()  # device slots of a merge's adapters (recipe order) while it holds them
@@ -98,7 +102,9 @@ class Request:
         p = len(self.prompt_ids)
         if end <= p:
             return self.prompt_ids[start:end]
-        return (self.prompt_ids + self.output_ids)[start:end]
+        if start >= p:  # a decode: no copy of the prompt
+            return self.output_ids[start - p : end - p]
+        return self.prompt_ids[start:] + self.output_ids[: end - p]
 
 
 @dataclass(frozen=True)

@@ -143,7 +143,7 @@ def test_an_idle_tenant_takes_a_slot_from_the_most_served_at_once():
     victim = drv.preempted[0]
     assert [r.request_id for r in drv.preempted] == ["a3"]  # the newest request of the most-served tenant
     assert victim.status is Status.WAITING and victim.num_computed == 0 and victim.output_ids
-    assert victim.fair_preempted and victim.holds_adapter
+    assert victim.fair_preempted_at == len(victim.output_ids) and victim.holds_adapter
     drv.admission_order(400)
     assert not sched.has_work() and len(victim.output_ids) == 40  # recomputed, outputs kept
 
