@@ -10,7 +10,7 @@ import pytest
 from loraplex.server.engine.block_pool import BlockPool
 from loraplex.server.engine.sampling_params import SamplingParams
 
-from .engine_helpers import PeftReference, make_engine, run_to_completion, tokens_of
+from .engine_helpers import PeftReference, make_engine, run_to_completion, tokens_of, wait_for_adapter_news
 
 
 @pytest.fixture(scope="module")
@@ -96,4 +96,55 @@ def test_a_waiting_choice_can_be_aborted(setup):
     assert engine.abort("other").finish_reason == "abort"  # before it ever reached the scheduler
     outs = run_to_completion(engine)
     assert "other" not in outs and len(tokens_of(outs["lead"])) == 3
+    assert not engine.has_work() and engine.pool.num_free == engine.pool.num_blocks
+
+
+def _steps_until_idle(engine, limit: int = 100) -> dict[str, list]:
+    """Step until idle, at most `limit` steps (a hang fails fast instead of spinning)."""
+    outs: dict[str, list] = {}
+    for _ in range(limit):
+        if not engine.has_work():
+            return outs
+        step = engine.step()
+        for o in step.outputs:
+            outs.setdefault(o.request_id, []).append(o)
+        if not step.computed:
+            wait_for_adapter_news(engine, 1)  # returns as soon as a read lands
+    raise AssertionError(f"not idle after {limit} steps: {sorted(engine.requests)}")
+
+
+def test_waiting_choices_hold_no_blocks_so_a_long_request_beside_them_finishes(setup):
+    """Issue 19, bug 2: a choice handed its leader's prompt blocks before it was admitted pinned them while it
+    waited; with 12 blocks of 4 and 2 sequence slots, a long request beside an n = 2 request could then never
+    grow, admission stopped at no_blocks and nothing ever finished."""
+    model_dir, adapters, ref = setup
+    engine = make_engine(model_dir, adapters, num_kv_blocks=12, block_size=4, max_num_seqs=2, max_batch_tokens=64,
+                         max_model_len=48)
+    long_prompt = PROMPT[:20]
+    engine.add_request("long", long_prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True), "a8")
+    for i in range(2):
+        engine.add_request(f"n{i}", PROMPT[:10], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
+                           "a8", prefix_of="n0" if i else None)
+    outs = _steps_until_idle(engine)
+    assert tokens_of(outs["long"]) == ref.generate(long_prompt, "a8", 24)
+    assert [tokens_of(outs[f"n{i}"]) for i in range(2)] == [ref.generate(PROMPT[:10], "a8", 10)] * 2
+    assert engine.pool.num_free == engine.pool.num_blocks
+
+
+@pytest.mark.parametrize("how", ["load fails", "deleted while queued"])
+def test_a_leader_that_fails_before_its_first_step_ends_every_choice(setup, how):
+    """Issue 19, bug 3: the leader's adapter failed to load (or was DELETEd while queued) before any step; the
+    other choices waited for it forever, has_work() stayed true and the HTTP request never answered."""
+    model_dir, adapters, _ = setup
+    engine = make_engine(model_dir, adapters)
+    if how == "load fails":
+        engine.host_loader._loader = lambda name: (_ for _ in ()).throw(OSError("the adapter's files are corrupt"))
+    for i in range(3):
+        engine.add_request(f"c{i}", PROMPT, sampled(i), "a8", prefix_of="c0" if i else None)
+    outs = {}
+    if how == "deleted while queued":
+        outs = {o.request_id: [o] for o in engine.fail_adapter("a8", "adapter 'a8' was unregistered")}
+    outs.update(_steps_until_idle(engine))
+    assert sorted(outs) == ["c0", "c1", "c2"]
+    assert all(o[-1].finish_reason == "error" for o in outs.values())
     assert not engine.has_work() and engine.pool.num_free == engine.pool.num_blocks

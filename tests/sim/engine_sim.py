@@ -278,7 +278,7 @@ def _draw_config(d: Draws) -> SimConfig:
     max_model_len = d.pick((12, 24, 40))
     min_blocks = -(-max_model_len // block_size)  # a request of the longest legal size always fits alone
     return SimConfig(
-        num_blocks=min_blocks + d.int(0, 3 * min_blocks),
+        num_blocks=min_blocks + d.pick((0, 1, 2, min_blocks // 2, min_blocks, 3 * min_blocks)),
         block_size=block_size,
         max_num_seqs=d.int(1, 5),
         max_loras=d.int(1, 3),
@@ -567,6 +567,7 @@ class Simulation:
         self.report = Report()
         self.check_guided = check_guided
         self.eos_ids = eos_ids
+        self._stalled = 0
 
     def _preempted(self, req: Any) -> None:
         self.report.preemptions += 1
@@ -610,7 +611,20 @@ class Simulation:
             result = self.engine.step()
             self._collect(result.outputs)
             self._check_step()
+            self._check_progress(result)
         raise SimViolation(f"ran {max_steps} steps")
+
+    def _check_progress(self, result: Any) -> None:
+        """No stall: while requests are in the engine, some token is computed or some request ends at least
+        every `max_load_delay + 4` steps (a read, its slot copy, an admission; nothing else may hold everyone)."""
+        if result.computed or result.outputs or not self.engine.has_work():
+            self._stalled = 0
+            return
+        self._stalled += 1
+        if self._stalled > self.scenario.config.max_load_delay + 4:
+            waiting = ", ".join(f"{r.request_id}({r.adapter or r.merge or 'base'})"
+                                for r in self.engine.scheduler.waiting)
+            raise SimViolation(f"step {self.world.step}: no progress for {self._stalled} steps; waiting: {waiting}")
 
     def _idle_bound(self) -> int:
         live = [t for t in self.tracked.values() if not t.finished]
