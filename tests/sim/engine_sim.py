@@ -678,7 +678,8 @@ class Simulation:
         recipe = a.target.recipe()
         for i in range(a.n):
             rid = _choice_id(a.rid, i)
-            params = a.params if i == 0 or a.params.seed is None else dataclasses.replace(a.params, seed=a.params.seed + i)
+            seeded = i and a.params.seed is not None
+            params = dataclasses.replace(a.params, seed=a.params.seed + i) if seeded else a.params
             self.world.expected[rid] = kvid
             try:
                 self.engine.add_request(rid, list(a.prompt), params, a.target.adapter, recipe,

@@ -10,6 +10,7 @@ replays it:
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
@@ -19,6 +20,14 @@ from hypothesis import strategies as st
 from . import engine_sim as sim
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quiet_engine_logs():
+    """The scenarios inject faults by the thousand: their log lines (and tracebacks) would cost seconds."""
+    logging.disable(logging.ERROR)
+    yield
+    logging.disable(logging.NOTSET)
 
 
 @pytest.fixture(scope="module")
