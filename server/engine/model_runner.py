@@ -32,7 +32,7 @@ from loraplex.adapters.inject import LoRAInjection
 from loraplex.adapters.ops import LoRABatch, TokenMerges
 from loraplex.server.engine.attention import AttentionMetadata, PagedKVCache, PrefillPart
 from loraplex.server.engine.cuda_graphs import DecodeGraphs
-from loraplex.server.engine.paged_kernels import PagedMetadata, paged_metadata
+from loraplex.server.engine.paged_kernels import PagedMetadata, padded_table, paged_metadata
 from loraplex.server.engine.scheduler import ScheduledChunk
 
 DecodeInputs = dict[str, torch.Tensor]  # name -> tensor of one padded decode step (see _decode_inputs)
@@ -205,7 +205,7 @@ class ModelRunner:
         width = -(-max(lengths) // bs)
         width = bucket(width) if static else width
         lmax = width * bs if static else max(lengths)
-        table = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables], dtype=torch.long)
+        table = padded_table(tables, width, 0, torch.long)  # [D, width]
         index = (table[:, :, None] * bs + torch.arange(bs)).view(len(tables), -1)[:, :lmax]  # [D, Lmax]
         mask = torch.arange(lmax)[None, :] < torch.tensor(lengths)[:, None]  # [D, Lmax]
         return index.reshape(-1), mask.view(len(tables), 1, 1, lmax)

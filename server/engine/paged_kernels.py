@@ -173,9 +173,24 @@ def paged_metadata(queries: list[int], lengths: list[int], tables: list[list[int
     for n, length in zip(queries, lengths, strict=True):
         cu_q.append(cu_q[-1] + n)
         cu_k.append(cu_k[-1] + length)
-    table = [t[:width] + [pad_page] * (width - len(t[:width])) for t in tables]
 
-    def i32(values: list[int] | list[list[int]]) -> torch.Tensor:
+    def i32(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
 
-    return PagedMetadata(i32(cu_q), i32(cu_k), i32(lengths), i32(table), max(queries), max(lengths))
+    table = padded_table(tables, width, pad_page, torch.int32).to(device, non_blocking=True)
+    return PagedMetadata(i32(cu_q), i32(cu_k), i32(lengths), table, max(queries), max(lengths))
+
+
+def padded_table(tables: list[list[int]], width: int, pad: int, dtype: torch.dtype) -> torch.Tensor:
+    """[len(tables), width] host tensor of each row's first `width` entries, right-padded with `pad`. Costs
+    O(entries), not O(rows x width): a decode step's tables are as wide as --max-model-len (a graph per bucket)
+    while most contexts are far shorter (building the padded lists in Python took 12 ms per step at 64 rows x
+    2048 pages)."""
+    lens = torch.tensor([min(len(t), width) for t in tables])  # [R]
+    flat = torch.tensor([b for t in tables for b in t[:width]], dtype=dtype)  # [sum(lens)], row after row
+    # Entry g of the flat list, the (g - s_i)-th of row i (s_i: the entries before row i), goes to
+    # i * width + g - s_i: one scatter.
+    shift = torch.repeat_interleave(torch.arange(len(tables)) * width - (lens.cumsum(0) - lens), lens)
+    table = torch.full((len(tables) * width,), pad, dtype=dtype)
+    table[shift + torch.arange(flat.numel())] = flat
+    return table.view(len(tables), width)
