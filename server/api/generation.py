@@ -387,9 +387,9 @@ class Generation:
 
     @property
     def failure_status(self) -> int:
-        adapter = self.req.adapter
-        if adapter is not None and (self.rt.store is None or adapter not in self.rt.store):
-            return 404  # unregistered meanwhile
+        names = self.req.merge.names if self.req.merge is not None else (self.req.adapter,)
+        if any(n is not None and (self.rt.store is None or n not in self.rt.store) for n in names):
+            return 404  # its adapter (or one its merge names) was unregistered meanwhile
         if self.error_kind == "request":
             return 400  # this request's own parameters or adapter (e.g. errored, non-finite logits)
         if self.error_kind == "unavailable":
