@@ -14,7 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from loraplex.adapters.errors import AdapterConflictError
+from loraplex.adapters.merge import is_virtual
 from loraplex.adapters.registry_poller import RegistryPoller
+from loraplex.adapters.slot_table import SlotTable
 from loraplex.adapters.sources.base import ADAPTER_FILES
 from loraplex.adapters.store import AdapterStore, StoreConfig
 from loraplex.server.config import ModelConfig, ServerConfig
@@ -94,7 +96,7 @@ class Runtime:
             engine.lora.module_shapes(), cfg.engine.lora.max_loras)
         self.store.attach(engine.adapter_port)
         self.store.on_removed = self.adapter_removed
-        engine.adapters.on_load_seconds = self.metrics.observe_adapter_load  # called on the engine thread
+        engine.adapters.on_load_seconds = lambda seconds: self._adapter_loaded(engine.adapters, seconds)
         self._preload()
         async_engine = AsyncEngine(engine)
         self._cap_context(engine.config.max_model_len, async_engine.token_capacity)
@@ -129,6 +131,16 @@ class Runtime:
                         "or lower --max-num-seqs for a larger share per sequence)", wanted, source, capacity, capacity)
         else:
             log.info("max_model_len %d (%s)", wanted, source)
+
+    def _adapter_loaded(self, table: SlotTable, seconds: float) -> None:
+        """An adapter reached a device slot after `seconds` (engine thread). A ties / dare merge's virtual adapter
+        (computed from its components on its first use) is logged and timed apart from plain loads."""
+        merged = [name for name in table.resident()["device"]
+                  if is_virtual(name) and table.load_info(name).get("last_load_seconds") == seconds]
+        if merged:
+            log.info("merge %s computed and loaded in %.1fs (once: later requests for it reuse the slot)",
+                     merged[0], seconds)
+        self.metrics.observe_adapter_load(seconds, merge=bool(merged))
 
     def adapter_removed(self, name: str) -> None:
         """`name` was unregistered (here or, with a shared registry, by another replica)."""
