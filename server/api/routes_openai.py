@@ -293,10 +293,9 @@ def _guided_spec(body: _SamplingBody) -> tuple[GuidedSpec | None, str | None]:
         names = ", ".join(name for name, _ in specs)
         raise ApiError(400, f"at most one structured-output constraint per request, got {names}",
                        param=specs[1][0])
+    if whitespace is not None and not (specs and "json" in specs[0][0] or specs and specs[0][0] == "response_format"):
+        raise ApiError(400, f"{ws_field} applies to JSON output only (a JSON schema or json_object)", param=ws_field)
     if not specs:
-        if whitespace is not None:
-            raise ApiError(400, f"{ws_field} applies to JSON output only: add a JSON schema or json_object",
-                           param=ws_field)
         return None, None
     field, build = specs[0]
     return guided_or_400(build, field), field
@@ -312,12 +311,7 @@ def _requested_specs(body: _SamplingBody, whitespace: str | None) -> list[tuple[
             field = "response_format.json_schema.schema" if fmt.get("type") == "json_schema" else "response_format"
             specs.append((field, lambda: spec))
     so = body.structured_outputs
-    candidates: list[tuple[str, object, Callable[[Any], GuidedSpec]]] = [
-        ("guided_json", body.guided_json, lambda v: _json_spec("guided_json", v, whitespace)),
-        ("guided_regex", body.guided_regex, GuidedSpec.regex),
-        ("guided_choice", body.guided_choice, GuidedSpec.choice),
-        ("guided_grammar", body.guided_grammar, GuidedSpec.grammar),
-    ]
+    candidates: list[tuple[str, object, Callable[[Any], GuidedSpec]]] = []
     if so is not None:
         candidates += [
             ("structured_outputs.json", so.json_, lambda v: _json_spec("structured_outputs.json", v, whitespace)),
@@ -327,6 +321,12 @@ def _requested_specs(body: _SamplingBody, whitespace: str | None) -> list[tuple[
             ("structured_outputs.json_object", so.json_object or None,
              lambda _: _json_spec("structured_outputs.json_object", {"type": "object"}, whitespace)),
         ]
+    candidates += [
+        ("guided_json", body.guided_json, lambda v: _json_spec("guided_json", v, whitespace)),
+        ("guided_regex", body.guided_regex, GuidedSpec.regex),
+        ("guided_choice", body.guided_choice, GuidedSpec.choice),
+        ("guided_grammar", body.guided_grammar, GuidedSpec.grammar),
+    ]
     for field, value, build in candidates:
         if value is not None:
             specs.append((field, lambda build=build, value=value: build(value)))

@@ -273,9 +273,18 @@ def _grammar(spec: GuidedSpec) -> str:
         return matcher.grammar_from_lark("start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.value))
     schema = spec.value if spec.kind == "json_schema" else _ANY_OBJECT
     try:
-        return matcher.grammar_from_json_schema(schema, overrides=_JSON_OPTIONS)
+        return matcher.grammar_from_json_schema(schema, overrides=_json_options(schema))
     except ValueError as exc:
         raise GuidedError(spec.field, f"cannot be enforced: {_clean(str(exc))}") from None
+
+
+def _json_options(schema: str) -> dict[str, object]:
+    """Our compact JSON layout, unless the schema's `x-guidance` sets a `whitespace_pattern` (vLLM's field): then
+    the separators are bare and every gap between tokens matches that pattern."""
+    options = json.loads(schema).get("x-guidance")
+    if isinstance(options, dict) and "whitespace_pattern" in options:
+        return {**_JSON_OPTIONS, "item_separator": ",", "key_separator": ":"}
+    return _JSON_OPTIONS
 
 
 def _clean(message: str) -> str:
