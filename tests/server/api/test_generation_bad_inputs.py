@@ -45,9 +45,13 @@ def message(resp) -> str:
 
 
 def openai_body(path, **fields):
+    """A body for `path`; `prompt` goes to completions only, `messages` to chat only (the other is an unknown
+    field there, refused)."""
     base = {"model": "a1", "max_tokens": 2}
     if path.endswith("chat/completions"):
+        fields.pop("prompt", None)
         return {**base, "messages": [{"role": "user", "content": "hi"}], **fields}
+    fields.pop("messages", None)
     return {**base, "prompt": "hi", **fields}
 
 
