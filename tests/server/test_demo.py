@@ -5,7 +5,6 @@ defaults. scripts/test.sh installs the wheel, so the demo is tested, not skipped
 from __future__ import annotations
 
 import dataclasses
-
 import importlib.metadata
 import json
 from pathlib import Path
