@@ -28,6 +28,8 @@ from loraplex.server.api.schemas_openai import (
 )
 from loraplex.server.tiny_models import EOS_ID, EOS_TOKEN
 
+from .conftest import ok, post
+
 OPENAI_COMPLETIONS = {
     "model", "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "n",
     "presence_penalty", "seed", "stop", "stream", "stream_options", "suffix", "temperature", "top_p", "user",
@@ -87,16 +89,6 @@ def live(server_factory, adapter_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("fields-root")
     shutil.copytree(adapter_dir("llama", 8, ("q_proj", "v_proj"), 5), root / "alpha")
     return server_factory("--preload", "alpha=alpha", "--served-model-name", "base", adapter_root=root)
-
-
-def post(live, path: str, body: dict) -> httpx.Response:
-    return httpx.post(live.url + path, json=body, timeout=120)
-
-
-def ok(live, path: str, body: dict) -> dict:
-    answer = post(live, path, body)
-    assert answer.status_code == 200, answer.text
-    return answer.json()
 
 
 # ---- completions: every field's effect --------------------------------------------------------------
