@@ -2,10 +2,10 @@
 
 Strict on purpose. Numbers must be JSON numbers within their bounds (422 naming the field otherwise). Every
 field OpenAI's or vLLM's current API defines is either implemented as they define it (a typed field below) or
-listed in `NOT_IMPLEMENTED`, where it passes only at its neutral value (null, or the value that means "off") and
-is otherwise refused by `unsupported()` with a 400 naming it. A few harmless fields are accepted and ignored
-(`IGNORED`: user, metadata, service_tier, ...). Any other field is refused with a 400 naming it as unknown:
-a misspelt `max_token` must not silently generate 16 tokens.
+listed in `_COMPLETION_NOT_IMPLEMENTED` / `_CHAT_NOT_IMPLEMENTED`, where it passes only at its neutral value
+(null, or the value that means "off") and is otherwise refused by `unsupported()` with a 400 naming it. A few
+harmless fields are accepted and ignored (`IGNORED`: user, metadata, service_tier, ...). Any other field is
+refused with a 400 naming it as unknown: a misspelt `max_token` must not silently generate 16 tokens.
 """
 
 from __future__ import annotations
