@@ -450,27 +450,39 @@ def model_with_defaults(tiny_model_dir, tmp_path_factory):
     return out
 
 
-def test_generation_config_supplies_the_defaults_a_request_omits(server_factory, model_with_defaults, tmp_path):
+def test_generation_config_supplies_the_defaults_a_request_omits(model_with_defaults, tmp_path):
     from .conftest import start_server
 
     body = {"model": "base", "messages": [{"role": "user", "content": "Hi"}], "ignore_eos": True}
-    servers = []
+    auto = start_server(model_with_defaults, tmp_path / "auto", None, "--served-model-name", "base",
+                        "--max-model-len", "64")
     try:
-        for flag in ("auto", "vllm"):
-            servers.append(start_server(model_with_defaults, tmp_path / flag, None, "--served-model-name", "base",
-                                        "--generation-config", flag))
-        auto, vllm = servers
         answer = ok(auto, "/v1/chat/completions", body)
-        assert answer["usage"]["completion_tokens"] == 5  # max_new_tokens
+        assert answer["usage"]["completion_tokens"] == 5  # max_new_tokens (without the file: to the context's end)
         greedy = ok(auto, "/v1/chat/completions", {**body, "temperature": 0, "max_tokens": 5})
         assert answer["choices"][0]["message"] == greedy["choices"][0]["message"]  # temperature 0 from the file
+        sampled = ok(auto, "/v1/chat/completions", {**body, "temperature": 1.0, "top_k": 0, "seed": 3})
+        assert sampled["usage"]["completion_tokens"] == 5  # the request's own values win, the rest still apply
         assert httpx.get(auto.url + "/v1/models/base").json()["sampling_defaults"] == {
             "temperature": 0.0, "top_k": 1, "max_tokens": 5}
-        assert httpx.get(vllm.url + "/v1/models/base").json()["sampling_defaults"] == {}
-        assert ok(vllm, "/v1/chat/completions", body)["usage"]["completion_tokens"] > 5  # to the context's end
     finally:
-        for server in servers:
-            server.stop()
+        auto.stop()
+
+
+def test_generation_config_choices(model_with_defaults, tmp_path):
+    from loraplex.server.generation_config import check_choice, sampling_defaults
+
+    expected = {"temperature": 0.0, "top_k": 1, "max_tokens": 5}
+    assert sampling_defaults("auto", model_with_defaults) == expected
+    assert sampling_defaults("vllm", model_with_defaults) == {}  # OpenAI's defaults
+    assert sampling_defaults(str(model_with_defaults), None) == expected  # a folder holding the file
+    assert sampling_defaults(str(model_with_defaults / "generation_config.json"), None) == expected
+    assert sampling_defaults("auto", tmp_path) == {}  # a model without the file
+    (tmp_path / "generation_config.json").write_text(json.dumps({"top_p": 0}))
+    with pytest.raises(ValueError, match=r"--generation-config: .*top_p must be a number in \(0, 1\], got 0"):
+        sampling_defaults("auto", tmp_path)
+    with pytest.raises(ValueError, match="--generation-config: expected auto, vllm or a folder"):
+        check_choice(str(tmp_path / "missing"))
 
 
 def test_max_model_len_defaults_to_the_models_own_capped_by_the_kv_pool(tiny_model_dir, tmp_path, caplog):
