@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraplex.server.generation_config import check_choice
+
 QUANTIZE_CHOICES = ("none", "nf4", "int8")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -28,8 +30,9 @@ class ModelConfig:
     quantize: str = "none"
     dtype: str = "auto"
     device: str = "auto"
-    max_model_len: int | None = None
+    max_model_len: int | None = None  # None: the model's own context length (capped by the KV pool)
     served_model_name: str | None = None
+    generation_config: str = "auto"  # auto | vllm | a folder (or file) holding generation_config.json
 
     def __post_init__(self) -> None:
         _require(self.quantize in QUANTIZE_CHOICES, "--quantize", f"must be one of {QUANTIZE_CHOICES}")
@@ -38,6 +41,7 @@ class ModelConfig:
         _require(self.max_model_len is None or self.max_model_len > 0, "--max-model-len", "must be > 0")
         _require(self.gguf_file is None or self.path is not None, "--gguf-file",
                  "needs --model DIR (the dir holding it)")
+        check_choice(self.generation_config)
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,9 @@ class ServerConfig:
     api_key: str | None = None
     admin_key: str | None = None
     preload: tuple[tuple[str, str], ...] = ()
+    # The built-in demo's adapters (set by server/demo.py, not a flag): registered from this folder as copies,
+    # outside --adapter-root's confinement, which stays off unless the user sets it.
+    demo_adapters: Path | None = None
     max_queue: int = 256  # admitted-but-unfinished requests beyond which we answer 429
     max_body_bytes: int = 4 * 2**20  # JSON request bodies
     max_upload_bytes: int = 2 * 2**30  # adapter uploads

@@ -171,6 +171,9 @@ def resolve_merge(rt: Runtime, model: str | None, adapters: Sequence[Any] | None
         field = getattr(exc, "field", "adapters")
         where = param + field.removeprefix("adapters") if field.startswith("adapters") else field
         raise ApiError(400, str(exc), param=where) from exc
+    if recipe.virtual and recipe.virtual_name not in rt.engine.adapters.adapters:
+        log.info("%s merge of %s: not computed yet; this request's first step waits while it is computed from the "
+                 "adapters' weights (off the engine thread; later requests reuse it)", strategy, ", ".join(names))
     return recipe
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from loraplex.adapters.errors import AdapterConflictError, AdapterNotFoundError
@@ -114,13 +115,15 @@ async def delete_adapter(name: str, request: Request) -> dict[str, Any]:
     return await _unregister(request, name)
 
 
-@router.post("/v1/load_lora_adapter", response_model=AdapterInfo)
-async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> dict[str, Any]:
-    """vLLM-compatible registration by path (200, as vLLM answers)."""
-    return await _register_path(request, body.lora_name, body.lora_path, False)
+@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> PlainTextResponse:
+    """vLLM-compatible registration by path: 200 with vLLM's plain success text (errors are JSON, as vLLM's)."""
+    await _register_path(request, body.lora_name, body.lora_path, False)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
-@router.post("/v1/unload_lora_adapter", response_model=AdapterInfo)
-async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) -> dict[str, Any]:
-    """vLLM-compatible unregistration (200)."""
-    return await _unregister(request, body.lora_name)
+@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) -> PlainTextResponse:
+    """vLLM-compatible unregistration: 200 with vLLM's plain success text."""
+    await _unregister(request, body.lora_name)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

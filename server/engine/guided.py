@@ -36,7 +36,7 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-GuidedKind = Literal["json_object", "json_schema", "regex", "choice"]
+GuidedKind = Literal["json_object", "json_schema", "regex", "choice", "grammar"]
 
 # The request field each kind comes from: GuidedError messages name it, so a 400 says what to fix.
 FIELDS: dict[str, str] = {
@@ -44,6 +44,7 @@ FIELDS: dict[str, str] = {
     "json_schema": "response_format.json_schema.schema",
     "regex": "guided_regex",
     "choice": "guided_choice",
+    "grammar": "guided_grammar",
 }
 MAX_SPEC_BYTES = 64 * 1024  # a schema's canonical JSON text, or a regex
 MAX_CHOICES = 256
@@ -85,7 +86,8 @@ class GuidedSpec:
     value: str | tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        expected = {"json_object": type(None), "json_schema": str, "regex": str, "choice": tuple}.get(self.kind)
+        expected = {"json_object": type(None), "json_schema": str, "regex": str, "choice": tuple,
+                    "grammar": str}.get(self.kind)
         if expected is None:
             raise ValueError(f"unknown guided kind {self.kind!r}; expected one of {sorted(FIELDS)}")
         if not isinstance(self.value, expected):
@@ -124,6 +126,15 @@ class GuidedSpec:
             raise GuidedError(field, "must be a non-empty string")
         _check_size(field, pattern)
         return cls("regex", pattern)
+
+    @classmethod
+    def grammar(cls, lark: str) -> GuidedSpec:
+        """The whole output must match the grammar `lark` (llguidance's Lark syntax: `start: ...` rules)."""
+        field = FIELDS["grammar"]
+        if not isinstance(lark, str) or not lark.strip():
+            raise GuidedError(field, "must be a non-empty string")
+        _check_size(field, lark)
+        return cls("grammar", lark)
 
     @classmethod
     def choice(cls, options: Sequence[str]) -> GuidedSpec:
@@ -255,14 +266,25 @@ def _grammar(spec: GuidedSpec) -> str:
     matcher = llguidance.LLMatcher
     if spec.kind == "regex":
         return matcher.grammar_from_regex(spec.value)
+    if spec.kind == "grammar":
+        return matcher.grammar_from_lark(spec.value)
     if spec.kind == "choice":
         # Lark string literals take JSON escapes: quotes, backslashes and control characters are safe.
         return matcher.grammar_from_lark("start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.value))
     schema = spec.value if spec.kind == "json_schema" else _ANY_OBJECT
     try:
-        return matcher.grammar_from_json_schema(schema, overrides=_JSON_OPTIONS)
+        return matcher.grammar_from_json_schema(schema, overrides=_json_options(schema))
     except ValueError as exc:
         raise GuidedError(spec.field, f"cannot be enforced: {_clean(str(exc))}") from None
+
+
+def _json_options(schema: str) -> dict[str, object]:
+    """Our compact JSON layout, unless the schema's `x-guidance` sets a `whitespace_pattern` (vLLM's field): then
+    the separators are bare and every gap between tokens matches that pattern."""
+    options = json.loads(schema).get("x-guidance")
+    if isinstance(options, dict) and "whitespace_pattern" in options:
+        return {**_JSON_OPTIONS, "item_separator": ",", "key_separator": ":"}
+    return _JSON_OPTIONS
 
 
 def _clean(message: str) -> str:

@@ -1,7 +1,7 @@
 """Pick one next token per sequence from the model's last-position logits, and its raw log-probability.
 
 Per row, in vLLM's order: logit_bias → grammar bitmask → min_tokens EOS/stop ban → repetition penalty →
-frequency/presence penalties → temperature → top-k → top-p → draw. Greedy rows (temperature ~ 0 or
+frequency/presence penalties → temperature → min-p → top-k → top-p → draw. Greedy rows (temperature ~ 0 or
 top_k == 1) take the argmax after the bias, mask, ban and penalties. Every step is batched over the rows
 that use it, and a batch where no row uses a feature pays nothing for it. A seeded request draws only from
 its own `torch.Generator`, so its tokens do not depend on which other requests share the batch or where its
@@ -274,18 +274,29 @@ def raw_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[SampleRo
 
 
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """logits [M, V] fp32 of sampled rows → probabilities [M, V] after temperature, top-k and top-p."""
+    """logits [M, V] fp32 of sampled rows → probabilities [M, V] after temperature, min-p, top-k and top-p."""
     device = logits.device
     temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
     # Shift each row so its max is 0 before dividing: the distribution is the same, and a small temperature
     # (>= GREEDY_TEMPERATURE_EPS) can no longer overflow a large finite logit to +inf (softmax -> NaN).
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temps[:, None]  # [M, V] / [M, 1]
+    if any(p.min_p > 0 for p in params):
+        logits = _min_p(logits, torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device))
     vocab = logits.shape[1]
     top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]  # vocab = "keep all"
     top_p = [p.top_p for p in params]
     if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
         logits = _top_k_top_p(logits, torch.tensor(top_k, device=device), torch.tensor(top_p, device=device))
     return torch.softmax(logits, dim=-1)
+
+
+def _min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """logits [M, V] whose row max is 0, min_p [M] (0 = off) → logits with tokens below min-p at -inf.
+
+    p_j / p_max = exp(logit_j - max) = exp(logit_j): keeping p_j >= min_p · p_max is keeping logit_j >= log(min_p)
+    (log 0 = -inf keeps every token; the top token, at 0 >= log(min_p), is always kept).
+    """
+    return logits.masked_fill(logits < torch.log(min_p)[:, None], float("-inf"))
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

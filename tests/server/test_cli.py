@@ -42,7 +42,8 @@ FLAG_FIELDS = {
     "--max-num-seqs": (SchedulerConfig, "max_num_seqs"),
     "--max-batch-tokens": (SchedulerConfig, "max_batch_tokens"),
     "--scheduling-policy": (SchedulerConfig, "policy"),
-    "--max-model-len": (EngineConfig, "max_model_len"),
+    "--max-model-len": (ModelConfig, "max_model_len"),  # unset: the model's own (the runtime sets the engine's)
+    "--generation-config": (ModelConfig, "generation_config"),
     "--num-kv-blocks": (EngineConfig, "num_kv_blocks"),
     "--block-size": (EngineConfig, "block_size"),
 }
@@ -72,10 +73,31 @@ def test_every_flag_default_is_its_config_dataclass_default():
         assert serve.get_default(flag.lstrip("-").replace("-", "_")) == _field_default(config, name), flag
 
 
+def test_engine_and_scheduler_defaults_written_in_the_cli_are_their_dataclass_defaults():
+    # cli.py spells them out so that --help never imports torch.
+    from loraplex.server.cli import ENGINE_DEFAULTS, SCHEDULER_DEFAULTS
+
+    for name, value in ENGINE_DEFAULTS.items():
+        assert value == (None if name == "max_model_len" else _field_default(EngineConfig, name)), name
+    for name, value in SCHEDULER_DEFAULTS.items():
+        assert value == _field_default(SchedulerConfig, name), name
+
+
+def test_help_answers_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from loraplex.server.cli import build_parser; build_parser().format_help(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'uvicorn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_no_flags_build_the_default_configs():
     cfg = configs_from_args(build_parser().parse_args(["serve"]))
-    # ModelConfig gets the engine's context limit (the one --max-model-len sets).
-    model = ModelConfig(max_model_len=EngineConfig().max_model_len)
+    # No --max-model-len: the model config says "the model's own", the engine keeps its default until the model
+    # is loaded (Runtime sets it then).
+    model = ModelConfig()
     # No --model: the demo, with its adapters preloaded when they are built (server/demo.py).
     assert cfg == RuntimeConfig(model, EngineConfig(), with_demo_adapters(ServerConfig()))
     with_model = configs_from_args(build_parser().parse_args(["serve", "--model", "m"]))

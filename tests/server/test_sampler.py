@@ -40,6 +40,9 @@ VOCAB = 50
         ({"stop_token_ids": (-1,)}, "stop_token_ids"),
         ({"seed": 2**63}, "seed"),
         ({"seed": "7"}, "seed"),
+        ({"min_p": -0.1}, "min_p"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"min_p": float("nan")}, "min_p"),
     ],
 )
 def test_params_reject_bad_values_naming_the_field(kwargs, field):
@@ -194,6 +197,31 @@ def test_top_k_and_top_p_renormalise_the_kept_tokens():
     # Both filters on the same row: top_k=3 then top_p=0.5 over {0.4, 0.3, 0.2}/0.9 → {0, 1}.
     freq = _frequencies(logits, SamplingParams(top_k=3, top_p=0.5), n, seeded=False)
     _assert_close_to(freq, torch.tensor([4 / 7, 3 / 7, 0.0, 0.0], dtype=torch.float64), n)
+
+
+def test_min_p_keeps_tokens_within_a_fraction_of_the_top_one():
+    logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1]))
+    n = 20_000
+    # min_p=0.45: keep p >= 0.45 * 0.4 = 0.18 → {0, 1, 2} renormalised over 0.9.
+    freq = _frequencies(logits, SamplingParams(min_p=0.45), n, seeded=False)
+    _assert_close_to(freq, torch.tensor([4 / 9, 3 / 9, 2 / 9, 0.0], dtype=torch.float64), n)
+    # After temperature 0.5 the probabilities are ∝ p²: 16, 9, 4, 1 (of 30); min_p=0.5 keeps 16 and 9 only.
+    freq = _frequencies(logits, SamplingParams(min_p=0.5, temperature=0.5), n, seeded=True)
+    _assert_close_to(freq, torch.tensor([16 / 25, 9 / 25, 0.0, 0.0], dtype=torch.float64), n)
+    # min_p=1 keeps only the top token (ties included); min_p=0 is off.
+    assert set(_frequencies(logits, SamplingParams(min_p=1.0), 200, seeded=False).nonzero()[:, 0].tolist()) == {0}
+    freq = _frequencies(logits, SamplingParams(min_p=0.0), n, seeded=False)
+    _assert_close_to(freq, torch.exp(logits).double(), n)
+
+
+def test_min_p_applies_per_row_beside_other_filters():
+    params = [SamplingParams(min_p=0.6), SamplingParams(), SamplingParams(top_k=3, min_p=0.45)]
+    allowed = [{0, 1}, {0, 1, 2, 3}, {0, 1, 2}]  # 0.6·0.4=0.24 keeps 0.4, 0.3; 0.45·0.4=0.18 keeps 0.2 too
+    reps = 400
+    logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1])).expand(len(params) * reps, -1)
+    torch.manual_seed(7)
+    out = Sampler().sample(logits, [SampleRow(p) for _ in range(reps) for p in params]).tokens
+    assert [set(out[i :: len(params)].tolist()) for i in range(len(params))] == allowed
 
 
 def test_filters_apply_per_row_in_a_mixed_batch():

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ..engine_helpers import PeftReference
+from .conftest import ok, post
 
 ADAPTER = ("q_proj", "k_proj", "v_proj", "o_proj")
 A2 = ("q_proj", "v_proj", "down_proj")
@@ -41,16 +42,6 @@ def base(live):
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir, adapter_path):
     return PeftReference(tiny_model_dir("llama"), {"a1": adapter_path})
-
-
-def post(live, path: str, body: dict) -> httpx.Response:
-    return httpx.post(live.url + path, json=body, timeout=120)
-
-
-def ok(live, path: str, body: dict) -> dict:
-    answer = post(live, path, body)
-    assert answer.status_code == 200, answer.text
-    return answer.json()
 
 
 def hf_logprobs(reference, ids: list[int], adapter: str | None) -> torch.Tensor:
