@@ -153,7 +153,9 @@ class Scheduler:
         """Make room for `req` by preempting running requests not scheduled yet this step (`_kv_victim`); False
         if req itself went."""
         while not self.pool.grow(req.blocks, num_tokens):
-            victim = self._kv_victim([r for r in self.running if id(r) not in scheduled])
+            candidates = [r for r in self.running if id(r) not in scheduled]
+            # The oldest running request goes only when nothing else can: it always progresses (liveness).
+            victim = self._kv_victim([r for r in candidates if r is not self.running[0]] or candidates)
             self.preempt(victim)
             self._kv_preempted = True
             if victim is req:

@@ -321,7 +321,8 @@ def _draw_params(d: Draws, room: int) -> SamplingParams:
     if d.chance(60):
         kw["temperature"] = 0.0
     else:
-        kw.update(temperature=d.pick((0.7, 1.0)), top_k=d.pick((0, 5)), seed=d.pick((None, d.int(0, 1000))))
+        kw.update(temperature=d.pick((0.7, 1.0)), top_k=d.pick((0, 5)), min_p=d.pick((0.0, 0.0, 0.1)),
+                  seed=d.pick((None, d.int(0, 1000))))
     if d.chance(15):
         kw["stop"] = (d.pick(("a", "e", " th", "in")),)
     if d.chance(10):
