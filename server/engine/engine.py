@@ -164,6 +164,8 @@ class LLMEngine:
                                   max_host_bytes=config.lora.max_cpu_lora_bytes, request_load=self.host_loader.submit,
                                   clear_slot=self.slot_writer.clear, is_registered=self.adapter_port.registered)
         self.scheduler = Scheduler(config.scheduler, self.pool, self.adapters)
+        # A registration dropped: the blocks computed with it are never found again (and are freed first).
+        self.adapters.on_forget = lambda name, epoch: self.pool.forget((name, epoch))
         self.sampler = Sampler()
         self.post = Postprocessor(parts.eos_ids, config.max_model_len)
         self.guided = parts.guided
@@ -171,9 +173,9 @@ class LLMEngine:
         self._groups: dict[str, list[Request]] = {}  # n > 1: group id -> its choices that have not ended
 
     @property
-    def shared_prefix_tokens(self) -> int:
-        """Prompt tokens choices did not compute thanks to a sibling's prompt blocks."""
-        return self.scheduler.shared_prefix_tokens
+    def prefix_cache_hits(self) -> int:
+        """Tokens whose K/V admissions found in the prefix cache instead of computing them (so far)."""
+        return self.scheduler.prefix_hits
 
     def _make_kv(self, model: torch.nn.Module, loaded: LoadedModel) -> tuple[BlockPool, PagedKVCache]:
         cfg = model.config.get_text_config()
@@ -192,13 +194,14 @@ class LLMEngine:
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    adapter: str | None = None, merge: MergeRecipe | None = None, prefix_of: str | None = None
-                    ) -> None:
+                    adapter: str | None = None, merge: MergeRecipe | None = None, prefix_of: str | None = None,
+                    cache_salt: str | None = None) -> None:
         """Queue a request for `adapter` (None: the base model), or for several adapters merged (`merge`).
 
         `prefix_of`: another choice of the same HTTP request (same prompt and adapter, `n` > 1). The choices
-        form a group: each shares the full blocks of the prompt a running sibling computed when it is admitted
-        (computing at most one block of the prompt itself), and should one of them fail, all of them end."""
+        form a group: each waits while a running sibling computes the prompt, then finds its blocks in the
+        prefix cache; should one of them fail, all of them end. `cache_salt`: only requests with the same salt
+        share cached KV blocks (vLLM's field)."""
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         if merge is not None and adapter is not None:
@@ -212,7 +215,7 @@ class LLMEngine:
         req = Request(request_id, list(prompt_ids), params, adapter,
                       make_generator(params.seed, self.device) if not params.greedy else None,
                       IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
-                      StopStringMatcher(params.stop), merge=merge, guided=guided)
+                      StopStringMatcher(params.stop), merge=merge, guided=guided, cache_salt=cache_salt)
         leader = self.requests.get(prefix_of) if prefix_of is not None else None
         if leader is not None and _same_prefix(leader, req):
             req.group = leader.group or leader.request_id
@@ -332,6 +335,9 @@ class LLMEngine:
     def _run(self, sched: SchedulerOutput, outputs: list[RequestOutput]) -> None:
         """Forward, sample, postprocess; appends to `outputs` as it goes (a later fault keeps them)."""
         result = self.runner.execute(sched.chunks)
+        for chunk in sched.chunks:  # the forward wrote their K/V: completed blocks join the prefix cache
+            chunk.request.num_computed = chunk.start + chunk.n
+            self.scheduler.publish_computed(chunk.request)
         for chunk, rows in result.prompt_logits:
             _record_prompt_logprobs(chunk.request, chunk.start, rows)
         ends = [c.request for c in sched.chunks if c.samples]
@@ -428,7 +434,6 @@ class LLMEngine:
         now = time.monotonic()
         for chunk in sched.chunks:
             req = chunk.request
-            req.num_computed = chunk.start + chunk.n
             if req not in tokens or req.status is not Status.RUNNING:
                 continue
             req.first_token_time = req.first_token_time or now

@@ -169,6 +169,7 @@ class SimConfig:
     starvation_steps: int
     max_cpu_loras: int
     max_load_delay: int
+    prefix_caching: bool = True
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,7 @@ class Arrival:
     target: Target
     params: SamplingParams
     n: int = 1
+    cache_salt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -288,16 +290,22 @@ def _draw_config(d: Draws) -> SimConfig:
         starvation_steps=d.pick((1, 2, 4, 8, 64)),
         max_cpu_loras=d.int(3, 5),
         max_load_delay=d.int(0, 3),
+        prefix_caching=d.chance(80),
     )
+
+
+SHARED_PREFIXES = 3  # prompts often start with one of a few seeded "system prompts": prefix-cache hits
 
 
 def _draw_arrival(d: Draws, rid: str, cfg: SimConfig, registered: list[str], vocab_size: int) -> Arrival:
     target = _draw_target(d, registered)
     prompt_len = d.int(1, cfg.max_model_len - 1)
-    prompt = tuple(d.int(5, vocab_size - 1) for _ in range(prompt_len))
+    shared = random.Random(d.int(0, SHARED_PREFIXES - 1))
+    head = [shared.randint(5, vocab_size - 1) for _ in range(d.int(0, prompt_len))] if d.chance(60) else []
+    prompt = tuple(head + [d.int(5, vocab_size - 1) for _ in range(prompt_len - len(head))])
     params = _draw_params(d, cfg.max_model_len - prompt_len)
     n = d.pick((1, 1, 1, 1, 2, 3)) if params.max_tokens > 0 else 1
-    return Arrival(rid, prompt, target, params, n)
+    return Arrival(rid, prompt, target, params, n, cache_salt=d.pick((None, None, None, "t1", "t2")))
 
 
 def _draw_target(d: Draws, registered: list[str]) -> Target:
@@ -534,6 +542,7 @@ class Report:
     checked_greedy: int = 0
     checked_prompt_logprobs: int = 0
     preemptions: int = 0
+    prefix_hits: int = 0  # tokens found in the prefix cache
 
 
 class Simulation:
@@ -558,7 +567,7 @@ class Simulation:
             max_model_len=cfg.max_model_len, block_size=cfg.block_size, num_kv_blocks=cfg.num_blocks,
             scheduler=SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_batch_tokens=cfg.max_batch_tokens,
                                       starvation_steps=cfg.starvation_steps, policy=cfg.policy,
-                                      max_prompt_logprob_rows=4),
+                                      max_prompt_logprob_rows=4, prefix_caching=cfg.prefix_caching),
             lora=LoRAConfig(max_loras=cfg.max_loras, max_lora_rank=8, max_cpu_loras=cfg.max_cpu_loras,
                             max_cpu_lora_bytes=4096)), parts)
         self.engine.adapter_port.is_registered = lambda name: name in self.world.registry
@@ -599,6 +608,7 @@ class Simulation:
             if step > last and not self.engine.has_work():
                 self.report.idle_after = step - last
                 self.report.steps = step
+                self.report.prefix_hits = self.engine.prefix_cache_hits
                 self._check_idle()
                 return self.report
             if step > last and step - last > self.report.idle_bound:
@@ -684,7 +694,7 @@ class Simulation:
             self.world.expected[rid] = kvid
             try:
                 self.engine.add_request(rid, list(a.prompt), params, a.target.adapter, recipe,
-                                        prefix_of=_choice_id(a.rid, 0) if i else None)
+                                        prefix_of=_choice_id(a.rid, 0) if i else None, cache_salt=a.cache_salt)
             except RequestRejected:
                 self.report.rejected += 1
                 return
