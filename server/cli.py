@@ -38,7 +38,7 @@ log = logging.getLogger("loraplex")
 # The defaults of the engine's and scheduler's configs (EngineConfig, SchedulerConfig), written out here because
 # importing those classes imports torch; tests/server/test_cli.py checks each equals its dataclass default.
 ENGINE_DEFAULTS = {"max_model_len": None, "num_kv_blocks": 0, "block_size": 16, "cuda_graphs": True}
-SCHEDULER_DEFAULTS = {"max_num_seqs": 32, "max_batch_tokens": 2048, "policy": "fair"}
+SCHEDULER_DEFAULTS = {"max_num_seqs": 32, "max_batch_tokens": 2048, "policy": "fair", "prefix_caching": True}
 
 
 def _default(config: type, field: str) -> object:
@@ -80,6 +80,8 @@ FLAGS: tuple[tuple[str, type, object, str], ...] = (
     ("--block-size", int, ENGINE_DEFAULTS["block_size"], "tokens per KV block"),
     ("--cuda-graphs", str, "on" if ENGINE_DEFAULTS["cuda_graphs"] else "off",
      "replay decode steps from CUDA graphs captured per batch bucket at start (on|off; CUDA devices only)"),
+    ("--prefix-caching", str, "on" if SCHEDULER_DEFAULTS["prefix_caching"] else "off",
+     "reuse the KV blocks of prompt prefixes computed before, keyed by adapter registration (on|off)"),
     ("--served-model-name", str, _default(ModelConfig, "served_model_name"),
      "name of the base model in the API (unset: the model dir's name, a GGUF file's stem, or "
      "smollm2-135m-instruct for the demo)"),
@@ -144,8 +146,9 @@ def configs_from_args(args: argparse.Namespace) -> RuntimeConfig:
         if not sep:
             raise ValueError(f"--preload: expected NAME=PATH, got {item!r}")
         preload.append((name, path))
-    if args.cuda_graphs not in ("on", "off"):
-        raise ValueError(f"--cuda-graphs: expected on or off, got {args.cuda_graphs!r}")
+    for flag in ("cuda_graphs", "prefix_caching"):
+        if getattr(args, flag) not in ("on", "off"):
+            raise ValueError(f"--{flag.replace('_', '-')}: expected on or off, got {getattr(args, flag)!r}")
     model = ModelConfig(path=Path(args.model) if args.model else None, gguf_file=args.gguf_file,
                         quantize=args.quantize, dtype=args.dtype,
                         device=args.device, max_model_len=args.max_model_len,
@@ -156,7 +159,7 @@ def configs_from_args(args: argparse.Namespace) -> RuntimeConfig:
         num_kv_blocks=args.num_kv_blocks,
         cuda_graphs=args.cuda_graphs == "on",
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
-                                  policy=args.scheduling_policy),
+                                  policy=args.scheduling_policy, prefix_caching=args.prefix_caching == "on"),
         lora=LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                         max_cpu_loras=args.max_cpu_loras, max_cpu_lora_bytes=args.max_cpu_lora_bytes))
     server = ServerConfig(

@@ -240,6 +240,7 @@ class GenerationRequest:
     merge: MergeRecipe | None = None  # several adapters combined (adapter is then None)
     prefix_of: str | None = None  # another choice of the same HTTP request whose prompt blocks it shares
     counted: bool = True  # counted as an HTTP request in the metrics (the extra choices of n > 1 are not)
+    cache_salt: str | None = None  # prefix-cache blocks are shared only between requests with the same salt
 
 
 def start_choices(rt: Runtime, req: GenerationRequest, count: int) -> list[Generation]:
@@ -338,7 +339,7 @@ class Generation:
     def __init__(self, rt: Runtime, req: GenerationRequest) -> None:
         self.rt, self.req = rt, req
         self._outs = rt.engine.generate(list(req.prompt_ids), req.params, req.adapter, req.request_id,
-                                        merge=req.merge, prefix_of=req.prefix_of)
+                                        merge=req.merge, prefix_of=req.prefix_of, cache_salt=req.cache_salt)
         self.token_ids: list[int] = []
         self.token_texts: list[str] = []  # text emitted with each token (a held partial char comes later)
         self.token_logprobs: list[float | None] = []  # None while the engine reports no logprobs
@@ -347,6 +348,7 @@ class Generation:
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.error_kind: str | None = None
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache
         self._first_token_at: float | None = None
         self._last_token_at: float | None = None
         self._closed = False
@@ -380,6 +382,7 @@ class Generation:
             self.token_texts[-1] += out.new_text
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
+        self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
         if out.finished:
             self.finish_reason, self.error, self.error_kind = out.finish_reason, out.error, out.error_kind
 

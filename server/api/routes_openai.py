@@ -179,7 +179,7 @@ async def _start(request: Request, body: _SamplingBody, shape: _Shape,
                 params = _sampling(rt, body, prompt, guided)
                 rid = uuid.uuid4().hex
                 req = GenerationRequest(shape.endpoint, body.model, adapter, tuple(prompt.ids), params, arrival,
-                                        rid, merge=merge, counted=i == 0)
+                                        rid, merge=merge, counted=i == 0, cache_salt=body.cache_salt)
                 run.generations += start_choices(rt, req, per_prompt)
         except BaseException:
             for generation in run.generations:
@@ -396,10 +396,14 @@ def _adapter_card(rt: Runtime, name: str) -> dict[str, Any]:
 
 
 # ---- answering -------------------------------------------------------------------------------------
-def _usage(run: _Run, returned: list[Generation]) -> dict[str, int]:
+def _usage(run: _Run, returned: list[Generation]) -> dict[str, Any]:
+    """OpenAI's counts; a prompt counts once whatever its `n`, with the cached tokens of its first choice (the
+    one that computed it: the others find it in the prefix cache)."""
     n_prompt = sum(len(p.ids) for p in run.prompts)
     n_out = sum(len(g.token_ids) for g in returned)
-    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+    cached = sum(gens[0].num_cached_tokens for _, gens in run.groups())
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _head(run: _Run, object_: str) -> dict[str, Any]:

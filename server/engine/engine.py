@@ -164,6 +164,8 @@ class LLMEngine:
                                   max_host_bytes=config.lora.max_cpu_lora_bytes, request_load=self.host_loader.submit,
                                   clear_slot=self.slot_writer.clear, is_registered=self.adapter_port.registered)
         self.scheduler = Scheduler(config.scheduler, self.pool, self.adapters)
+        log.info("prefix caching: %s", "on (full KV blocks reused by prompt prefix, keyed by adapter registration)"
+                 if config.scheduler.prefix_caching else "off (--prefix-caching off)")
         # A registration dropped: the blocks computed with it are never found again (and are freed first).
         self.adapters.on_forget = lambda name, epoch: self.pool.forget((name, epoch))
         self.sampler = Sampler()

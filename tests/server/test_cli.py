@@ -67,7 +67,7 @@ def _field_default(config: type, name: str) -> object:
 
 def test_every_flag_default_is_its_config_dataclass_default():
     flags = {flag for flag, *_ in FLAGS}
-    assert flags - {"--log-level", "--cuda-graphs"} == set(FLAG_FIELDS)
+    assert flags - {"--log-level", "--cuda-graphs", "--prefix-caching"} == set(FLAG_FIELDS)  # on|off: below
     serve = _serve_parser()
     for flag, (config, name) in FLAG_FIELDS.items():
         assert serve.get_default(flag.lstrip("-").replace("-", "_")) == _field_default(config, name), flag
