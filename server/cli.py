@@ -65,7 +65,14 @@ FLAGS: tuple[tuple[str, type, object, str], ...] = (
     ("--scheduling-policy", str, _default(SchedulerConfig, "policy"),
      "fair (virtual token counter across adapters) or fcfs"),
     ("--max-model-len", int, _default(EngineConfig, "max_model_len"), "context length limit (prompt + output)"),
-    ("--num-kv-blocks", int, _default(EngineConfig, "num_kv_blocks"), "KV cache blocks (0: sized from free memory)"),
+    ("--num-kv-blocks", int, _default(EngineConfig, "num_kv_blocks"),
+     "KV cache blocks (0: sized by --kv-cache-memory, else --gpu-memory-utilization on CUDA, else the workload "
+     "--max-num-seqs x --max-model-len on the CPU)"),
+    ("--kv-cache-memory", int, _default(EngineConfig, "kv_cache_memory"),
+     "bytes of KV cache (all layers); 0: sized by the other rules"),
+    ("--gpu-memory-utilization", float, _default(EngineConfig, "gpu_memory_utilization"),
+     "fraction of a CUDA device's memory for the engine: weights, a profile run's peak, CUDA graphs, then the KV "
+     "pool gets the rest (as vLLM)"),
     ("--block-size", int, _default(EngineConfig, "block_size"), "tokens per KV block"),
     ("--cuda-graphs", str, "on" if _default(EngineConfig, "cuda_graphs") else "off",
      "replay decode steps from CUDA graphs captured per batch bucket at start (on|off; CUDA devices only)"),
@@ -137,6 +144,7 @@ def configs_from_args(args: argparse.Namespace) -> RuntimeConfig:
                         served_model_name=args.served_model_name)
     engine = EngineConfig(
         max_model_len=args.max_model_len, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
         cuda_graphs=args.cuda_graphs == "on",
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
                                   policy=args.scheduling_policy),

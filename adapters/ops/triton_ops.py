@@ -75,7 +75,15 @@ def _mm(a, b, acc, F32_DOT: tl.constexpr):
     return acc
 
 
-@triton.jit
+# Ints that change from step to step are not specialised on (== 1, divisible by 16): each specialisation is a
+# separate compile, which would otherwise happen at the first step that hits it, while serving or inside a
+# CUDA-graph capture. What is left to specialise on is fixed per model (layer widths, strides) or a constexpr,
+# so `probe.py`'s start-up run of every kernel form compiles every variant the engine can launch
+# (tests/gpu_aot checks that on the CPU).
+_RUNTIME_INTS = ("depth", "rank_bound", "num_rows", "splits")
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _shrink_kernel(x_ptr, a_ptr, part_ptr, rows_ptr, pad_ptr, groups_ptr, ranks_ptr,
                    depth, rank_bound, k_size, k_chunk, num_rows, r_pad,
                    stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_pad,
@@ -116,7 +124,7 @@ def _sum_splits(part_ptr, grid_row, offs_r, mask, splits, num_rows, r_pad,
     return h
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _expand_kernel(part_ptr, b_ptr, y_ptr, rows_ptr, pad_ptr, groups_ptr, ranks_ptr, w_ptr,
                    depth, rank_bound, n_size, splits, num_rows, r_pad,
                    stride_yt, stride_yn, stride_bs, stride_br, stride_bn, stride_pad,
