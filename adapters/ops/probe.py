@@ -88,23 +88,35 @@ def probe_backend(backend: LoRABackend, shapes: Iterable[tuple[int, int]], dtype
     return report
 
 
-def _run_case(backend: LoRABackend, case: ProbeCase, n_in: int, n_out: int, dtype: torch.dtype,
-              device: torch.device, max_rank: int) -> str | None:
+def case_inputs(case: ProbeCase, n_in: int, n_out: int, dtype: torch.dtype, device: torch.device, max_rank: int,
+                *, values: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LoRABatch, torch.Tensor]:
+    """(y, x, A stack, B stack, batch, slot ranks) of one case at layer shape in -> out, seeded: slot 0 holds
+    rank `max_rank`, slot 1 half of it (zeros past it, as slots hold them), slot 2 is the null slot.
+    `values=False`: uninitialised tensors of the same shapes (recording launches: tests/gpu_aot)."""
     gen = torch.Generator().manual_seed(case.depth)
     slots, plan = case.plan()
     weights = [0.5 + 0.25 * (t % 3) for t in range(len(slots))] if case.form == "weighted" else None
     batch = LoRABatchBuffers(device, capacity=len(plan.rows)).fill(slots, plan, {"probe": max_rank}, weights)
 
     def rand(*shape: int) -> torch.Tensor:
+        if not values:
+            return torch.empty(*shape, dtype=dtype, device=device)
         return (torch.randn(*shape, generator=gen) * 0.1).to(device, dtype)
 
     x, y = rand(len(slots), n_in), rand(len(slots), n_out)
     a, b = rand(PROBE_SLOTS + 1, max_rank, n_in), rand(PROBE_SLOTS + 1, max_rank, n_out)
-    a[PROBE_SLOTS].zero_()
-    b[PROBE_SLOTS].zero_()
-    ranks = torch.tensor([max_rank, max(1, max_rank // 2), 0], dtype=torch.int32, device=device)
-    a[1, max_rank // 2 or 1:].zero_()  # slot 1 holds a smaller rank, zeros past it (as slots do)
-    b[1, max_rank // 2 or 1:].zero_()
+    half = max(1, max_rank // 2)
+    for stack in (a, b):
+        stack[PROBE_SLOTS].zero_()
+        stack[1, half:].zero_()
+    ranks = torch.tensor([max_rank, half, 0], dtype=torch.int32, device=device)
+    return y, x, a, b, batch, ranks
+
+
+def _run_case(backend: LoRABackend, case: ProbeCase, n_in: int, n_out: int, dtype: torch.dtype,
+              device: torch.device, max_rank: int) -> str | None:
+    y, x, a, b, batch, ranks = case_inputs(case, n_in, n_out, dtype, device, max_rank)
     want = y.clone()
     TorchLoRABackend().apply(want, x, a, b, batch, max_rank, ranks)
     got = y.clone()

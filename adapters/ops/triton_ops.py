@@ -171,11 +171,13 @@ class Launch:
         return triton.cdiv(depth, self.block_m)
 
 
-def plan_launch(groups: int, depth: int, rank: int, k: int, n: int, sms: int) -> Launch:
+def plan_launch(groups: int, depth: int, rank: int, k: int, n: int, sms: int, f32_dot: bool = False) -> Launch:
     """Tiles for a grid of `groups` x `depth` rows at rank bound `rank`, x [*, k] -> y [*, n], on `sms` SMs.
     Split-K only when the grid is too small to give every SM PROGRAMS_PER_SM shrink programs."""
     block_m = min(64, max(16, triton.next_power_of_2(depth)))
     block_k, block_n = (128, 128) if depth == 1 else (64, 64)  # a lone token streams its adapter: longer tiles
+    if depth == 1 and f32_dot:  # fp32 expand at 128 columns spills on sm_80 (bench/results/gpu_aot.md)
+        block_n = 64
     r_tiles = triton.cdiv(rank, BLOCK_R)
     programs = groups * triton.cdiv(depth, block_m) * r_tiles
     k_blocks = triton.cdiv(k, block_k)
@@ -209,12 +211,13 @@ class TritonLoRABackend(LoRABackend):
     def apply(self, y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
               batch: LoRABatch, rank: int, slot_ranks: torch.Tensor) -> None:
         g, d = batch.num_groups, batch.depth
-        cfg = plan_launch(g, d, rank, x.shape[1], y.shape[1], _sm_count(x.device))
+        f32_dot = _f32_dot(a_stack.dtype, x.device)
+        cfg = plan_launch(g, d, rank, x.shape[1], y.shape[1], _sm_count(x.device), f32_dot)
         rows, r_pad = g * d, cfg.r_tiles * BLOCK_R
         # [splits, G*D, r_pad] fp32; only entries of valid rows below their slot's rank are written and read.
         part = torch.empty(cfg.splits, rows, r_pad, dtype=torch.float32, device=x.device)
         meta = (batch.rows, batch.padding.view(torch.uint8), batch.group_slots, slot_ranks)  # [G*D], [G*D, 1], [G]
-        common = {"BLOCK_M": cfg.block_m, "BLOCK_R": BLOCK_R, "F32_DOT": _f32_dot(a_stack.dtype, x.device)}
+        common = {"BLOCK_M": cfg.block_m, "BLOCK_R": BLOCK_R, "F32_DOT": f32_dot}
         _shrink_kernel[(g * cfg.m_tiles(d), cfg.splits, cfg.r_tiles)](
             x, a_stack, part, *meta, d, rank, x.shape[1], cfg.k_chunk, rows, r_pad,
             *x.stride(), *a_stack.stride(), batch.padding.stride(0), BLOCK_K=cfg.block_k, **common)

@@ -176,11 +176,13 @@ def probe(kernel: PagedKernel, device: torch.device, dtype: torch.dtype, block_s
     of order) and compare with the twin; None when it matches, else why not."""
     gen = torch.Generator().manual_seed(0)
     lengths, queries = [3 * block_size - 1, 2 * block_size + 2], [1, block_size + 2]
-    pages = 6
+    need = [-(-n // block_size) for n in lengths]  # 3 pages each (at --block-size 1: 2 and 4)
+    pages = sum(need)
+    order = [*range(pages - 1, -1, -2), *range(pages - 2, -1, -2)]  # pages out of order: 5, 3, 1, 4, 2, 0
     k_pages, v_pages = (torch.randn(pages, block_size, kv_heads, head_dim, generator=gen).to(device, dtype)
                         for _ in range(2))
     q = torch.randn(sum(queries), heads, head_dim, generator=gen).to(device, dtype)
-    meta = paged_metadata(queries, lengths, [[4, 0, 2], [5, 1, 3]], width=3, device=device)
+    meta = paged_metadata(queries, lengths, [order[: need[0]], order[need[0]:]], width=max(need), device=device)
     try:
         got = kernel(q, k_pages, v_pages, meta, head_dim**-0.5)
     except Exception as exc:  # noqa: BLE001 - any failure means "not this kernel"; the reason is logged
