@@ -10,8 +10,9 @@ that fails where a replay would go wrong. Under this dispatch mode (an `OpTrace`
   - every tensor an op reads that this run did not compute must live in a static tensor's storage (the graph's
     input buffers, the model's parameters and buffers, the KV pool): anything else is memory the graph would
     keep reading at the address it had during capture;
-  - `signature()` (the ops, their output shapes and the storages read from outside) of each replay must equal
-    the capture's: a difference is Python state (an int, a branch, a fresh tensor) that the graph froze.
+  - `signature()` (every op, views included, with its inputs' shapes, and the storages read from outside) of
+    each replay must equal the capture's: a difference is Python state (an int, a branch, a fresh tensor) that
+    the graph froze.
 """
 
 from __future__ import annotations
@@ -42,14 +43,17 @@ class CaptureCheck(OpTrace):
         self.allowed = {_storage(t) for t in static}
         self.made: set[int] = set()  # storages this run allocated (the graph's private pool on CUDA)
         self.reads: list[int] = []  # storages read from outside, in op order
+        self.ops: list[tuple[str, tuple[tuple[int, ...], ...]]] = []  # every op (views too) and its inputs' shapes
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = func.overloadpacket._qualified_op_name.replace("::", ".")
         if name in HOST_DATA_OPS:
             raise CaptureError(f"{name}: a tensor made from host data during capture (its values would be baked "
                                "into the graph)")
-        for t in tree_flatten((args, kwargs or {}))[0]:
-            if isinstance(t, torch.Tensor) and t.numel() and _storage(t) not in self.made:
+        tensors = [t for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, torch.Tensor)]
+        self.ops.append((name, tuple(tuple(t.shape) for t in tensors)))
+        for t in tensors:
+            if t.numel() and _storage(t) not in self.made:
                 self._read(name, t)
         out = super().__torch_dispatch__(func, types, args, kwargs)
         for t in tree_flatten(out)[0]:
@@ -64,8 +68,8 @@ class CaptureCheck(OpTrace):
                                "nor computed inside the graph: a replay would read whatever its address holds then")
         self.reads.append(ptr)
 
-    def signature(self) -> tuple[tuple[tuple[str, tuple[int, ...]], ...], tuple[int, ...]]:
-        return tuple(self.shapes), tuple(self.reads)
+    def signature(self) -> tuple[tuple[tuple[str, tuple[tuple[int, ...], ...]], ...], tuple[int, ...]]:
+        return tuple(self.ops), tuple(self.reads)
 
     def same_as(self, captured: tuple[Any, Any]) -> None:
         ops, reads = self.signature()

@@ -24,7 +24,7 @@ from loraplex.server.engine.paged_kernels import PagedMetadata
 
 BLOCK_M = 16  # query rows per program: tl.dot's smallest M on GPUs
 BLOCK_N = 32  # context tokens per tile
-WIDE_FP32_DIM = 256  # fp32 dots from this padded head dim up run on 8 warps (4 spill: bench/results/gpu_aot.md)
+WIDE_FP32_DIM = 128  # fp32 dots from this padded head dim up run on 8 warps (4 spill: bench/results/gpu_aot.md)
 
 
 # The block table's row stride is the step's widest context in blocks (eager steps): not specialised on, so
