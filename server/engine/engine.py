@@ -137,8 +137,9 @@ class LLMEngine:
         cfg = model.config.get_text_config()
         self.attention_kernel, kernel = select_paged_kernel(
             loaded.device, loaded.dtype, self.config.block_size, cfg.num_attention_heads, *_kv_geometry(cfg)[1:])
-        log.info("kernel warm-up: %.1f s (LoRA ops %s%s; paged attention %s)", time.perf_counter() - start,
-                 lora.backend, f": {lora.summary()}" if lora.problems else "", self.attention_kernel)
+        self.lora_probe, self.warm_up_s = lora, time.perf_counter() - start
+        log.info("kernel warm-up: %.1f s (LoRA ops %s%s; paged attention %s)", self.warm_up_s, lora.backend,
+                 f": {lora.summary()}" if lora.problems else "", self.attention_kernel)
         return kernel
 
     def _graphs_on(self, device: torch.device, kernel: PagedKernel | None) -> bool:
