@@ -3,7 +3,7 @@
     .venv/bin/python bench/demo_memory.py [--starts 3] [--port 8391]
 
 Each start runs `loraplex serve` (the built-in demo, default flags, on the CPU), waits for /ready, reads the
-server's VmRSS, sends 8 completions (one per demo adapter and the base, 64 tokens each) and reads VmRSS again,
+server's VmRSS, sends 4 completions (the base and each demo adapter, 32 tokens each) and reads VmRSS again,
 then stops it (SIGTERM). The KV pool line comes from the server's log. Target: RSS <= 1.5 GB at every reading,
 the same pool at every start. Writes bench/results/demo_memory.json.
 """
@@ -49,7 +49,7 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout_s: float = 300) -> Non
 
 
 def complete(port: int, model: str) -> None:
-    body = json.dumps({"model": model, "prompt": "Tell me about the sea.", "max_tokens": 64}).encode()
+    body = json.dumps({"model": model, "prompt": "Tell me about the sea.", "max_tokens": 32}).encode()
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
                                  {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=300) as r:
@@ -65,7 +65,7 @@ def one_start(port: int, state_dir: Path) -> dict[str, object]:
     try:
         wait_ready(port, proc)
         idle = rss(proc.pid)
-        for model in MODELS * 2:
+        for model in MODELS:
             complete(port, model)
         served = rss(proc.pid)
     finally:
@@ -87,7 +87,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="demo-memory-") as tmp:
             starts.append(one_start(args.port, Path(tmp)))
         s = starts[-1]
-        print(f"start {i + 1}: RSS ready {s['rss_ready_bytes'] / 1e9:.2f} GB, after 8 requests "
+        print(f"start {i + 1}: RSS ready {s['rss_ready_bytes'] / 1e9:.2f} GB, after 4 requests "
               f"{s['rss_after_requests_bytes'] / 1e9:.2f} GB; {s['kv_pool']}", flush=True)
     worst = max(max(s["rss_ready_bytes"], s["rss_after_requests_bytes"]) for s in starts)
     same_pool = len({s["kv_pool"].split(" by ")[0] for s in starts}) == 1

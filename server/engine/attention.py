@@ -18,14 +18,13 @@ avoids SDPA's GQA expansion.
 
 from __future__ import annotations
 
-import math
-import mmap
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from loraplex.adapters.lazy_zeros import lazy_zeros
 from loraplex.server.engine.paged_kernels import PagedKernel, PagedMetadata
 
 ATTN_IMPL = "loraplex_paged"
@@ -82,8 +81,9 @@ class PagedKVCache:
         self.scratch_block = num_blocks
         self.scratch = num_blocks * block_size
         shape = ((num_blocks + 1) * block_size, kv_heads, head_dim)
-        self.k = [_zeros(shape, dtype, device) for _ in range(num_layers)]
-        self.v = [_zeros(shape, dtype, device) for _ in range(num_layers)]
+        # On the CPU lazily committed (adapters/lazy_zeros.py): resident memory grows with the blocks used.
+        self.k = [lazy_zeros(shape, dtype, device) for _ in range(num_layers)]
+        self.v = [lazy_zeros(shape, dtype, device) for _ in range(num_layers)]
         self.kernel: PagedKernel | None = None
 
     def pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,16 +94,6 @@ class PagedKVCache:
     @property
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zero tensor; on the CPU in an anonymous memory map, whose pages the OS hands out zeroed when first
-    written: the pool then takes resident memory for the blocks used, not for its whole size."""
-    if device.type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    count = math.prod(shape)
-    buffer = mmap.mmap(-1, max(1, count * torch.empty((), dtype=dtype).element_size()))
-    return torch.frombuffer(buffer, dtype=dtype, count=count).view(shape)  # the tensor keeps the map alive
 
 
 def paged_attention(

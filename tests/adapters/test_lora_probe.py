@@ -116,3 +116,14 @@ def test_the_torch_ops_need_no_probe():
     report = probe_lora_backend(CPU, {(32, 48)}, torch.float32, 8)
     assert report.backend == "torch" and report.problems == {}
     assert isinstance(get_backend(CPU), TorchLoRABackend)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_triton_passes_every_form_on_cuda(dtype):
+    from loraplex.adapters.ops.triton_ops import TritonLoRABackend
+
+    report = probe_backend(TritonLoRABackend(), {(4096, 4096), (4096, 11008), (11008, 4096)}, dtype,
+                           torch.device("cuda"), 64)
+    assert report.failed() == set(), report.problems

@@ -125,3 +125,15 @@ def test_the_engine_profiles_its_largest_step_on_a_stand_in_pool(tiny_model_dir,
     assert ran == [(1, 48, 48)]  # stand-in pool: one block (the scratch block is block 1); every row's logits
     assert all(torch.equal(a, b) for a, b in zip(before, engine.runner.kv.k, strict=True))
     assert plan.num_blocks == int((16 * 0.9 - 3 - 1) * 16)  # 0.9 x 16 GiB - peak - outside torch
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_pool_is_sized_by_the_utilization_over_a_profile_run(tiny_model_dir, caplog):
+    device = torch.device("cuda")
+    with caplog.at_level(logging.INFO):
+        engine = make_engine(tiny_model_dir("llama"), {}, num_kv_blocks=0, device="cuda", max_batch_tokens=256)
+    assert engine.kv_plan.rule == "--gpu-memory-utilization" and engine.pool.num_blocks > 0
+    assert "by --gpu-memory-utilization: --gpu-memory-utilization 0.9 x" in caplog.text
+    free, total = torch.cuda.mem_get_info(device)
+    assert total - free <= 0.9 * total + 2**30  # the pool took what the rule gave it, not more (1 GiB slack)
