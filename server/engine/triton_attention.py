@@ -24,7 +24,7 @@ from loraplex.server.engine.paged_kernels import PagedMetadata
 
 BLOCK_M = 16  # query rows per program: tl.dot's smallest M on GPUs
 BLOCK_N = 32  # context tokens per tile
-WIDE_FP32_DIM = 128  # fp32 dots from this padded head dim up run on 8 warps (4 spill: bench/results/gpu_aot.md)
+WIDE_FP32_DIM = 128  # fp32 dots from this padded head dim up run on 8 warps (see num_warps)
 
 
 # The block table's row stride is the step's widest context in blocks (eager steps): not specialised on, so
@@ -105,9 +105,9 @@ def triton_paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
 
 
 def num_warps(f32_dot: bool, padded_dim: int) -> int:
-    """4 warps, as triton defaults to; 8 for fp32 dots at a padded head dim >= 256, whose [BLOCK_M, DIM] fp32
-    accumulator and K/V tiles spill on 4 warps (triton 3.7.1, sm_90: 32 registers and ~10 KB of spills per
-    thread; 8 warps: no spills; tests/gpu_aot)."""
+    """4 warps, as triton defaults to; 8 for fp32 dots at a padded head dim >= 128, whose [BLOCK_M, DIM] fp32
+    accumulator and K/V tiles spill on 4 warps (triton 3.7.1, sm_90, DIM 256: 32 registers and 10 KB of spill
+    stores per thread; 8 warps: 95 registers, none. DIM 128: 4-16 B on 4 warps. bench/results/gpu_aot*.md)."""
     return 8 if f32_dot and padded_dim >= WIDE_FP32_DIM else 4
 
 
