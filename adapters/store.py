@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from loraplex.adapters.errors import AdapterConflictError, AdapterNotFoundError
 from loraplex.adapters.messages import Command
 from loraplex.adapters.names import validate_adapter_name
@@ -147,8 +149,9 @@ class AdapterStore:
     def _on_registered(self, record: AdapterRecord, weights: AdapterWeights) -> tuple[Command, ...]:
         if self.port is None:
             return ()
-        # The validation read doubles as the first host load (laid out for the slot copy here, off the engine).
-        return self.port.register(record.name, weights.prepared(), record.pinned)
+        # The validation read doubles as the first host load (laid out for the slot copy here, off the engine),
+        # page-locked on CUDA as the host loader's are, so the first slot copy is asynchronous too.
+        return self.port.register(record.name, weights.prepared(pin=torch.cuda.is_available()), record.pinned)
 
     def _wait_applied(self, commands: Iterable[Command | None]) -> None:
         """Wait for the engine to apply `commands`; AdapterCommandError / AdapterCommandTimeout (500 / 503)

@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("loraplex")
 # The defaults of the engine's and scheduler's configs (EngineConfig, SchedulerConfig), written out here because
 # importing those classes imports torch; tests/server/test_cli.py checks each equals its dataclass default.
-ENGINE_DEFAULTS = {"max_model_len": None, "num_kv_blocks": 0, "block_size": 16, "cuda_graphs": True}
+ENGINE_DEFAULTS = {"max_model_len": None, "num_kv_blocks": 0, "block_size": 16, "cuda_graphs": True,
+                   "kv_cache_memory": 0, "gpu_memory_utilization": 0.9}
 SCHEDULER_DEFAULTS = {"max_num_seqs": 32, "max_batch_tokens": 2048, "policy": "fair", "prefix_caching": True}
 
 
@@ -76,7 +77,14 @@ FLAGS: tuple[tuple[str, type, object, str], ...] = (
     ("--generation-config", str, _default(ModelConfig, "generation_config"),
      "sampling defaults for fields a request omits: auto (the model's generation_config.json), vllm (none: "
      "OpenAI's defaults) or a folder holding a generation_config.json"),
-    ("--num-kv-blocks", int, ENGINE_DEFAULTS["num_kv_blocks"], "KV cache blocks (0: sized from free memory)"),
+    ("--num-kv-blocks", int, ENGINE_DEFAULTS["num_kv_blocks"],
+     "KV cache blocks (0: sized by --kv-cache-memory, else --gpu-memory-utilization on CUDA, else the workload "
+     "--max-num-seqs x --max-model-len on the CPU)"),
+    ("--kv-cache-memory", int, ENGINE_DEFAULTS["kv_cache_memory"],
+     "bytes of KV cache (all layers); 0: sized by the other rules"),
+    ("--gpu-memory-utilization", float, ENGINE_DEFAULTS["gpu_memory_utilization"],
+     "fraction of a CUDA device's memory for the engine: weights, a profile run's peak, CUDA graphs, then the KV "
+     "pool gets the rest (as vLLM)"),
     ("--block-size", int, ENGINE_DEFAULTS["block_size"], "tokens per KV block"),
     ("--cuda-graphs", str, "on" if ENGINE_DEFAULTS["cuda_graphs"] else "off",
      "replay decode steps from CUDA graphs captured per batch bucket at start (on|off; CUDA devices only)"),
@@ -156,7 +164,8 @@ def configs_from_args(args: argparse.Namespace) -> RuntimeConfig:
     # Without --max-model-len the runtime sets the engine's from the model once it is loaded (Runtime._load).
     engine = EngineConfig(
         max_model_len=args.max_model_len or _default(EngineConfig, "max_model_len"), block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks,
+        num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
         cuda_graphs=args.cuda_graphs == "on",
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
                                   policy=args.scheduling_policy, prefix_caching=args.prefix_caching == "on"),

@@ -7,6 +7,7 @@ thread.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ import torch
 from loraplex.adapters.host_loader import HostLoader
 from loraplex.adapters.inject import LoRAInjection, inject_multi_lora
 from loraplex.adapters.messages import Command, Message
-from loraplex.adapters.ops import get_backend
+from loraplex.adapters.ops import probe_lora_backend
 from loraplex.adapters.port import AdapterPort
 from loraplex.adapters.slot_table import SlotTable
 from loraplex.adapters.slot_writer import SlotWriter
@@ -29,9 +30,19 @@ from loraplex.server.engine.block_pool import BlockPool
 from loraplex.server.engine.cuda_graphs import DecodeGraphs
 from loraplex.server.engine.detokenizer import IncrementalDetokenizer
 from loraplex.server.engine.guided import CompiledGrammar, GuidedCompiler, GuidedError, GuidedSpec, fill_bitmasks
-from loraplex.server.engine.kv_sizing import auto_num_blocks, kv_bytes_per_token
+from loraplex.server.engine.kv_sizing import (
+    KVPlan,
+    MemorySnapshot,
+    kv_bytes_per_token,
+    measure_cuda,
+    plan_cpu,
+    plan_cuda,
+    plan_fixed,
+    warn_if_short,
+)
+from loraplex.server.engine.memory_profile import profile_step
 from loraplex.server.engine.model_runner import ModelRunner, RunnerOutput
-from loraplex.server.engine.paged_kernels import select_paged_kernel
+from loraplex.server.engine.paged_kernels import PagedKernel, select_paged_kernel
 from loraplex.server.engine.postprocess import Postprocessor
 from loraplex.server.engine.request import Request, RequestOutput, Status, StepResult, StepStats, TokenLogprob
 from loraplex.server.engine.sampler import (
@@ -62,7 +73,9 @@ class RequestRejected(ValueError):
 class EngineConfig:
     max_model_len: int = 2048
     block_size: int = 16
-    num_kv_blocks: int = 0  # 0 = size from free memory
+    num_kv_blocks: int = 0  # 0 = sized by the rules of kv_sizing.py
+    kv_cache_memory: int = 0  # --kv-cache-memory BYTES of KV (0 = unset)
+    gpu_memory_utilization: float = 0.9  # fraction of a CUDA device's memory the engine may use (vLLM's flag)
     scheduler: SchedulerConfig = SchedulerConfig()
     lora: LoRAConfig = LoRAConfig()
     # Pad decode-only steps to a batch bucket with static shapes (what CUDA-graph capture replays).
@@ -76,6 +89,10 @@ class EngineConfig:
             raise ValueError("--max-model-len: must be >= 2")
         if self.block_size < 1 or self.num_kv_blocks < 0:
             raise ValueError("--block-size must be >= 1 and --num-kv-blocks >= 0")
+        if self.kv_cache_memory < 0:
+            raise ValueError("--kv-cache-memory: must be >= 0 bytes (0: unset)")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"--gpu-memory-utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
 class Runner(Protocol):
@@ -126,16 +143,16 @@ class LLMEngine:
         model = loaded.model
         self.lora: LoRAInjection = inject_multi_lora(
             model, num_slots=config.lora.max_loras, max_rank=config.lora.max_lora_rank, dtype=loaded.dtype)
-        get_backend(loaded.device)  # choose and log the LoRA kernels now, not at the first adapter's step
         model.set_attn_implementation(register_paged_attention())
         self.config = config
-        pool, kv = self._make_kv(model, loaded)
-        graphs = config.cuda_graphs and loaded.device.type == "cuda"
+        kernel = self._warm_up_kernels(model, loaded)
+        pool, kv = self._make_kv(model, loaded, kernel)
+        graphs = self._graphs_on(loaded.device, kernel)
         self.runner = ModelRunner(model, kv, config.block_size, self.lora, loaded.device,
                                   decode_buckets=config.decode_buckets or graphs, max_model_len=config.max_model_len)
-        if graphs:
-            self.runner.use_graphs(DecodeGraphs.for_device(self.runner.forward_decode, self.lora, loaded.device),
-                                   config.scheduler.max_num_seqs)
+        if graphs:  # every bucket, now: nothing is captured while serving
+            self.runner.use_graphs(DecodeGraphs.for_device(self.runner.forward_decode, self.lora, loaded.device,
+                                                           self.runner.static_tensors), config.scheduler.max_num_seqs)
         vocab_size = model.get_output_embeddings().out_features
         eos_ids = _eos_ids(loaded)
         read = adapter_loader or _no_adapters
@@ -179,20 +196,77 @@ class LLMEngine:
         """Tokens whose K/V admissions found in the prefix cache instead of computing them (so far)."""
         return self.scheduler.prefix_hits
 
-    def _make_kv(self, model: torch.nn.Module, loaded: LoadedModel) -> tuple[BlockPool, PagedKVCache]:
+    def _warm_up_kernels(self, model: torch.nn.Module, loaded: LoadedModel) -> PagedKernel | None:
+        """Choose the LoRA and paged-attention kernels, each after a probe against its torch twin that also
+        compiles every kernel variant the engine will launch (on CUDA), so nothing compiles while serving."""
+        start = time.perf_counter()
+        lora = probe_lora_backend(loaded.device, set(self.lora.module_shapes().values()), loaded.dtype,
+                                  self.config.lora.max_lora_rank)
         cfg = model.config.get_text_config()
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv_heads = cfg.num_key_value_heads
-        n = self.config.num_kv_blocks or auto_num_blocks(
-            bytes_per_token=kv_bytes_per_token(cfg.num_hidden_layers, kv_heads, head_dim, loaded.dtype),
-            block_size=self.config.block_size, max_num_seqs=self.config.scheduler.max_num_seqs,
-            max_model_len=self.config.max_model_len, device=loaded.device)
-        kv = PagedKVCache(cfg.num_hidden_layers, n, self.config.block_size, kv_heads, head_dim,
-                          loaded.dtype, loaded.device)
-        self.attention_kernel, kv.kernel = select_paged_kernel(
-            loaded.device, loaded.dtype, self.config.block_size, cfg.num_attention_heads, kv_heads, head_dim)
-        log.info("KV pool: %d blocks x %d tokens (%.1f MiB)", n, self.config.block_size, kv.bytes / 2**20)
-        return BlockPool(n, self.config.block_size), kv
+        self.attention_kernel, kernel = select_paged_kernel(
+            loaded.device, loaded.dtype, self.config.block_size, cfg.num_attention_heads, *_kv_geometry(cfg)[1:])
+        self.lora_probe, self.warm_up_s = lora, time.perf_counter() - start
+        log.info("kernel warm-up: %.1f s (LoRA ops %s%s; paged attention %s)", self.warm_up_s, lora.backend,
+                 f": {lora.summary()}" if lora.problems else "", self.attention_kernel)
+        return kernel
+
+    def _graphs_on(self, device: torch.device, kernel: PagedKernel | None) -> bool:
+        """CUDA graphs need a CUDA device and a paged kernel (one shape per bucket, all captured at start)."""
+        if not self.config.cuda_graphs or device.type != "cuda":
+            return False
+        if kernel is None:
+            log.warning("CUDA graphs off: no paged attention kernel passed its probe, and the gather path's "
+                        "context width changes from step to step (graphs are never captured while serving)")
+        return kernel is not None
+
+    def _make_kv(self, model: torch.nn.Module, loaded: LoadedModel, kernel: PagedKernel | None
+                 ) -> tuple[BlockPool, PagedKVCache]:
+        layers, kv_heads, head_dim = _kv_geometry(model.config.get_text_config())
+        per_block = kv_bytes_per_token(layers, kv_heads, head_dim, loaded.dtype) * self.config.block_size
+        plan = self._plan_kv(per_block, loaded.device, kernel, (layers, kv_heads, head_dim))
+        kv = PagedKVCache(layers, plan.num_blocks, self.config.block_size, kv_heads, head_dim, loaded.dtype,
+                          loaded.device)
+        kv.kernel = kernel
+        self.kv_plan = plan
+        log.info("KV pool: %d blocks x %d tokens = %d tokens (%.1f MiB), by %s: %s", plan.num_blocks,
+                 self.config.block_size, plan.num_blocks * self.config.block_size, kv.bytes / 2**20, plan.rule,
+                 plan.reason)
+        return BlockPool(plan.num_blocks, self.config.block_size), kv
+
+    def _plan_kv(self, per_block: int, device: torch.device, kernel: PagedKernel | None,
+                 geometry: tuple[int, int, int]) -> KVPlan:
+        """The pool's size by the first rule that applies (kv_sizing.py)."""
+        cfg = self.config
+        plan = plan_fixed(num_blocks=cfg.num_kv_blocks, kv_cache_memory=cfg.kv_cache_memory, bytes_per_block=per_block)
+        if plan is None and device.type != "cuda":
+            plan = plan_cpu(bytes_per_block=per_block, block_size=cfg.block_size,
+                            max_num_seqs=cfg.scheduler.max_num_seqs, max_model_len=cfg.max_model_len)
+            warn_if_short(plan.num_blocks, per_block)
+        return plan or self._profile_kv(per_block, device, kernel, geometry)
+
+    def _profile_kv(self, per_block: int, device: torch.device, kernel: PagedKernel | None,
+                    geometry: tuple[int, int, int]) -> KVPlan:
+        """CUDA: vLLM's rule over a profile run (kv_sizing.py), the stand-in's memory released first."""
+        snapshot, graph_bytes = self._profile_on_stand_in(device, kernel, geometry)
+        torch.cuda.empty_cache()
+        return plan_cuda(bytes_per_block=per_block, utilization=self.config.gpu_memory_utilization,
+                         snapshot=snapshot, graph_bytes=graph_bytes)
+
+    def _profile_on_stand_in(self, device: torch.device, kernel: PagedKernel | None,
+                             geometry: tuple[int, int, int]) -> tuple[MemorySnapshot, int]:
+        """The largest step, then the CUDA graphs (their memory), on a one-block stand-in pool (memory_profile.py)."""
+        cfg, (layers, kv_heads, head_dim) = self.config, geometry
+        stand_in = PagedKVCache(layers, 1, cfg.block_size, kv_heads, head_dim, self.loaded.dtype, device)
+        stand_in.kernel = kernel
+        runner = ModelRunner(self.loaded.model, stand_in, cfg.block_size, self.lora, device,
+                             max_model_len=cfg.max_model_len)
+        tokens = min(cfg.scheduler.max_batch_tokens, cfg.max_model_len - 1)
+        snapshot = measure_cuda(device, functools.partial(profile_step, runner, tokens))
+        if not self._graphs_on(device, kernel):
+            return snapshot, 0
+        graphs = DecodeGraphs.for_device(runner.forward_decode, self.lora, device, runner.static_tensors)
+        runner.use_graphs(graphs, cfg.scheduler.max_num_seqs)
+        return snapshot, graphs.memory_bytes
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -533,6 +607,12 @@ def _non_finite_message(req: Request) -> str:
                                                               "the base model")
     return (f"the forward pass produced non-finite logits (NaN or inf) for this request with {source}; "
             "its weights may overflow in this dtype. Other requests are unaffected")
+
+
+def _kv_geometry(cfg: object) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) of a transformers text config."""
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim
 
 
 def _eos_ids(loaded: LoadedModel) -> tuple[int, ...]:

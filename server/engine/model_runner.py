@@ -64,13 +64,18 @@ class ModelRunner:
     @torch.inference_mode()
     def use_graphs(self, graphs: DecodeGraphs, max_num_seqs: int) -> None:
         """Serve padded decode steps from `graphs`. With a paged kernel every bucket up to `max_num_seqs` has
-        one shape: capture them now (on pad rows); on the gather path each context width captures on first
-        use."""
+        one shape: capture them all now (on pad rows). Nothing is captured while serving, so on the gather path
+        (a shape per context width) every step runs eagerly; the engine does not use graphs there."""
         self.decode_buckets = True
         self.graphs = graphs
         if self.kv.kernel is not None:
             sizes = [1 << i for i in range(bucket(max_num_seqs).bit_length())]  # 1, 2, 4, ..., bucket(max)
             graphs.capture_buckets(lambda n: self._decode_inputs([], n, [0] * n, [0] * n, [-1] * n), sizes)
+
+    def static_tensors(self) -> list[torch.Tensor]:
+        """What a captured decode forward may read besides its input buffers: the model's parameters and buffers
+        (the LoRA slot stacks among them) and the KV pool."""
+        return [*self.model.parameters(), *self.model.buffers(), *self.kv.k, *self.kv.v]
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> RunnerOutput:
@@ -120,7 +125,7 @@ class ModelRunner:
         replayed from a graph when graphs are on, else eager. A step with linearly merged rows (`merges`)
         runs eagerly: a graph replays the one-slot-per-row gather form only."""
         use_lora = self.lora is not None and max(slots) >= 0
-        if self.graphs is not None and not merges:
+        if self.graphs is not None and not merges and self.graphs.serves(inputs, use_lora):
             return self.graphs.run(inputs, use_lora)
         device_inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
         batch = None

@@ -46,6 +46,8 @@ FLAG_FIELDS = {
     "--generation-config": (ModelConfig, "generation_config"),
     "--num-kv-blocks": (EngineConfig, "num_kv_blocks"),
     "--block-size": (EngineConfig, "block_size"),
+    "--kv-cache-memory": (EngineConfig, "kv_cache_memory"),
+    "--gpu-memory-utilization": (EngineConfig, "gpu_memory_utilization"),
 }
 
 
@@ -154,3 +156,11 @@ def test_registry_flags_build_the_server_config_and_refuse_bad_values(monkeypatc
                          (["--registry-poll-seconds", "0"], "--registry-poll-seconds: must be > 0")):
         with pytest.raises(ValueError, match=message):
             configs_from_args(build_parser().parse_args(["serve", "--model", "m", *bad]))
+
+
+def test_kv_flags_reach_the_engine_config_and_are_validated(monkeypatch):
+    monkeypatch.setenv("LORAPLEX_GPU_MEMORY_UTILIZATION", "0.8")
+    cfg = configs_from_args(build_parser().parse_args(["serve", "--kv-cache-memory", "1000000"]))
+    assert (cfg.engine.kv_cache_memory, cfg.engine.gpu_memory_utilization) == (1_000_000, 0.8)
+    with pytest.raises(ValueError, match="--gpu-memory-utilization: must be in"):
+        configs_from_args(build_parser().parse_args(["serve", "--gpu-memory-utilization", "0"]))
