@@ -66,7 +66,9 @@ def test_a_leader_gone_before_its_prompt_was_computed_leaves_the_others_running(
     engine.add_request("lead", PROMPT, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), "a8")
     engine.add_request("follow", PROMPT, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), "a8",
                        prefix_of="lead")
-    engine.step()  # the leader computed its first chunk only
+    while engine.requests["lead"].num_computed == 0:  # until the leader computed its first chunk (only)
+        if not engine.step().computed:
+            wait_for_adapter_news(engine)  # its adapter's read is asynchronous
     assert engine.abort("lead").finish_reason == "abort"
     outs = run_to_completion(engine)
     assert tokens_of(outs["follow"]) == ref.generate(PROMPT, "a8", 4)

@@ -172,8 +172,12 @@ def _loader_reading(engine, names):
 
 def test_a_preempted_request_finds_its_own_blocks_and_ends_as_peft(setup):
     model_dir, adapters, ref = setup
-    # 16 blocks of 4: the two requests cannot both reach 47 + 12 tokens; the newer one is preempted.
-    engine = make_engine(model_dir, adapters, num_kv_blocks=18, block_size=4, max_batch_tokens=64)
+    # 18 blocks of 4: the two requests cannot both reach 47 + 12 tokens; the newer one is preempted. Chunks of 8
+    # tokens make them run side by side; both adapters are loaded first, so their order is fixed.
+    engine = make_engine(model_dir, adapters, num_kv_blocks=18, block_size=4, max_batch_tokens=8)
+    for name in ("a", "b"):
+        engine.add_request(f"warm-{name}", [5], greedy(1), name)
+    run_to_completion(engine)
     preempted = []
     engine.scheduler.on_preempt = preempted.append
     engine.add_request("one", _turn(0), greedy(12), "a")
