@@ -50,9 +50,10 @@ from loraplex.server.engine.sampler import (
     SampleOutput,
     Sampler,
     SampleRow,
+    TokenCounts,
     bitmask_row,
     check_vocab,
-    make_generator,
+    request_seed,
 )
 from loraplex.server.engine.sampling_params import SamplingParams
 from loraplex.server.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
@@ -185,7 +186,8 @@ class LLMEngine:
                  if config.scheduler.prefix_caching else "off (--prefix-caching off)")
         # A registration dropped: the blocks computed with it are never found again (and are freed first).
         self.adapters.on_forget = lambda name, epoch: self.pool.forget((name, epoch))
-        self.sampler = Sampler()
+        self.counts = TokenCounts(self.vocab_size, self.device)  # penalties' token counts, kept per request
+        self.sampler = Sampler(self.counts)
         self.post = Postprocessor(parts.eos_ids, config.max_model_len)
         self.guided = parts.guided
         self.requests: dict[str, Request] = {}
@@ -289,7 +291,7 @@ class LLMEngine:
         except ValueError as exc:  # GuidedError included (the API compiled it first: normally a cache hit)
             raise RequestRejected(str(exc)) from None
         req = Request(request_id, list(prompt_ids), params, adapter,
-                      make_generator(params.seed, self.device) if not params.greedy else None,
+                      request_seed(params.seed) if not params.greedy else None,
                       IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
                       StopStringMatcher(params.stop), merge=merge, guided=guided, cache_salt=cache_salt)
         leader = self.requests.get(prefix_of) if prefix_of is not None else None
@@ -349,6 +351,9 @@ class LLMEngine:
         """Take a request out of the engine for good (finished, aborted or failed): blocks and refs return."""
         self.requests.pop(req.request_id, None)
         self.scheduler.finish(req)
+        if req.counts_row is not None:
+            self.counts.close(req.counts_row)
+            req.counts_row = None
         group = self._groups.get(req.group) if req.group is not None else None
         if group is not None:
             group.remove(req)
@@ -458,6 +463,7 @@ class LLMEngine:
         finite = torch.isfinite(lo) & torch.isfinite(hi)  # [N]
         logits = torch.where(finite[:, None], logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
         out, errors = self._sample_rows(logits, reqs, bitmask)
+        self._record_counts(reqs, out.tokens)
         # One device -> host copy: [N, 4 + 2K] = token, logprob, finite, no allowed token, K top ids, K top logprobs.
         table = torch.stack([out.tokens.double(), out.logprobs.double(), finite.double(), out.no_token.double()], dim=1)
         k_max = 0 if out.top_ids is None else out.top_ids.shape[1]
@@ -503,7 +509,17 @@ class LLMEngine:
         return _concat_outputs(parts), errors
 
     def _sample_row(self, req: Request) -> SampleRow:
-        return SampleRow(req.params, req.generator, self.post.eos_ids, req.prompt_ids, req.output_ids)
+        if req.params.has_penalties and req.counts_row is None:  # counted once, then one token per step
+            req.counts_row = self.counts.open(req.prompt_ids, req.output_ids)
+        return SampleRow(req.params, req.seed, self.post.eos_ids, req.prompt_ids, req.output_ids, req.counts_row)
+
+    def _record_counts(self, reqs: list[Request], tokens: torch.Tensor) -> None:
+        """The penalties' counts learn this step's tokens (one accumulate, on the device)."""
+        rows = [i for i, r in enumerate(reqs) if r.counts_row is not None]
+        if rows:
+            at = torch.tensor(rows, device=tokens.device)
+            self.counts.record(torch.tensor([reqs[i].counts_row for i in rows], device=self.counts.device),
+                               tokens.index_select(0, at).to(self.counts.device))
 
     def _postprocess(self, sched: SchedulerOutput, tokens: dict[Request, Pick],
                      outputs: list[RequestOutput]) -> None:

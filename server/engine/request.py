@@ -7,8 +7,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
-
 from loraplex.server.engine.detokenizer import IncrementalDetokenizer
 from loraplex.server.engine.sampling_params import SamplingParams
 from loraplex.server.engine.stop import StopStringMatcher
@@ -66,7 +64,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: str | None
-    generator: torch.Generator | None
+    seed: int | None  # the sampling seed (its own or a random one; None when greedy)
     detokenizer: IncrementalDetokenizer
     stop_matcher: StopStringMatcher
     arrival: float = field(default_factory=time.monotonic)
@@ -102,6 +100,7 @@ class Request:
     block_keys: list[bytes] = field(default_factory=list)
     num_published: int = 0
     num_cached_tokens: int = 0
+    counts_row: int | None = None  # its row of the engine's TokenCounts (penalties), once it first samples
 
     @property
     def num_tokens(self) -> int:

@@ -53,6 +53,7 @@ from loraplex.server.engine.engine import EngineConfig, EngineParts, LLMEngine, 
 from loraplex.server.engine.guided import GuidedCompiler, GuidedSpec
 from loraplex.server.engine.model_runner import RunnerOutput
 from loraplex.server.engine.request import RequestOutput, Status
+from loraplex.server.engine.sampler import Sampler, SampleRow
 from loraplex.server.engine.sampling_params import SamplingParams
 from loraplex.server.engine.scheduler import ScheduledChunk, SchedulerConfig
 
@@ -107,17 +108,25 @@ class FakeModel:
             out.append(h)
         return out
 
-    def reference_tokens(self, prompt: Sequence[int], kvid: int, params: SamplingParams,
-                         eos_ids: tuple[int, ...]) -> list[int]:
-        """A plain greedy request's tokens (no penalties, bias, grammar or min_tokens), until max_tokens, a stop
-        token or EOS (unless ignore_eos); stop strings may end it earlier (a prefix of this)."""
+    def reference_tokens(self, prompt: Sequence[int], kvid: int, params: SamplingParams, eos_ids: tuple[int, ...],
+                         seed: int | None) -> list[int]:
+        """The request alone, token by token: each row through the real sampler on its own (a grammar aside),
+        until max_tokens, a stop token or EOS (unless ignore_eos; not before min_tokens). Stop strings may end
+        it earlier (a prefix of this). Batched, the engine must give exactly these tokens."""
         h = self.prompt_hashes(prompt, kvid)[-1]
         out: list[int] = []
         position = len(prompt)
+        sampler = Sampler()
+        plain = params.greedy and not params.has_penalties and not params.logit_bias and not params.min_tokens
         while len(out) < params.max_tokens:
-            token = self.argmax[self.row(h)]
+            if plain:  # the argmax of the row, precomputed
+                token = self.argmax[self.row(h)]
+            else:
+                row = SampleRow(params, seed, eos_ids, prompt, out)
+                token = int(sampler.sample(self.table[self.row(h)][None], [row]).tokens[0])
             out.append(token)
-            if token in params.stop_token_ids or (not params.ignore_eos and token in eos_ids):
+            stops = token in params.stop_token_ids or (not params.ignore_eos and token in eos_ids)
+            if stops and len(out) >= params.min_tokens:
                 break
             h = self.chain(h, token, position, kvid)
             position += 1
@@ -235,7 +244,7 @@ class Scenario:
         return dataclasses.replace(self, events=self.events[:index] + self.events[index + 1:], draws=())
 
 
-def generate(d: Draws, vocab_size: int, *, max_events: int = 30) -> Scenario:
+def generate(d: Draws, vocab_size: int, *, max_events: int = 20) -> Scenario:
     """Draw a scenario: limits, then a script of events over steps (registrations tracked as they happen, so
     arrivals name registered adapters, as the API would have admitted them)."""
     cfg = _draw_config(d)
@@ -323,7 +332,7 @@ def _draw_target(d: Draws, registered: list[str]) -> Target:
 def _draw_params(d: Draws, room: int) -> SamplingParams:
     prompt_logprobs = d.pick((None, None, None, 0, 2)) if d.chance(30) else None
     lowest = 0 if prompt_logprobs is not None else 1
-    max_tokens = d.int(lowest, min(room, 16))
+    max_tokens = d.int(lowest, min(room, 12))
     kw: dict[str, Any] = dict(max_tokens=max_tokens, prompt_logprobs=prompt_logprobs,
                               ignore_eos=d.chance(50), logprobs=d.pick((None, None, 0, 2)))
     if d.chance(60):
@@ -331,6 +340,11 @@ def _draw_params(d: Draws, room: int) -> SamplingParams:
     else:
         kw.update(temperature=d.pick((0.7, 1.0)), top_k=d.pick((0, 5)), min_p=d.pick((0.0, 0.0, 0.1)),
                   seed=d.pick((None, d.int(0, 1000))))
+    if d.chance(10):
+        kw.update(repetition_penalty=d.pick((1.0, 1.5)), frequency_penalty=d.pick((0.0, 0.5)),
+                  presence_penalty=d.pick((0.0, -0.5)))
+    if d.chance(10):
+        kw["logit_bias"] = {d.int(5, 300): float(d.pick((-5, 5)))}
     if d.chance(15):
         kw["stop"] = (d.pick(("a", "e", " th", "in")),)
     if d.chance(10):
@@ -524,6 +538,8 @@ class Tracked:
     index: int  # choice index within its arrival
     target: Target
     kvid: int
+    seed: int | None = None  # the engine's sampling seed for it (its own, or the random one it was given)
+    params: SamplingParams | None = None  # its own (a choice's seed differs from its arrival's)
     outputs: list[RequestOutput] = field(default_factory=list)
 
     @property
@@ -539,7 +555,7 @@ class Report:
     outcomes: dict[str, int] = field(default_factory=dict)
     idle_after: int = 0  # steps from the last event until idle
     idle_bound: int = 0
-    checked_greedy: int = 0
+    checked_greedy: int = 0  # outputs equal to their solo reference (greedy or sampled, no grammar)
     checked_prompt_logprobs: int = 0
     preemptions: int = 0
     prefix_hits: int = 0  # tokens found in the prefix cache
@@ -698,7 +714,7 @@ class Simulation:
             except RequestRejected:
                 self.report.rejected += 1
                 return
-            self.tracked[rid] = Tracked(a, i, a.target, kvid)
+            self.tracked[rid] = Tracked(a, i, a.target, kvid, self.engine.requests[rid].seed, params=params)
             self.report.requests += 1
 
     def _collect(self, outputs: list[RequestOutput]) -> None:
@@ -772,11 +788,10 @@ class Simulation:
         if last.finish_reason not in ("stop", "length"):
             return
         self._check_prompt_logprobs(rid, t)
-        p = t.arrival.params
-        plain = (p.greedy and not p.has_penalties and not p.logit_bias and p.guided is None and p.min_tokens == 0)
-        if not plain:
+        p = t.params
+        if p.guided is not None:  # the grammar's state is not replayed by the reference
             return
-        expected = self.world.model.reference_tokens(t.arrival.prompt, t.kvid, p, self.eos_ids)
+        expected = self.world.model.reference_tokens(t.arrival.prompt, t.kvid, p, self.eos_ids, t.seed)
         if last.finish_reason == "length" and p.max_tokens and tokens != expected:
             raise SimViolation(f"{rid}: tokens {tokens} != its solo reference {expected}")
         if tokens != expected[: len(tokens)]:

@@ -84,7 +84,7 @@ def test_seeded_scenarios(world_parts, request):
     seconds = time.perf_counter() - t0
     print(f"\nsimulation: {len(seeds)} scenarios in {seconds:.1f} s ({len(seeds) / seconds:.0f}/s), "
           f"{totals.steps} steps, {totals.requests} requests ({totals.rejected} rejected at the door), "
-          f"outcomes {dict(sorted(totals.outcomes.items()))}, {totals.checked_greedy} greedy outputs and "
+          f"outcomes {dict(sorted(totals.outcomes.items()))}, {totals.checked_greedy} outputs (greedy and sampled) and "
           f"{totals.checked_prompt_logprobs} prompt logprobs equal to their solo reference, "
           f"{totals.preemptions} preemptions, {totals.prefix_hits} tokens found in the prefix cache, "
           f"longest drain {totals.idle_after} steps")
