@@ -296,7 +296,7 @@ class AsyncEngine:
         sched = self.engine.scheduler
         self.snapshot = EngineSnapshot(len(sched.waiting), len(sched.running), self.snapshot.steps + int(stepped),
                                        self.engine.pool.usage, _adapter_names(sched.running),
-                                       _adapter_names(sched.waiting), sched.prefix_queries, sched.prefix_hits)
+                                       sched.waiting.adapter_names(), sched.prefix_queries, sched.prefix_hits)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

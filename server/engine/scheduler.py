@@ -39,6 +39,7 @@ from loraplex.server.engine.block_pool import BlockPool
 from loraplex.server.engine.fairness import VirtualTokenCounter, request_worth, tenant_of
 from loraplex.server.engine.prefix_cache import KVIdentity, extend_keys
 from loraplex.server.engine.request import Request, Status
+from loraplex.server.engine.waiting_queue import WaitingQueue
 
 POLICIES = ("fair", "fcfs")
 
@@ -93,7 +94,7 @@ class Scheduler:
         self.config = config
         self.pool = pool
         self.adapters = adapters
-        self.waiting: deque[Request] = deque()
+        self.waiting = WaitingQueue()
         self.running: list[Request] = []
         self.vtc = VirtualTokenCounter()  # kept under both policies; only `fair` reads it
         self.on_preempt: Callable[[Request], None] = lambda r: None
