@@ -54,7 +54,7 @@ from loraplex.server.api.logprobs import (
 from loraplex.server.api.schemas_openai import ChatCompletionRequest, ChatMessage, CompletionRequest
 from loraplex.server.engine.guided import GuidedSpec
 from loraplex.server.engine.request import RequestOutput
-from loraplex.server.engine.sampling_params import SamplingParams
+from loraplex.server.engine.sampling_params import MAX_LOGIT_BIAS_TOKENS, SamplingParams
 from loraplex.server.runtime import Runtime
 
 router = APIRouter()
@@ -250,12 +250,17 @@ def _prompt_logprobs(body: _SamplingBody) -> int | None:
 
 
 def _logit_bias(rt: Runtime, bias: dict[str, float] | None) -> dict[int, float]:
-    """OpenAI sends token ids as JSON object keys (strings)."""
-    out: dict[int, float] = {}
+    """OpenAI sends token ids as JSON object keys (strings): ASCII digits only (str.isdigit also takes "²" and "٣",
+    which int() refuses or reads as another number), at most as many as the vocabulary's largest id has (so a
+    5,000-digit key is never converted)."""
+    bias = bias or {}
+    if len(bias) > MAX_LOGIT_BIAS_TOKENS:
+        raise ApiError(400, f"logit_bias: at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(bias)}", param="logit_bias")
     vocab = rt.loaded.model.config.get_text_config().vocab_size
-    for key, value in (bias or {}).items():
-        if not key.isdigit() or int(key) >= vocab:
-            raise ApiError(400, f"logit_bias: key {quote(key)} is not a token id in [0, {vocab})",
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= len(str(vocab))) or int(key) >= vocab:
+            raise ApiError(400, f"logit_bias: key {quote(key)} is not a token id in [0, {vocab}) (ASCII digits)",
                            param="logit_bias")
         out[int(key)] = value
     return out
