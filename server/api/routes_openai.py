@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from loraplex.server.api.auth import require_api_key
+from loraplex.server.api.auth import KeysFirstRoute, require_api_key
 from loraplex.server.api.chat import ChatTurn, build_chat_prompt
 from loraplex.server.api.errors import ApiError
 from loraplex.server.api.generation import (
@@ -34,6 +34,7 @@ from loraplex.server.api.generation import (
     guided_or_400,
     make_params,
     merged_outputs,
+    plan_choices,
     quote,
     recorded_rejections,
     refuse_unsupported,
@@ -42,7 +43,7 @@ from loraplex.server.api.generation import (
     resolve_merge,
     runtime_of,
     sse,
-    start_choices,
+    start_planned,
 )
 from loraplex.server.api.logprobs import (
     TokenTexts,
@@ -57,7 +58,7 @@ from loraplex.server.engine.request import RequestOutput
 from loraplex.server.engine.sampling_params import MAX_LOGIT_BIAS_TOKENS, SamplingParams
 from loraplex.server.runtime import Runtime
 
-router = APIRouter()
+router = APIRouter(route_class=KeysFirstRoute)
 _GENERATION_DEPS = [Depends(require_api_key), Depends(require_ready)]
 _STARTED = int(time.time())
 _SamplingBody = CompletionRequest | ChatCompletionRequest
@@ -173,17 +174,14 @@ async def _start(request: Request, body: _SamplingBody, shape: _Shape,
         spec, spec_param = _guided_spec(body)
         guided = await compile_guided(rt, spec, spec_param)
         run = _Run(body, shape, await prompts(rt, body), [], per_prompt)
-        try:
-            for i, prompt in enumerate(run.prompts):
-                params = _sampling(rt, body, prompt, guided)
-                rid = uuid.uuid4().hex
-                req = GenerationRequest(shape.endpoint, body.model, adapter, tuple(prompt.ids), params, arrival,
-                                        rid, merge=merge, counted=i == 0)
-                run.generations += start_choices(rt, req, per_prompt)
-        except BaseException:
-            for generation in run.generations:
-                await generation.aclose()
-            raise
+        plans = []
+        for i, prompt in enumerate(run.prompts):
+            params = _sampling(rt, body, prompt, guided)
+            req = GenerationRequest(shape.endpoint, body.model, adapter, tuple(prompt.ids), params, arrival,
+                                    uuid.uuid4().hex, merge=merge, counted=i == 0)
+            plans += plan_choices(rt, req, per_prompt)
+        what = f"{len(run.prompts)} prompt{'s' if len(run.prompts) > 1 else ''} x {per_prompt} choices"
+        run.generations = start_planned(rt, plans, what, "n" if per_prompt > 1 else "prompt")
         return run
 
 
