@@ -98,37 +98,20 @@ def get(port: int, path: str = "/") -> bytes:
 pytestmark = pytest.mark.asyncio
 
 
-async def test_headers_that_never_complete_get_408_and_the_connection_is_closed():
+@pytest.mark.parametrize("payload, status", [
+    (b"GET / HTTP/1.1\r\nHost: x\r\n", b"408"),  # headers that never complete
+    (b"", b"408"),  # a connection that says nothing
+    (b"GET / HTTP/1.1\r\nX-Big: " + b"a" * (MAX_HEADER_BYTES + 4096), b"431"),  # headers over the cap
+    (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789", b"408"),  # a stalled body
+], ids=["half-sent-headers", "silent", "header-over-cap", "stalled-body"])
+async def test_a_client_that_stalls_or_floods_gets_an_error_and_is_closed(payload, status):
     async with serving() as port:
         sock = await asyncio.to_thread(connect, port)
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and nothing more
-        assert (await asyncio.to_thread(answer, sock)).startswith(b"HTTP/1.1 408")
-        sock.close()
-
-
-async def test_a_silent_connection_is_closed_after_the_header_timeout():
-    async with serving() as port:
-        sock = await asyncio.to_thread(connect, port)
+        with contextlib.suppress(OSError):  # the server may close while the flood is still being sent
+            sock.sendall(payload)
         t0 = time.monotonic()
-        assert (await asyncio.to_thread(answer, sock)).startswith(b"HTTP/1.1 408")
+        assert (await asyncio.to_thread(answer, sock)).startswith(b"HTTP/1.1 " + status)
         assert time.monotonic() - t0 < 8
-        sock.close()
-
-
-async def test_headers_over_the_cap_get_431():
-    async with serving() as port:
-        sock = await asyncio.to_thread(connect, port)
-        with contextlib.suppress(OSError):
-            sock.sendall(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * (MAX_HEADER_BYTES + 4096))
-        assert (await asyncio.to_thread(answer, sock)).startswith(b"HTTP/1.1 431")
-        sock.close()
-
-
-async def test_a_stalled_body_gets_408():
-    async with serving() as port:
-        sock = await asyncio.to_thread(connect, port)
-        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
-        assert (await asyncio.to_thread(answer, sock)).startswith(b"HTTP/1.1 408")
         sock.close()
 
 
