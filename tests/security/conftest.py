@@ -1,9 +1,9 @@
 """The hostile-client / hostile-adapter battery (issue 20; BAD_INPUTS.md rows 45-57): shared fixtures.
 
 One live `loraplex serve` (tiny model, keys set, small limits so each attack is cheap to mount) is shared by the
-battery's HTTP tests. Every attack is measured the same way: the answer's status, its wall time and the server's
-peak RSS growth while it ran (VmHWM after resetting it through /proc/<pid>/clear_refs), read from /proc, never
-from the machine's speed beyond generous ceilings.
+battery's HTTP tests (session scope: a server start is the battery's largest cost). Every attack is measured the
+same way: the answer's status, its wall time and the server's peak RSS growth while it ran (VmHWM after resetting
+it through /proc/<pid>/clear_refs), read from /proc, never from the machine's speed beyond generous ceilings.
 
 With LORAPLEX_SECURITY_REPORT=path set, each measurement is also appended to that file as one JSON line (the
 before/after table of the issue note is made from it).
@@ -152,8 +152,10 @@ def battery_flags(blackhole_url: str) -> list[str]:
             "--max-cpu-loras", "8"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(tmp_path_factory, tiny_model_dir, blackhole) -> Iterator[LiveServer]:
+    """One server for the whole battery (each test uses its own adapter names; admission is back to zero after
+    each test)."""
     base = tmp_path_factory.mktemp("battery")
     saved = {k: os.environ.get(k) for k in AWS_ENV}
     os.environ.update(AWS_ENV)
@@ -166,21 +168,21 @@ def server(tmp_path_factory, tiny_model_dir, blackhole) -> Iterator[LiveServer]:
     live.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def client(server) -> Iterator[httpx.Client]:
     """Generation calls with the API key."""
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as c:
         yield c
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def admin(server) -> Iterator[httpx.Client]:
     """Adapter admin calls with the admin key."""
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120) as c:
         yield c
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def good_adapter(adapter_dir) -> Path:
     return adapter_dir("llama", 8, ("q_proj", "k_proj", "v_proj", "o_proj"), 0)
 
