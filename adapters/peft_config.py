@@ -258,8 +258,12 @@ def _re2_options() -> re2.Options:
 
 
 def _linear_regex(pattern: str) -> Any:
-    """The RE2 program of a pattern `_regex` accepted."""
-    return re2.compile(pattern, _re2_options())
+    """The RE2 program of a pattern `_regex` accepted. re2.compile keeps the last 128 programs in a module-wide
+    cache (up to `max_mem` each): emptied at once, so a program lives exactly as long as the spec holding it."""
+    try:
+        return re2.compile(pattern, _re2_options())
+    finally:
+        re2.purge()
 
 
 def _regex(pattern: str, name: str, peft_form: str = "{}") -> str:
