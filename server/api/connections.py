@@ -156,6 +156,8 @@ class _Guard:
 
     def _refuse(self, status: int, reason: str, message: str) -> None:
         """Answer `status` (unless a response has begun) and close; the app, if running, sees a disconnect."""
+        if self not in self.connections:  # upgraded to another protocol (a WebSocket): the transport is not ours
+            return
         cycle = self.cycle
         started = cycle is not None and (cycle.response_started or cycle.response_complete)
         if cycle is not None and not cycle.response_complete:
@@ -169,6 +171,8 @@ class _Guard:
     # ---- writing -------------------------------------------------------------------------------------
     def _write_stalled(self) -> None:
         self._write_timer = None
+        if self not in self.connections:  # upgraded to another protocol: the transport is not ours any more
+            return
         log.warning("client %s did not read its response for %gs (--stream-write-timeout): closing the connection",
                     _peer(self.transport), self.limits.stream_write_timeout_s)
         self.transport.abort()  # buffered bytes are dropped: connection_lost ends the request's cycle
