@@ -39,7 +39,7 @@ from loraplex.adapters.errors import (
     AdapterTooLargeError,
     AdapterValidationError,
 )
-from loraplex.adapters.names import validate_adapter_name
+from loraplex.adapters.names import path_label
 from loraplex.adapters.sources.base import (
     ADAPTER_FILES,
     AdapterSource,
@@ -164,7 +164,7 @@ class S3Source(AdapterSource[str]):
     def materialize(self, ref: str, name: str | None = None) -> Path:
         """Download the two adapter files under `ref` into `state_dir/s3/<label>-<uuid>/`, within --s3-timeout."""
         location = parse_s3_url(ref)
-        label = validate_adapter_name(name) if name else _url_label(location)
+        label = path_label(name) if name else _url_label(location)
         deadline = S3Deadline(self.timeout_s, f"adapter at {location.url()}")
         client = self._get_client()
         sizes = {f: self._object_size(client, location, f, deadline) for f in ADAPTER_FILES}

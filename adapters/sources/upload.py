@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from loraplex.adapters.errors import AdapterValidationError
-from loraplex.adapters.names import validate_adapter_name
+from loraplex.adapters.names import path_label, validate_adapter_name
 from loraplex.adapters.sources.base import (
     ADAPTER_FILES,
     AdapterSource,
@@ -106,7 +106,7 @@ class UploadSource(AdapterSource[UploadPayload]):
             for filename in ADAPTER_FILES:
                 copy_capped(as_stream(files[filename]), tmp / filename, budget)
 
-        return stage_atomically(self.owned_dir, name, fill)
+        return stage_atomically(self.owned_dir, path_label(name), fill)
 
     def from_archive(self, name: str, fileobj: BinaryIO | bytes) -> Path:
         """Store the two adapter files from a `.tar.gz` (flat, or under one top folder)."""
@@ -129,7 +129,7 @@ class UploadSource(AdapterSource[UploadPayload]):
             except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
                 raise _bad(f"archive is not a valid .tar.gz: {str(exc)[:200]}") from None
 
-        return stage_atomically(self.owned_dir, name, fill)
+        return stage_atomically(self.owned_dir, path_label(name), fill)
 
 
 def _extract_members(tar: tarfile.TarFile, dest: Path, budget: ByteBudget) -> None:

@@ -22,7 +22,8 @@ from loraplex.adapters.registry import AdapterRecord, AdapterRegistry, ManifestE
 # -- names (BAD_INPUTS row 3) --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["a", "my-adapter_v1.2", "A" * 128, "..a", "a..", "-", "_x", "x.y.z"])
+@pytest.mark.parametrize("name", ["a", "my-adapter_v1.2", "A" * 128, "..a", "a..", "-", "_x", "x.y.z", "team/a",
+                                  "acme/support-v2", "a/route-2", "route/a"])
 def test_valid_names_are_returned_unchanged(name):
     assert validate_adapter_name(name) == name
 
@@ -32,8 +33,14 @@ def test_valid_names_are_returned_unchanged(name):
     [
         ("", "empty"),
         ("a" * 129, "129 characters"),
-        ("team/a", "'/'"),
-        ("../a", "'/'"),
+        ("a/b/c", "at most one"),
+        ("/a", "empty part"),
+        ("a/", "empty part"),
+        ("../a", "'..' is reserved"),
+        ("a/.", "'.' is reserved"),
+        ("acme/route", "reserved"),
+        ("acme/weights", "reserved"),
+        ("a\\b", "'\\\\'"),
         ("my adapter", "' '"),
         ("tab\there", "'\\t'"),
         ("naïve", "'ï'"),
@@ -102,7 +109,7 @@ def test_remove_persists_and_unknown_is_404(tmp_path):
 def test_add_refuses_bad_name_and_non_json_meta(tmp_path):
     reg = AdapterRegistry(tmp_path / "state")
     with pytest.raises(AdapterBadNameError):
-        reg.add(AdapterRecord(name="a/b", source="upload", local_dir=str(tmp_path)))
+        reg.add(AdapterRecord(name="a/b/c", source="upload", local_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="JSON"):
         reg.add(_record("a", tmp_path, meta={"x": object()}))
     assert len(reg) == 0 and len(AdapterRegistry(tmp_path / "state")) == 0
@@ -127,7 +134,7 @@ def test_vanished_local_dir_is_kept_and_reported(tmp_path):
         (b"[]", "adapters"),
         (b'{"version": 99, "adapters": []}', "version"),
         (b'{"version": 1, "adapters": [{"name": "a"}]}', "'source'"),
-        (b'{"version": 1, "adapters": [{"name": "a/b", "source": "upload", "local_dir": "/x",'
+        (b'{"version": 1, "adapters": [{"name": "a/../b", "source": "upload", "local_dir": "/x",'
          b' "pinned": false, "created_at": 1, "meta": {}}]}', "'/'"),
     ],
 )  # fmt: skip

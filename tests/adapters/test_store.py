@@ -238,7 +238,21 @@ def test_uploads_as_files_streams_or_archive(make_store, other):
     assert [d.rsplit("-", 1)[0] for d in upload_dirs(store)] == ["as-archive", "as-bytes", "as-streams"]
 
 
-@pytest.mark.parametrize(("name", "error"), [("a/b", AdapterBadNameError), ("", AdapterBadNameError),
+def test_a_namespaced_name_is_one_folder_in_the_state_dir_and_survives_a_restart(make_store, other, tmp_path):
+    """`acme/support` (tenants' namespaces): its upload is stored as one folder `acme+support-<uuid>` inside the
+    uploads folder, never a folder `acme` (a name never reaches the file system as a path)."""
+    store = make_store()
+    store.register_upload("acme/support", files_of(other))
+    (folder,) = upload_dirs(store)
+    assert folder.startswith("acme+support-") and (store.upload.owned_dir / folder).is_dir()
+    again = make_store()
+    assert again.names() == ["acme/support"]
+    assert again.load_weights("acme/support").max_rank == 4
+    again.unregister("acme/support")
+    assert upload_dirs(again) == []
+
+
+@pytest.mark.parametrize(("name", "error"), [("a/b/c", AdapterBadNameError), ("", AdapterBadNameError),
                                              ("..", AdapterBadNameError)])
 def test_bad_names_are_refused_before_anything_is_read(make_store, name, error):
     store = make_store()

@@ -237,7 +237,7 @@ def test_row2_name_already_registered_is_409_for_path_and_upload(client, place, 
     expect_error(put_files(client, "dup-a", adapter_files(good)), 409, "dup-a", "already registered")
 
 
-@pytest.mark.parametrize("name", ["a/b", "..", ".", "has space", "x" * 129, "", "ünï", "a\nb"])
+@pytest.mark.parametrize("name", ["a/b/c", "..", ".", "a/..", "/a", "has space", "x" * 129, "", "ünï", "a\nb"])
 def test_row3_bad_names_are_422(client, place, name):
     expect_error(client.post("/v1/adapters", json={"name": name, "path": "whatever"}), 422, "name")
 
