@@ -25,6 +25,7 @@ from loraplex.server.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from loraplex.adapters.merge import MergeRecipe
+    from loraplex.server.engine.fairness import TenantSpec
     from loraplex.server.engine.guided import CompiledGrammar, GuidedSpec
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class _Add:
     merge: MergeRecipe | None = None
     prefix_of: str | None = None
     cache_salt: str | None = None
+    tenant: TenantSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class EngineSnapshot:
     waiting_adapters: tuple[str, ...] = ()  # the same for queued requests
     prefix_queries: int = 0  # tokens looked up in the prefix cache since start (vllm:prefix_cache_queries)
     prefix_hits: int = 0  # tokens found there (vllm:prefix_cache_hits)
+    waiting_tenants: tuple[tuple[str, int], ...] = ()  # (TenantSpec id, queued requests) for requests with one
 
 
 class AsyncEngine:
@@ -137,16 +140,16 @@ class AsyncEngine:
     # ---- requests ------------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
                        request_id: str | None = None, *, merge: MergeRecipe | None = None,
-                       prefix_of: str | None = None, cache_salt: str | None = None
+                       prefix_of: str | None = None, cache_salt: str | None = None, tenant: TenantSpec | None = None
                        ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; leaving the iterator early (client gone) aborts the request.
-        `merge`, `prefix_of` and `cache_salt` as in LLMEngine.add_request."""
+        `merge`, `prefix_of`, `cache_salt` and `tenant` as in LLMEngine.add_request."""
         rid = request_id or uuid.uuid4().hex
         self.check_fits(len(prompt_ids), params)  # reject early, in the caller's context
         self._check_alive()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), queue)
-        self._post(_Add(rid, list(prompt_ids), params, adapter, merge, prefix_of, cache_salt))
+        self._post(_Add(rid, list(prompt_ids), params, adapter, merge, prefix_of, cache_salt, tenant))
         if self.dead_reason is not None:  # died between the check and registering: no one will answer
             queue.put_nowait(_dead_output(rid, len(prompt_ids), self.dead_reason))
         finished = False
@@ -252,7 +255,7 @@ class AsyncEngine:
         elif isinstance(item, _Add):
             try:
                 self.engine.add_request(item.request_id, item.prompt_ids, item.params, item.adapter, item.merge,
-                                        item.prefix_of, item.cache_salt)
+                                        item.prefix_of, item.cache_salt, item.tenant)
             except ValueError as exc:
                 self._deliver([_error_output(item, str(exc), "request")])
         elif item[0] == "abort":
@@ -296,7 +299,8 @@ class AsyncEngine:
         sched = self.engine.scheduler
         self.snapshot = EngineSnapshot(len(sched.waiting), len(sched.running), self.snapshot.steps + int(stepped),
                                        self.engine.pool.usage, _adapter_names(sched.running),
-                                       sched.waiting.adapter_names(), sched.prefix_queries, sched.prefix_hits)
+                                       sched.waiting.adapter_names(), sched.prefix_queries, sched.prefix_hits,
+                                       sched.waiting.tenant_counts())
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

@@ -62,6 +62,7 @@ from loraplex.server.model_loader import LoadedModel
 
 if TYPE_CHECKING:
     from loraplex.adapters.merge import MergeRecipe
+    from loraplex.server.engine.fairness import TenantSpec
 
 log = logging.getLogger(__name__)
 
@@ -273,13 +274,14 @@ class LLMEngine:
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     adapter: str | None = None, merge: MergeRecipe | None = None, prefix_of: str | None = None,
-                    cache_salt: str | None = None) -> None:
+                    cache_salt: str | None = None, tenant: TenantSpec | None = None) -> None:
         """Queue a request for `adapter` (None: the base model), or for several adapters merged (`merge`).
 
         `prefix_of`: another choice of the same HTTP request (same prompt and adapter, `n` > 1). The choices
         form a group: each waits while a running sibling computes the prompt, then finds its blocks in the
         prefix cache; should one of them fail, all of them end. `cache_salt`: only requests with the same salt
-        share cached KV blocks (vLLM's field)."""
+        share cached KV blocks (vLLM's field). `tenant`: who the request is accounted to and the limits it is
+        held to (fairness.TenantSpec; None: its adapter is its tenant)."""
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         if merge is not None and adapter is not None:
@@ -293,7 +295,8 @@ class LLMEngine:
         req = Request(request_id, list(prompt_ids), params, adapter,
                       request_seed(params.seed) if not params.greedy else None,
                       IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
-                      StopStringMatcher(params.stop), merge=merge, guided=guided, cache_salt=cache_salt)
+                      StopStringMatcher(params.stop), merge=merge, guided=guided, cache_salt=cache_salt,
+                      tenant=tenant)
         leader = self.requests.get(prefix_of) if prefix_of is not None else None
         if leader is not None and _same_prefix(leader, req):
             req.group = leader.group or leader.request_id

@@ -13,6 +13,7 @@ from loraplex.server.engine.stop import StopStringMatcher
 
 if TYPE_CHECKING:
     from loraplex.adapters.merge import MergeRecipe
+    from loraplex.server.engine.fairness import TenantSpec
     from loraplex.server.engine.guided import GuidedState
     from loraplex.server.engine.prefix_cache import KVIdentity
 
@@ -101,6 +102,9 @@ class Request:
     num_published: int = 0
     num_cached_tokens: int = 0
     counts_row: int | None = None  # its row of the engine's TokenCounts (penalties), once it first samples
+    # Its tenant as the API decided it (--tenants): fairness key and weight, and the limits the scheduler holds it
+    # to (fairness.TenantSpec); None: accounted to its adapter, weight 1.
+    tenant: TenantSpec | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -25,6 +25,14 @@ adapter unregistered after the request started cannot be acquired again, yet the
 re-admission needs no reload. A merged request (adapters/merge.py) does the same with every slot its recipe
 needs (each adapter of a linear merge, or the one virtual adapter of a ties / dare merge), acquired all or
 nothing per step, and is accounted to its own tenant, the recipe's label.
+
+Tenants (`Request.tenant`, from `--tenants`): the fairness tenant is then the customer, whatever adapters it uses,
+and its counter is divided by its weight (fairness.py). Its limits hold at admission: a request waits (skipped,
+blocking nobody else) while its tenant runs `max_concurrent` sequences, or while taking its adapters' slots would
+make the tenant hold more than `max_device_slots` distinct slots (a request that already holds its slots, a
+preempted one, is never held back by that: it is what frees them). A recipe needing more slots than its tenant's
+`max_device_slots` fails at once. Neither wait counts as blocked for the starvation gate: it is the tenant's own
+limit, and what it waits for (its own running requests) progresses.
 """
 
 from __future__ import annotations
@@ -42,6 +50,9 @@ from loraplex.server.engine.request import Request, Status
 from loraplex.server.engine.waiting_queue import WaitingQueue
 
 POLICIES = ("fair", "fcfs")
+# Verdicts of a request held back by its own tenant's limits (max_concurrent, max_device_slots): it waits, and
+# neither the starvation gate nor the rest of the queue reads them as the pool or the slots being full.
+TENANT_BUSY, TENANT_SLOTS = "tenant_busy", "tenant_slots"
 
 
 @dataclass(frozen=True)
@@ -97,6 +108,9 @@ class Scheduler:
         self.waiting = WaitingQueue()
         self.running: list[Request] = []
         self.vtc = VirtualTokenCounter()  # kept under both policies; only `fair` reads it
+        self._running_tenants: Counter[str] = Counter()  # running sequences per fairness tenant
+        # TenantSpec id -> adapter name -> how many of its requests hold a ref on that adapter's slot
+        self._tenant_slots: dict[str, Counter[str]] = {}
         self.on_preempt: Callable[[Request], None] = lambda r: None
         self._kv_preempted = False
         # Prefix cache lookups, in tokens: asked for (every admission that may reuse) and found.
@@ -104,7 +118,7 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
-        self.vtc.arrive(_tenant(request))
+        self.vtc.arrive(_tenant(request), request.tenant.weight if request.tenant is not None else 1.0)
         if request.merge is not None and request.merge.virtual:
             remember(request.merge)  # its virtual name resolves from now on (SlotTable, host loader)
         if self.adapters is not None:
@@ -181,7 +195,7 @@ class Scheduler:
     def preempt(self, req: Request) -> None:
         """Free the request's KV blocks (it keeps its adapter ref and slot); it goes back to the queue head
         and is recomputed, outputs so far kept."""
-        self.running.remove(req)
+        self._stop_running(req)
         self.pool.release(req.blocks)
         req.num_computed = req.num_published = 0
         req.status = Status.WAITING
@@ -238,7 +252,18 @@ class Scheduler:
         return [r for t, entitled in self._ranked(queues, running) if entitled for r in queues[t]]
 
     def _running_per_tenant(self) -> Counter[str]:
-        return Counter(_tenant(r) for r in self.running)
+        return Counter(self._running_tenants)  # a copy: callers count their own admissions and preemptions
+
+    def _start_running(self, req: Request) -> None:
+        self.running.append(req)
+        self._running_tenants[_tenant(req)] += 1
+
+    def _stop_running(self, req: Request) -> None:
+        self.running.remove(req)
+        tenant = _tenant(req)
+        self._running_tenants[tenant] -= 1
+        if not self._running_tenants[tenant]:
+            del self._running_tenants[tenant]
 
     def _queues(self) -> dict[str, deque[Request]]:
         """The oldest waiting requests of each tenant, at most `max_num_seqs` each (no step admits more),
@@ -279,8 +304,8 @@ class Scheduler:
                 if gate.stops(verdict, req):
                     break
                 running[tenant] += verdict == "ok"
-                if verdict in ("loading", "no_slot"):  # the tenant's other requests need the same adapter
-                    queues[tenant].clear()
+                if verdict in ("loading", "no_slot", TENANT_BUSY):
+                    _drop_blocked(queues[tenant], req, verdict)
             if not queues[tenant]:
                 del queues[tenant]
 
@@ -324,7 +349,7 @@ class Scheduler:
         if verdict != "ok":
             return verdict
         req.status, req.started, req.waiting_steps = Status.RUNNING, True, 0
-        self.running.append(req)
+        self._start_running(req)
         self.vtc.dequeue(_tenant(req))
         self._emit(out, req, req.num_computed, n)
         return "ok"
@@ -402,6 +427,9 @@ class Scheduler:
         ties / dare), acquired all or nothing each step: one still loading gives the others' refs back at once,
         so requests waiting for slots never hold any (two merges cannot deadlock on each other's halves)."""
         names = _slot_names(req)
+        held_back = self._tenant_limit(req, names, out)
+        if held_back is not None:
+            return held_back
         if not names or self.adapters is None:
             req.slot = -1
             req.kv_identity = req.kv_identity or _identity(req, ())
@@ -414,6 +442,7 @@ class Scheduler:
         got = [self.adapters.acquire(name, first=first) for name in names]
         if all(g.state is SlotState.READY for g in got):
             req.slot, req.holds_adapter = got[0].slot, True
+            self._count_slots(req, names, 1)
             if req.merge is not None:
                 req.merge_slots = tuple(g.slot for g in got)  # recipe order: what the runner weights
             req.kv_identity = _identity(req, tuple(zip(names, (g.epoch for g in got), strict=True)))
@@ -422,6 +451,42 @@ class Scheduler:
             if g.state is SlotState.READY:
                 self.adapters.release(name)
         return self._adapter_wait(req, out, names, got)
+
+    def _tenant_limit(self, req: Request, names: tuple[str, ...], out: SchedulerOutput) -> str | None:
+        """Why `req`'s own tenant's limits hold it back this step (TENANT_BUSY, TENANT_SLOTS, or 'failed' for a
+        recipe that can never fit max_device_slots, listed in out.failed), or None."""
+        spec = req.tenant
+        if spec is None:
+            return None
+        if spec.max_concurrent is not None and self._running_tenants[spec.id] >= spec.max_concurrent:
+            return TENANT_BUSY
+        if spec.max_device_slots is None or req.holds_adapter or not names:
+            return None
+        if len(names) > spec.max_device_slots:
+            out.failed.append((req, f"{req.merge.label if req.merge else names[0]} needs {len(names)} device slots "
+                                    f"at once; tenant {spec.id!r} may hold {spec.max_device_slots} "
+                                    "(its max_device_slots)"))
+            return "failed"
+        held = self._tenant_slots.get(spec.id, {})
+        if len(held) + sum(n not in held for n in names) > spec.max_device_slots:
+            return TENANT_SLOTS
+        return None
+
+    def _count_slots(self, req: Request, names: tuple[str, ...], delta: int) -> None:
+        """`req` took (1) or gave back (-1) its refs on `names`: its tenant's distinct held slots follow."""
+        if req.tenant is None:
+            return
+        held = self._tenant_slots.setdefault(req.tenant.id, Counter())
+        for name in names:
+            held[name] += delta
+            if held[name] <= 0:
+                del held[name]
+        if not held:
+            del self._tenant_slots[req.tenant.id]
+
+    def tenant_slots(self, tenant: str) -> frozenset[str]:
+        """The adapters whose slots requests of `tenant` (a TenantSpec id) hold refs on now."""
+        return frozenset(self._tenant_slots.get(tenant, ()))
 
     def _adapter_wait(self, req: Request, out: SchedulerOutput, names: tuple[str, ...], got: list[Acquired]
                       ) -> str:
@@ -444,7 +509,7 @@ class Scheduler:
     def finish(self, req: Request) -> None:
         """Remove a finished or aborted request wherever it is; its blocks and adapter ref return at once."""
         if req in self.running:
-            self.running.remove(req)
+            self._stop_running(req)
         elif req in self.waiting:
             self.waiting.remove(req)
         if req.status is not Status.FINISHED:
@@ -455,8 +520,10 @@ class Scheduler:
 
     def _release_adapter(self, req: Request) -> None:
         if req.holds_adapter and self.adapters is not None:
-            for name in _slot_names(req):
+            names = _slot_names(req)
+            for name in names:
                 self.adapters.release(name)
+            self._count_slots(req, names, -1)
         req.holds_adapter, req.slot = False, -1
         if req.merge is not None:
             req.merge_slots = ()
@@ -487,6 +554,8 @@ class _Gate:
         return self.starving and not req.holds_adapter and bool(_slot_names(req))
 
     def stops(self, verdict: str, req: Request) -> bool:
+        if verdict in (TENANT_BUSY, TENANT_SLOTS):  # its tenant's own limit: not the first blocked on slots
+            return False
         first, self._first = self._first, False
         if verdict == "no_blocks":
             return True
@@ -504,9 +573,25 @@ def _identity(req: Request, registrations: tuple[tuple[str, int], ...]) -> KVIde
 
 
 def _tenant(req: Request) -> str:
-    """The fairness tenant: its adapter, "" for the base model, a merge's recipe label ("merge:a*0.7+b*0.3"):
-    a recipe is its own tenant, charged apart from the adapters it merges."""
+    """The fairness tenant: the API's tenant when it gave one (--tenants); else its adapter, "" for the base
+    model, a merge's recipe label ("merge:a*0.7+b*0.3"): a recipe is its own tenant, charged apart from the
+    adapters it merges."""
+    if req.tenant is not None:
+        return req.tenant.id
     return req.merge.label if req.merge is not None else tenant_of(req.adapter)
+
+
+def _drop_blocked(queue: deque[Request], req: Request, verdict: str) -> None:
+    """`req` of this tenant queue could not start (`verdict`): drop this step's other requests that would fail the
+    same way: all of them when the tenant is at max_concurrent, else those needing the same slots (every one of
+    them when the tenant is one adapter, as without --tenants)."""
+    if verdict == TENANT_BUSY:
+        queue.clear()
+        return
+    names = _slot_names(req)
+    kept = [r for r in queue if _slot_names(r) != names]
+    queue.clear()
+    queue.extend(kept)
 
 
 def _slot_names(req: Request) -> tuple[str, ...]:

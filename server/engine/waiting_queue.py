@@ -1,5 +1,6 @@
 """The scheduler's waiting queue: requests in order, with O(1) membership, removal from anywhere and a count
-of the adapter names queued (the engine publishes those every step; scanning a flooded queue cost O(queue))."""
+of the adapter names and tenants queued (the engine publishes those every step; scanning a flooded queue cost
+O(queue))."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ class WaitingQueue:
     def __init__(self) -> None:
         self._items: OrderedDict[Request, None] = OrderedDict()  # Request hashes by identity (eq=False)
         self._adapters: Counter[str] = Counter()
+        self._tenants: Counter[str] = Counter()  # TenantSpec id -> its queued requests (requests that have one)
 
     def append(self, req: Request) -> None:
         self._items[req] = None
@@ -40,6 +42,10 @@ class WaitingQueue:
         """Distinct adapter names of the queued requests, sorted (O(distinct names), not O(queue))."""
         return tuple(sorted(self._adapters))
 
+    def tenant_counts(self) -> tuple[tuple[str, int], ...]:
+        """(tenant id, queued requests) per tenant with a request queued, sorted (O(tenants))."""
+        return tuple(sorted(self._tenants.items()))
+
     def __contains__(self, req: object) -> bool:
         return req in self._items
 
@@ -54,6 +60,12 @@ class WaitingQueue:
 
     def _count(self, req: Request, delta: int) -> None:
         if req.adapter:
-            self._adapters[req.adapter] += delta
-            if not self._adapters[req.adapter]:
-                del self._adapters[req.adapter]
+            _add(self._adapters, req.adapter, delta)
+        if req.tenant is not None:
+            _add(self._tenants, req.tenant.id, delta)
+
+
+def _add(counts: Counter[str], key: str, delta: int) -> None:
+    counts[key] += delta
+    if not counts[key]:
+        del counts[key]

@@ -15,8 +15,10 @@ Because the fake forward is batch-invariant, a greedy request's tokens are a pur
 KV identity (`reference_tokens`): the oracle a real model cannot give cheaply.
 
 A scenario (`Scenario`) is drawn from a stream of integers (`Draws`): a `random.Random(seed)` for the seeded
-runs, or hypothesis' data for shrinking. It holds the engine's limits and a script of events per step:
-arrivals (base, adapters, linear and ties merges, n > 1, prompt logprobs, stops, structured output, seeds),
+runs, or hypothesis' data for shrinking. It holds the engine's limits (and, in some, tenants as `--tenants`
+makes them: weights, max_device_slots, max_concurrent) and a script of events per step:
+arrivals (base, adapters, linear and ties merges, n > 1, prompt logprobs, stops, structured output, seeds, a
+tenant),
 aborts, admin commands (register, delete, replace with other weights, pin, unpin) and injected faults (a
 read that fails, a slot copy that fails, a forward that raises, a sampler that raises on one row).
 
@@ -50,6 +52,7 @@ from loraplex.adapters.weights import AdapterWeights
 from loraplex.server.config import LoRAConfig
 from loraplex.server.engine.block_pool import BlockPool
 from loraplex.server.engine.engine import EngineConfig, EngineParts, LLMEngine, RequestRejected
+from loraplex.server.engine.fairness import TenantSpec
 from loraplex.server.engine.guided import GuidedCompiler, GuidedSpec
 from loraplex.server.engine.model_runner import RunnerOutput
 from loraplex.server.engine.request import RequestOutput, Status
@@ -179,6 +182,7 @@ class SimConfig:
     max_cpu_loras: int
     max_load_delay: int
     prefix_caching: bool = True
+    tenants: tuple[TenantSpec, ...] = ()  # as --tenants makes them; empty: each adapter is its own tenant
 
 
 @dataclass(frozen=True)
@@ -212,6 +216,7 @@ class Arrival:
     params: SamplingParams
     n: int = 1
     cache_salt: str | None = None
+    tenant: str | None = None  # one of SimConfig.tenants' ids
 
 
 @dataclass(frozen=True)
@@ -227,7 +232,7 @@ class Event:
             return (f"@{self.step} arrive {a.rid} n={a.n} {a.target} prompt={len(a.prompt)} "
                     f"max_tokens={a.params.max_tokens}{' greedy' if a.params.greedy else ''}"
                     f"{' guided' if a.params.guided else ''}{' plp' if a.params.prompt_logprobs is not None else ''}"
-                    f"{' stop' if a.params.stop else ''}")
+                    f"{' stop' if a.params.stop else ''}{' tenant=' + a.tenant if a.tenant else ''}")
         return f"@{self.step} {self.kind} {self.name}".rstrip()
 
 
@@ -300,7 +305,13 @@ def _draw_config(d: Draws) -> SimConfig:
         max_cpu_loras=d.int(3, 5),
         max_load_delay=d.int(0, 3),
         prefix_caching=d.chance(80),
+        tenants=_draw_tenants(d) if d.chance(40) else (),
     )
+
+
+def _draw_tenants(d: Draws) -> tuple[TenantSpec, ...]:
+    return tuple(TenantSpec(f"t{i}", weight=d.pick((1.0, 1.0, 2.0, 3.0)), max_device_slots=d.pick((None, 1, 1, 2)),
+                            max_concurrent=d.pick((None, None, 1, 2, 3))) for i in range(d.int(1, 3)))
 
 
 SHARED_PREFIXES = 3  # prompts often start with one of a few seeded "system prompts": prefix-cache hits
@@ -314,7 +325,8 @@ def _draw_arrival(d: Draws, rid: str, cfg: SimConfig, registered: list[str], voc
     prompt = tuple(head + [d.int(5, vocab_size - 1) for _ in range(prompt_len - len(head))])
     params = _draw_params(d, cfg.max_model_len - prompt_len)
     n = d.pick((1, 1, 1, 1, 2, 3)) if params.max_tokens > 0 else 1
-    return Arrival(rid, prompt, target, params, n, cache_salt=d.pick((None, None, None, "t1", "t2")))
+    tenant = d.pick(cfg.tenants).id if cfg.tenants else None
+    return Arrival(rid, prompt, target, params, n, cache_salt=d.pick((None, None, None, "t1", "t2")), tenant=tenant)
 
 
 def _draw_target(d: Draws, registered: list[str]) -> Target:
@@ -638,6 +650,7 @@ class Simulation:
             result = self.engine.step()
             self._collect(result.outputs)
             self._check_step()
+            self._check_tenant_limits()
             self._check_progress(result)
         raise SimViolation(f"ran {max_steps} steps")
 
@@ -703,6 +716,7 @@ class Simulation:
             return
         kvid = self.world.kvid(a.target)
         recipe = a.target.recipe()
+        tenant = next((t for t in self.scenario.config.tenants if t.id == a.tenant), None)
         for i in range(a.n):
             rid = _choice_id(a.rid, i)
             seeded = i and a.params.seed is not None
@@ -710,7 +724,8 @@ class Simulation:
             self.world.expected[rid] = kvid
             try:
                 self.engine.add_request(rid, list(a.prompt), params, a.target.adapter, recipe,
-                                        prefix_of=_choice_id(a.rid, 0) if i else None, cache_salt=a.cache_salt)
+                                        prefix_of=_choice_id(a.rid, 0) if i else None, cache_salt=a.cache_salt,
+                                        tenant=tenant)
             except RequestRejected:
                 self.report.rejected += 1
                 return
@@ -763,6 +778,25 @@ class Simulation:
         unfinished = [rid for rid, t in self.tracked.items() if not t.finished and rid not in engine.requests]
         if unfinished:
             raise SimViolation(f"step {step}: {unfinished} left the engine without a final output")
+
+    def _check_tenant_limits(self) -> None:
+        """Each tenant runs at most max_concurrent sequences, and its requests hold refs on at most
+        max_device_slots distinct slots (held strictly: also while nobody else waits, so also while others do)."""
+        step, sched = self.world.step, self.engine.scheduler
+        for spec in self.scenario.config.tenants:
+            mine = [r for r in self.engine.requests.values() if r.tenant is not None and r.tenant.id == spec.id]
+            running = sum(r.status is Status.RUNNING for r in mine)
+            if spec.max_concurrent is not None and running > spec.max_concurrent:
+                raise SimViolation(f"step {step}: tenant {spec.id} runs {running} > max_concurrent "
+                                   f"{spec.max_concurrent}")
+            held = {n for r in mine if r.holds_adapter
+                    for n in (r.merge.slot_names if r.merge is not None else (r.adapter,))}
+            if held != sched.tenant_slots(spec.id):
+                raise SimViolation(f"step {step}: tenant {spec.id} holds {sorted(held)}, the scheduler counts "
+                                   f"{sorted(sched.tenant_slots(spec.id))}")
+            if spec.max_device_slots is not None and len(held) > spec.max_device_slots:
+                raise SimViolation(f"step {step}: tenant {spec.id} holds slots of {sorted(held)}, more than "
+                                   f"max_device_slots {spec.max_device_slots}")
 
     def _check_idle(self) -> None:
         engine = self.engine
