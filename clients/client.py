@@ -219,7 +219,8 @@ class _Base:
         self._api_key, self._admin_key = api_key, admin_key
 
     def _headers(self, call: _Call[Any]) -> dict[str, str]:
-        key = self._admin_key if call.admin else self._api_key
+        # Either key where the other is not given: one key may open every route (a tenant's, or --api-key alone).
+        key = (self._admin_key or self._api_key) if call.admin else (self._api_key or self._admin_key)
         return {"Authorization": f"Bearer {key}"} if key else {}
 
 

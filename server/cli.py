@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -94,8 +96,13 @@ FLAGS: tuple[tuple[str, type, object, str], ...] = (
     ("--served-model-name", str, _default(ModelConfig, "served_model_name"),
      "name of the base model in the API (unset: the model dir's name, a GGUF file's stem, or "
      "smollm2-135m-instruct for the demo)"),
-    ("--api-key", str, _default(ServerConfig, "api_key"), "required on generation routes when set"),
-    ("--admin-key", str, _default(ServerConfig, "admin_key"), "required on adapter registration routes when set"),
+    ("--api-key", str, _default(ServerConfig, "api_key"),
+     "required on every route but /health, /ready, /metrics when set (with --admin-key: on generation routes)"),
+    ("--admin-key", str, _default(ServerConfig, "admin_key"),
+     "required on the adapter routes and /v1/usage when set; with --tenants, the operator's key (every route)"),
+    ("--tenants", str, _default(ServerConfig, "tenants"),
+     "TOML file of tenants: keys, adapter access, weights, quotas (reloaded on SIGHUP and when it changes)"),
+    ("--metrics-key", str, _default(ServerConfig, "metrics_key"), "required on /metrics when set"),
     ("--max-queue", int, _default(ServerConfig, "max_queue"),
      "in-flight requests admitted before answering 429 (one adapter may hold 3/4)"),
     ("--max-body-bytes", int, _default(ServerConfig, "max_body_bytes"), "largest JSON request body"),
@@ -185,6 +192,7 @@ def configs_from_args(args: argparse.Namespace) -> RuntimeConfig:
     server = ServerConfig(
         host=args.host, port=args.port, adapter_root=Path(args.adapter_root) if args.adapter_root else None,
         state_dir=Path(args.state_dir), api_key=args.api_key, admin_key=args.admin_key, preload=tuple(preload),
+        metrics_key=args.metrics_key, tenants=Path(args.tenants) if args.tenants else None,
         max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, max_upload_bytes=args.max_upload_bytes,
         s3_endpoint=args.s3_endpoint, registry=args.registry, registry_poll_s=args.registry_poll_seconds,
         drain_timeout_s=args.drain_timeout, s3_timeout_s=args.s3_timeout,
@@ -230,6 +238,21 @@ def _draining_server(config: object, runtime: Runtime) -> object:
     return DrainingServer(config, runtime)
 
 
+def _warn_if_open(server: ServerConfig) -> None:
+    """Say so when anyone who reaches a non-loopback address may use the server with no key at all."""
+    if server.api_key or server.admin_key or server.tenants or _loopback(server.host):
+        return
+    log.warning("listening on %s with no --api-key, --admin-key or --tenants: anyone who reaches the port may "
+                "generate, register and delete adapters", server.host)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve-ray"]:
@@ -253,10 +276,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from loraplex.server.api.connections import ensure_fd_room, guarded_protocol
     from loraplex.server.runtime import Runtime
 
-    if config.server.api_key and not config.server.admin_key:
-        log.warning("--api-key is set but --admin-key is not: the adapter admin routes (register, delete) are open "
-                    "to anyone who can reach the port")
-    runtime = Runtime(config)
+    _warn_if_open(config.server)
+    try:
+        runtime = Runtime(config)  # reads --tenants: an unusable file stops here, naming its line
+    except ValueError as exc:
+        parser.error(f"--tenants: {exc}")
+    if runtime.tenants is not None:
+        log.info("tenants from %s: %s", config.server.tenants, ", ".join(runtime.tenants.table.names()) or "none")
+        signal.signal(signal.SIGHUP, lambda sig, frame: runtime.tenants.request_reload())
     app = create_app(runtime)
     limits = config.server.connections
     ensure_fd_room(limits.max_connections)

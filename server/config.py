@@ -88,6 +88,8 @@ class ServerConfig:
     state_dir: Path = Path("state")
     api_key: str | None = None
     admin_key: str | None = None
+    metrics_key: str | None = None  # guards /metrics when set (the admin key works there too)
+    tenants: Path | None = None  # --tenants: the tenants file (server/tenants.py); its keys replace --api-key
     preload: tuple[tuple[str, str], ...] = ()
     # The built-in demo's adapters (set by server/demo.py, not a flag): registered from this folder as copies,
     # outside --adapter-root's confinement, which stays off unless the user sets it.
@@ -110,5 +112,8 @@ class ServerConfig:
                  f"expected s3://bucket/prefix (unset: the registry in --state-dir), got {self.registry!r}")
         _require(self.registry_poll_s > 0, "--registry-poll-seconds", "must be > 0")
         _require(self.s3_timeout_s > 0, "--s3-timeout", "must be > 0 seconds")
+        _require(self.tenants is None or not self.api_key, "--api-key",
+                 "cannot be combined with --tenants: give that key to a tenant in the file (--admin-key stays the "
+                 "operator's key)")
         for name, path in self.preload:
             _require(bool(name) and bool(path), "--preload", f"expects NAME=PATH, got {name}={path}")

@@ -22,6 +22,7 @@ from loraplex.adapters.merge import is_virtual
 from loraplex.adapters.slot_table import AdapterSnapshot
 from loraplex.server.engine.async_engine import EngineSnapshot
 from loraplex.server.engine.request import StepStats
+from loraplex.server.usage import TenantUsage
 
 if TYPE_CHECKING:
     from loraplex.server.runtime import Runtime
@@ -133,6 +134,34 @@ class _StateCollector(Collector):
         yield from _prefix_cache_metrics(snap)
         yield from self._adapter_metrics(client.adapters if client is not None else None, snap)
         yield from self._registry_metrics()
+        yield from self._tenant_metrics()
+
+    def _tenant_metrics(self) -> Iterator:
+        """Per tenant (the tenants file's, the operator; "default" without one), from the usage book /v1/usage
+        reads too: label sets are bounded by the file."""
+        rt = self.runtime
+        book, names, depths = rt.usage.snapshot(), rt.tenant_names(), rt.queue_depths()
+        families = {
+            "requests": CounterMetricFamily("loraplex_tenant_requests", "Finished generation requests per tenant "
+                                            "and HTTP status (refusals included)", labels=["tenant", "status"]),
+            "tokens": CounterMetricFamily("loraplex_tenant_tokens", "Tokens per tenant: prompt, cached (prompt "
+                                          "tokens found in the prefix cache), output", labels=["tenant", "kind"]),
+            "throttled": CounterMetricFamily("loraplex_tenant_throttled", "Requests refused per tenant by the quota "
+                                             "that refused them", labels=["tenant", "quota"]),
+        }
+        depth = GaugeMetricFamily("loraplex_tenant_queue_depth", "Requests each tenant has waiting in the engine",
+                                  labels=["tenant"])
+        for name in names:
+            usage = book.get(name, TenantUsage())
+            for kind, family in families.items():
+                for label, value in sorted(getattr(usage, kind).items()):
+                    family.add_metric([name, label], value)
+            depth.add_metric([name], depths.get(name, 0))
+        yield from families.values()
+        yield depth
+        if rt.tenants is not None:
+            yield CounterMetricFamily("loraplex_tenants_reload_errors", "Tenants file reloads that failed (the "
+                                      "previous tenants stayed in use)", value=rt.tenants.reload_errors)
 
     def _registry_metrics(self) -> Iterator:
         """With a shared registry: how its polls went, and how stale this replica's view may be."""

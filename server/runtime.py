@@ -19,6 +19,7 @@ from loraplex.adapters.registry_poller import RegistryPoller
 from loraplex.adapters.slot_table import SlotTable
 from loraplex.adapters.sources.base import ADAPTER_FILES
 from loraplex.adapters.store import AdapterStore, StoreConfig
+from loraplex.server.api.quotas import TenantQuotas
 from loraplex.server.config import ModelConfig, ServerConfig
 from loraplex.server.demo import DEMO_ADAPTERS, DEMO_MODEL_NAME
 from loraplex.server.engine.async_engine import AsyncEngine
@@ -26,6 +27,8 @@ from loraplex.server.engine.engine import EngineConfig, LLMEngine
 from loraplex.server.generation_config import sampling_defaults
 from loraplex.server.metrics import Metrics
 from loraplex.server.model_loader import LoadedModel, load_model
+from loraplex.server.tenants import DEFAULT, OPERATOR, TenantDirectory, TenantTable, key_digest
+from loraplex.server.usage import UsageBook
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,14 @@ class Runtime:
         self.engine: AsyncEngine | None = None
         self.store: AdapterStore | None = None
         self.poller: RegistryPoller | None = None  # with a shared registry (--registry s3://…)
+        # --tenants: the table in use (reloaded on SIGHUP and when the file changes); ValueError naming the file and
+        # line when it is unusable at start. Metering and quotas are kept per tenant ("default" without a file).
+        self.tenants = (TenantDirectory(config.server.tenants, _reserved_digests(config.server))
+                        if config.server.tenants is not None else None)
+        self.usage = UsageBook()
+        self.quotas = TenantQuotas(self.usage)
+        if self.tenants is not None:
+            self.tenants.on_change = self._tenants_changed
         self.metrics = Metrics(self)
         self.load_error: str | None = None
         self.fatal_error: str | None = None  # set once the process cannot serve any more (it then exits)
@@ -81,6 +92,8 @@ class Runtime:
             self.fatal(f"the model failed to load: {self.load_error}")
             return
         log.info("ready in %.1fs", time.perf_counter() - t0)
+        if self.tenants is not None:
+            self.tenants.start()
 
     def _load(self) -> None:
         cfg = self.config
@@ -182,43 +195,75 @@ class Runtime:
                 self.store.sync()
         log.info("demo adapters from %s: %s", root, ", ".join(DEMO_ADAPTERS))
 
+    def _tenants_changed(self, old: TenantTable, new: TenantTable) -> None:
+        """A reload: forget what removed tenants left (bounded memory and label sets); requests in flight finish."""
+        keep = (*new.names(), OPERATOR)
+        self.quotas.keep_only(keep)
+        self.usage.keep_only(keep)
+
+    def tenant_names(self) -> list[str]:
+        """Every tenant metering may hold: the file's and the operator, or "default" without a file."""
+        return [*self.tenants.table.names(), OPERATOR] if self.tenants is not None else [DEFAULT]
+
+    def queue_depths(self) -> dict[str, int]:
+        """Requests each tenant has waiting in the engine (the snapshot the engine thread published last)."""
+        if self.engine is None:
+            return {}
+        snap = self.engine.snapshot
+        return dict(snap.waiting_tenants) if self.tenants is not None else {DEFAULT: snap.waiting}
+
     def start_loading(self) -> threading.Thread:
         thread = threading.Thread(target=self.load, name="loraplex-load", daemon=True)
         thread.start()
         return thread
 
     def shutdown(self) -> None:
+        if self.tenants is not None:
+            self.tenants.stop()
         if self.poller is not None:
             self.poller.stop()
         if self.engine is not None:
             self.engine.stop()
 
     # ---- admission -------------------------------------------------------------------------------
-    def try_admit(self, adapter: str | None, weight: int = 1) -> str | None:
-        """Count `weight` more in-flight sequences for `adapter` (None: the base model), all or none; None when
-        admitted, else why not (-> 429). One adapter may hold at most `adapter_queue_limit` of the --max-queue
-        slots, so a tenant flooding the server cannot lock the others out at the door."""
+    def try_admit(self, adapter: str | None, weight: int = 1, tenant: str | None = None) -> str | None:
+        """Count `weight` more in-flight sequences for `adapter` (None: the base model), or for `tenant` when given
+        (--tenants: a customer's share, whatever adapters it uses), all or none; None when admitted, else why not
+        (-> 429). One adapter (tenant) may hold at most `adapter_queue_limit` of the --max-queue slots, so a
+        tenant flooding the server cannot lock the others out at the door."""
         limit = self.config.server.max_queue
         per_adapter = adapter_queue_limit(limit)
-        tenant = adapter or ""
+        holder = _holder(adapter, tenant)
         with self._admit_lock:
             if self.active_requests + weight > limit:
                 return f"the server is at capacity ({self.active_requests} requests in flight, --max-queue {limit})"
-            if self._in_flight.get(tenant, 0) + weight > per_adapter:
-                return (f"{'adapter ' + repr(adapter) if adapter else 'the base model'} has "
-                        f"{self._in_flight.get(tenant, 0)} requests in flight and this one needs {weight} more; one "
-                        f"adapter may hold {per_adapter} of --max-queue {limit} (the rest is kept for other adapters)")
+            if self._in_flight.get(holder, 0) + weight > per_adapter:
+                who, kind = ((f"tenant {tenant!r}", "tenant") if tenant is not None else
+                             ("adapter " + repr(adapter) if adapter else "the base model", "adapter"))
+                return (f"{who} has {self._in_flight.get(holder, 0)} requests in flight and this one needs {weight} "
+                        f"more; one {kind} may hold {per_adapter} of --max-queue {limit} (the rest is kept for other "
+                        f"{kind}s)")
             self.active_requests += weight
-            self._in_flight[tenant] = self._in_flight.get(tenant, 0) + weight
+            self._in_flight[holder] = self._in_flight.get(holder, 0) + weight
             return None
 
-    def release(self, adapter: str | None) -> None:
-        tenant = adapter or ""
+    def release(self, adapter: str | None, tenant: str | None = None) -> None:
+        tenant = _holder(adapter, tenant)
         with self._admit_lock:
             self.active_requests -= 1
             self._in_flight[tenant] -= 1
             if not self._in_flight[tenant]:
                 del self._in_flight[tenant]  # bounded by the adapters with requests in flight
+
+
+def _holder(adapter: str | None, tenant: str | None) -> str:
+    """Whose share of --max-queue a sequence counts against: its tenant's (--tenants), else its adapter's."""
+    return "tenant:" + tenant if tenant is not None else adapter or ""
+
+
+def _reserved_digests(server: ServerConfig) -> tuple[bytes, ...]:
+    """Key digests no tenant may have: the operator's."""
+    return (key_digest(server.admin_key),) if server.admin_key else ()
 
 
 def declared_context_len(loaded: LoadedModel) -> int | None:

@@ -14,6 +14,7 @@ from loraplex.server.api import (
     routes_testing,
     routes_tgi,
     routes_tokenize,
+    routes_usage,
 )
 from loraplex.server.api.errors import install_error_handlers
 from loraplex.server.api.limits import BodySizeLimit
@@ -33,7 +34,7 @@ def create_app(runtime: Runtime, *, load_in_background: bool = True) -> FastAPI:
     app = FastAPI(title="loraplex", version=routes_tokenize.server_version(), lifespan=lifespan)
     app.state.runtime = runtime
     install_error_handlers(app)
-    for module in (routes_health, routes_openai, routes_tgi, routes_adapters, routes_tokenize):
+    for module in (routes_health, routes_openai, routes_tgi, routes_adapters, routes_tokenize, routes_usage):
         app.include_router(module.router)
     if routes_testing.enabled():
         app.include_router(routes_testing.router)

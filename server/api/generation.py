@@ -4,7 +4,13 @@ Every generation request goes through the same checks, cheapest and most specifi
 holds an admission slot until the request is known to be runnable:
 
     auth (dependency, 401) → ready / draining (dependency, 503) → body schema (422)
-    → adapter (404) → prompt (422 / 400) → fits the context (400) → admission (429, Retry-After) → run
+    → adapter (404; also for one its tenant may not use, byte for byte) → prompt (422 / 400) → fits the context
+    (400) → the tenant's quotas, then admission (429, Retry-After) → run
+
+The caller's tenant (auth.caller: a tenant of --tenants, the operator, or everyone) rides on the request: the
+engine gets its TenantSpec (fairness, weight, max_device_slots, max_concurrent), its prompt-cache salt is its own
+(tenants never share cached KV blocks, so one cannot time another's prompts), and its quotas and usage book are
+charged: prompt tokens at admission, output tokens as they are produced.
 
 After admission a `Generation` owns the request. Whatever ends it — the last token, an engine error, the
 client going away — `Generation.aclose()` runs exactly once: the engine request is aborted if it is still
@@ -39,6 +45,7 @@ from loraplex.server.engine.engine import RequestRejected
 from loraplex.server.engine.request import RequestOutput, TokenLogprob
 from loraplex.server.engine.sampling_params import SamplingParams
 from loraplex.server.runtime import Runtime
+from loraplex.server.tenants import EVERYONE, Tenant
 
 if TYPE_CHECKING:
     from loraplex.adapters.merge import MergeRecipe
@@ -80,28 +87,41 @@ def check_loaded(rt: Runtime) -> None:
         raise ApiError(503, "the model is still loading; retry shortly", headers={"Retry-After": "5"})
 
 
-def admit(rt: Runtime, adapter: str | None, weight: int = 1, what: str = "", param: str | None = None) -> None:
-    """Take `weight` admission slots (one per sequence the request runs: prompts x best_of/n) or answer: 400 when
-    one request asks for more than it may ever hold (limits.request_limit; a 429 would be retried forever), 429
-    when the slots are taken now. The caller releases each (Generation.aclose does, one per choice)."""
+def admit(rt: Runtime, plans: Sequence[GenerationRequest], what: str = "", param: str | None = None) -> None:
+    """Take one admission slot per sequence the request runs (`plans`: prompts x best_of/n) or answer: 400 when
+    one request asks for more than it may ever hold (limits.request_limit, the tenant's max_concurrent +
+    max_queued; a 429 would be retried forever), 429 when its tenant is over a quota or the slots are taken now.
+    The caller releases each (Generation.aclose does, one per choice)."""
     check_ready(rt)  # draining may have begun while the request was being prepared
+    weight, tenant, adapter = len(plans), plans[0].tenant, plans[0].adapter
     too_heavy = check_request_weight(rt.config.server.max_queue, weight, what)
+    cap = tenant.limits.max_in_flight
+    if too_heavy is None and cap is not None and weight > cap:
+        too_heavy = (f"this request runs {weight} sequences ({what}); tenant {tenant.name!r} may have at most {cap} "
+                     "in flight (its max_concurrent + max_queued)")
     if too_heavy is not None:
         raise ApiError(400, too_heavy, param=param)
-    refused = rt.try_admit(adapter, weight)
+    prompt_tokens = sum(len(p.prompt_ids) for p in plans if p.prefix_of is None)
+    holder = tenant.name if rt.tenants is not None else None
+    refused = rt.quotas.admit(tenant, weight, prompt_tokens, lambda: rt.try_admit(adapter, weight, holder))
     if refused is not None:
-        raise ApiError(429, f"{refused}; retry after {RETRY_AFTER_S}s", headers={"Retry-After": str(RETRY_AFTER_S)})
+        wait = refused.retry_after_s
+        message = refused.message if refused.quota != "max_queue" else f"{refused.message}; retry after {wait}s"
+        raise ApiError(refused.status, message, headers={"Retry-After": str(wait)})
 
 
 @contextlib.contextmanager
-def recorded_rejections(rt: Runtime, endpoint: str, model: str | None, arrival: float) -> Iterator[None]:
-    """Count requests refused while being prepared (404/400/422/429/503) in the metrics, then re-raise."""
+def recorded_rejections(rt: Runtime, endpoint: str, model: str | None, arrival: float, tenant: Tenant = EVERYONE
+                        ) -> Iterator[None]:
+    """Count requests refused while being prepared (404/400/422/429/503) in the metrics and the tenant's usage,
+    then re-raise."""
     try:
         yield
     except (ApiError, AdapterError, RequestRejected) as exc:
         status = exc.status if isinstance(exc, ApiError | AdapterError) else 400
         rt.metrics.record_request(endpoint=endpoint, adapter=model, status=status,
                                   latency_s=time.perf_counter() - arrival)
+        rt.usage.request(tenant.name, status)
         raise
 
 
@@ -120,14 +140,15 @@ def quote(name: str) -> str:
     return repr(name if len(name) <= _MAX_QUOTED else name[:_MAX_QUOTED] + "...")
 
 
-def resolve_adapter(rt: Runtime, name: str | None, *, param: str, empty_is_base: bool) -> str | None:
+def resolve_adapter(rt: Runtime, name: str | None, *, param: str, empty_is_base: bool, tenant: Tenant = EVERYONE
+                    ) -> str | None:
     """The adapter to run, or None for the base model: `name` is the served base name or a registered
-    adapter (`empty_is_base`: None / "" also mean the base, as TGI's `adapter_id` does)."""
-    if (name is None or name == "") and empty_is_base:
-        return None
-    if name == rt.served_model_name:
-        return None
-    if name is not None and rt.store is not None and name in rt.store:
+    adapter (`empty_is_base`: None / "" also mean the base, as TGI's `adapter_id` does). One `tenant` may not use
+    is answered exactly as one that does not exist (the same 404, byte for byte): nothing tells them apart."""
+    if (name is None or name == "") and empty_is_base or name == rt.served_model_name:
+        if tenant.may_use(None):
+            return None
+    elif name is not None and rt.store is not None and name in rt.store and tenant.may_use(name):
         return name
     raise ApiError(404, f"{param} {quote(name or '')} not found: it is neither the served base model "
                         f"{rt.served_model_name!r} nor a registered adapter (see GET /v1/models)", param=param)
@@ -186,9 +207,11 @@ def check_token_ids(rt: Runtime, ids: Sequence[int], *, param: str) -> list[int]
 
 
 def resolve_merge(rt: Runtime, model: str | None, adapters: Sequence[Any] | None, strategy: str, density: float,
-                  majority_sign_method: str, *, param: str = "adapters") -> MergeRecipe | None:
+                  majority_sign_method: str, *, param: str = "adapters", tenant: Tenant = EVERYONE
+                  ) -> MergeRecipe | None:
     """The merge recipe a request names (LoRAX's per-request merging), or None. The request's model must then
-    be the base model; every adapter must be registered (404); the recipe must fit the device slots (400)."""
+    be the base model; every adapter must be registered and one `tenant` may use (404); the recipe must fit the
+    device slots and the tenant's max_device_slots (400)."""
     if not adapters:
         return None
     from loraplex.adapters.merge import MergeRecipe, check_recipe
@@ -196,7 +219,7 @@ def resolve_merge(rt: Runtime, model: str | None, adapters: Sequence[Any] | None
     if model not in (None, "", rt.served_model_name):
         raise ApiError(400, f"with {param}, the model must be the base model {rt.served_model_name!r} (the adapters "
                             f"to merge are listed in {param}), got {quote(model)}", param="model")
-    names = [_merged_adapter(rt, a.name, f"{param}.{i}.name") for i, a in enumerate(adapters)]
+    names = [_merged_adapter(rt, a.name, f"{param}.{i}.name", tenant) for i, a in enumerate(adapters)]
     try:
         recipe = MergeRecipe(tuple(zip(names, (float(a.weight) for a in adapters), strict=True)), strategy,
                              density, majority_sign_method)
@@ -205,14 +228,19 @@ def resolve_merge(rt: Runtime, model: str | None, adapters: Sequence[Any] | None
         field = getattr(exc, "field", "adapters")
         where = param + field.removeprefix("adapters") if field.startswith("adapters") else field
         raise ApiError(400, str(exc), param=where) from exc
+    slots = tenant.limits.max_device_slots
+    if slots is not None and len(recipe.slot_names) > slots:
+        raise ApiError(400, f"a linear merge of {len(recipe.slot_names)} adapters needs as many device slots at once; "
+                            f"tenant {tenant.name!r} may hold {slots} (its max_device_slots): use fewer adapters, or a "
+                            "ties / dare strategy, which merges into one slot", param=param)
     if recipe.virtual and recipe.virtual_name not in rt.engine.adapters.adapters:
         log.info("%s merge of %s: not computed yet; this request's first step waits while it is computed from the "
                  "adapters' weights (off the engine thread; later requests reuse it)", strategy, ", ".join(names))
     return recipe
 
 
-def _merged_adapter(rt: Runtime, name: str, param: str) -> str:
-    adapter = resolve_adapter(rt, name, param=param, empty_is_base=False)
+def _merged_adapter(rt: Runtime, name: str, param: str, tenant: Tenant) -> str:
+    adapter = resolve_adapter(rt, name, param=param, empty_is_base=False, tenant=tenant)
     if adapter is None:
         raise ApiError(400, f"{param}: {quote(name)} is the base model, not an adapter to merge", param=param)
     return adapter
@@ -275,6 +303,7 @@ class GenerationRequest:
     prefix_of: str | None = None  # another choice of the same HTTP request whose prompt blocks it shares
     counted: bool = True  # counted as an HTTP request in the metrics (the extra choices of n > 1 are not)
     cache_salt: str | None = None  # prefix-cache blocks are shared only between requests with the same salt
+    tenant: Tenant = EVERYONE  # who sent it (auth.caller)
 
 
 def plan_choices(rt: Runtime, req: GenerationRequest, count: int) -> list[GenerationRequest]:
@@ -291,7 +320,7 @@ def start_planned(rt: Runtime, plans: Sequence[GenerationRequest], what: str, pa
                   ) -> list[Generation]:
     """Admit every planned sequence of one HTTP request at once (its weight is their number; `what` says where the
     number comes from, for the 400), then start them all."""
-    admit(rt, plans[0].adapter, len(plans), what, param)
+    admit(rt, plans, what, param)
     return [Generation(rt, plan) for plan in plans]  # nothing here can fail: each releases its slot on close
 
 
@@ -375,8 +404,11 @@ class Generation:
 
     def __init__(self, rt: Runtime, req: GenerationRequest) -> None:
         self.rt, self.req = rt, req
+        tenants = rt.tenants is not None
         self._outs = rt.engine.generate(list(req.prompt_ids), req.params, req.adapter, req.request_id,
-                                        merge=req.merge, prefix_of=req.prefix_of, cache_salt=req.cache_salt)
+                                        merge=req.merge, prefix_of=req.prefix_of,
+                                        cache_salt=tenant_salt(req.tenant, req.cache_salt) if tenants else
+                                        req.cache_salt, tenant=req.tenant.spec() if tenants else None)
         self.token_ids: list[int] = []
         self.token_texts: list[str] = []  # text emitted with each token (a held partial char comes later)
         self.token_logprobs: list[float | None] = []  # None while the engine reports no logprobs
@@ -405,6 +437,8 @@ class Generation:
 
     def _observe(self, out: RequestOutput) -> None:
         if out.new_token_ids:
+            self.rt.quotas.charge_output(self.req.tenant.name, len(out.new_token_ids))
+            self.rt.usage.tokens(self.req.tenant.name, "output", len(out.new_token_ids))
             now = time.perf_counter()
             self._first_token_at = self._first_token_at or now
             self._last_token_at = now
@@ -452,7 +486,9 @@ class Generation:
         try:
             await self._outs.aclose()  # unfinished: the engine aborts the request and frees its KV blocks
         finally:
-            self.rt.release(self.req.adapter)
+            tenant = self.req.tenant.name
+            self.rt.release(self.req.adapter, tenant if self.rt.tenants is not None else None)
+            self.rt.quotas.release(tenant)
             self._record()
 
     def _record(self) -> None:
@@ -464,6 +500,18 @@ class Generation:
             ttft_s=first - self.req.arrival if first is not None else None,
             tpot_s=(last - first) / (n - 1) if first is not None and last is not None and n > 1 else None,
             prompt_tokens=self.num_prompt_tokens, generation_tokens=n, count_request=self.req.counted)
+        usage, tenant = self.rt.usage, self.req.tenant.name
+        if self.req.counted:
+            usage.request(tenant, self.status)
+        if self.req.prefix_of is None:  # a prompt counts once, whatever its n (as the response's usage does)
+            usage.tokens(tenant, "prompt", self.num_prompt_tokens)
+            usage.tokens(tenant, "cached", self.num_cached_tokens)
+
+
+def tenant_salt(tenant: Tenant, salt: str | None) -> str:
+    """The prefix-cache salt of a tenant's request: its own name first, so two tenants never share cached blocks
+    (a hit is faster: sharing would let one learn another's prompts by timing), then the request's own salt."""
+    return f"tenant={tenant.name}|{salt or ''}"
 
 
 def token_logprobs(out: RequestOutput) -> list[float | None]:

@@ -1,5 +1,6 @@
 """Limits at the door: the request body's size (a pure ASGI middleware: checks Content-Length and counts streamed
-bytes), and how many admission slots one request may take.
+bytes; a route may lower the limit before it reads the body, as uploads do for a tenant's max_upload_bytes), and
+how many admission slots one request may take.
 
 Admission (Runtime.try_admit) counts sequences, not HTTP requests: a request weighs its prompts x best_of (or n),
 since each runs as one sequence. One adapter (the base model included) may hold 3/4 of --max-queue, and one request
@@ -11,9 +12,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
 
 from loraplex.server.runtime import adapter_queue_limit
 
@@ -42,8 +45,39 @@ class BodyTooLarge(HTTPException):
     reader passes it through (it turns any other error into 400 "There was an error parsing the body") and the
     app's handler answers 413 in the caller's dialect."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"request body exceeds the limit of {limit} bytes")
+    def __init__(self, message: str) -> None:
+        super().__init__(413, message)
+
+
+@dataclass
+class BodyBudget:
+    """The byte limit of one request's body, in its ASGI scope (`BODY_BUDGET`): the middleware counts against it,
+    a route may lower it before reading the body. `message` says what the limit is; `on_exceeded` (once) records
+    who went over."""
+
+    limit: int
+    message: str
+    on_exceeded: Callable[[], None] = lambda: None
+
+
+BODY_BUDGET = "loraplex.body_budget"
+
+
+def _default_message(limit: int) -> str:
+    return f"request body exceeds the limit of {limit} bytes"
+
+
+def lower_body_limit(request: Request, limit: int, message: str, on_exceeded: Callable[[], None]) -> None:
+    """Hold the rest of this request's body to `limit` bytes (when lower than its current limit): 413 with
+    `message` at once when its Content-Length says more, else as soon as the bytes read pass it."""
+    budget: BodyBudget | None = request.scope.get(BODY_BUDGET)
+    if budget is None or limit >= budget.limit:
+        return
+    budget.limit, budget.message, budget.on_exceeded = limit, message, on_exceeded
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        on_exceeded()
+        raise BodyTooLarge(message)
 
 
 class BodySizeLimit:
@@ -60,30 +94,32 @@ class BodySizeLimit:
         limit = self._limit(scope)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _reject(scope, send, limit)
+            await _reject(scope, send, _default_message(limit))
             return
+        budget = scope[BODY_BUDGET] = BodyBudget(limit, _default_message(limit))
         seen = 0
 
         async def counted() -> Message:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > limit:
-                raise BodyTooLarge(limit)
+            if seen > budget.limit:
+                budget.on_exceeded()
+                budget.on_exceeded = lambda: None
+                raise BodyTooLarge(budget.message)
             return message
 
         try:
             await self.app(scope, counted, send)
-        except BodyTooLarge:
-            await _reject(scope, send, limit)
+        except BodyTooLarge as exc:
+            await _reject(scope, send, str(exc.detail))
 
     def _limit(self, scope: Scope) -> int:
         upload = scope["method"] == "PUT" and scope["path"].startswith("/v1/adapters/")
         return self.max_upload_bytes if upload else self.max_bytes
 
 
-async def _reject(scope: Scope, send: Callable[[Message], Awaitable[None]], limit: int) -> None:
-    message = f"request body exceeds the limit of {limit} bytes"
+async def _reject(scope: Scope, send: Callable[[Message], Awaitable[None]], message: str) -> None:
     if scope["path"].startswith("/generate") or scope["path"] == "/":  # "/": TGI compat route
         body: dict[str, Any] = {"error": message, "error_type": "validation"}
     else:

@@ -7,6 +7,12 @@ threads (where prompts are tokenized), so registrations waiting on a slow store 
 come from the snapshot the engine publishes (store.describe).
 Unregistering lets running requests finish on the device copy, ends queued ones with an error, and refuses new
 ones (404).
+
+Tenants (--tenants): a tenant lists and reads the adapters it may use (`adapters` globs; any other is a 404 exactly
+as for a name nobody registered), and registers, replaces and deletes only names its `admin` globs match (else 403,
+decided by the name alone, before anything is looked up), within its `max_adapters` and, for uploads, its
+`max_upload_bytes`. Pinning holds a device slot for every tenant, so only the operator (--admin-key) may pin.
+Names carry at most one '/', a namespace (`acme/support`), so the routes take `{name:path}`.
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ from fastapi.responses import PlainTextResponse
 from loraplex.adapters.errors import AdapterConflictError, AdapterNotFoundError
 from loraplex.adapters.names import validate_adapter_name
 from loraplex.adapters.store import AdapterStore
-from loraplex.server.api.auth import KeysFirstRoute, require_admin_key
+from loraplex.server.api.auth import KeysFirstRoute, caller, require_admin_key
 from loraplex.server.api.errors import ApiError
+from loraplex.server.api.limits import lower_body_limit
 from loraplex.server.api.schemas_adapters import (
     AdapterInfo,
     AdapterList,
@@ -33,6 +40,7 @@ from loraplex.server.api.schemas_adapters import (
     upload_payload,
 )
 from loraplex.server.runtime import Runtime
+from loraplex.server.tenants import Tenant
 
 router = APIRouter(dependencies=[Depends(require_admin_key)], tags=["adapters"], route_class=KeysFirstRoute)
 
@@ -70,14 +78,53 @@ def _check_new_name(request: Request, store: AdapterStore, name: str) -> None:
         raise AdapterConflictError(f"adapter {name!r} is already registered", field="name")
 
 
+def check_admin(request: Request, name: str, *, pinned: bool = False) -> Tenant:
+    """403 unless the caller's tenant may register, replace and delete `name` (and pin, when `pinned`): decided by
+    the name alone, so the answer says nothing of whether `name` exists. Returns the tenant."""
+    tenant = caller(request)
+    if not tenant.may_admin(name):
+        raise ApiError(403, f"tenant {tenant.name!r} may not register, replace or delete adapter {name!r} (its admin "
+                            f"globs: {', '.join(tenant.admin) or 'none'})", param="name")
+    if pinned and not tenant.operator:
+        raise ApiError(403, "only the operator (--admin-key) may pin an adapter: a pinned adapter holds a device slot "
+                            "for every tenant", param="pinned")
+    return tenant
+
+
+def check_visible(request: Request, store: AdapterStore, name: str) -> None:
+    """404 for an adapter the caller's tenant may not use, exactly as the store answers for an unknown one."""
+    if not caller(request).may_use(name):
+        raise AdapterNotFoundError(f"adapter {name!r} is not registered", field="name")
+    store.get(name)  # the store's own 404 when unknown
+
+
+def _begin_registration(request: Request, store: AdapterStore, tenant: Tenant) -> None:
+    """403 when the tenant has its max_adapters registered (registrations under way count); else it is counted as
+    under way until `_end_registration`."""
+    registered = sum(tenant.may_admin(n) for n in store.names()) if tenant.limits.max_adapters else 0
+    refused = _runtime(request).quotas.begin_registration(tenant, registered)
+    if refused is not None:
+        raise ApiError(refused.status, refused.message, param="name")
+
+
+def _runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
 async def _register_path(request: Request, name: str, path: str, pinned: bool) -> dict[str, Any]:
+    tenant = check_admin(request, name, pinned=pinned)
     store = _store(request, writing=True)
     _check_new_name(request, store, name)
-    await _admin_thread(request, store.register_path, name, path, pinned)
+    _begin_registration(request, store, tenant)
+    try:
+        await _admin_thread(request, store.register_path, name, path, pinned)
+    finally:
+        _runtime(request).quotas.end_registration(tenant)
     return store.describe(name)
 
 
 async def _unregister(request: Request, name: str) -> dict[str, Any]:
+    check_admin(request, name)
     store = _store(request, writing=True)
     record = store.describe(name)  # 404 naming it when unknown; the answer shows what was removed
     await _admin_thread(request, store.unregister, name)
@@ -92,26 +139,48 @@ async def register_adapter(body: RegisterAdapterRequest, request: Request) -> di
     return await _register_path(request, body.name, body.path, body.pinned)
 
 
-@router.put("/v1/adapters/{name}", status_code=201, response_model=AdapterInfo)
+@router.put("/v1/adapters/{name:path}", status_code=201, response_model=AdapterInfo)
 async def upload_adapter(name: str, request: Request) -> dict[str, Any]:
     """Register by multipart upload: `adapter_config.json` + `adapter_model.safetensors`, or `archive`."""
+    tenant = check_admin(request, name)  # all before reading a possibly large body
     store = _store(request, writing=True)
-    _check_new_name(request, store, name)  # before reading a possibly large body
+    _check_new_name(request, store, name)
+    _check_upload_limit(request, tenant)
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
         raise ApiError(400, f"expected a multipart/form-data body, got {content_type or 'no content type'!r}; "
                        "send the fields 'adapter_config.json' and 'adapter_model.safetensors', or 'archive'")
-    async with request.form(max_files=_MAX_FORM_PARTS, max_fields=_MAX_FORM_PARTS) as form:
-        payload, pinned = upload_payload(form)
-        await _admin_thread(request, store.register_upload, name, payload, pinned)
+    _begin_registration(request, store, tenant)
+    try:
+        async with request.form(max_files=_MAX_FORM_PARTS, max_fields=_MAX_FORM_PARTS) as form:
+            payload, pinned = upload_payload(form)
+            if pinned:
+                check_admin(request, name, pinned=True)
+            await _admin_thread(request, store.register_upload, name, payload, pinned)
+    finally:
+        _runtime(request).quotas.end_registration(tenant)
     return store.describe(name)
+
+
+def _check_upload_limit(request: Request, tenant: Tenant) -> None:
+    """Hold the upload's body to the tenant's max_upload_bytes (413 naming it, at once when Content-Length says
+    more, else when the bytes read pass it)."""
+    limit = tenant.limits.max_upload_bytes
+    if limit is None:
+        return
+    usage = _runtime(request).usage
+    lower_body_limit(request, limit, f"the upload exceeds tenant {tenant.name!r}'s max_upload_bytes ({limit} bytes)",
+                     lambda: usage.throttled(tenant.name, "max_upload_bytes"))
 
 
 @router.get("/v1/adapters", response_model=AdapterList)
 async def list_adapters(request: Request) -> dict[str, Any]:
-    store = _store(request)
+    """Every registered adapter the caller's tenant may use."""
+    store, tenant = _store(request), caller(request)
     data = []
     for name in store.names():
+        if not tenant.may_use(name):
+            continue
         try:
             data.append(store.describe(name))
         except AdapterNotFoundError:  # unregistered between names() and describe(): not listed
@@ -119,12 +188,14 @@ async def list_adapters(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
-@router.get("/v1/adapters/{name}", response_model=AdapterInfo)
+@router.get("/v1/adapters/{name:path}", response_model=AdapterInfo)
 async def get_adapter(name: str, request: Request) -> dict[str, Any]:
-    return _store(request).describe(name)
+    store = _store(request)
+    check_visible(request, store, name)
+    return store.describe(name)
 
 
-@router.delete("/v1/adapters/{name}", response_model=AdapterInfo)
+@router.delete("/v1/adapters/{name:path}", response_model=AdapterInfo)
 async def delete_adapter(name: str, request: Request) -> dict[str, Any]:
     return await _unregister(request, name)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
+
+from loraplex.server.api.auth import require_metrics_key
 
 router = APIRouter()
 
@@ -32,7 +34,8 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready", "model": rt.served_model_name})
 
 
-@router.get("/metrics")
+@router.get("/metrics", dependencies=[Depends(require_metrics_key)])
 async def metrics(request: Request) -> Response:
+    """Prometheus text; needs --metrics-key (or the admin key) when that is set."""
     body, content_type = request.app.state.runtime.metrics.render()
     return Response(body, media_type=content_type)

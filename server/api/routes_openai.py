@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from loraplex.server.api.auth import KeysFirstRoute, require_api_key
+from loraplex.server.api.auth import KeysFirstRoute, caller, require_api_key
 from loraplex.server.api.chat import ChatTurn, build_chat_prompt
 from loraplex.server.api.errors import ApiError
 from loraplex.server.api.generation import (
@@ -145,19 +145,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 
 @router.get("/v1/models", dependencies=[Depends(require_api_key)])
 async def list_models(request: Request) -> dict[str, Any]:
-    rt = runtime_of(request)
+    """The base model and the registered adapters, those the caller's tenant may use only."""
+    rt, tenant = runtime_of(request), caller(request)
     check_loaded(rt)  # no base model to list before it loaded (or after it failed to)
-    names = rt.store.names() if rt.store is not None else []
-    return {"object": "list", "data": [_base_card(rt)] + [_adapter_card(rt, name) for name in names]}
+    names = [n for n in rt.store.names() if tenant.may_use(n)] if rt.store is not None else []
+    base = [_base_card(rt)] if tenant.may_use(None) else []
+    return {"object": "list", "data": base + [_adapter_card(rt, name) for name in names]}
 
 
-@router.get("/v1/models/{model_id}", dependencies=[Depends(require_api_key)])
+@router.get("/v1/models/{model_id:path}", dependencies=[Depends(require_api_key)])
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
-    rt = runtime_of(request)
+    rt, tenant = runtime_of(request), caller(request)
     check_loaded(rt)
-    if model_id == rt.served_model_name:
+    if model_id == rt.served_model_name and tenant.may_use(None):
         return _base_card(rt)
-    if rt.store is not None and model_id in rt.store:
+    if rt.store is not None and model_id in rt.store and tenant.may_use(model_id):
         return _adapter_card(rt, model_id)
     raise ApiError(404, f"model {quote(model_id)} not found", param="model")
 
@@ -165,12 +167,13 @@ async def get_model(model_id: str, request: Request) -> dict[str, Any]:
 # ---- starting --------------------------------------------------------------------------------------
 async def _start(request: Request, body: _SamplingBody, shape: _Shape,
                  prompts: Callable[[Runtime, Any], Awaitable[list[_Prompt]]]) -> _Run:
-    rt, arrival = runtime_of(request), time.perf_counter()
-    with recorded_rejections(rt, shape.endpoint, body.model, arrival):
+    rt, arrival, tenant = runtime_of(request), time.perf_counter(), caller(request)
+    with recorded_rejections(rt, shape.endpoint, body.model, arrival, tenant):
         refuse_unsupported(body.unsupported())
         merge = resolve_merge(rt, body.model, body.adapters, body.merge_strategy, body.density,
-                              body.majority_sign_method)
-        adapter = None if merge else resolve_adapter(rt, body.model, param="model", empty_is_base=body.model is None)
+                              body.majority_sign_method, tenant=tenant)
+        adapter = None if merge else resolve_adapter(rt, body.model, param="model", empty_is_base=body.model is None,
+                                                     tenant=tenant)
         per_prompt = _per_prompt(body)
         spec, spec_param = _guided_spec(body)
         guided = await compile_guided(rt, spec, spec_param)
@@ -179,7 +182,8 @@ async def _start(request: Request, body: _SamplingBody, shape: _Shape,
         for i, prompt in enumerate(run.prompts):
             params = _sampling(rt, body, prompt, guided)
             req = GenerationRequest(shape.endpoint, body.model, adapter, tuple(prompt.ids), params, arrival,
-                                    uuid.uuid4().hex, merge=merge, counted=i == 0, cache_salt=body.cache_salt)
+                                    uuid.uuid4().hex, merge=merge, counted=i == 0, cache_salt=body.cache_salt,
+                                    tenant=tenant)
             plans += plan_choices(rt, req, per_prompt)
         what = f"{len(run.prompts)} prompt{'s' if len(run.prompts) > 1 else ''} x {per_prompt} choices"
         run.generations = start_planned(rt, plans, what, "n" if per_prompt > 1 else "prompt")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from loraplex.server.api.auth import KeysFirstRoute, require_api_key
+from loraplex.server.api.auth import KeysFirstRoute, caller, require_api_key
 from loraplex.server.api.errors import ApiError
 from loraplex.server.api.generation import (
     CLIENT_GONE,
@@ -51,6 +51,7 @@ from loraplex.server.runtime import Runtime
 
 if TYPE_CHECKING:
     from loraplex.adapters.merge import MergeRecipe
+    from loraplex.server.tenants import Tenant
 
 router = APIRouter(route_class=KeysFirstRoute)
 _GENERATION_DEPS = [Depends(require_api_key), Depends(require_ready)]
@@ -79,19 +80,20 @@ async def compat_generate(body: TGIRequest, request: Request) -> Response:
 
 # ---- helpers -------------------------------------------------------------------------------------
 async def _start(body: TGIRequest, request: Request, endpoint: str) -> list[Generation]:
-    rt, arrival, p = runtime_of(request), time.perf_counter(), body.params
-    with recorded_rejections(rt, endpoint, p.adapter_id, arrival):
+    rt, arrival, p, tenant = runtime_of(request), time.perf_counter(), body.params, caller(request)
+    with recorded_rejections(rt, endpoint, p.adapter_id, arrival, tenant):
         refuse_unsupported(p.unsupported())
         best_of = _best_of(p, body.stream or endpoint == "/generate_stream")
-        merge = _merge(rt, p)
-        adapter = None if merge else resolve_adapter(rt, p.adapter_id, param="adapter_id", empty_is_base=True)
+        merge = _merge(rt, p, tenant)
+        adapter = None if merge else resolve_adapter(rt, p.adapter_id, param="adapter_id", empty_is_base=True,
+                                                     tenant=tenant)
         guided = await compile_guided(rt, _guided_spec(p),
                                       "parameters.grammar.value" if p.grammar else "parameters.response_format")
         ids = await encode_text(rt, body.inputs, param="inputs")
         if p.truncate is not None:
             ids = ids[-p.truncate:]  # TGI keeps the last `truncate` tokens
         req = GenerationRequest(endpoint, p.adapter_id, adapter, tuple(ids), _sampling(p, guided), arrival,
-                                merge=merge)
+                                merge=merge, tenant=tenant)
         return start_choices(rt, req, best_of, "parameters.best_of")
 
 
@@ -106,7 +108,7 @@ def _best_of(p: TGIParameters, stream: bool) -> int:
     return best_of
 
 
-def _merge(rt: Runtime, p: TGIParameters) -> MergeRecipe | None:
+def _merge(rt: Runtime, p: TGIParameters, tenant: Tenant) -> MergeRecipe | None:
     m = p.merged_adapters
     if m is None:
         return None
@@ -115,7 +117,7 @@ def _merge(rt: Runtime, p: TGIParameters) -> MergeRecipe | None:
                        param="parameters.merged_adapters.weights")
     pairs = [_Weighted(name, weight) for name, weight in zip(m.ids, m.weights, strict=True)]
     return resolve_merge(rt, p.adapter_id, pairs, m.merge_strategy, m.density, m.majority_sign_method,
-                         param="parameters.merged_adapters.ids")
+                         param="parameters.merged_adapters.ids", tenant=tenant)
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 `/tokenize` takes a prompt (completion form) or chat messages (chat form, rendered with the model's chat template
 exactly as `/v1/chat/completions` renders them) and answers vLLM's shape:
-`{"count", "max_model_len", "tokens", "token_strs"}`. `model` may name the base model or any registered adapter:
-adapters share the base's tokenizer, so the answer is the same; an unknown name is a 404 as for generation.
+`{"count", "max_model_len", "tokens", "token_strs"}`. `model` may name the base model or any registered adapter
+the caller's tenant may use: adapters share the base's tokenizer, so the answer is the same; an unknown name (or
+one the tenant may not use) is a 404 as for generation.
 """
 
 from __future__ import annotations
@@ -13,20 +14,21 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from loraplex.server.api.auth import require_api_key
+from loraplex.server.api.auth import KeysFirstRoute, caller, require_api_key
 from loraplex.server.api.errors import ApiError
 from loraplex.server.api.generation import check_loaded, check_token_ids, encode_text, resolve_adapter, runtime_of
 from loraplex.server.api.routes_openai import chat_prompt_ids
 from loraplex.server.api.schemas_openai import DetokenizeRequest, TokenizeRequest
 
-router = APIRouter()
+router = APIRouter(route_class=KeysFirstRoute)
 
 
 @router.post("/tokenize", dependencies=[Depends(require_api_key)])
 async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
     rt = runtime_of(request)
     check_loaded(rt)
-    resolve_adapter(rt, body.model, param="model", empty_is_base=True)  # 404 for an unknown name
+    if body.model:  # none: the tokenizer every model shares, whatever the tenant may run
+        resolve_adapter(rt, body.model, param="model", empty_is_base=True, tenant=caller(request))  # 404: unknown
     if (body.prompt is None) == (body.messages is None):
         raise ApiError(400, "give either prompt or messages", param="prompt")
     if body.messages is not None:
@@ -43,7 +45,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any]:
     rt = runtime_of(request)
     check_loaded(rt)
-    resolve_adapter(rt, body.model, param="model", empty_is_base=True)
+    if body.model:
+        resolve_adapter(rt, body.model, param="model", empty_is_base=True, tenant=caller(request))
     ids = check_token_ids(rt, body.tokens, param="tokens")
     return {"prompt": rt.loaded.tokenizer.decode(ids)}
 

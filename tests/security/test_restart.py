@@ -1,7 +1,7 @@
 """Issue 20 item 1 (BAD_INPUTS.md row 45, "restart unaffected"): a pinned adapter is validated again at every
 start; one whose config holds a catastrophic regex must not stall the start (before the fix, the liveness probe
-failed while it was matched, and an orchestrator restarted the server in a loop). Item 12: `--api-key` without
-`--admin-key` leaves adapter admin open, which the start says in a warning."""
+failed while it was matched, and an orchestrator restarted the server in a loop). Issue 25 item 7 (replacing issue
+20's item 12, a warning that `--api-key` alone left adapter admin open): `--api-key` alone guards every route."""
 
 from __future__ import annotations
 
@@ -37,11 +37,12 @@ def test_item1_a_pinned_adapter_with_a_catastrophic_pattern_does_not_stall_a_res
             m.seconds = round(time.perf_counter() - t0, 2)
             with HealthProbe(second.url) as probe:
                 time.sleep(0.5)
-            m.status = httpx.get(second.url + "/v1/adapters/evil", timeout=30).json().get("state")
+            m.status = httpx.get(second.url + "/v1/adapters/evil", headers={"Authorization": f"Bearer {API_KEY}"},
+                                 timeout=30).json().get("state")
             m.extra["first_start_s"] = round(first_start_s, 2)
         assert m.status == "ready"
         assert m.seconds < 2 * first_start_s + 10, (m.seconds, first_start_s)  # no minutes of matching
         assert probe.worst < 0.5, probe.worst
-        assert "--admin-key" in second.log() and "open" in second.log()  # the warning of item 12
+        assert httpx.get(second.url + "/v1/adapters/evil", timeout=30).status_code == 401  # the key guards admin
     finally:
         second.stop()

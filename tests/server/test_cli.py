@@ -28,6 +28,8 @@ FLAG_FIELDS = {
     "--state-dir": (ServerConfig, "state_dir"),
     "--api-key": (ServerConfig, "api_key"),
     "--admin-key": (ServerConfig, "admin_key"),
+    "--metrics-key": (ServerConfig, "metrics_key"),
+    "--tenants": (ServerConfig, "tenants"),
     "--max-queue": (ServerConfig, "max_queue"),
     "--max-body-bytes": (ServerConfig, "max_body_bytes"),
     "--max-upload-bytes": (ServerConfig, "max_upload_bytes"),
