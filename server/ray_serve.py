@@ -121,8 +121,8 @@ def requested_adapter(method: str, path: str, body: bytes, headers: Sequence[tup
             value = value.get(key) if isinstance(value, dict) else None
         if isinstance(value, str) and value:
             return value
-    if path.startswith("/v1/adapters/"):
-        return path.removeprefix("/v1/adapters/").split("/")[0] or None
+    if path.startswith("/v1/adapters/"):  # a name may carry one '/' after a namespace: acme/support
+        return "/".join(path.removeprefix("/v1/adapters/").split("/")[:2]).strip("/") or None
     return None
 
 

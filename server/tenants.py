@@ -156,8 +156,10 @@ def parse_tenants(text: str, source: str = "tenants file", reserved_digests: Ite
     `reserved_digests`: digests no tenant key may have (the --admin-key's)."""
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:  # its message says "(at line L, column C)"
-        raise TenantFileError(f"{source}: not valid TOML: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:  # its message says "(at line L, column C)" or "(at end of document)"
+        at = re.search(r"at line (\d+)", str(exc))
+        line = int(at.group(1)) if at else max(1, len(text.splitlines()))
+        raise TenantFileError(f"{source}:{line}: not valid TOML: {exc}") from None
     where = _Lines(text, source)
     unknown = sorted(set(data) - {"tenant"})
     if unknown:

@@ -20,7 +20,7 @@
 // spooled it to disk; js_set values are computed once per request and then cached.
 
 // Accepted names: printable ASCII without spaces, at most 256 characters. Wider than loraplex's adapter names
-// ([A-Za-z0-9._-]{1,128}) so base-model ids such as "org/model" route too; narrow enough that the key is
+// ([A-Za-z0-9._-]{1,128}, one '/' allowed after a namespace) so base-model ids such as "org/model" route too; narrow enough that the key is
 // always a safe response-header value (it is echoed in X-Loraplex-Route-Key).
 var NAME = /^[\x21-\x7e]{1,256}$/;
 
@@ -80,7 +80,8 @@ function fromBody(r) {
     return isObject(body) ? field(body) : '';
 }
 
-var ADAPTER_PATH = /^\/v1\/adapters\/([^\/]+)\/?$/;
+// A name may carry one '/' after a namespace (acme/support): the key is the whole name.
+var ADAPTER_PATH = /^\/v1\/adapters\/([^\/]+(?:\/[^\/]+)?)\/?$/;
 
 function fromPath(r) {
     var match = ADAPTER_PATH.exec(r.uri);

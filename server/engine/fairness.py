@@ -21,16 +21,16 @@ lowest counter in Q. (a) makes the exception about light tenants only: with more
 tenants that both want more than half, nobody is entitled and the order is plain VTC. (b) bounds how far ahead of
 VTC it lets a tenant get, so a tenant cannot buy extra service with, e.g., huge prompts.
 
-Preemption for fairness (`over_share` tells the victims), every step: each entitled waiting request gets a
-sequence slot in this step, a free one if there is one, else the slot of the newest running request of the
-most-served tenant among those that run more than their share of slots (requests already preempted for fairness
-excepted). So a light tenant never waits on the end of someone else's generation, however long. Against thrash: a
-slot only moves from a tenant over its share to one within it (the taker's running < its demand <= its share, so
-it never runs over its share; the giver's demand, its preempted request included, stays over its share, so it
-never becomes entitled); over-share tenants never preempt and within-share ones are never preempted, so a slot
-cannot ping-pong between tenants, and a request is preempted for fairness at most once, so none is recomputed
-over and over. A preempted request is recomputed later exactly like a KV preemption (outputs so far kept, adapter
-slot kept).
+Preemption for fairness (`over_share` tells the victims), every step: each entitled waiting request gets a sequence
+slot in this step, a free one if there is one, else the slot of the newest running request of the most-served
+tenant among those that run more than their share of slots (a request preempted for fairness before only once it
+generated scheduler.REFAIR_TOKENS more tokens). So a light tenant never waits on the end of someone else's
+generation, however long. Against thrash: a slot only moves from a tenant over its share to one within it (the
+taker's running < its demand <= its share, so it never runs over its share; the giver's demand, its preempted
+request included, stays over its share, so it never becomes entitled); over-share tenants never preempt and
+within-share ones are never preempted, so a slot cannot ping-pong between tenants, and every fairness preemption of a
+request is paid for by REFAIR_TOKENS of its progress, so none is recomputed over and over. A preempted request is
+recomputed later exactly like a KV preemption (outputs so far kept, adapter slot kept).
 """
 
 from __future__ import annotations

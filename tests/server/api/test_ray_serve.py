@@ -223,6 +223,7 @@ def test_routing_keys_are_the_ones_nginx_uses():
     assert key("POST", "/generate", {"inputs": "x"}) is None
     assert key("POST", "/v1/load_lora_adapter", {"lora_name": "v", "lora_path": "p"}) == "v"
     assert key("DELETE", "/v1/adapters/d") == "d"
+    assert key("PUT", "/v1/adapters/acme/support") == "acme/support"  # issue 25: a namespaced name is one key
     assert key("GET", "/v1/models") is None
     assert requested_adapter("POST", "/v1/completions", b"{not json", []) is None
 
