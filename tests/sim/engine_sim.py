@@ -52,13 +52,14 @@ from loraplex.adapters.weights import AdapterWeights
 from loraplex.server.config import LoRAConfig
 from loraplex.server.engine.block_pool import BlockPool
 from loraplex.server.engine.engine import EngineConfig, EngineParts, LLMEngine, RequestRejected
-from loraplex.server.engine.fairness import TenantSpec
+from loraplex.server.engine.fairness import W_OUTPUT, W_PROMPT, TenantSpec
 from loraplex.server.engine.guided import GuidedCompiler, GuidedSpec
 from loraplex.server.engine.model_runner import RunnerOutput
 from loraplex.server.engine.request import RequestOutput, Status
 from loraplex.server.engine.sampler import Sampler, SampleRow
 from loraplex.server.engine.sampling_params import SamplingParams
 from loraplex.server.engine.scheduler import ScheduledChunk, SchedulerConfig
+from loraplex.server.engine.scheduler import _tenant as fairness_tenant
 
 MASK = (1 << 64) - 1
 TABLE_ROWS = 1024  # distinct logit rows the fake forward picks from
@@ -601,6 +602,8 @@ class Simulation:
         self.engine.adapter_port.is_registered = lambda name: name in self.world.registry
         self.engine.scheduler.on_preempt = self._preempted
         self._wrap_sampler()
+        self._served: dict[str, float] = {}  # tenant -> service charged in the current step (W_PROMPT, W_OUTPUT)
+        self._wrap_vtc()
         self.tracked: dict[str, Tracked] = {}
         self.report = Report()
         self.check_guided = check_guided
@@ -609,6 +612,19 @@ class Simulation:
 
     def _preempted(self, req: Any) -> None:
         self.report.preemptions += 1
+        self._preempted_tenants.add(fairness_tenant(req))
+
+    def _wrap_vtc(self) -> None:
+        """Record the service the scheduler charges each tenant in a step (the weighted-VTC invariant reads it)."""
+        vtc, served = self.engine.scheduler.vtc, self._served
+        self._preempted_tenants: set[str] = set()
+        charge = vtc.charge
+
+        def recorded(tenant: str, prompt_tokens: int, output_tokens: int) -> None:
+            served[tenant] = served.get(tenant, 0.0) + W_PROMPT * prompt_tokens + W_OUTPUT * output_tokens
+            charge(tenant, prompt_tokens, output_tokens)
+
+        vtc.charge = recorded
 
     def _wrap_sampler(self) -> None:
         sampler, world = self.engine.sampler, self.world
@@ -647,10 +663,12 @@ class Simulation:
                                        for r in live))
             assert self.loader is not None
             self.loader.deliver_due()
+            before = self._before_step()
             result = self.engine.step()
             self._collect(result.outputs)
             self._check_step()
             self._check_tenant_limits()
+            self._check_weighted_vtc(before)
             self._check_progress(result)
         raise SimViolation(f"ran {max_steps} steps")
 
@@ -797,6 +815,32 @@ class Simulation:
             if spec.max_device_slots is not None and len(held) > spec.max_device_slots:
                 raise SimViolation(f"step {step}: tenant {spec.id} holds slots of {sorted(held)}, more than "
                                    f"max_device_slots {spec.max_device_slots}")
+
+    def _before_step(self) -> dict[str, float]:
+        """The counters of the tenants backlogged now (waiting requests), before the step charges anyone."""
+        self._served.clear()
+        self._preempted_tenants.clear()
+        vtc = self.engine.scheduler.vtc
+        return {t: vtc.counter(t) for t in vtc.backlog()}
+
+    def _check_weighted_vtc(self, before: dict[str, float]) -> None:
+        """Weighted VTC (issue 25): a tenant backlogged before and after a step in which none of its requests was
+        preempted never left the queue, so nothing lifted its counter: it grew by exactly the service the step
+        charged it divided by its weight (the TenantSpec's; 1 for an adapter's own tenant). Every tenant still
+        live grew by at least that (a lift only raises a counter)."""
+        step, vtc = self.world.step, self.engine.scheduler.vtc
+        weights = {spec.id: spec.weight for spec in self.scenario.config.tenants}
+        backlog = vtc.backlog()
+        for tenant, counter in before.items():
+            if tenant not in backlog:
+                continue
+            want = counter + self._served.get(tenant, 0.0) / weights.get(tenant, 1.0)
+            got = vtc.counter(tenant)
+            exact = tenant not in self._preempted_tenants
+            if got < want - 1e-6 or (exact and abs(got - want) > 1e-6):
+                raise SimViolation(f"step {step}: tenant {tenant!r} counter {counter:.3f} -> {got:.3f}; charged "
+                                   f"{self._served.get(tenant, 0.0):.1f} at weight {weights.get(tenant, 1.0):g}, so "
+                                   f"{want:.3f}{'' if exact else ' at least'}")
 
     def _check_idle(self) -> None:
         engine = self.engine
