@@ -42,7 +42,8 @@ def _connection_flags() -> argparse.ArgumentParser:
     """The flags every client subcommand takes (a parent parser, so they go after the subcommand)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", help=f"server URL (env LORAPLEX_URL; default {DEFAULT_URL})")
-    common.add_argument("--api-key", help="key for generation routes (env LORAPLEX_API_KEY)")
+    common.add_argument("--api-key", help="key for generation routes, and for every route when it is the only key "
+                        "given, as a tenant's key is (env LORAPLEX_API_KEY)")
     common.add_argument("--admin-key", help="key for adapter routes (env LORAPLEX_ADMIN_KEY)")
     common.add_argument("--timeout", type=float, default=300.0, help="seconds per HTTP read (default 300)")
     return common

@@ -184,3 +184,14 @@ def test_api_key_and_tenants_together_are_refused_naming_the_flag(tmp_path):
 
     with pytest.raises(ValueError, match="--api-key"):
         configs_from_args(build_parser().parse_args(["serve", "--api-key", "k", "--tenants", str(tmp_path / "t")]))
+
+
+def test_the_worked_example_of_docs_security_md_parses():
+    text = (Path(__file__).parents[3] / "docs" / "security.md").read_text()
+    example = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    table = parse_tenants(example, "docs/security.md")
+    assert table.names() == ("acme", "bolt", "trial")
+    assert table.identify("foo") is table.get("bolt")  # its digest is sha256("foo")
+    assert table.identify("trial-key-for-development") is table.get("trial")
+    acme = table.get("acme")
+    assert acme is not None and acme.weight == 3 and acme.limits.max_device_slots == 4
