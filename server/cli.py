@@ -104,7 +104,7 @@ FLAGS: tuple[tuple[str, type, object, str], ...] = (
      "TOML file of tenants: keys, adapter access, weights, quotas (reloaded on SIGHUP and when it changes)"),
     ("--metrics-key", str, _default(ServerConfig, "metrics_key"), "required on /metrics when set"),
     ("--max-queue", int, _default(ServerConfig, "max_queue"),
-     "in-flight requests admitted before answering 429 (one adapter may hold 3/4)"),
+     "in-flight requests admitted before answering 429 (one adapter, or tenant with --tenants, may hold 3/4)"),
     ("--max-body-bytes", int, _default(ServerConfig, "max_body_bytes"), "largest JSON request body"),
     ("--max-upload-bytes", int, _default(ServerConfig, "max_upload_bytes"), "largest adapter upload"),
     ("--s3-endpoint", str, _default(ServerConfig, "s3_endpoint"),
