@@ -31,6 +31,9 @@ The fcfs case is the baseline, shown without a target.
 Run: .venv/bin/python bench/bench_fairness.py [--seconds 30] [--repeats 3] [--load 1.5]
 Writes bench/results/fairness.json and fairness.png (when matplotlib is importable).
 
+`--tenants` runs weighted fair share by tenant instead (bench/fairness_tenants.py: tenants of weights 1 and 3
+flooding, a light one's TTFT): .venv/bin/python bench/bench_fairness.py --tenants [--seconds 30] [--repeats 3]
+
 `--http` runs the flood over HTTP instead (bench/fairness_http.py: a real server on SmolLM2, tenant A flooding
 from its own process): .venv/bin/python bench/bench_fairness.py --http [--http-seconds 60] [--repeats 3]
 """
@@ -50,6 +53,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads: see bench/README.md, one intra-op thread
 
 import fairness_http  # noqa: E402
+import fairness_tenants  # noqa: E402
 import torch  # noqa: E402
 from common import (  # noqa: E402
     RESULTS_DIR,
@@ -371,6 +375,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--load", type=float, default=1.5, help="offered load (A + B) as a multiple of capacity")
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/fairness[_http].json")
     fairness_http.add_arguments(parser)
+    fairness_tenants.add_arguments(parser)
     args = parser.parse_args()
     args.out = args.out or (fairness_http.DEFAULT_OUT if args.http else RESULTS_DIR / "fairness.json")
     if args.repeats < 3:
@@ -384,6 +389,9 @@ def main() -> None:
     args = parse_args()
     if args.http:
         fairness_http.main(args)
+        return
+    if args.tenants:
+        fairness_tenants.main(args)
         return
     torch.set_num_threads(1)
     facts = machine_facts("cpu")
