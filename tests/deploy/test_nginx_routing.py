@@ -190,6 +190,10 @@ def test_body_routing_agrees_with_the_header(proxy: NginxProcess) -> None:
         assert (r.headers["X-Loraplex-Route-Key"], upstream_of(r)) == (name, placement[name])
         r = requests.delete(proxy.url + f"/v1/adapters/{name}", timeout=TIMEOUT)
         assert upstream_of(r) == placement[name]
+    # A namespaced name (issue 25, acme/support) is one key, the whole name, as in the body.
+    name = "acme/support"
+    r = requests.get(proxy.url + f"/v1/adapters/{name}", timeout=TIMEOUT)
+    assert (r.headers["X-Loraplex-Route-Key"], upstream_of(r)) == (name, by_header(proxy, name))
 
 
 def test_header_wins_over_body(proxy: NginxProcess) -> None:
