@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraplex.adapters.resolver import ResolverConfig
 from loraplex.server.generation_config import check_choice
 
 QUANTIZE_CHOICES = ("none", "nf4", "int8")
@@ -82,6 +83,8 @@ class ServerConfig:
     registry: str | None = None  # s3://bucket/prefix shared by replicas; None: the registry in state_dir
     registry_poll_s: float = 2.0
     drain_timeout_s: float = 30.0
+    adapter_history: int = 5  # versions kept per adapter name, the current one included (rollback targets)
+    resolver: ResolverConfig | None = None  # --adapter-resolver: register unregistered names on first use
 
     def __post_init__(self) -> None:
         _require(0 < self.port < 65536, "--port", "must be in 1..65535")
@@ -90,5 +93,7 @@ class ServerConfig:
         _require(self.registry is None or self.registry.startswith("s3://"), "--registry",
                  f"expected s3://bucket/prefix (unset: the registry in --state-dir), got {self.registry!r}")
         _require(self.registry_poll_s > 0, "--registry-poll-seconds", "must be > 0")
+        _require(self.adapter_history >= 2, "--adapter-history",
+                 f"must be >= 2 (the current version and one to roll back to), got {self.adapter_history}")
         for name, path in self.preload:
             _require(bool(name) and bool(path), "--preload", f"expects NAME=PATH, got {name}={path}")

@@ -32,6 +32,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from loraplex.adapters.errors import AdapterError
+from loraplex.adapters.versions import name_of, split_key
 from loraplex.server.api.errors import ApiError
 from loraplex.server.engine.engine import RequestRejected
 from loraplex.server.engine.request import RequestOutput, TokenLogprob
@@ -113,15 +114,21 @@ def quote(name: str) -> str:
     return repr(name if len(name) <= _MAX_QUOTED else name[:_MAX_QUOTED] + "...")
 
 
-def resolve_adapter(rt: Runtime, name: str | None, *, param: str, empty_is_base: bool) -> str | None:
-    """The adapter to run, or None for the base model: `name` is the served base name or a registered
-    adapter (`empty_is_base`: None / "" also mean the base, as TGI's `adapter_id` does)."""
+def resolve_adapter(rt: Runtime, name: str | None, *, param: str, empty_is_base: bool,
+                    route_key: str | None = None) -> str | None:
+    """The adapter version to run (its engine key, `name@<sha256>`: adapters/versions.py), or None for the base
+    model. `name` is the served base name, a registered adapter's name (its current version, or the version its
+    canary route picks for `route_key`) or "name@<version prefix>" (`empty_is_base`: None / "" also mean the
+    base, as TGI's `adapter_id` does)."""
     if (name is None or name == "") and empty_is_base:
         return None
     if name == rt.served_model_name:
         return None
-    if name is not None and rt.store is not None and name in rt.store:
-        return name
+    if name is not None and rt.store is not None and split_key(name)[0] in rt.store:
+        try:
+            return rt.store.resolve(name, route_key)
+        except AdapterError as exc:  # an unknown or ambiguous version, or removed meanwhile
+            raise ApiError(exc.status, f"{param}: {exc.message}", param=param) from exc
     raise ApiError(404, f"{param} {quote(name or '')} not found: it is neither the served base model "
                         f"{rt.served_model_name!r} nor a registered adapter (see GET /v1/models)", param=param)
 
@@ -152,7 +159,8 @@ def check_token_ids(rt: Runtime, ids: Sequence[int], *, param: str) -> list[int]
 
 
 def resolve_merge(rt: Runtime, model: str | None, adapters: Sequence[Any] | None, strategy: str, density: float,
-                  majority_sign_method: str, *, param: str = "adapters") -> MergeRecipe | None:
+                  majority_sign_method: str, *, param: str = "adapters", route_key: str | None = None
+                  ) -> MergeRecipe | None:
     """The merge recipe a request names (LoRAX's per-request merging), or None. The request's model must then
     be the base model; every adapter must be registered (404); the recipe must fit the device slots (400)."""
     if not adapters:
@@ -162,7 +170,7 @@ def resolve_merge(rt: Runtime, model: str | None, adapters: Sequence[Any] | None
     if model not in (None, "", rt.served_model_name):
         raise ApiError(400, f"with {param}, the model must be the base model {rt.served_model_name!r} (the adapters "
                             f"to merge are listed in {param}), got {quote(model)}", param="model")
-    names = [_merged_adapter(rt, a.name, f"{param}.{i}.name") for i, a in enumerate(adapters)]
+    names = [_merged_adapter(rt, a.name, f"{param}.{i}.name", route_key) for i, a in enumerate(adapters)]
     try:
         recipe = MergeRecipe(tuple(zip(names, (float(a.weight) for a in adapters), strict=True)), strategy,
                              density, majority_sign_method)
@@ -173,12 +181,13 @@ def resolve_merge(rt: Runtime, model: str | None, adapters: Sequence[Any] | None
         raise ApiError(400, str(exc), param=where) from exc
     if recipe.virtual and recipe.virtual_name not in rt.engine.adapters.adapters:
         log.info("%s merge of %s: not computed yet; this request's first step waits while it is computed from the "
-                 "adapters' weights (off the engine thread; later requests reuse it)", strategy, ", ".join(names))
+                 "adapters' weights (off the engine thread; later requests reuse it)", strategy,
+                 ", ".join(a.name for a in adapters))
     return recipe
 
 
-def _merged_adapter(rt: Runtime, name: str, param: str) -> str:
-    adapter = resolve_adapter(rt, name, param=param, empty_is_base=False)
+def _merged_adapter(rt: Runtime, name: str, param: str, route_key: str | None) -> str:
+    adapter = resolve_adapter(rt, name, param=param, empty_is_base=False, route_key=route_key)
     if adapter is None:
         raise ApiError(400, f"{param}: {quote(name)} is the base model, not an adapter to merge", param=param)
     return adapter
@@ -232,7 +241,7 @@ class GenerationRequest:
 
     endpoint: str  # metrics label, e.g. "/v1/completions"
     model: str | None  # the name the caller used (echoed back); None = base via TGI's empty adapter_id
-    adapter: str | None  # registered adapter name, None = base model only (or a merge)
+    adapter: str | None  # the adapter version's engine key (name@sha256), None = base model only (or a merge)
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     arrival: float  # time.perf_counter() when the request arrived
@@ -240,6 +249,11 @@ class GenerationRequest:
     merge: MergeRecipe | None = None  # several adapters combined (adapter is then None)
     prefix_of: str | None = None  # another choice of the same HTTP request whose prompt blocks it shares
     counted: bool = True  # counted as an HTTP request in the metrics (the extra choices of n > 1 are not)
+
+    @property
+    def tenant(self) -> str | None:
+        """The adapter's name (every version of it): what admission limits and metric labels count by."""
+        return name_of(self.adapter)
 
 
 def start_choices(rt: Runtime, req: GenerationRequest, count: int) -> list[Generation]:
@@ -253,7 +267,7 @@ def start_choices(rt: Runtime, req: GenerationRequest, count: int) -> list[Gener
             choice = req if i == 0 else dataclasses.replace(
                 req, request_id=f"{req.request_id}-{i}", params=_choice_params(req.params, i),
                 prefix_of=req.request_id, counted=False)
-            admit(rt, choice.adapter)
+            admit(rt, choice.tenant)
             started.append(Generation(rt, choice))
     except BaseException:
         for generation in started:
@@ -391,8 +405,8 @@ class Generation:
     @property
     def failure_status(self) -> int:
         names = self.req.merge.names if self.req.merge is not None else (self.req.adapter,)
-        if any(n is not None and (self.rt.store is None or n not in self.rt.store) for n in names):
-            return 404  # its adapter (or one its merge names) was unregistered meanwhile
+        if any(n is not None and (self.rt.store is None or not self.rt.store.has_key(n)) for n in names):
+            return 404  # its adapter (or one its merge names) was unregistered meanwhile, or left its history
         if self.error_kind == "request":
             return 400  # this request's own parameters or adapter (e.g. errored, non-finite logits)
         if self.error_kind == "unavailable":
@@ -410,7 +424,7 @@ class Generation:
         the engine generator never started, so there is no engine request to abort)."""
         if not self._closed:
             self._closed = True
-            self.rt.release(self.req.adapter)
+            self.rt.release(self.req.tenant)
 
     async def aclose(self) -> None:
         if self._closed:
@@ -419,14 +433,14 @@ class Generation:
         try:
             await self._outs.aclose()  # unfinished: the engine aborts the request and frees its KV blocks
         finally:
-            self.rt.release(self.req.adapter)
+            self.rt.release(self.req.tenant)
             self._record()
 
     def _record(self) -> None:
         now = time.perf_counter()
         first, last, n = self._first_token_at, self._last_token_at, len(self.token_ids)
         self.rt.metrics.record_request(
-            endpoint=self.req.endpoint, adapter=self.req.adapter, status=self.status,
+            endpoint=self.req.endpoint, adapter=self.req.tenant, status=self.status,
             latency_s=now - self.req.arrival,
             ttft_s=first - self.req.arrival if first is not None else None,
             tpot_s=(last - first) / (n - 1) if first is not None and last is not None and n > 1 else None,

@@ -1,39 +1,52 @@
-"""Adapter admin API: register (by path/S3 URL or by upload), list, describe, unregister; vLLM's aliases.
+"""Adapter admin API: register (by path/S3 URL, by upload, or new weights from a training loop), replace, roll
+back, canary routes, prefetch, list, describe, unregister; vLLM's aliases.
 
-Every route needs `--admin-key` when one is set. Registration reads and validates files (blocking I/O) and
-waits for the engine thread to take the new adapter in, so it runs in a worker thread and the event loop keeps
-serving generation traffic meanwhile; records come from the snapshot the engine publishes (store.describe).
+Every route needs `--admin-key` when one is set. Registration reads, hashes and validates files (blocking I/O)
+and waits for the engine thread to take the new version in, so it runs in a worker thread and the event loop
+keeps serving generation traffic meanwhile; records come from the snapshot the engine publishes
+(store.describe). A replace, rollback or route change is atomic: requests admitted before it finish on the
+version they resolved, every request admitted after its answer runs on the new choice (adapters/versions.py).
 Unregistering lets running requests finish on the device copy, ends queued ones with an error, and refuses new
 ones (404).
 """
 
 from __future__ import annotations
 
+import tempfile
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
+from loraplex.adapters.digest import short
 from loraplex.adapters.errors import AdapterConflictError, AdapterNotFoundError
 from loraplex.adapters.names import validate_adapter_name
 from loraplex.adapters.store import AdapterStore
+from loraplex.adapters.versions import taken, version_of
 from loraplex.server.api.auth import require_admin_key
 from loraplex.server.api.errors import ApiError
 from loraplex.server.api.schemas_adapters import (
+    REPLACE_FIELD,
     AdapterInfo,
     AdapterList,
     LoadLoRAAdapterRequest,
+    PrefetchAnswer,
+    PrefetchRequest,
     RegisterAdapterRequest,
+    RollbackRequest,
+    RouteRequest,
     UnloadLoRAAdapterRequest,
+    parse_bool,
     upload_payload,
 )
 from loraplex.server.runtime import Runtime
 
 router = APIRouter(dependencies=[Depends(require_admin_key)], tags=["adapters"])
 
-# Bounds on the multipart parser: our fields are 2 files or 1 archive, plus `pinned`; extras are named (400).
+# Bounds on the multipart parser: our fields are 2 files or 1 archive, plus options; extras are named (400).
 _MAX_FORM_PARTS = 8
+_SPOOL_IN_MEMORY = 1 << 20  # a raw weights body beyond this spills to a temp file while it arrives
 
 
 def _store(request: Request, *, writing: bool = False) -> AdapterStore:
@@ -47,50 +60,116 @@ def _store(request: Request, *, writing: bool = False) -> AdapterStore:
     return rt.store
 
 
-def _check_new_name(request: Request, store: AdapterStore, name: str) -> None:
+def _check_new_name(request: Request, store: AdapterStore, name: str, replace: bool = False) -> None:
     """Cheap checks before any file is read or any upload byte is consumed (the store re-checks)."""
     validate_adapter_name(name)
     if name == request.app.state.runtime.served_model_name:
         raise AdapterConflictError(f"adapter name {name!r} is the served base model's name", field="name")
-    if name in store:
-        raise AdapterConflictError(f"adapter {name!r} is already registered", field="name")
+    if name in store and not replace:
+        raise taken(name)
 
 
-async def _register_path(request: Request, name: str, path: str, pinned: bool) -> dict[str, Any]:
+def _status(response: Response, existed: bool) -> None:
+    """201 for a new name, 200 for a new version of a registered one (a replace)."""
+    response.status_code = 200 if existed else 201
+
+
+async def _register_path(request: Request, name: str, path: str, pinned: bool | None, replace: bool = False,
+                         sha256: str | None = None) -> tuple[dict[str, Any], bool]:
+    """Register by path; (the record, whether the name existed before)."""
     store = _store(request, writing=True)
-    _check_new_name(request, store, name)
-    await run_in_threadpool(store.register_path, name, path, pinned)
-    return store.describe(name)
+    _check_new_name(request, store, name, replace)
+    existed = name in store
+    await run_in_threadpool(lambda: store.register_path(name, path, pinned, replace=replace, sha256=sha256))
+    return store.describe(name), existed
 
 
 async def _unregister(request: Request, name: str) -> dict[str, Any]:
     store = _store(request, writing=True)
     record = store.describe(name)  # 404 naming it when unknown; the answer shows what was removed
     await run_in_threadpool(store.unregister, name)
-    rt: Runtime = request.app.state.runtime
-    rt.adapter_removed(name)
     return record
 
 
 @router.post("/v1/adapters", status_code=201, response_model=AdapterInfo)
-async def register_adapter(body: RegisterAdapterRequest, request: Request) -> dict[str, Any]:
-    """Register a PEFT LoRA dir under --adapter-root (relative or absolute inside it) or at an s3:// URL."""
-    return await _register_path(request, body.name, body.path, body.pinned)
+async def register_adapter(body: RegisterAdapterRequest, request: Request, response: Response) -> dict[str, Any]:
+    """Register a PEFT LoRA dir under --adapter-root (relative or absolute inside it) or at an s3:// URL; with
+    `replace`, as the name's new current version (200)."""
+    record, existed = await _register_path(request, body.name, body.path, body.pinned, body.replace, body.sha256)
+    _status(response, existed)
+    return record
 
 
 @router.put("/v1/adapters/{name}", status_code=201, response_model=AdapterInfo)
-async def upload_adapter(name: str, request: Request) -> dict[str, Any]:
-    """Register by multipart upload: `adapter_config.json` + `adapter_model.safetensors`, or `archive`."""
+async def upload_adapter(name: str, request: Request, response: Response) -> dict[str, Any]:
+    """Register by multipart upload: `adapter_config.json` + `adapter_model.safetensors`, or `archive`; `?replace=
+    true` (or a form field `replace`) makes it the name's new current version; a form field `sha256` states the
+    digest the files must have."""
     store = _store(request, writing=True)
-    _check_new_name(request, store, name)  # before reading a possibly large body
+    replace_query = parse_bool(request.query_params.get(REPLACE_FIELD), REPLACE_FIELD)
+    _check_new_name(request, store, name, replace=replace_query is not False)  # before reading a large body
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
         raise ApiError(400, f"expected a multipart/form-data body, got {content_type or 'no content type'!r}; "
                        "send the fields 'adapter_config.json' and 'adapter_model.safetensors', or 'archive'")
+    existed = name in store
     async with request.form(max_files=_MAX_FORM_PARTS, max_fields=_MAX_FORM_PARTS) as form:
-        payload, pinned = upload_payload(form)
-        await run_in_threadpool(store.register_upload, name, payload, pinned)
+        payload, opts = upload_payload(form)
+        replace = bool(replace_query or opts.replace)
+        await run_in_threadpool(lambda: store.register_upload(name, payload, opts.pinned, replace=replace,
+                                                              sha256=opts.sha256))
+    _status(response, existed)
     return store.describe(name)
+
+
+@router.put("/v1/adapters/{name}/weights", response_model=AdapterInfo)
+async def put_weights(name: str, request: Request) -> dict[str, Any]:
+    """A new current version of a registered adapter from a raw `adapter_model.safetensors` body, with its
+    current version's adapter_config.json (a training loop's update; `?sha256=` states the expected digest)."""
+    store = _store(request, writing=True)
+    store.get(name)  # 404 before the body is read
+    with tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY) as body:
+        async for chunk in request.stream():  # the upload limit applies (server/api/limits.py)
+            body.write(chunk)
+        if not body.tell():
+            raise ApiError(400, "the body is empty: send the adapter_model.safetensors bytes", param="body")
+        body.seek(0)
+        await run_in_threadpool(store.put_weights, name, body, request.query_params.get("sha256"))
+    return store.describe(name)
+
+
+@router.post("/v1/adapters/{name}/rollback", response_model=AdapterInfo)
+async def rollback_adapter(name: str, request: Request, body: RollbackRequest | None = None) -> dict[str, Any]:
+    """Make a version of the history current again (default: the one current before); clears a route."""
+    store = _store(request, writing=True)
+    await run_in_threadpool(store.rollback, name, body.version if body is not None else None)
+    return store.describe(name)
+
+
+@router.put("/v1/adapters/{name}/route", response_model=AdapterInfo)
+async def set_route(name: str, body: RouteRequest, request: Request) -> dict[str, Any]:
+    """Split the name's new requests between versions of its history by weight (a canary)."""
+    store = _store(request, writing=True)
+    splits = [(split.version, split.weight) for split in body.versions]
+    await run_in_threadpool(store.set_route, name, splits, body.sticky)
+    return store.describe(name)
+
+
+@router.delete("/v1/adapters/{name}/route", response_model=AdapterInfo)
+async def clear_route(name: str, request: Request) -> dict[str, Any]:
+    """Back to the current version for every new request."""
+    store = _store(request, writing=True)
+    await run_in_threadpool(store.clear_route, name)
+    return store.describe(name)
+
+
+@router.post("/v1/adapters/{name}/prefetch", status_code=202, response_model=PrefetchAnswer)
+async def prefetch_adapter(name: str, request: Request, body: PrefetchRequest | None = None) -> dict[str, Any]:
+    """Load the versions new requests may start on, without a request (202: the load runs in the background;
+    GET the record for its tier)."""
+    tier = body.tier if body is not None else "device"
+    keys = _store(request).prefetch(name, tier)
+    return {"name": name, "tier": tier, "versions": [short(version_of(key) or "") for key in keys]}
 
 
 @router.get("/v1/adapters", response_model=AdapterList)
@@ -117,8 +196,9 @@ async def delete_adapter(name: str, request: Request) -> dict[str, Any]:
 
 @router.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
 async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> PlainTextResponse:
-    """vLLM-compatible registration by path: 200 with vLLM's plain success text (errors are JSON, as vLLM's)."""
-    await _register_path(request, body.lora_name, body.lora_path, False)
+    """vLLM-compatible registration by path: 200 with vLLM's plain success text (errors are JSON, as vLLM's).
+    `load_inplace` makes the files a registered name's new current version (as `replace`)."""
+    await _register_path(request, body.lora_name, body.lora_path, None, body.load_inplace)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 

@@ -32,6 +32,8 @@ A preempted request is recomputed later exactly like a KV preemption (outputs so
 
 from __future__ import annotations
 
+from loraplex.adapters.versions import name_of
+
 W_PROMPT = 1.0  # counter units per prompt token computed
 W_OUTPUT = 2.0  # counter units per output token generated
 
@@ -39,8 +41,9 @@ BASE_TENANT = ""
 
 
 def tenant_of(adapter: str | None) -> str:
-    """The tenant a request is accounted to: its adapter, or "" for the base model."""
-    return adapter or BASE_TENANT
+    """The tenant a request is accounted to: its adapter's name (every version of it, adapters/versions.py:
+    a canary does not double a name's share), or "" for the base model."""
+    return name_of(adapter) or BASE_TENANT
 
 
 def request_worth(num_prompt: int, max_tokens: int) -> float:

@@ -80,31 +80,43 @@ class EngineSide:
     LLMEngine.apply_adapter_messages does at each step start)."""
 
     def __init__(self, store: AdapterStore, num_slots: int) -> None:
+        self.store = store
         self.port, self.device = AdapterPort(), FakeDevice(num_slots)
         self.loader = HostLoader(store.load_weights, self.port.put, self.port.wake, pin_memory=False)
         self.table = SlotTable(num_slots=num_slots, max_host=4, request_load=self.loader.submit,
                                clear_slot=self.device.clear, is_registered=self.port.registered)
         store.attach(self.port)
 
-    def apply(self) -> None:
+    def apply(self, in_use: tuple[str, ...] = ()) -> None:
+        """A step start: apply the inbox, copy due weights, free retired versions no request (`in_use`) names."""
         msgs = self.port.drain()
         for msg in msgs:
             self.table.apply(msg)
         self.table.load_due(self.device.write)
+        self.table.sweep_retired(lambda: set(in_use))
         self.port.publish(self.table.snapshot(), msgs)
 
+    def key(self, name: str) -> str:
+        """The engine key a new request for `name` (or "name@version") runs, as the API resolves it."""
+        return self.store.resolve(name)
+
     def acquire(self, name: str) -> AdapterWeights:
-        """Ask as the scheduler does until READY (one reference); the weights in its slot. Waits for the host
-        loader's messages, never sleeps; AssertionError with the reason if the load fails."""
+        """Ask as the scheduler does until READY (one reference) for what a request for `name` resolves to; the
+        weights in its slot. Waits for the host loader's messages, never sleeps; AssertionError with the reason if
+        the load fails."""
+        key = self.key(name)
         for _ in range(100):
-            self.apply()
-            got = self.table.acquire(name)
+            self.apply((key,))
+            got = self.table.acquire(key)
             if got.state is SlotState.READY:
                 return self.device.slots[got.slot]
             assert got.state is not SlotState.ERRORED, got.reason
             if not self.table.copies_pending():
                 assert self.port.wait_for_message(30), "the host loader never answered"
         raise AssertionError("never ready")
+
+    def release(self, name: str) -> None:
+        self.table.release(self.key(name))
 
 
 @pytest.fixture
@@ -203,10 +215,10 @@ def test_the_record_survives_a_restart(make_store, tmp_path):
     again = make_store()
     assert again.names() == ["g", "u"] and again.get("g").pinned and again.get("u").source == "upload"
     again.engine_side.apply()
-    table = again.engine_side.table  # attach re-pins what the manifest says is pinned
-    assert table.is_pinned("g") and not table.is_pinned("u")
-    assert torch.equal(again.load_weights("u").modules["model.layers.0.self_attn.q_proj"].a,
-                       store.load_weights("u").modules["model.layers.0.self_attn.q_proj"].a)
+    table, key = again.engine_side.table, again.engine_side.key  # attach re-pins what the manifest says is pinned
+    assert table.is_pinned(key("g")) and not table.is_pinned(key("u"))
+    assert torch.equal(again.load_weights(key("u")).modules["model.layers.0.self_attn.q_proj"].a,
+                       store.load_weights(key("u")).modules["model.layers.0.self_attn.q_proj"].a)
 
 
 def test_uploads_as_files_streams_or_archive(make_store, other):
@@ -264,13 +276,14 @@ def test_invalid_adapters_are_refused_and_their_upload_discarded(make_store, oth
 def test_unregister_removes_record_copy_and_cached_copies_but_never_user_files(make_store, root, other):
     store = make_store()
     store.register_path("p", "good0")
+    key_p = store.resolve("p")
     store.register_upload("u", files_of(other))
     assert store.unregister("u").name == "u" and upload_dirs(store) == []
     assert store.unregister("p").source == "local:good0"
     assert (root / "good0" / WEIGHTS).exists() and store.names() == []
     store.engine_side.apply()
     assert store.engine_side.table.resident() == {"device": [], "host": []}
-    for call in (lambda: store.unregister("p"), lambda: store.describe("p"), lambda: store.load_weights("p")):
+    for call in (lambda: store.unregister("p"), lambda: store.describe("p"), lambda: store.load_weights(key_p)):
         with pytest.raises(AdapterNotFoundError, match="'p'"):
             call()
 
@@ -280,7 +293,7 @@ def test_registering_again_after_unregister_serves_the_new_files(make_store, roo
     store.register_path("x", "good0")
     side = store.engine_side
     slot_weights = side.acquire("x")
-    side.table.release("x")
+    side.release("x")
     store.unregister("x")
     store.register_path("x", "other")
     again = side.acquire("x")
@@ -295,11 +308,12 @@ def test_a_request_for_an_adapter_deleted_meanwhile_evicts_nothing(make_store):
     store.register_path("b", "good1")
     side = store.engine_side
     resident = side.acquire("a")
-    side.table.release("a")
+    side.release("a")
+    key_b = side.key("b")
     store.unregister("b")  # the registry drops it at once; the engine applies the forget at its next step
-    got = side.table.acquire("b")
-    assert got.state is SlotState.ERRORED and got.reason == "adapter 'b' is not registered"
-    assert side.table.tier("a") == "device" and side.device.slots == [resident]
+    got = side.table.acquire(key_b)
+    assert got.state is SlotState.ERRORED and got.reason == f"adapter 'b' version {key_b[-64:][:12]} is not registered"
+    assert side.table.tier(side.key("a")) == "device" and side.device.slots == [resident]
     assert side.table.stats.evictions["device"] == 0 and store.describe("a")["state"] == "ready"
 
 
@@ -309,7 +323,7 @@ def test_files_vanishing_after_registration_mark_only_that_adapter_errored(make_
     store.register_path("fine", "good1")
     side = store.engine_side
     side.apply()
-    side.table.forget("gone")  # drop the host copy seeded by registration (as LRU eviction would)
+    side.table.forget(side.key("gone"))  # drop the host copy seeded by registration (as LRU eviction would)
     shutil.rmtree(root / "good0")
     with pytest.raises(AssertionError, match="does not exist"):
         side.acquire("gone")
@@ -327,7 +341,7 @@ def test_files_swapped_for_an_outside_link_after_registration_are_never_read(mak
     store.register_path("fine", "good1")
     side = store.engine_side
     side.apply()
-    side.table.forget("swapped")  # drop the host copy seeded by registration (as LRU eviction would)
+    side.table.forget(side.key("swapped"))  # drop the host copy seeded by registration (as LRU eviction would)
     victim = root / "good0" if swapped == "dir" else root / "good0" / WEIGHTS
     outside = tmp_path / "outside_copy"
     shutil.move(victim, outside)
@@ -445,7 +459,7 @@ def test_copies_no_record_refers_to_are_removed_at_start(make_store, other, tmp_
     stray_file.write_text("not ours to judge")
     again = make_store()
     assert upload_dirs(again) == sorted([*kept, "note.txt"]) and not s3_orphan.exists()
-    assert again.names() == ["kept"] and again.load_weights("kept").max_rank == 4
+    assert again.names() == ["kept"] and again.load_weights(again.resolve("kept")).max_rank == 4
 
 
 # -- a registry shared by replicas (--registry s3://…) ----------------------------------------------------
@@ -479,14 +493,15 @@ def test_shared_registration_is_served_by_the_other_replica_after_it_syncs(repli
     weights = side.acquire("u")  # b downloads u's files at its first load, from the registry's copy
     assert weights.max_rank == 4 and len(list(b.s3.owned_dir.iterdir())) == 1
     assert torch.equal(weights.modules["model.layers.0.self_attn.q_proj"].a,
-                       a.load_weights("u").modules["model.layers.0.self_attn.q_proj"].a)
-    side.table.release("u")
+                       a.load_weights(a.resolve("u")).modules["model.layers.0.self_attn.q_proj"].a)
+    key_u = side.key("u")
+    side.release("u")
     a.unregister("u")
     assert b.sync() == ["u"] and removed == ["u"] and b.names() == ["p"]
     side.apply()
-    assert side.table.tier("u") == "disk" and list(b.s3.owned_dir.iterdir()) == []  # slot and copy dropped
+    assert side.table.tier(key_u) == "disk" and list(b.s3.owned_dir.iterdir()) == []  # slot and copy dropped
     with pytest.raises(AdapterNotFoundError):
-        b.load_weights("u")
+        b.load_weights(key_u)
 
 
 def test_shared_names_conflict_across_replicas_before_any_sync(replicas):
@@ -505,7 +520,7 @@ def test_shared_reregistration_under_the_same_name_replaces_the_old_copy(replica
     a.register_path("x", "good0")
     b.sync()
     first = b.engine_side.acquire("x")
-    b.engine_side.table.release("x")
+    b.engine_side.release("x")
     a.unregister("x")
     a.register_path("x", "other")  # b sees a different record under the same name in one poll
     assert b.sync() == ["x"]
@@ -518,11 +533,11 @@ def test_shared_pins_and_restarts_come_from_the_manifest(replicas, make_store, t
     a.register_path("pinned", "good0", pinned=True)
     b.sync()
     b.engine_side.apply()
-    assert b.engine_side.table.is_pinned("pinned")
+    assert b.engine_side.table.is_pinned(b.resolve("pinned"))
     restarted = make_store(state=tmp_path / "fresh-replica", registry=a.config.registry_url, s3_endpoint=s3_endpoint)
     assert restarted.names() == ["pinned"]  # a new replica starts from the shared manifest
     restarted.engine_side.apply()
-    assert restarted.engine_side.table.is_pinned("pinned")
+    assert restarted.engine_side.table.is_pinned(restarted.resolve("pinned"))
 
 
 def test_shared_registration_that_loses_a_race_leaves_no_files_behind(replicas):
@@ -549,8 +564,8 @@ def test_a_load_between_a_poll_and_its_sync_finds_the_new_adapter(replicas):
     a, b = replicas(2)
     a.register_path("x", "good0")
     assert b.registry.refresh()  # the poller's first half; sync's bookkeeping has not run yet
-    assert b.load_weights("x").max_rank == 8
-    assert b.sync() == ["x"] and b.load_weights("x").max_rank == 8
+    assert b.load_weights(b.resolve("x")).max_rank == 8
+    assert b.sync() == ["x"] and b.load_weights(b.resolve("x")).max_rank == 8
 
 
 def test_changes_seen_by_this_replicas_own_write_are_applied_at_the_next_sync(replicas):
@@ -573,14 +588,17 @@ def test_a_replica_registering_a_name_another_replica_deleted_forgets_its_old_co
     b.sync()
     side = b.engine_side
     assert side.acquire("x").max_rank == 8  # the old registration sits in a device slot on b
-    side.table.release("x")
-    removed: list[str] = []
-    b.on_removed = removed.append
+    old_key = side.key("x")
+    side.release("x")
+    dropped: list[str] = []
+    b.on_dropped = lambda keys, reason: dropped.extend(keys)
     a.unregister("x")
     b.register_path("y", "good1")  # b's conditional write reads the newest manifest: its view loses x
     b.register_path("x", "other")  # no sync ran in between: b's engine still holds the old x
-    assert removed == ["x"]  # the old registration's queued requests fail, its metric labels go
+    assert dropped == [old_key]  # the old registration's queued requests fail
     assert side.acquire("x").max_rank == 4
+    side.apply()
+    assert side.table.tier(old_key) == "disk"  # forgotten: its slot is free
     assert len(list(b.s3.owned_dir.iterdir())) == 0  # b read its own upload in place: no download kept
 
 
@@ -614,7 +632,7 @@ def test_an_admin_command_the_engine_failed_to_apply_is_an_error_not_a_success(m
     thread = threading.Thread(target=engine_thread)
     thread.start()
     try:
-        with pytest.raises(AdapterCommandError, match=r"failed to apply Forget\('g'\): KeyError") as err:
+        with pytest.raises(AdapterCommandError, match=r"failed to apply Forget\('g@[0-9a-f]{64}'\): KeyError") as err:
             store.unregister("g")
         assert err.value.status == 500
     finally:
