@@ -150,9 +150,9 @@ class AdapterStore:
         kept, remote = False, None
         try:
             files = source.files(local_dir)
+            weights = self.validate(files)  # first: its errors name what is wrong with the files
             sha, fingerprint = _digest(files)
             _check_expected(expected, sha)
-            weights = self.validate(files)
             known = self.registry.find(name).version(sha) if replace and name in self.registry else None
             if isinstance(self.registry, SharedRegistry) and known is None:  # others read this copy, never ours
                 remote = self.registry.upload_files(name, local_dir)

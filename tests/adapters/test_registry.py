@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from loraplex.adapters import registry as registry_mod
+from loraplex.adapters.digest import dir_digest
 from loraplex.adapters.errors import AdapterBadNameError, AdapterConflictError, AdapterNotFoundError
 from loraplex.adapters.names import validate_adapter_name
-from loraplex.adapters.digest import dir_digest
 from loraplex.adapters.registry import AdapterRecord, AdapterRegistry, AdapterVersion, ManifestError
 
 # -- names (BAD_INPUTS row 3) --------------------------------------------------------------------------

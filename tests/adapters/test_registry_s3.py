@@ -11,9 +11,9 @@ import threading
 import boto3
 import pytest
 
-from loraplex.adapters.errors import AdapterConflictError, AdapterNotFoundError
 from loraplex.adapters import versions as V
 from loraplex.adapters.digest import dir_digest
+from loraplex.adapters.errors import AdapterConflictError, AdapterNotFoundError
 from loraplex.adapters.registry import AdapterRecord, AdapterVersion, ManifestError
 from loraplex.adapters.registry_s3 import SharedRegistry
 from loraplex.adapters.sources.s3 import S3UnavailableError

@@ -86,7 +86,8 @@ def test_seeded_scenarios(world_parts, request):
           f"{totals.steps} steps, {totals.requests} requests ({totals.rejected} rejected at the door), "
           f"outcomes {dict(sorted(totals.outcomes.items()))}, {totals.checked_greedy} greedy outputs and "
           f"{totals.checked_prompt_logprobs} prompt logprobs equal to their solo reference, "
-          f"{totals.preemptions} preemptions, longest drain {totals.idle_after} steps")
+          f"{totals.preemptions} preemptions, {totals.outlived} requests completed on a version replaced while "
+          f"they ran, longest drain {totals.idle_after} steps")
 
 
 def _add(totals, report) -> None:
@@ -96,6 +97,7 @@ def _add(totals, report) -> None:
     totals.checked_greedy += report.checked_greedy
     totals.checked_prompt_logprobs += report.checked_prompt_logprobs
     totals.preemptions += report.preemptions
+    totals.outlived += report.outlived
     totals.idle_after = max(totals.idle_after, report.idle_after)
     for k, v in report.outcomes.items():
         totals.outcomes[k] = totals.outcomes.get(k, 0) + v
