@@ -49,6 +49,11 @@ DOCUMENTED = {
     "vllm:num_requests_running": ("gauge", set()),
     "vllm:num_requests_waiting": ("gauge", set()),
     "vllm:gpu_cache_usage_perc": ("gauge", set()),
+    "vllm:lora_adapter_loaded": ("gauge", {"adapter_name", "level", "pinned", "rank"}),
+    "vllm:num_gpu_loaded_lora_adapters": ("gauge", set()),
+    "vllm:max_gpu_lora_adapters": ("gauge", set()),
+    "vllm:lora_adapter_load_seconds": ("histogram", set()),
+    "loraplex_adapter_version_info": ("gauge", {"adapter", "version"}),
 }
 
 
