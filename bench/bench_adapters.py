@@ -442,21 +442,18 @@ def part_ttft(model_dir: Path, work: TtftWork, repeats: int) -> dict[str, object
     engine.start()
     cases = {"resident": lambda k: f"warm{k % 2}", "cold": lambda k: f"cold{k % len(cold):02d}"}
     vocab = sync.loaded.model.config.vocab_size
-    rounds: dict[str, list[dict[str, object]]] = {c: [] for c in cases}
+
+    def run(r: int, case: str) -> tuple[dict[str, object], str]:
+        plan = ttft_plan(r, work if r else replace(work, seconds=work.seconds / 4), vocab)  # round 0: a quarter
+        loads0 = engine.adapters.stats.misses["device"]  # the snapshot the engine thread published
+        got = asyncio.run(run_ttft_case(engine, plan, cases[case], work))
+        res = {"hot": ms_summary(got["hot"]), "other": ms_summary(got["other"]),
+               "cold_loads": engine.adapters.stats.misses["device"] - loads0}
+        return res, f"other p50 {res['other']['p50_ms']:.0f} ms; loads {res['cold_loads']}"
+
     try:
         _wait_resident(engine, list(dirs))
-        for r in range(repeats + 1):  # round 0 (a quarter as long) warms up; dropped
-            plan = ttft_plan(r, work if r else replace(work, seconds=work.seconds / 4), vocab)
-            for case in (list(cases) if r % 2 == 0 else list(cases)[::-1]):
-                loads0 = engine.adapters.stats.misses["device"]  # the snapshot the engine thread published
-                got = asyncio.run(run_ttft_case(engine, plan, cases[case], work))
-                res = {"hot": ms_summary(got["hot"]), "other": ms_summary(got["other"]),
-                       "cold_loads": engine.adapters.stats.misses["device"] - loads0}
-                print(f"  round {r}{' (warm-up)' if r == 0 else ''} {case}: hot TTFT p50 "
-                      f"{res['hot']['p50_ms']:.0f} p99 {res['hot']['p99_ms']:.0f} ms; other p50 "
-                      f"{res['other']['p50_ms']:.0f} ms; loads {res['cold_loads']}", flush=True)
-                if r:
-                    rounds[case].append(res)
+        rounds = alternating_rounds(repeats, list(cases), run)
     finally:
         engine.stop()
     p99 = {c: [x["hot"]["p99_ms"] for x in v] for c, v in rounds.items()}
@@ -464,6 +461,21 @@ def part_ttft(model_dir: Path, work: TtftWork, repeats: int) -> dict[str, object
     return {"work": work.__dict__, "slots": 8, "host_adapters": 8, "rounds": rounds,
             "hot_p99_ms": {c: median(v) for c, v in p99.items()},
             "ratio": ratio, "target": TARGETS["ttft_ratio"], "pass": ratio <= TARGETS["ttft_ratio"]}
+
+
+def alternating_rounds(repeats: int, cases: list[str],
+                       run: Callable[[int, str], tuple[dict[str, object], str]]) -> dict[str, list[dict[str, object]]]:
+    """Round 0 warms up (dropped), then `repeats` rounds of every case, the order alternating per round; `run(round,
+    case)` -> (its result with a "hot" TTFT summary, a note to print). The per-case lists of results."""
+    rounds: dict[str, list[dict[str, object]]] = {c: [] for c in cases}
+    for r in range(repeats + 1):
+        for case in (cases if r % 2 == 0 else cases[::-1]):
+            res, note = run(r, case)
+            print(f"  round {r}{' (warm-up)' if r == 0 else ''} {case}: hot TTFT p50 {res['hot']['p50_ms']:.0f} p99 "
+                  f"{res['hot']['p99_ms']:.0f} ms; {note}", flush=True)
+            if r:
+                rounds[case].append(res)
+    return rounds
 
 
 def _wait_resident(engine: AsyncEngine, names: list[str], timeout: float = 60.0) -> None:
@@ -479,21 +491,17 @@ def part_swap(model_dir: Path, work: swap.SwapWork, repeats: int) -> dict[str, o
     pool = synth_adapters(model_dir, "P", 11)  # hot0, hot1, trained's first version, then 8 pushed checkpoints
     bodies = swap.distinct_bodies(pool[3:], 8)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    rounds: dict[str, list[dict[str, object]]] = {"replace": [], "steady": []}
     with tempfile.TemporaryDirectory(prefix="bench-swap-") as tmp:
         server = swap.start(model_dir, pool[:3], Path(tmp))
+
+        def run(r: int, case: str) -> tuple[dict[str, object], str]:
+            w = work if r else replace(work, seconds=work.seconds / 3)  # round 0: a third as long
+            res = _swap_summary(asyncio.run(swap.run_case(server, bodies, case == "replace", w, r, vocab)))
+            return res, (f"{res['hot']['n']} hot requests; trainer: PUT answered p50 {res['put_answer']['p50_ms']:.0f}"
+                         f" ms, first token after the PUT p50 {res['put_to_first_token']['p50_ms']:.0f} ms")
+
         try:
-            for r in range(repeats + 1):  # round 0 (a third as long) warms up; dropped
-                w = work if r else replace(work, seconds=work.seconds / 3)
-                for case in (("replace", "steady") if r % 2 == 0 else ("steady", "replace")):
-                    got = asyncio.run(swap.run_case(server, bodies, case == "replace", w, r, vocab))
-                    res = _swap_summary(got)
-                    print(f"  round {r}{' (warm-up)' if r == 0 else ''} {case}: hot TTFT p50 "
-                          f"{res['hot']['p50_ms']:.0f} p99 {res['hot']['p99_ms']:.0f} ms ({res['hot']['n']} requests);"
-                          f" trainer: PUT answered p50 {res['put_answer']['p50_ms']:.0f} ms, first token after the "
-                          f"PUT p50 {res['put_to_first_token']['p50_ms']:.0f} ms", flush=True)
-                    if r:
-                        rounds[case].append(res)
+            rounds = alternating_rounds(repeats, ["replace", "steady"], run)
         finally:
             server.stop()
     p99 = {c: [x["hot"]["p99_ms"] for x in v] for c, v in rounds.items()}

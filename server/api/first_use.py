@@ -2,9 +2,9 @@
 resolver may serve registers it before the request resolves its version.
 
 Concurrent first requests for one name join one resolution (one task per name on the event loop, shared through
-`asyncio.shield`: a client that leaves does not cancel it for the others); the registration itself runs in a
-worker thread. Names the resolver refuses (pattern, `.`/`..`) and misses it remembers are answered without
-starting any work; the request then gets the usual 404 (or the remembered error).
+`asyncio.shield`: a client that leaves does not cancel it for the others); the registration itself runs in the
+admin pool (server/api/admin_work.py). Names the resolver refuses (pattern, `.`/`..`) and misses it remembers
+are answered without starting any work; the request then gets the usual 404 (or the remembered error).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import Request
-from starlette.concurrency import run_in_threadpool
 
 from loraplex.adapters.versions import split_key
+from loraplex.server.api.admin_work import run_admin
 from loraplex.server.api.generation import runtime_of
 
 
@@ -37,6 +37,6 @@ async def resolve_on_first_use(request: Request, model: str | None) -> None:
     pending: dict[str, asyncio.Future[None]] = request.app.state.resolving
     task = pending.get(name)
     if task is None:
-        task = pending[name] = asyncio.ensure_future(run_in_threadpool(resolver.resolve, name))
+        task = pending[name] = asyncio.ensure_future(run_admin(resolver.resolve, name))
         task.add_done_callback(lambda _: pending.pop(name, None))
     await asyncio.shield(task)

@@ -1,13 +1,13 @@
-"""Adapter admin API: register (by path/S3 URL, by upload, or new weights from a training loop), replace, roll
-back, canary routes, prefetch, list, describe, unregister; vLLM's aliases.
+"""Adapter admin API: register (by path/S3 URL, by upload, or new weights from a training loop), replace, roll back,
+canary routes, prefetch, list, describe, unregister; vLLM's aliases.
 
-Every route needs `--admin-key` when one is set. Registration reads, hashes and validates files (blocking I/O)
-and waits for the engine thread to take the new version in, so it runs in a worker thread and the event loop
-keeps serving generation traffic meanwhile; records come from the snapshot the engine publishes
-(store.describe). A replace, rollback or route change is atomic: requests admitted before it finish on the
-version they resolved, every request admitted after its answer runs on the new choice (adapters/versions.py).
-Unregistering lets running requests finish on the device copy, ends queued ones with an error, and refuses new
-ones (404).
+Every route needs `--admin-key` when one is set. Registration reads, hashes and validates files (blocking I/O) and
+waits for the engine thread to take the new version in, so it runs in the admin pool's threads, at a lower CPU
+priority (server/api/admin_work.py), and the event loop keeps serving generation traffic meanwhile; records come
+from the snapshot the engine publishes (store.describe). A replace, rollback or route change is atomic: requests
+admitted before it finish on the version they resolved, every request admitted after its answer runs on the new
+choice (adapters/versions.py). Unregistering lets running requests finish on the device copy, ends queued ones with
+an error, and refuses new ones (404).
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import PlainTextResponse
-from starlette.concurrency import run_in_threadpool
 
 from loraplex.adapters.digest import short
 from loraplex.adapters.errors import AdapterConflictError, AdapterNotFoundError
 from loraplex.adapters.names import validate_adapter_name
 from loraplex.adapters.store import AdapterStore
 from loraplex.adapters.versions import taken, version_of
+from loraplex.server.api.admin_work import run_admin
 from loraplex.server.api.auth import require_admin_key
 from loraplex.server.api.errors import ApiError
 from loraplex.server.api.schemas_adapters import (
@@ -46,7 +46,9 @@ router = APIRouter(dependencies=[Depends(require_admin_key)], tags=["adapters"])
 
 # Bounds on the multipart parser: our fields are 2 files or 1 archive, plus options; extras are named (400).
 _MAX_FORM_PARTS = 8
-_SPOOL_IN_MEMORY = 1 << 20  # a raw weights body beyond this spills to a temp file while it arrives
+# A raw weights body is held in memory up to this (a 7B adapter's is tens of MB) and spills to a temp file beyond:
+# no disk write on the event loop for the usual sizes, bounded memory for a huge one.
+_SPOOL_IN_MEMORY = 64 << 20
 
 
 def _store(request: Request, *, writing: bool = False) -> AdapterStore:
@@ -80,14 +82,14 @@ async def _register_path(request: Request, name: str, path: str, pinned: bool | 
     store = _store(request, writing=True)
     _check_new_name(request, store, name, replace)
     existed = name in store
-    await run_in_threadpool(lambda: store.register_path(name, path, pinned, replace=replace, sha256=sha256))
+    await run_admin(lambda: store.register_path(name, path, pinned, replace=replace, sha256=sha256))
     return store.describe(name), existed
 
 
 async def _unregister(request: Request, name: str) -> dict[str, Any]:
     store = _store(request, writing=True)
     record = store.describe(name)  # 404 naming it when unknown; the answer shows what was removed
-    await run_in_threadpool(store.unregister, name)
+    await run_admin(store.unregister, name)
     return record
 
 
@@ -116,7 +118,7 @@ async def upload_adapter(name: str, request: Request, response: Response) -> dic
     async with request.form(max_files=_MAX_FORM_PARTS, max_fields=_MAX_FORM_PARTS) as form:
         payload, opts = upload_payload(form)
         replace = bool(replace_query or opts.replace)
-        await run_in_threadpool(lambda: store.register_upload(name, payload, opts.pinned, replace=replace,
+        await run_admin(lambda: store.register_upload(name, payload, opts.pinned, replace=replace,
                                                               sha256=opts.sha256))
     _status(response, existed)
     return store.describe(name)
@@ -134,7 +136,7 @@ async def put_weights(name: str, request: Request) -> dict[str, Any]:
         if not body.tell():
             raise ApiError(400, "the body is empty: send the adapter_model.safetensors bytes", param="body")
         body.seek(0)
-        await run_in_threadpool(store.put_weights, name, body, request.query_params.get("sha256"))
+        await run_admin(store.put_weights, name, body, request.query_params.get("sha256"))
     return store.describe(name)
 
 
@@ -142,7 +144,7 @@ async def put_weights(name: str, request: Request) -> dict[str, Any]:
 async def rollback_adapter(name: str, request: Request, body: RollbackRequest | None = None) -> dict[str, Any]:
     """Make a version of the history current again (default: the one current before); clears a route."""
     store = _store(request, writing=True)
-    await run_in_threadpool(store.rollback, name, body.version if body is not None else None)
+    await run_admin(store.rollback, name, body.version if body is not None else None)
     return store.describe(name)
 
 
@@ -151,7 +153,7 @@ async def set_route(name: str, body: RouteRequest, request: Request) -> dict[str
     """Split the name's new requests between versions of its history by weight (a canary)."""
     store = _store(request, writing=True)
     splits = [(split.version, split.weight) for split in body.versions]
-    await run_in_threadpool(store.set_route, name, splits, body.sticky)
+    await run_admin(store.set_route, name, splits, body.sticky)
     return store.describe(name)
 
 
@@ -159,7 +161,7 @@ async def set_route(name: str, body: RouteRequest, request: Request) -> dict[str
 async def clear_route(name: str, request: Request) -> dict[str, Any]:
     """Back to the current version for every new request."""
     store = _store(request, writing=True)
-    await run_in_threadpool(store.clear_route, name)
+    await run_admin(store.clear_route, name)
     return store.describe(name)
 
 
