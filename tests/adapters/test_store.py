@@ -638,3 +638,134 @@ def test_an_admin_command_the_engine_failed_to_apply_is_an_error_not_a_success(m
     finally:
         stop.set()
         thread.join(30)
+
+
+# -- versions (adapters/versions.py) ------------------------------------------------------------------------
+
+
+def test_a_replace_keeps_the_old_version_for_its_requests_and_retires_it(make_store, other):
+    """The engine holds v1 in a slot for a running request; the replace makes v2 what the name resolves to, and
+    v1 keeps its slot until that request releases it, then the sweep frees it."""
+    from loraplex.adapters.digest import dir_digest
+
+    store = make_store(num_slots=2)
+    side = store.engine_side
+    store.register_path("x", "good0")
+    old_key = side.key("x")
+    assert side.acquire("x").max_rank == 8  # a running request holds v1
+    record = store.register_path("x", "other", replace=True)
+    assert record.current.sha256 == dir_digest(other) and [v.sha256 for v in record.versions][1] == old_key[-64:]
+    assert side.key("x") != old_key and side.acquire("x").max_rank == 4  # new requests run v2
+    side.apply(in_use=(old_key, side.key("x")))
+    assert side.table.tier(old_key) == "device"  # still held
+    side.table.release(old_key)
+    side.apply(in_use=(side.key("x"),))
+    assert side.table.tier(old_key) == "disk" and side.table.tier(side.key("x")) == "device"
+    assert store.load_weights(old_key).max_rank == 8  # still in the history: an explicit request may load it
+
+
+def test_the_history_is_bounded_and_a_trimmed_versions_copy_is_deleted(make_store, adapter_dir):
+    store = make_store()
+    dropped: list[str] = []
+    store.on_dropped = lambda keys, reason: dropped.extend(keys)
+    dirs = [adapter_dir("llama", 4, ("q_proj", "v_proj"), 60 + i) for i in range(7)]
+    store.register_upload("h", files_of(dirs[0]))
+    first = store.resolve("h")
+    for d in dirs[1:]:
+        store.register_upload("h", files_of(d), replace=True)
+    record = store.get("h")
+    assert len(record.versions) == 5 and len(upload_dirs(store)) == 5  # --adapter-history 5 (the default)
+    assert first in dropped and len(dropped) == 2 and not store.has_key(first)
+    with pytest.raises(AdapterNotFoundError, match="has no version"):
+        store.load_weights(first)
+
+
+def test_the_same_bytes_again_reuse_their_version_and_rollback_moves_the_pin(make_store, other):
+    store = make_store(num_slots=3)
+    side = store.engine_side
+    store.register_path("p", "good0", pinned=True)
+    v1 = side.key("p")
+    store.register_path("p", "other", replace=True)  # pinned is kept (None: unchanged)
+    v2 = side.key("p")
+    side.apply()
+    assert store.get("p").pinned and side.table.is_pinned(v2) and not side.table.is_pinned(v1)
+    again = store.register_path("p", "good1", replace=True)  # good1 is a byte copy of good0: v1 again
+    assert [v.sha256 for v in again.versions] == [v1[-64:], v2[-64:]] and side.key("p") == v1
+    store.rollback("p")
+    side.apply()
+    assert side.key("p") == v2 and side.table.is_pinned(v2) and not side.table.is_pinned(v1)
+    store.register_path("p", "other", replace=True, pinned=False)  # same bytes: only the pin changes
+    side.apply()
+    assert not store.get("p").pinned and not side.table.is_pinned(v2) and len(store.get("p").versions) == 2
+
+
+def test_a_file_rewritten_in_place_is_never_served_under_its_old_version(make_store, root, other):
+    import os
+
+    store = make_store()
+    store.register_path("w", "good0")
+    key = store.resolve("w")
+    store.load_weights(key)
+    weights = root / "good0" / WEIGHTS
+    os.utime(weights)  # touched, same bytes: hashed again, still the version
+    assert store.load_weights(key).max_rank == 8
+    shutil.copy(other / CONFIG, root / "good0" / CONFIG)
+    shutil.copy(other / WEIGHTS, weights)  # retrained in place: other bytes under the registered path
+    with pytest.raises(AdapterValidationError, match=r"changed since it was registered .*\"replace\": true"):
+        store.load_weights(key)
+    assert store.register_path("w", "good0", replace=True).current.sha256 != key[-64:]  # a new version: fine
+
+
+def test_a_stated_sha256_that_differs_is_refused_and_nothing_is_kept(make_store, other):
+    from loraplex.adapters.digest import dir_digest
+
+    store = make_store()
+    with pytest.raises(AdapterValidationError, match="sha256 mismatch") as err:
+        store.register_upload("s", files_of(other), sha256="0" * 64)
+    assert dir_digest(other) in str(err.value) and "0" * 64 in str(err.value) and err.value.field == "sha256"
+    assert upload_dirs(store) == [] and store.names() == []
+    assert store.register_upload("s", files_of(other), sha256=dir_digest(other)).current.sha256 == dir_digest(other)
+
+
+def test_put_weights_keeps_the_current_config(make_store, adapter_dir):
+    from loraplex.adapters.digest import dir_digest
+
+    store = make_store()
+    first, second = (adapter_dir("llama", 4, ("q_proj", "v_proj"), s) for s in (70, 71))
+    store.register_upload("t", files_of(first))
+    record = store.put_weights("t", (second / WEIGHTS).read_bytes())
+    assert record.current.sha256 == dir_digest(second) and record.current.source == "weights"
+    assert store.load_weights(store.resolve("t")).max_rank == 4
+
+
+def test_routes_pick_sticky_versions_and_name_at_version_pins_one(make_store, other):
+    store = make_store()
+    store.register_path("r", "good0")
+    v1 = store.resolve("r")
+    store.register_path("r", "other", replace=True)
+    v2 = store.resolve("r")
+    store.set_route("r", [(v1[-64:][:6], 1), (v2[-64:][:6], 1)], "user")
+    picks = {user: {store.resolve("r", user) for _ in range(3)} for user in (f"u{i}" for i in range(20))}
+    assert all(len(p) == 1 for p in picks.values()) and {k for p in picks.values() for k in p} == {v1, v2}
+    assert store.resolve(f"r@{v1[-64:][:8]}") == v1
+    with pytest.raises(AdapterValidationError, match="4 to 64 hex digits"):
+        store.resolve("r@xyz")
+    store.clear_route("r")
+    assert {store.resolve("r", u) for u in picks} == {v2}
+
+
+def test_a_shared_replace_reaches_the_other_replica_and_retires_its_old_version(replicas, other):
+    a, b = replicas(2)
+    a.register_path("x", "good0")
+    b.sync()
+    old = b.resolve("x")
+    assert b.engine_side.acquire("x").max_rank == 8
+    b.engine_side.release("x")
+    a.register_path("x", "other", replace=True)
+    assert b.resolve("x") == old  # b has not polled yet
+    assert b.sync() == ["x"] and b.resolve("x") != old
+    assert b.engine_side.acquire("x").max_rank == 4
+    b.engine_side.apply(in_use=(b.resolve("x"),))
+    assert b.engine_side.table.tier(old) == "disk"
+    a.rollback("x")
+    assert b.sync() == ["x"] and b.resolve("x") == old and b.engine_side.acquire("x").max_rank == 8
