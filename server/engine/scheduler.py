@@ -441,8 +441,11 @@ def _refair_ok(req: Request) -> bool:
 
 class _Gate:
     """One step's admission stops: the pool is full ('no_blocks' stops everything), or the first request tried
-    has starved on a slot for `starvation_steps` steps. From then on only requests that need no new slot ref
-    (they hold theirs since they started, or use the base model) are admitted: they are what drains a slot."""
+    is starving for slots: blocked on them for `starvation_steps` steps, or at once when nothing runs (no
+    throughput to protect). Blocked means 'no_slot', or 'loading' for a request that needs several slots at
+    once (a linear merge gives back the ones it got while the others load, so two such requests could evict
+    each other's forever). From then on only requests that need no new slot ref (they hold theirs since they
+    started, or use the base model) are admitted: they are what drains a slot, and nobody evicts the first's."""
 
     def __init__(self, scheduler: Scheduler) -> None:
         self._scheduler = scheduler
@@ -456,7 +459,8 @@ class _Gate:
         first, self._first = self._first, False
         if verdict == "no_blocks":
             return True
-        if first and verdict == "no_slot" and self._scheduler._starving(req):
+        blocked = verdict == "no_slot" or (verdict == "loading" and len(_slot_names(req)) > 1)
+        if first and blocked and (self._scheduler._starving(req) or not self._scheduler.running):
             self.starving = True
         return False
 
