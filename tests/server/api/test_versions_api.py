@@ -301,6 +301,13 @@ def test_every_generation_response_names_its_version_and_the_metrics_the_current
     tgi = httpx.post(f"{server.url}/generate", timeout=60, json={
         "inputs": "hi", "parameters": {"adapter_id": "v-meta", "max_new_tokens": 2, "details": True}})
     assert tgi.headers[VERSION_HEADER] == version
+    if httpx.get(f"{server.url}/v1/adapters/v-basic", timeout=30).status_code == 404:
+        assert register(server, "v-basic", versions[0]).status_code == 201
+    merged = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
+        "model": httpx.get(f"{server.url}/ready", timeout=30).json()["model"], "prompt": PROMPT, "max_tokens": 2,
+        "adapters": [{"name": "v-meta", "weight": 0.5}, {"name": "v-basic", "weight": 0.5}]})
+    assert merged.status_code == 200, merged.text
+    assert merged.headers[VERSION_HEADER] == f"v-meta@{version},v-basic@{dir_digest(versions[0])[:12]}"
     text = httpx.get(f"{server.url}/metrics", timeout=30).text
     assert f'loraplex_adapter_version_info{{adapter="v-meta",version="{version}"}} 1.0' in text
     assert re.search(r'^vllm:lora_adapter_loaded\{adapter_name="v-meta",level="(device|host)"', text, re.M)
