@@ -161,8 +161,7 @@ class AdapterStore:
             with self._lock:
                 self._check_pin_budget(name, pinned)
                 # 409 here when a concurrent registration of `name` won (any replica).
-                records = self.registry.update(lambda r: V.register_version(
-                    r, name, version, replace_=replace, pinned=pinned, history=self.config.history))
+                records = self.registry.update(lambda r: self._with_version(r, name, version, replace, pinned))
                 after = records[name]
                 kept = after.version(sha) is version  # False: an identical version was there already
                 key = V.engine_key(name, sha)
@@ -183,6 +182,17 @@ class AdapterStore:
         log.info("registered adapter %s version %s (rank %d, %s)%s", name, short(sha), weights.max_rank,
                  version.source, " as its new current version" if replace else "")
         return after
+
+    def _with_version(self, records: Records, name: str, version: AdapterVersion, replace: bool,
+                      pinned: bool | None) -> Records:
+        """The change a registration makes. A shared registry's new version needs its uploaded copy: one prepared
+        without (its bytes were in the history) meets a history that lost them meanwhile only in a race: a 409."""
+        updated = V.register_version(records, name, version, replace_=replace, pinned=pinned,
+                                     history=self.config.history)
+        if self.registry.shared and version.remote is None and updated[name].version(version.sha256) is version:
+            raise AdapterConflictError(f"adapter {name!r} changed while these files were prepared; send them again",
+                                       field="name")
+        return updated
 
     def _discard_copy(self, source: AdapterSource[Any], local_dir: Path, remote: str | None) -> None:
         """Drop a copy nothing refers to (upload/S3); in-place local dirs are never deleted."""

@@ -769,3 +769,19 @@ def test_a_shared_replace_reaches_the_other_replica_and_retires_its_old_version(
     assert b.engine_side.table.tier(old) == "disk"
     a.rollback("x")
     assert b.sync() == ["x"] and b.resolve("x") == old and b.engine_side.acquire("x").max_rank == 8
+
+
+def test_a_shared_replace_with_bytes_another_replica_just_dropped_is_a_409_not_a_record_without_files(replicas):
+    """b's stale view holds x's v1, so b's replace with v1's bytes uploads nothing (a history version); meanwhile a
+    deleted x and registered v2: the newest manifest has no v1 to reuse. Writing b's version would leave every
+    other replica a record without a copy to read: a 409 instead, and a retry uploads."""
+    a, b = replicas(2)
+    a.register_path("x", "good0")
+    b.sync()
+    a.unregister("x")
+    a.register_path("x", "other")
+    with pytest.raises(AdapterConflictError, match="changed while these files were prepared"):
+        b.register_path("x", "good1", replace=True)  # good1: a byte copy of good0 (v1)
+    b.sync()
+    record = b.register_path("x", "good1", replace=True)
+    assert record.current.remote is not None and a.sync() == ["x"] and a.load_weights(a.resolve("x")).max_rank == 8
