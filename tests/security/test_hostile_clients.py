@@ -175,10 +175,10 @@ def test_item9_a_request_counts_prompts_times_choices_and_cannot_take_its_adapte
     error_message(resp, 400, "7")
     with hooks.held(url), measure("9", "n=3 request held in flight, then another base request", pid) as m, \
             httpx.Client(base_url=url, headers=client.headers, timeout=120) as other, ThreadPoolExecutor(2) as pool:
-        big = pool.submit(completion, other, n=3)  # its leader waits in the engine; its 2 forks wait on the leader
-        hooks.wait_queued(url, waiting=1)
+        big = pool.submit(completion, other, n=3)  # its three choices wait in the engine (a group, no blocks held)
+        hooks.wait_queued(url, waiting=3)
         second = pool.submit(completion, client)  # the base model's share (6) still has room: admitted
-        hooks.wait_queued(url, waiting=2)
+        hooks.wait_queued(url, waiting=4)
         hooks.allow_steps(url, None)
         m.status = [big.result().status_code, second.result().status_code]
     assert m.status == [200, 200], m.status
