@@ -85,6 +85,7 @@ class Acquired:
     state: SlotState
     slot: int = -1
     reason: str | None = None
+    epoch: int = 0  # READY: the registration in the slot (a prefix-cache key names it)
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,9 @@ class SlotTable:
         # Set by the registry (AdapterStore.attach); without one (a bare engine) any name may load.
         self.is_registered: Callable[[str], bool] = is_registered or (lambda name: True)
         self.on_load_seconds: Callable[[float], None] = lambda seconds: None
+        # (name, epoch) of each registration dropped (unregistered, or a virtual adapter merged from one): the
+        # engine unpublishes the KV blocks computed with it.
+        self.on_forget: Callable[[str, int], None] = lambda name, epoch: None
         self._published = AdapterSnapshot(num_slots=num_slots)
         self._views: dict[str, AdapterView] = {}
         self._dirty: set[str] = set()  # names whose view changed since the last snapshot
@@ -193,7 +197,7 @@ class SlotTable:
         if entry is not None and entry.state is AdapterState.DEVICE_READY:
             entry.refs += 1
             self._device_lru.move_to_end(name)
-            return Acquired(SlotState.READY, entry.slot)
+            return Acquired(SlotState.READY, entry.slot, epoch=entry.epoch)
         if entry is not None and entry.slot is not None:
             return Acquired(SlotState.LOADING)
         if not self._known(name):  # e.g. DELETEd as its request was added: evict nothing for it
@@ -292,6 +296,7 @@ class SlotTable:
         self._changed = True
         if entry is None:
             return
+        self.on_forget(name, entry.epoch)
         self._device_lru.pop(name, None)  # a doomed copy is never evicted: it is in use, or freed now
         self._due.pop(name, None)
         entry.pending = None

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import torch
+
 from loraplex.adapters import versions as V
 from loraplex.adapters.digest import CONFIG_FILE, MAX_CONFIG_BYTES, WEIGHTS_FILE, DigestError, digest_streams, short
 from loraplex.adapters.errors import AdapterConflictError, AdapterNotFoundError, AdapterValidationError
@@ -71,6 +73,7 @@ class StoreConfig:
     s3_endpoint: str | None = None
     registry_url: str | None = None  # s3://bucket/prefix: one registry shared by replicas; None: state_dir's
     history: int = 5  # versions kept per name (--adapter-history, validated by ServerConfig), the current one
+    s3_timeout_s: float = 30.0  # --s3-timeout: one S3 operation, retries included
 
 
 @dataclass(frozen=True)
@@ -87,11 +90,12 @@ class AdapterStore:
         self.config = config
         self.module_shapes = dict(module_shapes)
         self.num_slots = num_slots
-        self.registry: RecordView = (SharedRegistry(config.registry_url, config.s3_endpoint) if config.registry_url
+        self.registry: RecordView = (SharedRegistry(config.registry_url, config.s3_endpoint,
+                                                    timeout_s=config.s3_timeout_s) if config.registry_url
                                      else AdapterRegistry(config.state_dir))
         self.local = LocalDirSource(config.adapter_root)
         self.upload = UploadSource(config.state_dir, config.max_upload_bytes)
-        self.s3 = S3Source(config.state_dir, config.s3_endpoint, config.max_upload_bytes)
+        self.s3 = S3Source(config.state_dir, config.s3_endpoint, config.max_upload_bytes, config.s3_timeout_s)
         self.port: AdapterPort | None = None
         # Called (outside the lock) with each name unregistered here or by another replica: the runtime drops its
         # metric labels.
@@ -169,7 +173,9 @@ class AdapterStore:
                     self._checked[key] = fingerprint
                     if remote:
                         self._copies[key] = _LocalCopy(remote, source, local_dir)
-                handed, gone = self._apply(name, after, (sha, weights.prepared()))
+                # The validation read doubles as the first host load (laid out for the slot copy here, off the engine),
+                # page-locked on CUDA as the host loader's are, so the first slot copy is asynchronous too.
+                handed, gone = self._apply(name, after, (sha, weights.prepared(pin=torch.cuda.is_available())))
         except BaseException:
             if not kept:
                 self._discard_copy(source, local_dir, remote)

@@ -26,6 +26,7 @@ from loraplex.server.config import (
     DEVICE_CHOICES,
     DTYPE_CHOICES,
     QUANTIZE_CHOICES,
+    ConnectionLimits,
     LoRAConfig,
     ModelConfig,
     ServerConfig,
@@ -38,8 +39,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("loraplex")
 # The defaults of the engine's and scheduler's configs (EngineConfig, SchedulerConfig), written out here because
 # importing those classes imports torch; tests/server/test_cli.py checks each equals its dataclass default.
-ENGINE_DEFAULTS = {"max_model_len": None, "num_kv_blocks": 0, "block_size": 16, "cuda_graphs": True}
-SCHEDULER_DEFAULTS = {"max_num_seqs": 32, "max_batch_tokens": 2048, "policy": "fair"}
+ENGINE_DEFAULTS = {"max_model_len": None, "num_kv_blocks": 0, "block_size": 16, "cuda_graphs": True,
+                   "kv_cache_memory": 0, "gpu_memory_utilization": 0.9}
+SCHEDULER_DEFAULTS = {"max_num_seqs": 32, "max_batch_tokens": 2048, "policy": "fair", "prefix_caching": True}
 
 
 def _default(config: type, field: str) -> object:
@@ -77,10 +79,19 @@ FLAGS: tuple[tuple[str, type, object, str], ...] = (
     ("--generation-config", str, _default(ModelConfig, "generation_config"),
      "sampling defaults for fields a request omits: auto (the model's generation_config.json), vllm (none: "
      "OpenAI's defaults) or a folder holding a generation_config.json"),
-    ("--num-kv-blocks", int, ENGINE_DEFAULTS["num_kv_blocks"], "KV cache blocks (0: sized from free memory)"),
+    ("--num-kv-blocks", int, ENGINE_DEFAULTS["num_kv_blocks"],
+     "KV cache blocks (0: sized by --kv-cache-memory, else --gpu-memory-utilization on CUDA, else the workload "
+     "--max-num-seqs x --max-model-len on the CPU)"),
+    ("--kv-cache-memory", int, ENGINE_DEFAULTS["kv_cache_memory"],
+     "bytes of KV cache (all layers); 0: sized by the other rules"),
+    ("--gpu-memory-utilization", float, ENGINE_DEFAULTS["gpu_memory_utilization"],
+     "fraction of a CUDA device's memory for the engine: weights, a profile run's peak, CUDA graphs, then the KV "
+     "pool gets the rest (as vLLM)"),
     ("--block-size", int, ENGINE_DEFAULTS["block_size"], "tokens per KV block"),
     ("--cuda-graphs", str, "on" if ENGINE_DEFAULTS["cuda_graphs"] else "off",
      "replay decode steps from CUDA graphs captured per batch bucket at start (on|off; CUDA devices only)"),
+    ("--prefix-caching", str, "on" if SCHEDULER_DEFAULTS["prefix_caching"] else "off",
+     "reuse the KV blocks of prompt prefixes computed before, keyed by adapter registration (on|off)"),
     ("--served-model-name", str, _default(ModelConfig, "served_model_name"),
      "name of the base model in the API (unset: the model dir's name, a GGUF file's stem, or "
      "smollm2-135m-instruct for the demo)"),
@@ -107,6 +118,16 @@ FLAGS: tuple[tuple[str, type, object, str], ...] = (
      "seconds a failed resolution is remembered (and answered from memory)"),
     ("--drain-timeout", float, _default(ServerConfig, "drain_timeout_s"),
      "seconds to let in-flight requests finish after SIGTERM"),
+    ("--max-connections", int, _default(ConnectionLimits, "max_connections"),
+     "open HTTP connections; over it the one idle longest is closed (503 when none is idle)"),
+    ("--header-timeout", float, _default(ConnectionLimits, "header_timeout_s"),
+     "seconds a connection may take to send a request's headers (408 after)"),
+    ("--body-timeout", float, _default(ConnectionLimits, "body_timeout_s"),
+     "seconds a request's body may pause (408 after)"),
+    ("--stream-write-timeout", float, _default(ConnectionLimits, "stream_write_timeout_s"),
+     "seconds a response may wait for a client that does not read it; then the request ends and frees its slot"),
+    ("--s3-timeout", float, _default(ServerConfig, "s3_timeout_s"),
+     "seconds one S3 operation may take, retries included (502 after)"),
     ("--log-level", str, "info", "debug, info, warning, error"),  # logging only: no config holds it
 )
 
@@ -154,8 +175,9 @@ def configs_from_args(args: argparse.Namespace) -> RuntimeConfig:
         if not sep:
             raise ValueError(f"--preload: expected NAME=PATH, got {item!r}")
         preload.append((name, path))
-    if args.cuda_graphs not in ("on", "off"):
-        raise ValueError(f"--cuda-graphs: expected on or off, got {args.cuda_graphs!r}")
+    for flag in ("cuda_graphs", "prefix_caching"):
+        if getattr(args, flag) not in ("on", "off"):
+            raise ValueError(f"--{flag.replace('_', '-')}: expected on or off, got {getattr(args, flag)!r}")
     model = ModelConfig(path=Path(args.model) if args.model else None, gguf_file=args.gguf_file,
                         quantize=args.quantize, dtype=args.dtype,
                         device=args.device, max_model_len=args.max_model_len,
@@ -163,10 +185,11 @@ def configs_from_args(args: argparse.Namespace) -> RuntimeConfig:
     # Without --max-model-len the runtime sets the engine's from the model once it is loaded (Runtime._load).
     engine = EngineConfig(
         max_model_len=args.max_model_len or _default(EngineConfig, "max_model_len"), block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks,
+        num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
         cuda_graphs=args.cuda_graphs == "on",
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
-                                  policy=args.scheduling_policy),
+                                  policy=args.scheduling_policy, prefix_caching=args.prefix_caching == "on"),
         lora=LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                         max_cpu_loras=args.max_cpu_loras, max_cpu_lora_bytes=args.max_cpu_lora_bytes))
     server = ServerConfig(
@@ -174,9 +197,12 @@ def configs_from_args(args: argparse.Namespace) -> RuntimeConfig:
         state_dir=Path(args.state_dir), api_key=args.api_key, admin_key=args.admin_key, preload=tuple(preload),
         max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, max_upload_bytes=args.max_upload_bytes,
         s3_endpoint=args.s3_endpoint, registry=args.registry, registry_poll_s=args.registry_poll_seconds,
-        drain_timeout_s=args.drain_timeout, adapter_history=args.adapter_history,
+        drain_timeout_s=args.drain_timeout, s3_timeout_s=args.s3_timeout, adapter_history=args.adapter_history,
         resolver=ResolverConfig(args.adapter_resolver, args.adapter_resolver_pattern,
-                                args.adapter_resolver_negative_ttl) if args.adapter_resolver else None)
+                                args.adapter_resolver_negative_ttl) if args.adapter_resolver else None,
+        connections=ConnectionLimits(max_connections=args.max_connections, header_timeout_s=args.header_timeout,
+                                     body_timeout_s=args.body_timeout,
+                                     stream_write_timeout_s=args.stream_write_timeout))
     return RuntimeConfig(model, engine, with_demo_adapters(server) if model.path is None else server)
 
 
@@ -236,12 +262,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn  # heavy imports after argument errors
 
     from loraplex.server.api.app import create_app
+    from loraplex.server.api.connections import ensure_fd_room, guarded_protocol
     from loraplex.server.runtime import Runtime
 
+    if config.server.api_key and not config.server.admin_key:
+        log.warning("--api-key is set but --admin-key is not: the adapter admin routes (register, delete) are open "
+                    "to anyone who can reach the port")
     runtime = Runtime(config)
     app = create_app(runtime)
+    limits = config.server.connections
+    ensure_fd_room(limits.max_connections)
     uv = uvicorn.Config(app, host=config.server.host, port=config.server.port, log_level=args.log_level.lower(),
-                        timeout_graceful_shutdown=5)
+                        timeout_graceful_shutdown=5, http=guarded_protocol(limits))
     server = _draining_server(uv, runtime)
     server.run()
     if server.exit_code:

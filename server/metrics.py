@@ -142,6 +142,7 @@ class _StateCollector(Collector):
         yield _gauge("vllm:num_requests_waiting", "Requests queued (vLLM name)", snap.waiting)
         yield _gauge("vllm:gpu_cache_usage_perc", "KV cache usage, 0..1 (vLLM's older name)", snap.kv_usage)
         yield _gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0..1 (vLLM's current name)", snap.kv_usage)
+        yield from _prefix_cache_metrics(snap)
         yield from self._adapter_metrics(client.adapters if client is not None else None, snap)
         yield from _loaded_adapters(self.runtime, client.adapters if client is not None else None)
         yield from self._registry_metrics()
@@ -197,6 +198,16 @@ class _StateCollector(Collector):
             for tier, value in getattr(adapters.stats, field).items():
                 fam.add_metric([tier], value)
             yield fam
+
+
+def _prefix_cache_metrics(snap: EngineSnapshot) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """vLLM's token counters (queried, found) and their ratio since start."""
+    yield CounterMetricFamily("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                              value=snap.prefix_queries)
+    yield CounterMetricFamily("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                              value=snap.prefix_hits)
+    ratio = snap.prefix_hits / snap.prefix_queries if snap.prefix_queries else 0.0
+    yield _gauge("loraplex_prefix_cache_hit_ratio", "Prefix cache hits / queries (tokens) since start", ratio)
 
 
 def _loaded_adapters(runtime: Runtime, adapters: AdapterSnapshot | None) -> Iterator[GaugeMetricFamily]:

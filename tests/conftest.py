@@ -147,7 +147,12 @@ def single_torch_thread() -> Iterator[None]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip `@pytest.mark.gpu` tests on machines without CUDA (torch imported only when one exists)."""
+    """Skip `@pytest.mark.gpu` tests on machines without CUDA (torch imported only when one exists); lift the
+    per-test timeout for --sim-long (100,000 scenarios take about an hour)."""
+    if config.getoption("--sim-long"):
+        for item in items:
+            if "sim" in item.nodeid:
+                item.add_marker(pytest.mark.timeout(0))
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 NICENESS = 10  # added to the process's: well below serving, still ahead of batch jobs at 19
-WORKERS = 4  # admin calls in flight at once beyond which they queue (they are rare and independent)
+WORKERS = 8  # admin calls in flight at once; more wait their turn, never on the HTTP server's shared threads
 
 
 def _lower_priority() -> None:

@@ -1,13 +1,14 @@
 """Adapter admin API: register (by path/S3 URL, by upload, or new weights from a training loop), replace, roll back,
 canary routes, prefetch, list, describe, unregister; vLLM's aliases.
 
-Every route needs `--admin-key` when one is set. Registration reads, hashes and validates files (blocking I/O) and
-waits for the engine thread to take the new version in, so it runs in the admin pool's threads, at a lower CPU
-priority (server/api/admin_work.py), and the event loop keeps serving generation traffic meanwhile; records come
-from the snapshot the engine publishes (store.describe). A replace, rollback or route change is atomic: requests
-admitted before it finish on the version they resolved, every request admitted after its answer runs on the new
-choice (adapters/versions.py). Unregistering lets running requests finish on the device copy, ends queued ones with
-an error, and refuses new ones (404).
+Every route needs `--admin-key` when one is set. Registration reads, hashes and validates files (blocking I/O, S3)
+and waits for the engine thread to take the new version in, so it runs in the admin pool's threads, at a lower CPU
+priority (server/api/admin_work.py), never on the HTTP server's shared worker threads (where prompts are tokenized):
+registrations waiting on a slow store stall nobody's generation, and the event loop keeps serving meanwhile. Records
+come from the snapshot the engine publishes (store.describe). A replace, rollback or route change is atomic:
+requests admitted before it finish on the version they resolved, every request admitted after its answer runs on
+the new choice (adapters/versions.py). Unregistering lets running requests finish on the device copy, ends queued
+ones with an error, and refuses new ones (404).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from loraplex.adapters.names import validate_adapter_name
 from loraplex.adapters.store import AdapterStore
 from loraplex.adapters.versions import taken, version_of
 from loraplex.server.api.admin_work import run_admin
-from loraplex.server.api.auth import require_admin_key
+from loraplex.server.api.auth import KeysFirstRoute, require_admin_key
 from loraplex.server.api.errors import ApiError
 from loraplex.server.api.schemas_adapters import (
     REPLACE_FIELD,
@@ -42,7 +43,7 @@ from loraplex.server.api.schemas_adapters import (
 )
 from loraplex.server.runtime import Runtime
 
-router = APIRouter(dependencies=[Depends(require_admin_key)], tags=["adapters"])
+router = APIRouter(dependencies=[Depends(require_admin_key)], tags=["adapters"], route_class=KeysFirstRoute)
 
 # Bounds on the multipart parser: our fields are 2 files or 1 archive, plus options; extras are named (400).
 _MAX_FORM_PARTS = 8

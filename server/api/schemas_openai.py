@@ -109,7 +109,6 @@ _BOTH_NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "priority": ((0,), "priority scheduling is not implemented (fair sharing across adapters is)"),
     "return_tokens_as_token_ids": ((False,), "return_tokens_as_token_ids is not implemented"),
     "return_token_ids": ((False,), "return_token_ids is not implemented"),
-    "cache_salt": ((), "cache_salt is not implemented"),
     "kv_transfer_params": ((), "disaggregated serving (kv_transfer_params) is not implemented"),
     "ec_transfer_params": ((), "disaggregated serving (ec_transfer_params) is not implemented"),
     "vllm_xargs": ((), "vllm_xargs (custom extensions) is not implemented"),
@@ -189,6 +188,8 @@ class _SamplingFields(StrictModel):
     repetition_penalty: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)] | None = None
     prompt_logprobs: LogprobCount | None = None
     request_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None  # the response id
+    # Only requests with the same salt share prefix-cache blocks (tenants that must not see each other's timing).
+    cache_salt: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
     # Structured output: vLLM's current field, and its older guided_* spelling (aliases).
     structured_outputs: StructuredOutputs | None = None
     guided_json: dict | str | None = None

@@ -7,6 +7,7 @@ thread.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ import torch
 from loraplex.adapters.host_loader import HostLoader
 from loraplex.adapters.inject import LoRAInjection, inject_multi_lora
 from loraplex.adapters.messages import Command, Message
-from loraplex.adapters.ops import get_backend
+from loraplex.adapters.ops import probe_lora_backend
 from loraplex.adapters.port import AdapterPort
 from loraplex.adapters.slot_table import SlotTable
 from loraplex.adapters.slot_writer import SlotWriter
@@ -29,9 +30,19 @@ from loraplex.server.engine.block_pool import BlockPool
 from loraplex.server.engine.cuda_graphs import DecodeGraphs
 from loraplex.server.engine.detokenizer import IncrementalDetokenizer
 from loraplex.server.engine.guided import CompiledGrammar, GuidedCompiler, GuidedError, GuidedSpec, fill_bitmasks
-from loraplex.server.engine.kv_sizing import auto_num_blocks, kv_bytes_per_token
+from loraplex.server.engine.kv_sizing import (
+    KVPlan,
+    MemorySnapshot,
+    kv_bytes_per_token,
+    measure_cuda,
+    plan_cpu,
+    plan_cuda,
+    plan_fixed,
+    warn_if_short,
+)
+from loraplex.server.engine.memory_profile import profile_step
 from loraplex.server.engine.model_runner import ModelRunner, RunnerOutput
-from loraplex.server.engine.paged_kernels import select_paged_kernel
+from loraplex.server.engine.paged_kernels import PagedKernel, select_paged_kernel
 from loraplex.server.engine.postprocess import Postprocessor
 from loraplex.server.engine.request import Request, RequestOutput, Status, StepResult, StepStats, TokenLogprob
 from loraplex.server.engine.sampler import (
@@ -39,9 +50,10 @@ from loraplex.server.engine.sampler import (
     SampleOutput,
     Sampler,
     SampleRow,
+    TokenCounts,
     bitmask_row,
     check_vocab,
-    make_generator,
+    request_seed,
 )
 from loraplex.server.engine.sampling_params import SamplingParams
 from loraplex.server.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
@@ -62,7 +74,9 @@ class RequestRejected(ValueError):
 class EngineConfig:
     max_model_len: int = 2048
     block_size: int = 16
-    num_kv_blocks: int = 0  # 0 = size from free memory
+    num_kv_blocks: int = 0  # 0 = sized by the rules of kv_sizing.py
+    kv_cache_memory: int = 0  # --kv-cache-memory BYTES of KV (0 = unset)
+    gpu_memory_utilization: float = 0.9  # fraction of a CUDA device's memory the engine may use (vLLM's flag)
     scheduler: SchedulerConfig = SchedulerConfig()
     lora: LoRAConfig = LoRAConfig()
     # Pad decode-only steps to a batch bucket with static shapes (what CUDA-graph capture replays).
@@ -76,6 +90,10 @@ class EngineConfig:
             raise ValueError("--max-model-len: must be >= 2")
         if self.block_size < 1 or self.num_kv_blocks < 0:
             raise ValueError("--block-size must be >= 1 and --num-kv-blocks >= 0")
+        if self.kv_cache_memory < 0:
+            raise ValueError("--kv-cache-memory: must be >= 0 bytes (0: unset)")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"--gpu-memory-utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
 class Runner(Protocol):
@@ -126,16 +144,16 @@ class LLMEngine:
         model = loaded.model
         self.lora: LoRAInjection = inject_multi_lora(
             model, num_slots=config.lora.max_loras, max_rank=config.lora.max_lora_rank, dtype=loaded.dtype)
-        get_backend(loaded.device)  # choose and log the LoRA kernels now, not at the first adapter's step
         model.set_attn_implementation(register_paged_attention())
         self.config = config
-        pool, kv = self._make_kv(model, loaded)
-        graphs = config.cuda_graphs and loaded.device.type == "cuda"
+        kernel = self._warm_up_kernels(model, loaded)
+        pool, kv = self._make_kv(model, loaded, kernel)
+        graphs = self._graphs_on(loaded.device, kernel)
         self.runner = ModelRunner(model, kv, config.block_size, self.lora, loaded.device,
                                   decode_buckets=config.decode_buckets or graphs, max_model_len=config.max_model_len)
-        if graphs:
-            self.runner.use_graphs(DecodeGraphs.for_device(self.runner.forward_decode, self.lora, loaded.device),
-                                   config.scheduler.max_num_seqs)
+        if graphs:  # every bucket, now: nothing is captured while serving
+            self.runner.use_graphs(DecodeGraphs.for_device(self.runner.forward_decode, self.lora, loaded.device,
+                                                           self.runner.static_tensors), config.scheduler.max_num_seqs)
         vocab_size = model.get_output_embeddings().out_features
         eos_ids = _eos_ids(loaded)
         read = adapter_loader or _no_adapters
@@ -164,41 +182,104 @@ class LLMEngine:
                                   max_host_bytes=config.lora.max_cpu_lora_bytes, request_load=self.host_loader.submit,
                                   clear_slot=self.slot_writer.clear, is_registered=self.adapter_port.registered)
         self.scheduler = Scheduler(config.scheduler, self.pool, self.adapters)
-        self.sampler = Sampler()
+        log.info("prefix caching: %s", "on (full KV blocks reused by prompt prefix, keyed by adapter registration)"
+                 if config.scheduler.prefix_caching else "off (--prefix-caching off)")
+        # A registration dropped: the blocks computed with it are never found again (and are freed first).
+        self.adapters.on_forget = lambda name, epoch: self.pool.forget((name, epoch))
+        self.counts = TokenCounts(self.vocab_size, self.device)  # penalties' token counts, kept per request
+        self.sampler = Sampler(self.counts)
         self.post = Postprocessor(parts.eos_ids, config.max_model_len)
         self.guided = parts.guided
         self.requests: dict[str, Request] = {}
         self._groups: dict[str, list[Request]] = {}  # n > 1: group id -> its choices that have not ended
 
     @property
-    def shared_prefix_tokens(self) -> int:
-        """Prompt tokens choices did not compute thanks to a sibling's prompt blocks."""
-        return self.scheduler.shared_prefix_tokens
+    def prefix_cache_hits(self) -> int:
+        """Tokens whose K/V admissions found in the prefix cache instead of computing them (so far)."""
+        return self.scheduler.prefix_hits
 
-    def _make_kv(self, model: torch.nn.Module, loaded: LoadedModel) -> tuple[BlockPool, PagedKVCache]:
+    def _warm_up_kernels(self, model: torch.nn.Module, loaded: LoadedModel) -> PagedKernel | None:
+        """Choose the LoRA and paged-attention kernels, each after a probe against its torch twin that also
+        compiles every kernel variant the engine will launch (on CUDA), so nothing compiles while serving."""
+        start = time.perf_counter()
+        lora = probe_lora_backend(loaded.device, set(self.lora.module_shapes().values()), loaded.dtype,
+                                  self.config.lora.max_lora_rank)
         cfg = model.config.get_text_config()
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv_heads = cfg.num_key_value_heads
-        n = self.config.num_kv_blocks or auto_num_blocks(
-            bytes_per_token=kv_bytes_per_token(cfg.num_hidden_layers, kv_heads, head_dim, loaded.dtype),
-            block_size=self.config.block_size, max_num_seqs=self.config.scheduler.max_num_seqs,
-            max_model_len=self.config.max_model_len, device=loaded.device)
-        kv = PagedKVCache(cfg.num_hidden_layers, n, self.config.block_size, kv_heads, head_dim,
-                          loaded.dtype, loaded.device)
-        self.attention_kernel, kv.kernel = select_paged_kernel(
-            loaded.device, loaded.dtype, self.config.block_size, cfg.num_attention_heads, kv_heads, head_dim)
-        log.info("KV pool: %d blocks x %d tokens (%.1f MiB)", n, self.config.block_size, kv.bytes / 2**20)
-        return BlockPool(n, self.config.block_size), kv
+        self.attention_kernel, kernel = select_paged_kernel(
+            loaded.device, loaded.dtype, self.config.block_size, cfg.num_attention_heads, *_kv_geometry(cfg)[1:])
+        self.lora_probe, self.warm_up_s = lora, time.perf_counter() - start
+        log.info("kernel warm-up: %.1f s (LoRA ops %s%s; paged attention %s)", self.warm_up_s, lora.backend,
+                 f": {lora.summary()}" if lora.problems else "", self.attention_kernel)
+        return kernel
+
+    def _graphs_on(self, device: torch.device, kernel: PagedKernel | None) -> bool:
+        """CUDA graphs need a CUDA device and a paged kernel (one shape per bucket, all captured at start)."""
+        if not self.config.cuda_graphs or device.type != "cuda":
+            return False
+        if kernel is None:
+            log.warning("CUDA graphs off: no paged attention kernel passed its probe, and the gather path's "
+                        "context width changes from step to step (graphs are never captured while serving)")
+        return kernel is not None
+
+    def _make_kv(self, model: torch.nn.Module, loaded: LoadedModel, kernel: PagedKernel | None
+                 ) -> tuple[BlockPool, PagedKVCache]:
+        layers, kv_heads, head_dim = _kv_geometry(model.config.get_text_config())
+        per_block = kv_bytes_per_token(layers, kv_heads, head_dim, loaded.dtype) * self.config.block_size
+        plan = self._plan_kv(per_block, loaded.device, kernel, (layers, kv_heads, head_dim))
+        kv = PagedKVCache(layers, plan.num_blocks, self.config.block_size, kv_heads, head_dim, loaded.dtype,
+                          loaded.device)
+        kv.kernel = kernel
+        self.kv_plan = plan
+        log.info("KV pool: %d blocks x %d tokens = %d tokens (%.1f MiB), by %s: %s", plan.num_blocks,
+                 self.config.block_size, plan.num_blocks * self.config.block_size, kv.bytes / 2**20, plan.rule,
+                 plan.reason)
+        return BlockPool(plan.num_blocks, self.config.block_size), kv
+
+    def _plan_kv(self, per_block: int, device: torch.device, kernel: PagedKernel | None,
+                 geometry: tuple[int, int, int]) -> KVPlan:
+        """The pool's size by the first rule that applies (kv_sizing.py)."""
+        cfg = self.config
+        plan = plan_fixed(num_blocks=cfg.num_kv_blocks, kv_cache_memory=cfg.kv_cache_memory, bytes_per_block=per_block)
+        if plan is None and device.type != "cuda":
+            plan = plan_cpu(bytes_per_block=per_block, block_size=cfg.block_size,
+                            max_num_seqs=cfg.scheduler.max_num_seqs, max_model_len=cfg.max_model_len)
+            warn_if_short(plan.num_blocks, per_block)
+        return plan or self._profile_kv(per_block, device, kernel, geometry)
+
+    def _profile_kv(self, per_block: int, device: torch.device, kernel: PagedKernel | None,
+                    geometry: tuple[int, int, int]) -> KVPlan:
+        """CUDA: vLLM's rule over a profile run (kv_sizing.py), the stand-in's memory released first."""
+        snapshot, graph_bytes = self._profile_on_stand_in(device, kernel, geometry)
+        torch.cuda.empty_cache()
+        return plan_cuda(bytes_per_block=per_block, utilization=self.config.gpu_memory_utilization,
+                         snapshot=snapshot, graph_bytes=graph_bytes)
+
+    def _profile_on_stand_in(self, device: torch.device, kernel: PagedKernel | None,
+                             geometry: tuple[int, int, int]) -> tuple[MemorySnapshot, int]:
+        """The largest step, then the CUDA graphs (their memory), on a one-block stand-in pool (memory_profile.py)."""
+        cfg, (layers, kv_heads, head_dim) = self.config, geometry
+        stand_in = PagedKVCache(layers, 1, cfg.block_size, kv_heads, head_dim, self.loaded.dtype, device)
+        stand_in.kernel = kernel
+        runner = ModelRunner(self.loaded.model, stand_in, cfg.block_size, self.lora, device,
+                             max_model_len=cfg.max_model_len)
+        tokens = min(cfg.scheduler.max_batch_tokens, cfg.max_model_len - 1)
+        snapshot = measure_cuda(device, functools.partial(profile_step, runner, tokens))
+        if not self._graphs_on(device, kernel):
+            return snapshot, 0
+        graphs = DecodeGraphs.for_device(runner.forward_decode, self.lora, device, runner.static_tensors)
+        runner.use_graphs(graphs, cfg.scheduler.max_num_seqs)
+        return snapshot, graphs.memory_bytes
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    adapter: str | None = None, merge: MergeRecipe | None = None, prefix_of: str | None = None
-                    ) -> None:
+                    adapter: str | None = None, merge: MergeRecipe | None = None, prefix_of: str | None = None,
+                    cache_salt: str | None = None) -> None:
         """Queue a request for `adapter` (None: the base model), or for several adapters merged (`merge`).
 
         `prefix_of`: another choice of the same HTTP request (same prompt and adapter, `n` > 1). The choices
-        form a group: each shares the full blocks of the prompt a running sibling computed when it is admitted
-        (computing at most one block of the prompt itself), and should one of them fail, all of them end."""
+        form a group: each waits while a running sibling computes the prompt, then finds its blocks in the
+        prefix cache; should one of them fail, all of them end. `cache_salt`: only requests with the same salt
+        share cached KV blocks (vLLM's field)."""
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         if merge is not None and adapter is not None:
@@ -210,9 +291,9 @@ class LLMEngine:
         except ValueError as exc:  # GuidedError included (the API compiled it first: normally a cache hit)
             raise RequestRejected(str(exc)) from None
         req = Request(request_id, list(prompt_ids), params, adapter,
-                      make_generator(params.seed, self.device) if not params.greedy else None,
+                      request_seed(params.seed) if not params.greedy else None,
                       IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
-                      StopStringMatcher(params.stop), merge=merge, guided=guided)
+                      StopStringMatcher(params.stop), merge=merge, guided=guided, cache_salt=cache_salt)
         leader = self.requests.get(prefix_of) if prefix_of is not None else None
         if leader is not None and _same_prefix(leader, req):
             req.group = leader.group or leader.request_id
@@ -270,6 +351,9 @@ class LLMEngine:
         """Take a request out of the engine for good (finished, aborted or failed): blocks and refs return."""
         self.requests.pop(req.request_id, None)
         self.scheduler.finish(req)
+        if req.counts_row is not None:
+            self.counts.close(req.counts_row)
+            req.counts_row = None
         group = self._groups.get(req.group) if req.group is not None else None
         if group is not None:
             group.remove(req)
@@ -340,6 +424,9 @@ class LLMEngine:
     def _run(self, sched: SchedulerOutput, outputs: list[RequestOutput]) -> None:
         """Forward, sample, postprocess; appends to `outputs` as it goes (a later fault keeps them)."""
         result = self.runner.execute(sched.chunks)
+        for chunk in sched.chunks:  # the forward wrote their K/V: completed blocks join the prefix cache
+            chunk.request.num_computed = chunk.start + chunk.n
+            self.scheduler.publish_computed(chunk.request)
         for chunk, rows in result.prompt_logits:
             _record_prompt_logprobs(chunk.request, chunk.start, rows)
         ends = [c.request for c in sched.chunks if c.samples]
@@ -384,6 +471,7 @@ class LLMEngine:
         finite = torch.isfinite(lo) & torch.isfinite(hi)  # [N]
         logits = torch.where(finite[:, None], logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
         out, errors = self._sample_rows(logits, reqs, bitmask)
+        self._record_counts(reqs, out.tokens)
         # One device -> host copy: [N, 4 + 2K] = token, logprob, finite, no allowed token, K top ids, K top logprobs.
         table = torch.stack([out.tokens.double(), out.logprobs.double(), finite.double(), out.no_token.double()], dim=1)
         k_max = 0 if out.top_ids is None else out.top_ids.shape[1]
@@ -397,8 +485,8 @@ class LLMEngine:
             if not ok:
                 errors[req] = _non_finite_message(req)
             elif no_token:
-                errors[req] = ("the structured-output grammar allows no token at this position (min_tokens may "
-                               "forbid the only ones it allows)")
+                why = (req.guided and req.guided.dead_end) or "min_tokens may forbid the only ones it allows"
+                errors[req] = f"the structured-output grammar allows no token at this position ({why})"
             elif req.guided is not None and not req.guided.accept(int(token)):  # only a masking bug gets here
                 errors[req] = f"sampled token {int(token)} breaks the grammar ({req.guided.error})"
             else:
@@ -429,14 +517,23 @@ class LLMEngine:
         return _concat_outputs(parts), errors
 
     def _sample_row(self, req: Request) -> SampleRow:
-        return SampleRow(req.params, req.generator, self.post.eos_ids, req.prompt_ids, req.output_ids)
+        if req.params.has_penalties and req.counts_row is None:  # counted once, then one token per step
+            req.counts_row = self.counts.open(req.prompt_ids, req.output_ids)
+        return SampleRow(req.params, req.seed, self.post.eos_ids, req.prompt_ids, req.output_ids, req.counts_row)
+
+    def _record_counts(self, reqs: list[Request], tokens: torch.Tensor) -> None:
+        """The penalties' counts learn this step's tokens (one accumulate, on the device)."""
+        rows = [i for i, r in enumerate(reqs) if r.counts_row is not None]
+        if rows:
+            at = torch.tensor(rows, device=tokens.device)
+            self.counts.record(torch.tensor([reqs[i].counts_row for i in rows], device=self.counts.device),
+                               tokens.index_select(0, at).to(self.counts.device))
 
     def _postprocess(self, sched: SchedulerOutput, tokens: dict[Request, Pick],
                      outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
         for chunk in sched.chunks:
             req = chunk.request
-            req.num_computed = chunk.start + chunk.n
             if req not in tokens or req.status is not Status.RUNNING:
                 continue
             req.first_token_time = req.first_token_time or now
@@ -534,6 +631,12 @@ def _non_finite_message(req: Request) -> str:
                                                               "the base model")
     return (f"the forward pass produced non-finite logits (NaN or inf) for this request with {source}; "
             "its weights may overflow in this dtype. Other requests are unaffected")
+
+
+def _kv_geometry(cfg: object) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) of a transformers text config."""
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim
 
 
 def _eos_ids(loaded: LoadedModel) -> tuple[int, ...]:

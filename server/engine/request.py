@@ -7,8 +7,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
-
 from loraplex.server.engine.detokenizer import IncrementalDetokenizer
 from loraplex.server.engine.sampling_params import SamplingParams
 from loraplex.server.engine.stop import StopStringMatcher
@@ -16,6 +14,7 @@ from loraplex.server.engine.stop import StopStringMatcher
 if TYPE_CHECKING:
     from loraplex.adapters.merge import MergeRecipe
     from loraplex.server.engine.guided import GuidedState
+    from loraplex.server.engine.prefix_cache import KVIdentity
 
 
 class Status(enum.Enum):
@@ -56,6 +55,7 @@ class RequestOutput:
     # Who is at fault when finish_reason == "error": "request" (its own parameters, prompt or adapter: a
     # client error), "internal" (a server fault in a step) or "unavailable" (the engine stopped).
     error_kind: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (OpenAI's cached_tokens)
 
 
 @dataclass(eq=False)
@@ -64,7 +64,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: str | None
-    generator: torch.Generator | None
+    seed: int | None  # the sampling seed (its own or a random one; None when greedy)
     detokenizer: IncrementalDetokenizer
     stop_matcher: StopStringMatcher
     arrival: float = field(default_factory=time.monotonic)
@@ -92,6 +92,15 @@ class Request:
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     prompt_logprobs_sent: bool = False
     guided: GuidedState | None = None  # the structured-output grammar's state, advanced by each output token
+    # Prefix caching: what its K/V depends on besides its tokens (set when it first holds its adapters), the keys
+    # of its full blocks so far, how many of its blocks are published (or were found), and the prompt tokens
+    # its first admission found cached (usage.prompt_tokens_details.cached_tokens).
+    cache_salt: str | None = None
+    kv_identity: KVIdentity | None = None
+    block_keys: list[bytes] = field(default_factory=list)
+    num_published: int = 0
+    num_cached_tokens: int = 0
+    counts_row: int | None = None  # its row of the engine's TokenCounts (penalties), once it first samples
 
     @property
     def num_tokens(self) -> int:

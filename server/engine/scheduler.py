@@ -13,9 +13,12 @@ hold their slots (preempted ones) are still admitted, since only they can drain 
 When the KV pool runs dry, a running request is preempted (its blocks freed, recomputed later): the newest,
 under `fair` the newest of the most-served tenant among those not yet scheduled in the step.
 
-The choices of an n > 1 request form a group (`Request.group`). A waiting request holds no KV blocks: a choice
-shares the full prompt blocks of a running sibling that computed the prompt when it is admitted, and waits
-(skipped, not blocking others) while a running sibling is still computing it.
+Prefix caching (`prefix_caching`, prefix_cache.py): an admitted request starts from the longest prefix of its
+full blocks found published in the pool under its KV identity (never the block of its last token, whose
+logits it needs; not at all when it scores its prompt), and publishes each block it completes. A preempted
+request so finds its own blocks again while nobody evicted them. The choices of an n > 1 request form a group
+(`Request.group`): a choice waits (skipped, not blocking others) while a running sibling is still computing the
+prompt, then finds its blocks. A waiting request holds no KV blocks.
 
 A started request keeps its adapter ref (and so its slot) until it finishes, through any preemption: an
 adapter unregistered after the request started cannot be acquired again, yet the request must finish; and
@@ -34,7 +37,9 @@ from loraplex.adapters.merge import remember
 from loraplex.adapters.slot_table import Acquired, SlotState, SlotTable
 from loraplex.server.engine.block_pool import BlockPool
 from loraplex.server.engine.fairness import VirtualTokenCounter, request_worth, tenant_of
+from loraplex.server.engine.prefix_cache import KVIdentity, extend_keys
 from loraplex.server.engine.request import Request, Status
+from loraplex.server.engine.waiting_queue import WaitingQueue
 
 POLICIES = ("fair", "fcfs")
 
@@ -48,6 +53,7 @@ class SchedulerConfig:
     # Rows projected to logits for prompt logprobs per step (about): each is a [V] fp32 row, plus its
     # log-softmax, so a long prompt scored at once would cost rows x V x 8 bytes (1.7 GB at 2k x 49k + top-k).
     max_prompt_logprob_rows: int = 256
+    prefix_caching: bool = True  # --prefix-caching: reuse full KV blocks of earlier prompts (prefix_cache.py)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -88,12 +94,13 @@ class Scheduler:
         self.config = config
         self.pool = pool
         self.adapters = adapters
-        self.waiting: deque[Request] = deque()
+        self.waiting = WaitingQueue()
         self.running: list[Request] = []
         self.vtc = VirtualTokenCounter()  # kept under both policies; only `fair` reads it
         self.on_preempt: Callable[[Request], None] = lambda r: None
         self._kv_preempted = False
-        self.shared_prefix_tokens = 0  # prompt tokens choices did not compute thanks to a sibling's blocks
+        # Prefix cache lookups, in tokens: asked for (every admission that may reuse) and found.
+        self.prefix_queries = self.prefix_hits = 0
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -153,7 +160,9 @@ class Scheduler:
         """Make room for `req` by preempting running requests not scheduled yet this step (`_kv_victim`); False
         if req itself went."""
         while not self.pool.grow(req.blocks, num_tokens):
-            victim = self._kv_victim([r for r in self.running if id(r) not in scheduled])
+            candidates = [r for r in self.running if id(r) not in scheduled]
+            # The oldest running request goes only when nothing else can: it always progresses (liveness).
+            victim = self._kv_victim([r for r in candidates if r is not self.running[0]] or candidates)
             self.preempt(victim)
             self._kv_preempted = True
             if victim is req:
@@ -174,7 +183,7 @@ class Scheduler:
         and is recomputed, outputs so far kept."""
         self.running.remove(req)
         self.pool.release(req.blocks)
-        req.num_computed = 0
+        req.num_computed = req.num_published = 0
         req.status = Status.WAITING
         self.waiting.appendleft(req)
         self.vtc.enqueue(_tenant(req))
@@ -321,16 +330,54 @@ class Scheduler:
         return "ok"
 
     def _admit_blocks(self, req: Request, budget: int) -> tuple[str, int]:
-        """Give `req` the blocks of its first chunk: ('ok', its length), sharing a sibling's prompt blocks when
-        it can; else why not ('sharing', 'no_blocks')."""
-        if self._share_from_sibling(req) == "sharing":
-            return "sharing", 0
+        """Give `req` the blocks of its first chunk: ('ok', its length), starting from the blocks the prefix
+        cache holds for it; else why not ('sharing', 'no_blocks')."""
+        if self.config.prefix_caching and not req.blocks:
+            if self._sibling_computing(req):
+                return "sharing", 0
+            self._reuse_cached(req)
         n = self._chunk_len(req, budget)
         if not self.pool.grow(req.blocks, req.num_computed + n):
-            self.pool.release(req.blocks)  # shared prompt blocks too: a waiting request holds no blocks
-            req.num_computed = 0
+            self.pool.release(req.blocks)  # cached ones go back to the cache: a waiting request holds no blocks
+            req.num_computed = req.num_published = 0
             return "no_blocks", 0
         return "ok", n
+
+    def _sibling_computing(self, req: Request) -> bool:
+        """A running choice of the same n > 1 request is still computing the prompt this one will find."""
+        return req.group is not None and req.params.prompt_logprobs is None and any(
+            r.group == req.group and r.num_computed < len(r.prompt_ids) for r in self.running)
+
+    def _reuse_cached(self, req: Request) -> None:
+        """Hold the longest published prefix of `req`'s full blocks, never the block of its last token (its
+        logits are needed), and none when it scores its prompt (every position's logits are)."""
+        usable = (req.num_tokens - 1) // self.pool.block_size
+        if usable == 0 or req.params.prompt_logprobs is not None:
+            return
+        hits = self.pool.lookup(self._block_keys(req, usable)[:usable])
+        req.blocks = self.pool.take(hits)
+        req.num_computed = len(hits) * self.pool.block_size
+        req.num_published = len(hits)
+        self.prefix_queries += req.num_tokens
+        self.prefix_hits += req.num_computed
+        if not req.started:
+            req.num_cached_tokens = min(req.num_computed, len(req.prompt_ids))
+
+    def _block_keys(self, req: Request, num_blocks: int) -> list[bytes]:
+        bs = self.pool.block_size
+        tokens = req.prompt_ids if num_blocks * bs <= len(req.prompt_ids) else req.prompt_ids + req.output_ids
+        extend_keys(req.block_keys, tokens, req.kv_identity.root, bs, num_blocks)
+        return req.block_keys
+
+    def publish_computed(self, req: Request) -> None:
+        """After a step computed `req`'s chunk: publish the blocks it completed (their K/V are final)."""
+        full = req.num_computed // self.pool.block_size
+        if not self.config.prefix_caching or full <= req.num_published:
+            return
+        keys = self._block_keys(req, full)
+        for i in range(req.num_published, full):
+            self.pool.publish(req.blocks[i], keys[i], req.kv_identity.components)
+        req.num_published = full
 
     def _chunk_len(self, req: Request, budget: int) -> int:
         """Tokens of `req` to compute this step: what is left, within the token budget, and for a request
@@ -342,24 +389,6 @@ class Scheduler:
         n = min(n, max(1, self._prompt_rows_left))
         self._prompt_rows_left -= min(n, scored)
         return n
-
-    def _share_from_sibling(self, req: Request) -> str | None:
-        """A choice of an n > 1 request (`group`) takes the full prompt blocks (before the last prompt token,
-        never written again) of a running sibling that computed the whole prompt. 'sharing' while a running
-        sibling still computes it; None otherwise (shared, or nothing to share: it computes its own)."""
-        if req.group is None or req.blocks:
-            return None
-        siblings = [r for r in self.running if r.group == req.group]
-        done = next((r for r in siblings if r.num_computed >= len(r.prompt_ids)), None)
-        if done is None:
-            return "sharing" if siblings else None
-        full = (len(req.prompt_ids) - 1) // self.pool.block_size
-        if full:
-            req.blocks = self.pool.share(done.blocks[:full])
-            req.num_computed = full * self.pool.block_size
-            req.prompt_logprobs = list(done.prompt_logprobs)  # the sibling scored the whole prompt
-            self.shared_prefix_tokens += req.num_computed
-        return None
 
     def _starving(self, req: Request) -> bool:
         """One more step blocked on a slot at the front; True once that has lasted `starvation_steps`."""
@@ -375,6 +404,7 @@ class Scheduler:
         names = _slot_names(req)
         if not names or self.adapters is None:
             req.slot = -1
+            req.kv_identity = req.kv_identity or _identity(req, ())
             return "ok"
         if req.holds_adapter:  # started before (then preempted): the slots are still its own
             return "ok"
@@ -386,6 +416,7 @@ class Scheduler:
             req.slot, req.holds_adapter = got[0].slot, True
             if req.merge is not None:
                 req.merge_slots = tuple(g.slot for g in got)  # recipe order: what the runner weights
+            req.kv_identity = _identity(req, tuple(zip(names, (g.epoch for g in got), strict=True)))
             return "ok"
         for name, g in zip(names, got, strict=True):
             if g.state is SlotState.READY:
@@ -463,6 +494,13 @@ class _Gate:
         if first and blocked and (self._scheduler._starving(req) or not self._scheduler.running):
             self.starving = True
         return False
+
+
+def _identity(req: Request, registrations: tuple[tuple[str, int], ...]) -> KVIdentity:
+    """What `req`'s K/V depends on besides its tokens: the registrations its slots hold (name, epoch), a merge's
+    recipe (strategy and weights, in its label), its cache salt."""
+    kind = req.merge.label if req.merge is not None else ("adapter" if registrations else "base")
+    return KVIdentity(f"{kind}|salt={req.cache_salt or ''}", registrations)
 
 
 def _tenant(req: Request) -> str:

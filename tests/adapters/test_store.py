@@ -202,6 +202,24 @@ def test_with_an_engine_thread_admin_calls_answer_once_the_engine_applied_them(m
         thread.join(30)
 
 
+@pytest.mark.parametrize("cuda", [False, True])
+def test_registration_seeds_the_host_tier_pinned_where_cuda_is(make_store, monkeypatch, cuda):
+    """The validation read seeds the host tier: page-locked on a CUDA machine, as the host loader's reads are, so
+    a fresh adapter's first slot copy is asynchronous (pinning itself needs CUDA: recorded here, not done)."""
+    asked: list[bool] = []
+    real = AdapterWeights.prepared
+
+    def prepared(self: AdapterWeights, *, pin: bool = False) -> AdapterWeights:
+        asked.append(pin)
+        return real(self, pin=False)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(AdapterWeights, "prepared", prepared)
+    store = make_store()
+    store.register_path("g", "good0")
+    assert asked == [cuda]
+
+
 def test_without_an_engine_the_tier_is_disk(make_store):
     store = make_store(attach=False)
     store.register_path("g", "good0")

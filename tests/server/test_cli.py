@@ -9,7 +9,7 @@ import pytest
 
 from loraplex.adapters.resolver import ResolverConfig
 from loraplex.server.cli import FLAGS, _env_name, build_parser, configs_from_args
-from loraplex.server.config import LoRAConfig, ModelConfig, ServerConfig
+from loraplex.server.config import ConnectionLimits, LoRAConfig, ModelConfig, ServerConfig
 from loraplex.server.demo import with_demo_adapters
 from loraplex.server.engine.engine import EngineConfig
 from loraplex.server.engine.scheduler import SchedulerConfig
@@ -40,6 +40,11 @@ FLAG_FIELDS = {
     "--adapter-resolver": (ServerConfig, "resolver"),  # unset: no ResolverConfig
     "--adapter-resolver-pattern": (ResolverConfig, "pattern"),
     "--adapter-resolver-negative-ttl": (ResolverConfig, "negative_ttl_s"),
+    "--s3-timeout": (ServerConfig, "s3_timeout_s"),
+    "--max-connections": (ConnectionLimits, "max_connections"),
+    "--header-timeout": (ConnectionLimits, "header_timeout_s"),
+    "--body-timeout": (ConnectionLimits, "body_timeout_s"),
+    "--stream-write-timeout": (ConnectionLimits, "stream_write_timeout_s"),
     "--max-loras": (LoRAConfig, "max_loras"),
     "--max-cpu-loras": (LoRAConfig, "max_cpu_loras"),
     "--max-cpu-lora-bytes": (LoRAConfig, "max_cpu_lora_bytes"),
@@ -51,6 +56,8 @@ FLAG_FIELDS = {
     "--generation-config": (ModelConfig, "generation_config"),
     "--num-kv-blocks": (EngineConfig, "num_kv_blocks"),
     "--block-size": (EngineConfig, "block_size"),
+    "--kv-cache-memory": (EngineConfig, "kv_cache_memory"),
+    "--gpu-memory-utilization": (EngineConfig, "gpu_memory_utilization"),
 }
 
 
@@ -72,7 +79,7 @@ def _field_default(config: type, name: str) -> object:
 
 def test_every_flag_default_is_its_config_dataclass_default():
     flags = {flag for flag, *_ in FLAGS}
-    assert flags - {"--log-level", "--cuda-graphs"} == set(FLAG_FIELDS)
+    assert flags - {"--log-level", "--cuda-graphs", "--prefix-caching"} == set(FLAG_FIELDS)  # on|off: below
     serve = _serve_parser()
     for flag, (config, name) in FLAG_FIELDS.items():
         assert serve.get_default(flag.lstrip("-").replace("-", "_")) == _field_default(config, name), flag
@@ -176,3 +183,11 @@ def test_version_and_resolver_flags_build_the_configs_and_refuse_bad_values(monk
                          (["--adapter-resolver-negative-ttl", "-1"], "--adapter-resolver-negative-ttl: must be >= 0")):
         with pytest.raises(ValueError, match=message):
             configs_from_args(build_parser().parse_args(["serve", "--model", "m", *bad]))
+
+
+def test_kv_flags_reach_the_engine_config_and_are_validated(monkeypatch):
+    monkeypatch.setenv("LORAPLEX_GPU_MEMORY_UTILIZATION", "0.8")
+    cfg = configs_from_args(build_parser().parse_args(["serve", "--kv-cache-memory", "1000000"]))
+    assert (cfg.engine.kv_cache_memory, cfg.engine.gpu_memory_utilization) == (1_000_000, 0.8)
+    with pytest.raises(ValueError, match="--gpu-memory-utilization: must be in"):
+        configs_from_args(build_parser().parse_args(["serve", "--gpu-memory-utilization", "0"]))

@@ -217,3 +217,18 @@ def test_a_starving_request_never_blocks_the_preempted_holder_of_the_only_slot(p
     assert preempted and preempted[0] is r2  # the situation the bug needed
     assert not sched.has_work(), f"stuck: {[(r.request_id, r.status.value) for r in sched.waiting]}"
     assert [len(r.output_ids) for r in (r1, r2, c)] == [8, 8, 2] and cache.refs == {"a": 0, "c": 0}
+
+
+def test_the_waiting_queue_keeps_order_and_counts_adapter_names():
+    from loraplex.server.engine.waiting_queue import WaitingQueue
+
+    q = WaitingQueue()
+    a, b, c, d = (_req(r, adapter=ad) for r, ad in (("a", "x"), ("b", None), ("c", "y"), ("d", "x")))
+    for r in (a, b, c):
+        q.append(r)
+    q.appendleft(d)
+    assert [r.request_id for r in q] == ["d", "a", "b", "c"] and q.adapter_names() == ("x", "y")
+    q.remove(c)
+    assert q.popleft() is d and q.adapter_names() == ("x",) and c not in q and a in q
+    q.extendleft(reversed([c, d]))
+    assert [r.request_id for r in q] == ["c", "d", "a", "b"] and len(q) == 4

@@ -63,6 +63,7 @@ from loraplex.server.engine.engine import EngineConfig, EngineParts, LLMEngine, 
 from loraplex.server.engine.guided import GuidedCompiler, GuidedSpec
 from loraplex.server.engine.model_runner import RunnerOutput
 from loraplex.server.engine.request import RequestOutput, Status
+from loraplex.server.engine.sampler import Sampler, SampleRow
 from loraplex.server.engine.sampling_params import SamplingParams
 from loraplex.server.engine.scheduler import ScheduledChunk, SchedulerConfig
 
@@ -117,17 +118,25 @@ class FakeModel:
             out.append(h)
         return out
 
-    def reference_tokens(self, prompt: Sequence[int], kvid: int, params: SamplingParams,
-                         eos_ids: tuple[int, ...]) -> list[int]:
-        """A plain greedy request's tokens (no penalties, bias, grammar or min_tokens), until max_tokens, a stop
-        token or EOS (unless ignore_eos); stop strings may end it earlier (a prefix of this)."""
+    def reference_tokens(self, prompt: Sequence[int], kvid: int, params: SamplingParams, eos_ids: tuple[int, ...],
+                         seed: int | None) -> list[int]:
+        """The request alone, token by token: each row through the real sampler on its own (a grammar aside),
+        until max_tokens, a stop token or EOS (unless ignore_eos; not before min_tokens). Stop strings may end
+        it earlier (a prefix of this). Batched, the engine must give exactly these tokens."""
         h = self.prompt_hashes(prompt, kvid)[-1]
         out: list[int] = []
         position = len(prompt)
+        sampler = Sampler()
+        plain = params.greedy and not params.has_penalties and not params.logit_bias and not params.min_tokens
         while len(out) < params.max_tokens:
-            token = self.argmax[self.row(h)]
+            if plain:  # the argmax of the row, precomputed
+                token = self.argmax[self.row(h)]
+            else:
+                row = SampleRow(params, seed, eos_ids, prompt, out)
+                token = int(sampler.sample(self.table[self.row(h)][None], [row]).tokens[0])
             out.append(token)
-            if token in params.stop_token_ids or (not params.ignore_eos and token in eos_ids):
+            stops = token in params.stop_token_ids or (not params.ignore_eos and token in eos_ids)
+            if stops and len(out) >= params.min_tokens:
                 break
             h = self.chain(h, token, position, kvid)
             position += 1
@@ -180,6 +189,7 @@ class SimConfig:
     max_cpu_loras: int
     max_load_delay: int
     history: int = 3  # --adapter-history
+    prefix_caching: bool = True
 
 
 @dataclass(frozen=True)
@@ -214,6 +224,7 @@ class Arrival:
     n: int = 1
     version: int = 0  # 0: the name's current version (or its route's pick); k > 0: "name@" its history's k-th
     route_key: int = 0  # the request's `user` (a sticky route hashes it)
+    cache_salt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -248,7 +259,7 @@ class Scenario:
         return dataclasses.replace(self, events=self.events[:index] + self.events[index + 1:], draws=())
 
 
-def generate(d: Draws, vocab_size: int, *, max_events: int = 30) -> Scenario:
+def generate(d: Draws, vocab_size: int, *, max_events: int = 20) -> Scenario:
     """Draw a scenario: limits, then a script of events over steps (registrations tracked as they happen, so
     arrivals name registered adapters, as the API would have admitted them)."""
     cfg = _draw_config(d)
@@ -308,16 +319,23 @@ def _draw_config(d: Draws) -> SimConfig:
         max_cpu_loras=d.int(3, 5),
         max_load_delay=d.int(0, 3),
         history=d.int(2, 4),
+        prefix_caching=d.chance(80),
     )
+
+
+SHARED_PREFIXES = 3  # prompts often start with one of a few seeded "system prompts": prefix-cache hits
 
 
 def _draw_arrival(d: Draws, rid: str, cfg: SimConfig, registered: list[str], vocab_size: int) -> Arrival:
     target = _draw_target(d, registered)
     prompt_len = d.int(1, cfg.max_model_len - 1)
-    prompt = tuple(d.int(5, vocab_size - 1) for _ in range(prompt_len))
+    shared = random.Random(d.int(0, SHARED_PREFIXES - 1))
+    head = [shared.randint(5, vocab_size - 1) for _ in range(d.int(0, prompt_len))] if d.chance(60) else []
+    prompt = tuple(head + [d.int(5, vocab_size - 1) for _ in range(prompt_len - len(head))])
     params = _draw_params(d, cfg.max_model_len - prompt_len)
     n = d.pick((1, 1, 1, 1, 2, 3)) if params.max_tokens > 0 else 1
-    return Arrival(rid, prompt, target, params, n, version=d.pick((0, 0, 0, 0, 1, 2)), route_key=d.int(0, 7))
+    return Arrival(rid, prompt, target, params, n, version=d.pick((0, 0, 0, 0, 1, 2)), route_key=d.int(0, 7),
+                   cache_salt=d.pick((None, None, None, "t1", "t2")))
 
 
 def _draw_target(d: Draws, registered: list[str]) -> Target:
@@ -335,13 +353,19 @@ def _draw_target(d: Draws, registered: list[str]) -> Target:
 def _draw_params(d: Draws, room: int) -> SamplingParams:
     prompt_logprobs = d.pick((None, None, None, 0, 2)) if d.chance(30) else None
     lowest = 0 if prompt_logprobs is not None else 1
-    max_tokens = d.int(lowest, min(room, 16))
+    max_tokens = d.int(lowest, min(room, 12))
     kw: dict[str, Any] = dict(max_tokens=max_tokens, prompt_logprobs=prompt_logprobs,
                               ignore_eos=d.chance(50), logprobs=d.pick((None, None, 0, 2)))
     if d.chance(60):
         kw["temperature"] = 0.0
     else:
-        kw.update(temperature=d.pick((0.7, 1.0)), top_k=d.pick((0, 5)), seed=d.pick((None, d.int(0, 1000))))
+        kw.update(temperature=d.pick((0.7, 1.0)), top_k=d.pick((0, 5)), min_p=d.pick((0.0, 0.0, 0.1)),
+                  seed=d.pick((None, d.int(0, 1000))))
+    if d.chance(10):
+        kw.update(repetition_penalty=d.pick((1.0, 1.5)), frequency_penalty=d.pick((0.0, 0.5)),
+                  presence_penalty=d.pick((0.0, -0.5)))
+    if d.chance(10):
+        kw["logit_bias"] = {d.int(5, 300): float(d.pick((-5, 5)))}
     if d.chance(15):
         kw["stop"] = (d.pick(("a", "e", " th", "in")),)
     if d.chance(10):
@@ -564,6 +588,8 @@ class Tracked:
     target: Target
     kvid: int
     keys: tuple[str, ...] = ()  # the adapter versions it was admitted on
+    seed: int | None = None  # the engine's sampling seed for it (its own, or the random one it was given)
+    params: SamplingParams | None = None  # its own (a choice's seed differs from its arrival's)
     outputs: list[RequestOutput] = field(default_factory=list)
 
     @property
@@ -579,10 +605,11 @@ class Report:
     outcomes: dict[str, int] = field(default_factory=dict)
     idle_after: int = 0  # steps from the last event until idle
     idle_bound: int = 0
-    checked_greedy: int = 0
+    checked_greedy: int = 0  # outputs equal to their solo reference (greedy or sampled, no grammar)
     checked_prompt_logprobs: int = 0
     preemptions: int = 0
     outlived: int = 0  # requests that completed on a version replaced (or dropped) while they ran
+    prefix_hits: int = 0  # tokens found in the prefix cache
 
 
 class Simulation:
@@ -607,7 +634,7 @@ class Simulation:
             max_model_len=cfg.max_model_len, block_size=cfg.block_size, num_kv_blocks=cfg.num_blocks,
             scheduler=SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_batch_tokens=cfg.max_batch_tokens,
                                       starvation_steps=cfg.starvation_steps, policy=cfg.policy,
-                                      max_prompt_logprob_rows=4),
+                                      max_prompt_logprob_rows=4, prefix_caching=cfg.prefix_caching),
             lora=LoRAConfig(max_loras=cfg.max_loras, max_lora_rank=8, max_cpu_loras=cfg.max_cpu_loras,
                             max_cpu_lora_bytes=4096)), parts)
         self.engine.adapter_port.is_registered = self.world.registered
@@ -648,6 +675,7 @@ class Simulation:
             if step > last and not self.engine.has_work():
                 self.report.idle_after = step - last
                 self.report.steps = step
+                self.report.prefix_hits = self.engine.prefix_cache_hits
                 self._check_idle()
                 return self.report
             if step > last and step - last > self.report.idle_bound:
@@ -769,11 +797,12 @@ class Simulation:
             self.world.expected[rid] = kvid
             try:
                 self.engine.add_request(rid, list(a.prompt), params, adapter, recipe,
-                                        prefix_of=_choice_id(a.rid, 0) if i else None)
+                                        prefix_of=_choice_id(a.rid, 0) if i else None, cache_salt=a.cache_salt)
             except RequestRejected:
                 self.report.rejected += 1
                 return
-            self.tracked[rid] = Tracked(a, i, a.target, kvid, tuple(keys))
+            self.tracked[rid] = Tracked(a, i, a.target, kvid, tuple(keys), self.engine.requests[rid].seed,
+                                        params=params)
             self.report.requests += 1
 
     def _collect(self, outputs: list[RequestOutput]) -> None:
@@ -860,11 +889,10 @@ class Simulation:
             return
         self.report.outlived += any(self.world.retired(k) or not self.world.registered(k) for k in t.keys)
         self._check_prompt_logprobs(rid, t)
-        p = t.arrival.params
-        plain = (p.greedy and not p.has_penalties and not p.logit_bias and p.guided is None and p.min_tokens == 0)
-        if not plain:
+        p = t.params
+        if p.guided is not None:  # the grammar's state is not replayed by the reference
             return
-        expected = self.world.model.reference_tokens(t.arrival.prompt, t.kvid, p, self.eos_ids)
+        expected = self.world.model.reference_tokens(t.arrival.prompt, t.kvid, p, self.eos_ids, t.seed)
         if last.finish_reason == "length" and p.max_tokens and tokens != expected:
             raise SimViolation(f"{rid}: tokens {tokens} != its solo reference {expected}")
         if tokens != expected[: len(tokens)]:

@@ -84,10 +84,11 @@ def test_seeded_scenarios(world_parts, request):
     seconds = time.perf_counter() - t0
     print(f"\nsimulation: {len(seeds)} scenarios in {seconds:.1f} s ({len(seeds) / seconds:.0f}/s), "
           f"{totals.steps} steps, {totals.requests} requests ({totals.rejected} rejected at the door), "
-          f"outcomes {dict(sorted(totals.outcomes.items()))}, {totals.checked_greedy} greedy outputs and "
+          f"outcomes {dict(sorted(totals.outcomes.items()))}, {totals.checked_greedy} outputs (greedy and sampled) and "
           f"{totals.checked_prompt_logprobs} prompt logprobs equal to their solo reference, "
-          f"{totals.preemptions} preemptions, {totals.outlived} requests completed on a version replaced while "
-          f"they ran, longest drain {totals.idle_after} steps")
+          f"{totals.preemptions} preemptions, {totals.prefix_hits} tokens found in the prefix cache, "
+          f"{totals.outlived} requests completed on a version replaced while they ran, "
+          f"longest drain {totals.idle_after} steps")
 
 
 def _add(totals, report) -> None:
@@ -98,6 +99,7 @@ def _add(totals, report) -> None:
     totals.checked_prompt_logprobs += report.checked_prompt_logprobs
     totals.preemptions += report.preemptions
     totals.outlived += report.outlived
+    totals.prefix_hits += report.prefix_hits
     totals.idle_after = max(totals.idle_after, report.idle_after)
     for k, v in report.outcomes.items():
         totals.outcomes[k] = totals.outcomes.get(k, 0) + v

@@ -67,7 +67,7 @@ ASKING = {
     "use_beam_search": True, "length_penalty": 0.5, "include_stop_str_in_output": True,
     "spaces_between_special_tokens": False, "truncate_prompt_tokens": 4, "truncation_side": "left",
     "allowed_token_ids": [5, 6], "bad_words": ["the"], "logprob_token_ids": [5], "watermarking": True,
-    "priority": 3, "return_tokens_as_token_ids": True, "return_token_ids": True, "cache_salt": "x" * 43,
+    "priority": 3, "return_tokens_as_token_ids": True, "return_token_ids": True,
     "kv_transfer_params": {"a": 1}, "ec_transfer_params": {"a": 1}, "vllm_xargs": {"a": 1},
     "logits_processors": ["x"], "repetition_detection": {"max_pattern_size": 3}, "thinking_token_budget": 10,
     "routed_experts_prompt_start": 2, "stream_interval": 4, "prompt_embeds": "AAAA", "mm_processor_kwargs": {"a": 1},
@@ -223,6 +223,17 @@ def _check_seed(live, base: dict) -> None:
     assert a == b != c
 
 
+def _check_cache_salt(live, base: dict) -> None:
+    """A prompt's blocks are found again with the same salt only (and the usage says how many tokens)."""
+    long = "the quick brown fox jumps over the lazy dog " * 6
+
+    def cached(salt: str) -> int:
+        return cmp(live, prompt=long, cache_salt=salt)["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert cached("tenant-a") == 0 and cached("tenant-a") > 0
+    assert cached("tenant-b") == 0
+
+
 def _check_structured(kind: str) -> Callable:
     def check(live, base: dict) -> None:
         validate_structured(live, "/v1/completions", kind)
@@ -264,6 +275,7 @@ COMPLETION_EFFECTS: dict[str, Callable] = {
     "request_id": lambda live, base: cmp(live, request_id="my-id-1")["id"] == "cmpl-my-id-1"
     or pytest.fail("request_id"),
     "user": _check_user,
+    "cache_salt": _check_cache_salt,
     "guided_json": _check_structured("guided_json"),
     "guided_regex": _check_structured("guided_regex"),
     "guided_choice": _check_structured("guided_choice"),
