@@ -198,3 +198,39 @@ def test_caching_off_finds_nothing(setup):
         engine.add_request(f"r{i}", _turn(i), greedy(3), "a")
         run_to_completion(engine)
     assert engine.prefix_cache_hits == 0 and engine.pool.num_cached == 0
+
+
+def _mixed_workload(engine) -> dict[str, list[int]]:
+    """Adapters, the base model, a linear merge, n = 2 choices and a seeded sampled request, over 5 turns of a shared
+    system prompt, in a pool too small for all of them at once (preemption) and 8-token chunks (chunked prefill)."""
+    from loraplex.adapters.merge import MergeRecipe
+
+    preempted: list = []
+    engine.scheduler.on_preempt = preempted.append
+    for i in range(5):
+        prompt = _turn(i)
+        engine.add_request(f"a{i}", prompt, greedy(10), "a")
+        engine.add_request(f"b{i}", prompt, greedy(10), "b")
+        engine.add_request(f"base{i}", prompt, greedy(10), None)
+        engine.add_request(f"m{i}", prompt, greedy(10), merge=MergeRecipe((("a", 0.7), ("b", 0.3))))
+        engine.add_request(f"n{i}.0", prompt, SamplingParams(max_tokens=10, temperature=0.8, seed=7 + i), "a")
+        engine.add_request(f"n{i}.1", prompt, SamplingParams(max_tokens=10, temperature=0.8, seed=70 + i), "a",
+                           prefix_of=f"n{i}.0")
+    outs = run_to_completion(engine)
+    assert preempted, "the workload was meant to preempt"
+    return {rid: tokens_of(o) for rid, o in outs.items()}
+
+
+def test_outputs_with_caching_on_equal_outputs_with_it_off_over_a_mixed_workload(setup):
+    import dataclasses
+
+    model_dir, adapters, ref = setup
+    runs = {}
+    for on in (True, False):
+        engine = make_engine(model_dir, adapters, num_kv_blocks=24, block_size=4, max_batch_tokens=8,
+                             max_num_seqs=8)
+        engine.scheduler.config = dataclasses.replace(engine.scheduler.config, prefix_caching=on)
+        runs[on] = _mixed_workload(engine)
+        assert (engine.prefix_cache_hits > 0) == on
+    assert runs[True] == runs[False]
+    assert runs[True]["b3"] == ref.generate(_turn(3), "b", 10)

@@ -73,7 +73,7 @@ def test_seeded_scenarios(world_parts, request):
         seeds = range(opt("--sim-first-seed"), opt("--sim-first-seed") + count)
     vocab = world_parts[1].vocab_size
     totals = sim.Report()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for seed in seeds:
         scenario = sim.generate(sim.Draws.from_seed(seed), vocab)
         try:
@@ -81,8 +81,10 @@ def test_seeded_scenarios(world_parts, request):
         except sim.SimViolation as err:
             pytest.fail(_explain(world_parts, scenario, err, f"-k seeded --sim-seed={seed}"), pytrace=False)
         _add(totals, report)
-    seconds = time.perf_counter() - t0
-    print(f"\nsimulation: {len(seeds)} scenarios in {seconds:.1f} s ({len(seeds) / seconds:.0f}/s), "
+        if (seed + 1) % 5000 == 0:  # long runs: progress (with -s), since a killed run prints nothing else
+            print(f"simulation: seeds up to {seed} pass ({time.perf_counter() - t0:.0f} s)", flush=True)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0  # CPU time: what an idle machine's wall is
+    print(f"\nsimulation: {len(seeds)} scenarios in {seconds:.1f} s ({len(seeds) / seconds:.0f}/s; CPU {cpu:.1f} s), "
           f"{totals.steps} steps, {totals.requests} requests ({totals.rejected} rejected at the door), "
           f"outcomes {dict(sorted(totals.outcomes.items()))}, {totals.checked_greedy} outputs (greedy and sampled) and "
           f"{totals.checked_prompt_logprobs} prompt logprobs equal to their solo reference, "
