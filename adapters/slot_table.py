@@ -566,6 +566,11 @@ class SlotTable:
         recipe = recipe_of(name)
         return recipe is not None and any(n in self._retired for n in recipe.names)
 
+    def is_current(self, name: str, epoch: int) -> bool:
+        """Whether registration `epoch` of `name` is still known (not forgotten: unregistered, or swept when
+        retired)."""
+        return self._current(name, epoch) is not None
+
     def _current(self, name: str, epoch: int) -> _Entry | None:
         """The entry a loader result is for, unless `name` was unregistered (and maybe registered again)."""
         entry = self._entries.get(name)

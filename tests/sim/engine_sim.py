@@ -420,6 +420,12 @@ class World:
         name, sha = V.split_key(key)
         return self.registered(key) and sha not in V.active(self.records[name])
 
+    def stale(self, key: str) -> bool:
+        """No new request may start on it: retired, or left the registry (a merge: with any of its adapters)."""
+        recipe = recipe_of(key) if is_virtual(key) else None
+        parts = recipe.names if recipe is not None else (key,)
+        return self.retired(key) or not all(self.registered(n) for n in parts)
+
     def weights(self, tag: tuple) -> AdapterWeights:
         """Weights standing for `tag` (what a slot copy of them makes the slot hold): `tags` maps them back."""
         weights = AdapterWeights(LoraSpec(r=1, lora_alpha=1.0, target_modules=(repr(tag),)), {}, size_bytes=1024)
@@ -863,6 +869,12 @@ class Simulation:
         if kept:
             raise SimViolation(f"step {self.world.step}: retired versions {sorted(kept)} are still resident with no "
                                "live request naming them")
+        # Nor prefix-cache blocks: freeing its slot unpublishes what it computed (a later request on it, after a
+        # rollback, loads a new registration epoch and computes afresh).
+        cached = sorted({n for n, _ in self.engine.pool._by_component if n not in named and self.world.stale(n)})
+        if cached:
+            raise SimViolation(f"step {self.world.step}: prefix-cache blocks of {cached} are still published with "
+                               "no live request naming them (retired or dropped versions)")
 
     def _check_idle(self) -> None:
         engine = self.engine
