@@ -62,6 +62,8 @@ from common import (  # noqa: E402
     bench_adapters,
     bench_small_dir,
     cache_root,
+    command_line,
+    git_commit,
     machine_facts,
     median,
     paired_ratio,
@@ -626,16 +628,20 @@ def run_parts(parts: dict[str, Callable[[], dict[str, object]]], chosen: list[st
               header: dict[str, object]) -> dict[str, object]:
     """Run the chosen parts in order, each stamped with the machine's facts (load average before and after)
     and its wall time. The results file is rewritten after each part (a later part's failure keeps the earlier
-    ones), and a partial run merges into it so the other parts' numbers stay."""
+    ones), and a partial run merges into it so the other parts' numbers stay, each with the commit and command
+    it ran with (the file's top-level pair names the latest run)."""
     res: dict[str, object] = {}
     if set(chosen) != set(parts) and json_path.is_file():
         res = json.loads(json_path.read_text())
+        for kept in (p for p in parts if p in res):
+            res[kept].setdefault("commit", res.get("commit"))
+            res[kept].setdefault("command", res.get("command"))
     res |= header
     for i, name in enumerate(p for p in parts if p in chosen):
         print(f"[{i + 1}/{len(chosen)}] {name}", flush=True)
-        facts, t0 = machine_facts("cpu"), time.perf_counter()
+        facts, t0, commit = machine_facts("cpu"), time.perf_counter(), git_commit()  # the code that runs
         print_facts(facts)
-        res[name] = parts[name]()
+        res[name] = parts[name]() | {"commit": commit, "command": command_line()}
         res[name]["machine"] = facts | {"load_avg_end": [round(x, 2) for x in os.getloadavg()]}
         res[name]["wall_s"] = time.perf_counter() - t0
         res = json.loads(json.dumps(res, default=str))
