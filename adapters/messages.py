@@ -72,9 +72,27 @@ class Forget(Command):
 
 @dataclass(frozen=True)
 class Restore(Command):
-    """`name` was registered (again): forget an earlier load error so the next request retries."""
+    """`name` was registered (again), or new requests may start on it again (a rollback, a route): forget an
+    earlier load error so the next request retries, and undo a retirement."""
 
     name: str
+
+
+@dataclass(frozen=True)
+class Retire(Command):
+    """No new request starts on `name` (an adapter version replaced, rolled back from, out of a route), though
+    it stays registered: its slot and host copy are freed as soon as no live request names it."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Prefetch(Command):
+    """Load `name` without a request: into host memory (`tier` "host"), or into a device slot ("device"),
+    evicting the least recently used idle adapter when no slot is free."""
+
+    name: str
+    tier: str
 
 
 @dataclass(frozen=True)
@@ -85,4 +103,4 @@ class PutHost(Command):
     weights: AdapterWeights
 
 
-Message = HostLoaded | HostLoadFailed | Pin | Forget | Restore | PutHost
+Message = HostLoaded | HostLoadFailed | Pin | Forget | Restore | Retire | Prefetch | PutHost

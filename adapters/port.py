@@ -1,8 +1,8 @@
 """AdapterPort: the side of the engine's adapter state that other threads may touch.
 
 In: a thread-safe inbox of typed messages (adapters/messages.py) — host loader results and admin commands
-(pin, forget, restore, put_host) — that the engine thread drains at the start of each step and applies to
-its SlotTable. Out: the immutable `AdapterSnapshot` the engine thread publishes after it applied messages and
+(pin, forget, restore, retire, prefetch, put_host) — that the engine thread drains at the start of each step and
+applies to its SlotTable. Out: the immutable `AdapterSnapshot` the engine thread publishes after it applied messages and
 after each step; the registry's `describe`, the HTTP routes and the metrics read only that.
 
 An admin call that must show its effect in its answer ("201, then GET shows tier host"; DELETE frees the slot)
@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from loraplex.adapters.errors import AdapterCommandError, AdapterCommandTimeout
-from loraplex.adapters.messages import Command, Forget, Message, Pin, PutHost, Restore
+from loraplex.adapters.messages import Command, Forget, Message, Pin, Prefetch, PutHost, Restore, Retire
 from loraplex.adapters.slot_table import AdapterSnapshot
 from loraplex.adapters.weights import AdapterWeights
 
@@ -88,6 +88,12 @@ class AdapterPort:
 
     def restore(self, name: str) -> Command:
         return self._command(Restore(name))
+
+    def retire(self, name: str) -> Command:
+        return self._command(Retire(name))
+
+    def prefetch(self, name: str, tier: str) -> Command:
+        return self._command(Prefetch(name, tier))
 
     def register(self, name: str, weights: AdapterWeights, pinned: bool) -> tuple[Command, ...]:
         """A new registration: clear an old error, seed the host tier with the validated weights, pin."""

@@ -2,11 +2,13 @@
 
 Layout under `s3://bucket/prefix/`:
 
-    registry.json                          the manifest (the same format as the local one, plus `remote`)
+    registry.json                          the manifest (the same format as the local one, plus `remote`):
+                                           every name's versions, current one, history and route
     adapters/<name>/<uuid>/adapter_config.json, adapter_model.safetensors
-                                           one immutable copy per registration, written before the manifest
+                                           one immutable copy per version, written before the manifest
 
-Changes are compare-and-swap on the manifest: read it with its ETag, apply the change, write it back with
+Changes (registrations, replaces, rollbacks, routes, removals: adapters/versions.py) are compare-and-swap on
+the manifest: read it with its ETag, apply the change, write it back with
 `If-Match: <etag>` (`If-None-Match: *` when there is none yet). A write that lost a race gets 412, re-reads
 and re-applies, so concurrent registrations from several replicas never lose one, and two registrations of one
 name give one success and one 409. Readers never lock: each replica polls the manifest with `If-None-Match`
@@ -32,12 +34,12 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from loraplex.adapters.errors import AdapterConflictError, AdapterNotFoundError
-from loraplex.adapters.names import validate_adapter_name
+from loraplex.adapters.digest import CONFIG_FILE, WEIGHTS_FILE, digest_streams
+from loraplex.adapters.errors import AdapterNotFoundError
 from loraplex.adapters.registry import (
     MANIFEST_NAME,
-    AdapterRecord,
     ManifestError,
+    Records,
     RecordView,
     manifest_bytes,
     parse_manifest,
@@ -63,8 +65,6 @@ ADAPTERS_DIR = "adapters"
 MAX_CAS_ATTEMPTS = 40
 _BACKOFF_MAX_S = 0.5
 
-Records = dict[str, AdapterRecord]
-
 
 def parse_registry_url(url: str) -> S3Location:
     """`--registry s3://bucket/prefix` → S3Location; ValueError naming the flag."""
@@ -89,6 +89,7 @@ class SharedRegistry(RecordView):
         self._lock = threading.Lock()  # one change or refresh at a time in this process
         self._etag: str | None = None  # of the manifest `_records` came from (None: none in the store yet)
         self._records: Records = {}
+        self._legacy_digests: dict[str, str] = {}  # a version-1 manifest's copies, hashed once: remote URL -> sha256
         self.missing_on_load: tuple[str, ...] = ()  # files live in the store; a missing one fails its load
         self._check_bucket()
         self.refresh()  # a corrupt manifest stops the server at start (ManifestError names it)
@@ -132,7 +133,7 @@ class SharedRegistry(RecordView):
             self._etag, self._records = None, {}
             return
         try:
-            self._records = parse_manifest(data)  # raises first: the old view stays
+            self._records = parse_manifest(data, self._legacy_digest)  # raises first: the old view stays
         except ValueError as exc:
             raise ManifestError(
                 f"adapter registry manifest {self.location.url(MANIFEST_NAME)} is corrupt ({exc}); it was left "
@@ -147,34 +148,24 @@ class SharedRegistry(RecordView):
         except AdapterNotFoundError:
             raise ValueError(f"--registry: the bucket of {self.url} does not exist (create it first)") from None
 
+    def _legacy_digest(self, local_dir: str, remote: str | None) -> str:
+        """A version-1 manifest entry's digest, from its copy in the store (hashed once; the next write stores
+        the manifest as version 2 with it)."""
+        if remote is None:
+            raise ValueError("a version-1 entry of a shared registry has no 'remote' copy")
+        if remote not in self._legacy_digests:
+            copy = parse_s3_url(remote)
+            with s3_errors(copy, None, field="registry"):
+                self._legacy_digests[remote] = s3_call(lambda: digest_streams(*[
+                    self._client.get_object(Bucket=copy.bucket, Key=copy.key(f))["Body"]
+                    for f in (CONFIG_FILE, WEIGHTS_FILE)]), self._deadline(f"hashing {remote}"))
+        return self._legacy_digests[remote]
+
     # -- changes ------------------------------------------------------------------------------------
-    def add(self, record: AdapterRecord) -> AdapterRecord:
-        """Register `record` in the shared manifest; AdapterConflictError (409) when any replica holds the name."""
-        validate_adapter_name(record.name)
 
-        def change(records: Records) -> Records:
-            if record.name in records:
-                raise AdapterConflictError(f"adapter {record.name!r} is already registered", field="name")
-            return {**records, record.name: record}
-
-        self._update(change)
-        return record
-
-    def remove(self, name: str) -> AdapterRecord:
-        """Unregister `name` everywhere; AdapterNotFoundError (404) when no replica holds it (any more)."""
-        removed: list[AdapterRecord] = []
-
-        def change(records: Records) -> Records:
-            if name not in records:
-                raise AdapterNotFoundError(f"adapter {name!r} is not registered", field="name")
-            removed.append(records[name])
-            return {k: v for k, v in records.items() if k != name}
-
-        self._update(change)
-        return removed[-1]
-
-    def _update(self, change: Callable[[Records], Records]) -> None:
-        """Apply `change` to the newest manifest and write it back only if nobody wrote in between."""
+    def update(self, change: Callable[[Records], Records]) -> Records:
+        """Apply `change` (a pure function of the records; it may raise 404/409 against them) to the newest
+        manifest and write it back only if nobody wrote in between; the records written."""
         deadline = self._deadline("changing the registry manifest")
         with self._lock:
             for attempt in range(MAX_CAS_ATTEMPTS):
@@ -186,7 +177,7 @@ class SharedRegistry(RecordView):
                 etag = self._put_if_unchanged(updated, deadline)
                 if etag is not None:
                     self._etag, self._records = etag, updated
-                    return
+                    return updated
                 log.debug("registry manifest changed under us (attempt %d); re-reading", attempt + 1)
                 time.sleep(min(deadline.remaining(), random.uniform(0, min(_BACKOFF_MAX_S, 0.01 * 2**attempt))))
         raise S3UnavailableError(
@@ -218,7 +209,7 @@ class SharedRegistry(RecordView):
 
     # -- adapter files ------------------------------------------------------------------------------
     def upload_files(self, name: str, local_dir: Path) -> str:
-        """Copy a validated adapter's two files under a fresh key prefix; its `s3://` URL for the record."""
+        """Copy a validated adapter version's two files under a fresh key prefix; its `s3://` URL for the record."""
         copy = S3Location(self.location.bucket, self.location.key(f"{ADAPTERS_DIR}/{name}/{uuid.uuid4().hex}"))
         deadline = self._deadline(f"uploading adapter {name!r}")
         for filename in ADAPTER_FILES:

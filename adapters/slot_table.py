@@ -20,6 +20,11 @@ LRU bounded by a count and a byte budget, whichever binds first.
 A virtual adapter (a ties / dare merge recipe, adapters/merge.py: "merge:...") is an entry like any other,
 its "read" computed by the host loader. It counts as registered while every adapter of its recipe is, and is
 forgotten with any of them: a component registered again gets a fresh merge.
+
+A retired name (an adapter version no new request starts on: replaced, rolled back from, out of a route;
+adapters/versions.py) stays registered, so requests admitted on it still run, but it is never prefetched, and
+`sweep_retired` frees its slot and host copy as soon as no live request names it (the engine sweeps after
+applying messages and after each step). So are the virtual adapters merged from it.
 """
 
 from __future__ import annotations
@@ -29,12 +34,23 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from loraplex.adapters.merge import is_virtual, recipe_of
-from loraplex.adapters.messages import Forget, HostLoaded, HostLoadFailed, Message, Pin, PutHost, Restore
+from loraplex.adapters.messages import (
+    Forget,
+    HostLoaded,
+    HostLoadFailed,
+    Message,
+    Pin,
+    Prefetch,
+    PutHost,
+    Restore,
+    Retire,
+)
+from loraplex.adapters.versions import display
 from loraplex.adapters.weights import AdapterWeights
 
 log = logging.getLogger(__name__)
@@ -138,6 +154,8 @@ class SlotTable:
         self._entries: dict[str, _Entry] = {}
         # Unregistered while running requests use them: the slot is freed on the last release.
         self._doomed: dict[str, _Entry] = {}
+        self._retired: set[str] = set()  # registered names no new request starts on (Retire; Restore undoes it)
+        self._sweep: set[str] = set()  # names with an entry that may be retired: what sweep_retired looks at
         self._device_lru: OrderedDict[str, None] = OrderedDict()  # DEVICE_READY names, least recent first
         self._host: OrderedDict[str, AdapterWeights] = OrderedDict()  # least recent first
         self._max_host, self._max_host_bytes = max_host, max_host_bytes
@@ -200,7 +218,7 @@ class SlotTable:
         host memory. It evicts nothing (unless `evict`, for pinning): a speculative load must not take the
         slot of an adapter whose queued requests are about to run."""
         entry = self._entries.get(name)
-        if name in self._doomed or not self._known(name):
+        if name in self._doomed or not self._known(name) or (self._is_retired(name) and not evict):
             return
         if entry is None or (entry.slot is None and entry.state is not AdapterState.ERRORED):
             self._start_device_load(self._entry(name), evict=evict, host_fallback=True)
@@ -229,6 +247,10 @@ class SlotTable:
                 self.forget(msg.name)
             case Restore():
                 self.restore(msg.name)
+            case Retire():
+                self.retire(msg.name)
+            case Prefetch():
+                self.load(msg.name, msg.tier)
             case PutHost():
                 self.put_host(msg.name, msg.weights)
             case _:
@@ -262,6 +284,7 @@ class SlotTable:
         Results of reads started for this registration are ignored from now on (the epoch is gone). The virtual
         adapters merged from it go too."""
         self._forget_one(name)
+        self._retired.discard(name)
         if not is_virtual(name):
             for other in [n for n in self._entries if is_virtual(n) and _merges(n, name)]:
                 self._forget_one(other)
@@ -285,12 +308,48 @@ class SlotTable:
             self._release_slot(entry)
 
     def restore(self, name: str) -> None:
-        """A name registered (again): forget an earlier error so the next request retries the load."""
+        """A name registered (again), or made current again: forget an earlier error so the next request retries
+        the load, and undo a retirement."""
+        self._retired.discard(name)
         entry = self._entries.get(name)
         if entry is not None and entry.state is AdapterState.ERRORED:
             entry.error = None
             entry.state = self._idle_state(entry)
             self._touch(entry)
+
+    def retire(self, name: str) -> None:
+        """No new request starts on `name`: unpin it; `sweep_retired` frees it once no live request names it."""
+        self._retired.add(name)
+        self.pin(name, False)
+        self._sweep.add(name)
+        self._sweep.update(n for n in self._entries if is_virtual(n) and _merges(n, name))
+
+    def sweep_retired(self, in_use: Callable[[], Collection[str]]) -> None:
+        """Free the slot and host copy of every retired name (and merge of one) that no running request holds
+        and no live request names: `in_use()` gives the adapter names live requests name (asked only when
+        something could be freed)."""
+        wanted: Collection[str] | None = None
+        for name in list(self._sweep):
+            entry = self._entries.get(name)
+            if entry is None or not self._is_retired(name):
+                self._sweep.discard(name)
+                continue
+            if entry.refs:
+                continue
+            wanted = in_use() if wanted is None else wanted
+            if name not in wanted:
+                self._sweep.discard(name)
+                self._forget_one(name)
+
+    def load(self, name: str, tier: str) -> None:
+        """Load a registered `name` without a request: into host memory ("host") or a device slot ("device",
+        evicting the least recently used idle unpinned adapter when none is free)."""
+        if tier == "device":
+            self.prefetch(name, evict=True)
+            return
+        entry = self._entries.get(name)
+        if name not in self._doomed and self._known(name) and (entry is None or entry.state is AdapterState.REGISTERED):
+            self._read(self._entry(name), urgent=False)
 
     def put_host(self, name: str, weights: AdapterWeights) -> None:
         """Seed the host tier with weights already read (e.g. by registration's validation)."""
@@ -496,7 +555,21 @@ class SlotTable:
         if entry is None:  # a new registration of `name`: a number no earlier one had
             entry = self._entries[name] = _Entry(name, next(self._epochs))
             self._touch(entry)
+            if self._retired and self._is_retired(name):
+                self._sweep.add(name)
         return entry
+
+    def _is_retired(self, name: str) -> bool:
+        """Retired, or a merge whose recipe holds a retired adapter."""
+        if not is_virtual(name):
+            return name in self._retired
+        recipe = recipe_of(name)
+        return recipe is not None and any(n in self._retired for n in recipe.names)
+
+    def is_current(self, name: str, epoch: int) -> bool:
+        """Whether registration `epoch` of `name` is still known (not forgotten: unregistered, or swept when
+        retired)."""
+        return self._current(name, epoch) is not None
 
     def _current(self, name: str, epoch: int) -> _Entry | None:
         """The entry a loader result is for, unless `name` was unregistered (and maybe registered again)."""
@@ -532,10 +605,10 @@ class SlotTable:
     def _not_registered(self, name: str) -> Acquired:
         # Not kept as an error: a later registration of `name` (or of a merge's adapter) must load normally.
         if not is_virtual(name):
-            return Acquired(SlotState.ERRORED, reason=f"adapter {name!r} is not registered")
+            return Acquired(SlotState.ERRORED, reason=f"adapter {display(name)} is not registered")
         recipe = recipe_of(name)
         missing = [n for n in recipe.names if not self.is_registered(n)] if recipe is not None else []
-        return Acquired(SlotState.ERRORED, reason=f"adapter {missing[0]!r} is not registered" if missing
+        return Acquired(SlotState.ERRORED, reason=f"adapter {display(missing[0])} is not registered" if missing
                         else f"merge {name!r} is no longer remembered; send the request again")
 
     def _count(self, kind: str, tier: str) -> None:

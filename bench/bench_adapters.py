@@ -16,12 +16,16 @@
           divided by the same with the other requests on resident adapters (same arrivals, same compute).
           AsyncEngine: reads run on the host loader's threads, the engine step never waits for them; the engine
           copies landed weights into slots at its step start. Target <= 1.2.
+4. swap   Over HTTP (a real server, bench/adapter_swap.py): a training loop pushes a new version of a P adapter
+          once per second (PUT /v1/adapters/{name}/weights, 19.5 MB) and asks for it: the time from the PUT to
+          the new version's first token; and the hot adapters' TTFT p99 meanwhile, divided by the same with the
+          same requests but no replace. Target <= 1.2.
 
 Every case pair runs side by side per round (median of the per-round ratios). The 1000 S1 adapters and the
 cold-pool P adapters are written directly as PEFT-format safetensors (same keys, shapes, init, config as
 `save_pretrained` writes; they load through our validator) and cached under ~/.cache/loraplex/bench.
 
-Run: .venv/bin/python bench/bench_adapters.py [--quick] [--parts cold scale ttft]
+Run: .venv/bin/python bench/bench_adapters.py [--quick] [--parts cold scale ttft swap]
 Writes bench/results/adapters.json and bench/results/adapters.png (adapters_quick.* with --quick).
 """
 
@@ -36,6 +40,7 @@ import os
 import random
 import shutil
 import statistics
+import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -49,6 +54,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # one B=32 decode step of bench-small take 7 s instead of 0.4 s, which would swamp every ratio here.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import adapter_swap as swap  # noqa: E402
 import torch  # noqa: E402
 from common import (  # noqa: E402
     RESULTS_DIR,
@@ -56,6 +62,8 @@ from common import (  # noqa: E402
     bench_adapters,
     bench_small_dir,
     cache_root,
+    command_line,
+    git_commit,
     machine_facts,
     median,
     paired_ratio,
@@ -79,7 +87,7 @@ MAX_RANK = 16
 BLOCK_SIZE = 16
 ALPHA = 0.3
 FIRST_TOKEN_ID = 3  # ids 0..2 are the special tokens of the bench tokenizer
-TARGETS = {"cold_p50_ms": 20.0, "scale_ratio": 0.95, "ttft_ratio": 1.2}
+TARGETS = {"cold_p50_ms": 20.0, "scale_ratio": 0.95, "ttft_ratio": 1.2, "swap_ratio": 1.2}
 _ids = itertools.count()
 
 
@@ -436,21 +444,18 @@ def part_ttft(model_dir: Path, work: TtftWork, repeats: int) -> dict[str, object
     engine.start()
     cases = {"resident": lambda k: f"warm{k % 2}", "cold": lambda k: f"cold{k % len(cold):02d}"}
     vocab = sync.loaded.model.config.vocab_size
-    rounds: dict[str, list[dict[str, object]]] = {c: [] for c in cases}
+
+    def run(r: int, case: str) -> tuple[dict[str, object], str]:
+        plan = ttft_plan(r, work if r else replace(work, seconds=work.seconds / 4), vocab)  # round 0: a quarter
+        loads0 = engine.adapters.stats.misses["device"]  # the snapshot the engine thread published
+        got = asyncio.run(run_ttft_case(engine, plan, cases[case], work))
+        res = {"hot": ms_summary(got["hot"]), "other": ms_summary(got["other"]),
+               "cold_loads": engine.adapters.stats.misses["device"] - loads0}
+        return res, f"other p50 {res['other']['p50_ms']:.0f} ms; loads {res['cold_loads']}"
+
     try:
         _wait_resident(engine, list(dirs))
-        for r in range(repeats + 1):  # round 0 (a quarter as long) warms up; dropped
-            plan = ttft_plan(r, work if r else replace(work, seconds=work.seconds / 4), vocab)
-            for case in (list(cases) if r % 2 == 0 else list(cases)[::-1]):
-                loads0 = engine.adapters.stats.misses["device"]  # the snapshot the engine thread published
-                got = asyncio.run(run_ttft_case(engine, plan, cases[case], work))
-                res = {"hot": ms_summary(got["hot"]), "other": ms_summary(got["other"]),
-                       "cold_loads": engine.adapters.stats.misses["device"] - loads0}
-                print(f"  round {r}{' (warm-up)' if r == 0 else ''} {case}: hot TTFT p50 "
-                      f"{res['hot']['p50_ms']:.0f} p99 {res['hot']['p99_ms']:.0f} ms; other p50 "
-                      f"{res['other']['p50_ms']:.0f} ms; loads {res['cold_loads']}", flush=True)
-                if r:
-                    rounds[case].append(res)
+        rounds = alternating_rounds(repeats, list(cases), run)
     finally:
         engine.stop()
     p99 = {c: [x["hot"]["p99_ms"] for x in v] for c, v in rounds.items()}
@@ -460,12 +465,65 @@ def part_ttft(model_dir: Path, work: TtftWork, repeats: int) -> dict[str, object
             "ratio": ratio, "target": TARGETS["ttft_ratio"], "pass": ratio <= TARGETS["ttft_ratio"]}
 
 
+def alternating_rounds(repeats: int, cases: list[str],
+                       run: Callable[[int, str], tuple[dict[str, object], str]]) -> dict[str, list[dict[str, object]]]:
+    """Round 0 warms up (dropped), then `repeats` rounds of every case, the order alternating per round; `run(round,
+    case)` -> (its result with a "hot" TTFT summary, a note to print). The per-case lists of results."""
+    rounds: dict[str, list[dict[str, object]]] = {c: [] for c in cases}
+    for r in range(repeats + 1):
+        for case in (cases if r % 2 == 0 else cases[::-1]):
+            res, note = run(r, case)
+            print(f"  round {r}{' (warm-up)' if r == 0 else ''} {case}: hot TTFT p50 {res['hot']['p50_ms']:.0f} p99 "
+                  f"{res['hot']['p99_ms']:.0f} ms; {note}", flush=True)
+            if r:
+                rounds[case].append(res)
+    return rounds
+
+
 def _wait_resident(engine: AsyncEngine, names: list[str], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while any(engine.adapters.view(n).tier != "device" for n in names):  # the published snapshot
         if time.monotonic() > deadline:
             raise RuntimeError(f"pinned adapters {names} not resident after {timeout} s")
         time.sleep(0.05)
+
+
+# ---- 4. shipping versions over HTTP: PUT …/weights once per second ---------------------------------------
+def part_swap(model_dir: Path, work: swap.SwapWork, repeats: int) -> dict[str, object]:
+    pool = synth_adapters(model_dir, "P", 11)  # hot0, hot1, trained's first version, then 8 pushed checkpoints
+    bodies = swap.distinct_bodies(pool[3:], 8)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    with tempfile.TemporaryDirectory(prefix="bench-swap-") as tmp:
+        server = swap.start(model_dir, pool[:3], Path(tmp))
+
+        def run(r: int, case: str) -> tuple[dict[str, object], str]:
+            w = work if r else replace(work, seconds=work.seconds / 3)  # round 0: a third as long
+            res = _swap_summary(asyncio.run(swap.run_case(server, bodies, case == "replace", w, r, vocab)))
+            return res, (f"{res['hot']['n']} hot requests; trainer: PUT answered p50 {res['put_answer']['p50_ms']:.0f}"
+                         f" ms, first token after the PUT p50 {res['put_to_first_token']['p50_ms']:.0f} ms")
+
+        try:
+            rounds = alternating_rounds(repeats, ["replace", "steady"], run)
+        finally:
+            server.stop()
+    p99 = {c: [x["hot"]["p99_ms"] for x in v] for c, v in rounds.items()}
+    ratio = paired_ratio(p99["replace"], p99["steady"])
+    pushes = [x for res in rounds["replace"] for x in res["raw_pushes"]]
+    return {"work": work.__dict__, "adapter_bytes": len(bodies[0]), "rounds": rounds,
+            "hot_p99_ms": {c: median(v) for c, v in p99.items()},
+            "put_to_first_token": ms_summary([p["first_token"] - p["sent"] for p in pushes]),
+            "put_answer": ms_summary([p["answered"] - p["sent"] for p in pushes]),
+            "ttft_after_put": ms_summary([p["first_token"] - p["answered"] for p in pushes]),
+            "versions_pushed": len(pushes), "ratio": ratio, "target": TARGETS["swap_ratio"],
+            "pass": ratio <= TARGETS["swap_ratio"]}
+
+
+def _swap_summary(got: dict[str, object]) -> dict[str, object]:
+    pushes = got["pushes"]
+    return {"hot": ms_summary(got["hot_ttft_s"]),
+            "put_answer": ms_summary([p["answered"] - p["sent"] for p in pushes]),
+            "put_to_first_token": ms_summary([p["first_token"] - p["sent"] for p in pushes]),
+            "raw_pushes": pushes}
 
 
 # ---- report ----------------------------------------------------------------------------------------------
@@ -483,7 +541,7 @@ def print_machine(res: dict[str, object], parts: list[str]) -> None:
 
 def print_report(res: dict[str, object]) -> None:
     print("\n== adapter cache benchmark (bench-small, fp32, CPU) ==")
-    print_machine(res, ["cold", "scale", "ttft"])
+    print_machine(res, ["cold", "scale", "ttft", "swap"])
     if "cold" in res:
         c = res["cold"]
         print(f"cold load of one P adapter ({c['size_bytes'] / 2**20:.1f} MiB fp32), {c['repeats']} repeats:")
@@ -510,6 +568,16 @@ def print_report(res: dict[str, object]) -> None:
         t = res["ttft"]
         print(f"hot-adapter TTFT p99 with cold loads / without: {t['hot_p99_ms']['cold']:.0f} / "
               f"{t['hot_p99_ms']['resident']:.0f} ms = {t['ratio']:.2f} (target <= 1.2): {verdict(t['pass'])}")
+    if "swap" in res:
+        w = res["swap"]
+        print(f"shipping versions over HTTP, PUT …/weights ({w['adapter_bytes'] / 1e6:.1f} MB) once per second, "
+              f"{w['versions_pushed']} versions pushed:")
+        for key, label in (("put_to_first_token", "PUT sent -> first token of the new version"),
+                           ("put_answer", "PUT sent -> PUT answered (registered, host tier)"),
+                           ("ttft_after_put", "PUT answered -> first token (slot load + prefill)")):
+            print(f"  {label:<52} p50 {w[key]['p50_ms']:7.1f} ms  p99 {w[key]['p99_ms']:7.1f} ms")
+        print(f"  hot-adapter TTFT p99 with a replace per second / without: {w['hot_p99_ms']['replace']:.0f} / "
+              f"{w['hot_p99_ms']['steady']:.0f} ms = {w['ratio']:.2f} (target <= 1.2): {verdict(w['pass'])}")
 
 
 def plot(path: Path, res: dict[str, object]) -> None:
@@ -518,7 +586,7 @@ def plot(path: Path, res: dict[str, object]) -> None:
     matplotlib.use("Agg")  # no display on a server; must precede pyplot's import
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
     if "cold" in res:
         tiers = res["cold"]["tiers"]
         axes[0].bar(list(tiers), [v["p50_ms"] for v in tiers.values()], label="p50")
@@ -541,6 +609,14 @@ def plot(path: Path, res: dict[str, object]) -> None:
                          label=f"hot p99, others {case}")
         axes[2].set(xlabel="round", ylabel="ms", title=f"hot-adapter TTFT p99, ratio {t['ratio']:.2f} (target 1.2)")
         axes[2].legend(fontsize=8)
+    if "swap" in res:
+        w = res["swap"]
+        for case, rounds in w["rounds"].items():
+            axes[3].plot(range(1, len(rounds) + 1), [x["hot"]["p99_ms"] for x in rounds], marker="o",
+                         label=f"hot p99, {case}")
+        axes[3].set(xlabel="round", ylabel="ms", title=f"PUT weights 1/s: hot TTFT p99 ratio {w['ratio']:.2f}; "
+                                                       f"PUT->token p50 {w['put_to_first_token']['p50_ms']:.0f} ms")
+        axes[3].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -552,16 +628,20 @@ def run_parts(parts: dict[str, Callable[[], dict[str, object]]], chosen: list[st
               header: dict[str, object]) -> dict[str, object]:
     """Run the chosen parts in order, each stamped with the machine's facts (load average before and after)
     and its wall time. The results file is rewritten after each part (a later part's failure keeps the earlier
-    ones), and a partial run merges into it so the other parts' numbers stay."""
+    ones), and a partial run merges into it so the other parts' numbers stay, each with the commit and command
+    it ran with (the file's top-level pair names the latest run)."""
     res: dict[str, object] = {}
     if set(chosen) != set(parts) and json_path.is_file():
         res = json.loads(json_path.read_text())
+        for kept in (p for p in parts if p in res):
+            res[kept].setdefault("commit", res.get("commit"))
+            res[kept].setdefault("command", res.get("command"))
     res |= header
     for i, name in enumerate(p for p in parts if p in chosen):
         print(f"[{i + 1}/{len(chosen)}] {name}", flush=True)
-        facts, t0 = machine_facts("cpu"), time.perf_counter()
+        facts, t0, commit = machine_facts("cpu"), time.perf_counter(), git_commit()  # the code that runs
         print_facts(facts)
-        res[name] = parts[name]()
+        res[name] = parts[name]() | {"commit": commit, "command": command_line()}
         res[name]["machine"] = facts | {"load_avg_end": [round(x, 2) for x in os.getloadavg()]}
         res[name]["wall_s"] = time.perf_counter() - t0
         res = json.loads(json.dumps(res, default=str))
@@ -572,7 +652,8 @@ def run_parts(parts: dict[str, Callable[[], dict[str, object]]], chosen: list[st
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer requests and shorter runs (same protocol)")
-    ap.add_argument("--parts", nargs="+", default=["cold", "scale", "ttft"], choices=["cold", "scale", "ttft"])
+    ap.add_argument("--parts", nargs="+", default=["cold", "scale", "ttft", "swap"],
+                    choices=["cold", "scale", "ttft", "swap"])
     ap.add_argument("--repeats", type=int, default=3, help="rounds per ratio (median of per-round ratios)")
     ap.add_argument("--repeats-load", type=int, default=30, help="cold-load repeats (p50/p99)")
     args = ap.parse_args()
@@ -582,6 +663,7 @@ def main() -> None:
         "cold": lambda: part_cold(model_dir, 20 if args.quick else args.repeats_load),
         "scale": lambda: part_scale(model_dir, ScaleWork(96 if args.quick else 192, 32, 8, 32, 16), args.repeats),
         "ttft": lambda: part_ttft(model_dir, TtftWork(40.0 if args.quick else 90.0, 1.0, 0.5), args.repeats),
+        "swap": lambda: part_swap(model_dir, swap.SwapWork(20.0 if args.quick else 60.0, 2.0), args.repeats),
     }
     stem = "adapters_quick" if args.quick else "adapters"
     res = run_parts(parts, args.parts, RESULTS_DIR / f"{stem}.json",

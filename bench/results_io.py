@@ -16,7 +16,9 @@ def write_json(path: Path, data: dict[str, object]) -> None:
     """Write a result, with the commit it ran on and the exact command first (BENCHMARK.md: every result
     JSON records them)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"commit": git_commit(), "command": command_line()} | data
+    # This run's commit and command, never those of a results file it merged into.
+    record = {"commit": git_commit(), "command": command_line()} | {
+        k: v for k, v in data.items() if k not in ("commit", "command")}
     path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {path}")
 

@@ -1,5 +1,5 @@
 """Terminal subcommands of `loraplex` that talk to a running server through `LoraplexClient`:
-`generate`, `adapters ls|show|add|upload|rm` and `bench`.
+`generate`, `adapters ls|show|add|upload|rm|versions|weights|rollback|route|prefetch|digest` and `bench`.
 
 `--url`, `--api-key` and `--admin-key` come from the flags or from LORAPLEX_URL, LORAPLEX_API_KEY and
 LORAPLEX_ADMIN_KEY. A server error answer or an unreachable server prints `loraplex: error: <message>` to
@@ -68,10 +68,11 @@ def _add_generate(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
 
 
 def _add_adapters(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("adapters", parents=[common], help="list, show, register, upload and remove adapters "
-                                                          "(no verb: ls)")
+    p = sub.add_parser("adapters", parents=[common], help="list, show, register, upload, version and remove "
+                                                          "adapters (no verb: ls)")
     p.set_defaults(client_handler=cmd_adapters_ls)  # `loraplex adapters` alone lists them
-    verbs = p.add_subparsers(dest="adapters_command", metavar="{ls,show,add,upload,rm}")
+    verbs = p.add_subparsers(dest="adapters_command",
+                             metavar="{ls,show,add,upload,rm,versions,weights,rollback,route,prefetch,digest}")
     verbs.add_parser("ls", parents=[common], help="table of registered adapters").set_defaults(
         client_handler=cmd_adapters_ls)
     show = verbs.add_parser("show", parents=[common], help="one adapter's record as JSON")
@@ -80,16 +81,51 @@ def _add_adapters(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
     add = verbs.add_parser("add", parents=[common], help="register a PEFT dir by its path on the server")
     add.add_argument("name")
     add.add_argument("path", help="path inside the server's --adapter-root, or an s3:// URL")
-    add.add_argument("--pinned", action="store_true", help="never evict it from the device slots")
+    _version_flags(add)
     add.set_defaults(client_handler=cmd_adapters_add)
     upload = verbs.add_parser("upload", parents=[common], help="upload a local PEFT dir (or .tar.gz)")
     upload.add_argument("name")
     upload.add_argument("dir", help="dir holding adapter_config.json and adapter_model.safetensors")
-    upload.add_argument("--pinned", action="store_true", help="never evict it from the device slots")
+    _version_flags(upload)
+    upload.add_argument("--verify", action="store_true",
+                        help="send the dir's own sha256: the server refuses files that arrive different")
     upload.set_defaults(client_handler=cmd_adapters_upload)
-    rm = verbs.add_parser("rm", parents=[common], help="unregister an adapter")
+    rm = verbs.add_parser("rm", parents=[common], help="unregister an adapter (every version)")
     rm.add_argument("name")
     rm.set_defaults(client_handler=cmd_adapters_rm)
+    versions = verbs.add_parser("versions", parents=[common], help="an adapter's versions, current first")
+    versions.add_argument("name")
+    versions.set_defaults(client_handler=cmd_adapters_versions)
+    weights = verbs.add_parser("weights", parents=[common],
+                               help="a new current version from a local adapter_model.safetensors (config kept)")
+    weights.add_argument("name")
+    weights.add_argument("file", help="the safetensors file, or a PEFT dir holding one")
+    weights.add_argument("--sha256", help="the digest the new version must have")
+    weights.set_defaults(client_handler=cmd_adapters_weights)
+    rollback = verbs.add_parser("rollback", parents=[common], help="make an earlier version current again")
+    rollback.add_argument("name")
+    rollback.add_argument("version", nargs="?", help="a prefix of its sha256 (default: the previous version)")
+    rollback.set_defaults(client_handler=cmd_adapters_rollback)
+    route = verbs.add_parser("route", parents=[common], help="split traffic between versions (a canary)")
+    route.add_argument("name")
+    route.add_argument("splits", nargs="*", metavar="VERSION=WEIGHT", help="e.g. 3f2a9c=90 b81e00=10")
+    route.add_argument("--sticky", choices=("user", "none"), default="user",
+                       help="user: one user (OpenAI `user`, X-Loraplex-Route-Key) stays on one version (default)")
+    route.add_argument("--clear", action="store_true", help="remove the route: every request runs the current one")
+    route.set_defaults(client_handler=cmd_adapters_route)
+    prefetch = verbs.add_parser("prefetch", parents=[common], help="load an adapter without a request")
+    prefetch.add_argument("name")
+    prefetch.add_argument("--tier", choices=("host", "device"), default="device")
+    prefetch.set_defaults(client_handler=cmd_adapters_prefetch)
+    digest = verbs.add_parser("digest", parents=[common], help="a local PEFT dir's version id (its sha256)")
+    digest.add_argument("dir")
+    digest.set_defaults(client_handler=cmd_adapters_digest)
+
+
+def _version_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pinned", action="store_true", default=None, help="never evict it from the device slots")
+    p.add_argument("--replace", action="store_true", help="make it the new current version of a registered name")
+    p.add_argument("--sha256", help="the digest its files must have (see `loraplex adapters digest`)")
 
 
 def _add_bench(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -175,21 +211,34 @@ def cmd_generate(client: LoraplexClient, args: argparse.Namespace, out: TextIO |
 
 # ---- adapters ----------------------------------------------------------------------------------------------
 
-_COLUMNS = ("NAME", "RANK", "TIER", "STATE", "PINNED")
+_COLUMNS = ("NAME", "VERSION", "RANK", "TIER", "STATE", "PINNED")
+_VERSION_COLUMNS = ("VERSION", "CURRENT", "WEIGHT", "RANK", "TIER", "CREATED", "SOURCE")
 
 
 def _row(a: Adapter) -> tuple[str, ...]:
-    return (a.name, "-" if a.rank is None else str(a.rank), a.tier, a.state, "yes" if a.pinned else "no")
+    return (a.name, a.version or "-", "-" if a.rank is None else str(a.rank), a.tier, a.state,
+            "yes" if a.pinned else "no")
 
 
-def format_table(adapters: Sequence[Adapter]) -> str:
-    rows = [_COLUMNS, *(_row(a) for a in sorted(adapters, key=lambda a: a.name))]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
+def _version_row(v: dict) -> tuple[str, ...]:
+    created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v["created"]))
+    return (v["version"], "yes" if v["current"] else "", "" if v.get("weight") is None else str(v["weight"]),
+            str(v.get("rank", "-")), v.get("tier", "-"), created, v["source"])
+
+
+def _table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    rows = [columns, *rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
+def format_table(adapters: Sequence[Adapter]) -> str:
+    return _table(_COLUMNS, [_row(a) for a in sorted(adapters, key=lambda a: a.name)])
+
+
 def _summary(verb: str, a: Adapter) -> str:
-    return f"{verb} {a.name}: rank {a.rank}, tier {a.tier}, state {a.state}, pinned {'yes' if a.pinned else 'no'}"
+    return (f"{verb} {a.name}: version {a.version}, rank {a.rank}, tier {a.tier}, state {a.state}, "
+            f"pinned {'yes' if a.pinned else 'no'}")
 
 
 def cmd_adapters_ls(client: LoraplexClient, args: argparse.Namespace) -> int:
@@ -203,13 +252,77 @@ def cmd_adapters_show(client: LoraplexClient, args: argparse.Namespace) -> int:
 
 
 def cmd_adapters_add(client: LoraplexClient, args: argparse.Namespace) -> int:
-    print(_summary("added", client.register_adapter(args.name, args.path, pinned=args.pinned)))
+    record = client.register_adapter(args.name, args.path, pinned=args.pinned, replace=args.replace,
+                                     sha256=args.sha256)
+    print(_summary("replaced" if args.replace else "added", record))
     return 0
 
 
 def cmd_adapters_upload(client: LoraplexClient, args: argparse.Namespace) -> int:
-    print(_summary("uploaded", client.upload_adapter(args.name, args.dir, pinned=args.pinned)))
+    sha256 = args.sha256
+    if args.verify:
+        sha256 = _local_digest(args.dir)
+    record = client.upload_adapter(args.name, args.dir, pinned=args.pinned, replace=args.replace, sha256=sha256)
+    print(_summary("replaced" if args.replace else "uploaded", record))
     return 0
+
+
+def cmd_adapters_versions(client: LoraplexClient, args: argparse.Namespace) -> int:
+    record = client.get_adapter(args.name)
+    print(_table(_VERSION_COLUMNS, [_version_row(v) for v in record.versions]))
+    if record.route is not None:
+        splits = ", ".join(f"{v['version']}={v['weight']}" for v in record.route["versions"])
+        print(f"route: {splits} (sticky: {record.route['sticky']})")
+    return 0
+
+
+def cmd_adapters_weights(client: LoraplexClient, args: argparse.Namespace) -> int:
+    print(_summary("new weights for", client.put_weights(args.name, args.file, sha256=args.sha256)))
+    return 0
+
+
+def cmd_adapters_rollback(client: LoraplexClient, args: argparse.Namespace) -> int:
+    print(_summary("rolled back", client.rollback(args.name, args.version)))
+    return 0
+
+
+def cmd_adapters_route(client: LoraplexClient, args: argparse.Namespace) -> int:
+    if args.clear == bool(args.splits):
+        raise CliError("give VERSION=WEIGHT splits, or --clear", 2)
+    if args.clear:
+        record = client.clear_route(args.name)
+        print(f"route of {record.name} cleared: every request runs {record.version}")
+        return 0
+    weights: dict[str, int] = {}
+    for split in args.splits:
+        version, sep, weight = split.partition("=")
+        if not sep or not weight.isdigit():
+            raise CliError(f"expected VERSION=WEIGHT (an integer weight), got {split!r}", 2)
+        weights[version] = int(weight)
+    record = client.set_route(args.name, weights, sticky=args.sticky)
+    splits = ", ".join(f"{v['version']}={v['weight']}" for v in record.route["versions"])
+    print(f"route of {record.name}: {splits} (sticky: {record.route['sticky']})")
+    return 0
+
+
+def cmd_adapters_prefetch(client: LoraplexClient, args: argparse.Namespace) -> int:
+    answer = client.prefetch(args.name, args.tier)
+    print(f"prefetching {answer['name']} ({', '.join(answer['versions'])}) into {answer['tier']}")
+    return 0
+
+
+def cmd_adapters_digest(client: LoraplexClient, args: argparse.Namespace) -> int:
+    print(f"{_local_digest(args.dir)}  {args.dir}")
+    return 0
+
+
+def _local_digest(directory: str) -> str:
+    from loraplex.adapters.digest import DigestError, dir_digest
+
+    try:
+        return dir_digest(directory)
+    except DigestError as exc:
+        raise CliError(f"{directory}: {exc}", 2) from None
 
 
 def cmd_adapters_rm(client: LoraplexClient, args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ import httpx
 
 T = TypeVar("T")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+VERSION_HEADER = "x-loraplex-adapter-version"
 _DONE = object()  # sentinel: the SSE stream's `data: [DONE]`
 
 
@@ -48,6 +49,9 @@ class Completion:
     finish_reason: str | None
     usage: Usage
     raw: dict[str, Any] = field(repr=False, compare=False)
+    # The weights that answered: the adapter version (12 hex digits of its sha256), "base", or a merge's
+    # "name@version,…" (the X-Loraplex-Adapter-Version header).
+    adapter_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,10 @@ class Adapter:
     error: str | None
     load_stats: dict[str, float]
     raw: dict[str, Any] = field(repr=False, compare=False)
+    version: str | None = None  # the current version: 12 hex digits of its sha256
+    sha256: str | None = None
+    versions: list[dict[str, Any]] = field(default_factory=list, repr=False)  # the history, current first
+    route: dict[str, Any] | None = None  # a canary split: {"versions": [{version, sha256, weight}], "sticky"}
 
 
 # ---- request specs and response parsing (shared by both clients) ------------------------------------------
@@ -85,6 +93,7 @@ class _Call(Generic[T]):
     json: dict[str, Any] | None = None
     files: Mapping[str, Path] | None = None  # multipart file fields, opened only while sending
     data: dict[str, str] | None = None  # multipart text fields
+    content: Path | None = None  # a raw body, read from this file while sending
     admin: bool = False  # needs the admin key rather than the API key
     accept: tuple[int, ...] = ()  # error statuses handed to `parse` instead of raised
 
@@ -121,14 +130,15 @@ def _completion(resp: httpx.Response) -> Completion:
     u = body.get("usage") or {}
     usage = Usage(u.get("prompt_tokens", 0), u.get("completion_tokens", 0), u.get("total_tokens", 0))
     return Completion(body.get("id", ""), body.get("model", ""), text or "", choice.get("finish_reason"), usage,
-                      body)
+                      body, resp.headers.get(VERSION_HEADER))
 
 
 def _adapter_from(record: dict[str, Any]) -> Adapter:
     return Adapter(record["name"], record.get("rank"), record.get("alpha"), record.get("target_modules"),
                    record.get("size_bytes"), record.get("tier", "disk"), bool(record.get("pinned", False)),
                    record.get("state", "ready"), record.get("error"), dict(record.get("load_stats") or {}),
-                   record)
+                   record, record.get("version"), record.get("sha256"), list(record.get("versions") or []),
+                   record.get("route"))
 
 
 def _adapter(resp: httpx.Response) -> Adapter:
@@ -163,7 +173,8 @@ def _chat(model: str, messages: Sequence[Mapping[str, str]], params: Mapping[str
                        stream)
 
 
-def _upload(name: str, path: str | Path, pinned: bool) -> _Call[Adapter]:
+def _upload(name: str, path: str | Path, pinned: bool | None, replace: bool = False,
+            sha256: str | None = None) -> _Call[Adapter]:
     """A PEFT dir (its two files) or a `.tar.gz` of them; missing local files fail here, before any request."""
     path = Path(path)
     if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
@@ -175,8 +186,10 @@ def _upload(name: str, path: str | Path, pinned: bool) -> _Call[Adapter]:
             raise FileNotFoundError(f"adapter dir {path} lacks {', '.join(missing)}")
     else:
         raise FileNotFoundError(f"{path} is neither an adapter dir nor a .tar.gz archive")
-    return _Call("PUT", f"/v1/adapters/{_segment(name)}", _adapter, files=files,
-                 data={"pinned": "true" if pinned else "false"}, admin=True)
+    data = {"replace": "true" if replace else "false"}
+    data |= {"pinned": "true" if pinned else "false"} if pinned is not None else {}
+    data |= {"sha256": sha256} if sha256 is not None else {}
+    return _Call("PUT", f"/v1/adapters/{_segment(name)}", _adapter, files=files, data=data, admin=True)
 
 
 def _segment(name: str) -> str:
@@ -192,6 +205,11 @@ def _opened(files: Mapping[str, Path] | None) -> Iterator[dict[str, tuple[str, A
         return
     with ExitStack() as stack:
         yield {name: (p.name, stack.enter_context(p.open("rb"))) for name, p in files.items()}
+
+
+def _body(call: _Call[Any]) -> bytes | None:
+    """A raw body's bytes (PUT …/weights: one safetensors file, sent with its length)."""
+    return call.content.read_bytes() if call.content is not None else None
 
 
 def _sse_delta(line: str) -> str | object | None:
@@ -230,8 +248,42 @@ _MODELS: _Call[list[Model]] = _Call("GET", "/v1/models", _models)
 _LIST: _Call[list[Adapter]] = _Call("GET", "/v1/adapters", _adapters, admin=True)
 
 
-def _register(name: str, path: str, pinned: bool) -> _Call[Adapter]:
-    return _Call("POST", "/v1/adapters", _adapter, json={"name": name, "path": path, "pinned": pinned}, admin=True)
+def _register(name: str, path: str, pinned: bool | None, replace: bool = False,
+              sha256: str | None = None) -> _Call[Adapter]:
+    body: dict[str, Any] = {"name": name, "path": path, "replace": replace}
+    body |= {"pinned": pinned} if pinned is not None else {}
+    body |= {"sha256": sha256} if sha256 is not None else {}
+    return _Call("POST", "/v1/adapters", _adapter, json=body, admin=True)
+
+
+def _weights(name: str, weights: str | Path, sha256: str | None) -> _Call[Adapter]:
+    """A raw adapter_model.safetensors as the name's new current version (its current config is kept)."""
+    path = Path(weights)
+    if path.is_dir():
+        path = path / ADAPTER_FILES[1]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is not a safetensors file")
+    query = f"?sha256={quote(sha256, safe='')}" if sha256 is not None else ""
+    return _Call("PUT", f"/v1/adapters/{_segment(name)}/weights{query}", _adapter, content=path, admin=True)
+
+
+def _rollback(name: str, version: str | None) -> _Call[Adapter]:
+    return _Call("POST", f"/v1/adapters/{_segment(name)}/rollback", _adapter,
+                 json={"version": version} if version is not None else {}, admin=True)
+
+
+def _route(name: str, weights: Mapping[str, int], sticky: str) -> _Call[Adapter]:
+    splits = [{"version": v, "weight": w} for v, w in weights.items()]
+    return _Call("PUT", f"/v1/adapters/{_segment(name)}/route", _adapter, json={"versions": splits, "sticky": sticky},
+                 admin=True)
+
+
+def _unroute(name: str) -> _Call[Adapter]:
+    return _Call("DELETE", f"/v1/adapters/{_segment(name)}/route", _adapter, admin=True)
+
+
+def _prefetch(name: str, tier: str) -> _Call[dict[str, Any]]:
+    return _Call("POST", f"/v1/adapters/{_segment(name)}/prefetch", _json, json={"tier": tier}, admin=True)
 
 
 def _get(name: str) -> _Call[Adapter]:
@@ -256,7 +308,7 @@ class LoraplexClient(_Base):
     def _run(self, call: _Call[T]) -> T:
         with _opened(call.files) as files:
             resp = self._http.request(call.method, call.path, json=call.json, files=files, data=call.data,
-                                      headers=self._headers(call))
+                                      content=_body(call), headers=self._headers(call))
         return _finish(call, resp)
 
     def _stream(self, call: _Call[Any]) -> Iterator[str]:
@@ -288,13 +340,35 @@ class LoraplexClient(_Base):
     def models(self) -> list[Model]:
         return self._run(_MODELS)
 
-    def register_adapter(self, name: str, path: str, pinned: bool = False) -> Adapter:
-        """Register a PEFT dir by path (inside the server's --adapter-root) or s3:// URL."""
-        return self._run(_register(name, path, pinned))
+    def register_adapter(self, name: str, path: str, pinned: bool | None = None, *, replace: bool = False,
+                         sha256: str | None = None) -> Adapter:
+        """Register a PEFT dir by path (inside the server's --adapter-root) or s3:// URL. `replace`: as the name's
+        new current version; `sha256`: the digest its files must have (`adapter_digest(dir)`)."""
+        return self._run(_register(name, path, pinned, replace, sha256))
 
-    def upload_adapter(self, name: str, dir_path: str | Path, pinned: bool = False) -> Adapter:
-        """Upload a local PEFT dir (or a .tar.gz of its two files)."""
-        return self._run(_upload(name, dir_path, pinned))
+    def upload_adapter(self, name: str, dir_path: str | Path, pinned: bool | None = None, *, replace: bool = False,
+                       sha256: str | None = None) -> Adapter:
+        """Upload a local PEFT dir (or a .tar.gz of its two files); `replace` and `sha256` as register_adapter."""
+        return self._run(_upload(name, dir_path, pinned, replace, sha256))
+
+    def put_weights(self, name: str, weights: str | Path, sha256: str | None = None) -> Adapter:
+        """A new current version from a local adapter_model.safetensors (or a PEFT dir's), keeping the config."""
+        return self._run(_weights(name, weights, sha256))
+
+    def rollback(self, name: str, version: str | None = None) -> Adapter:
+        """Make a version of the history current again (default: the previous one)."""
+        return self._run(_rollback(name, version))
+
+    def set_route(self, name: str, weights: Mapping[str, int], sticky: str = "user") -> Adapter:
+        """Split new requests between versions: {version prefix: weight}; sticky "user" or "none"."""
+        return self._run(_route(name, weights, sticky))
+
+    def clear_route(self, name: str) -> Adapter:
+        return self._run(_unroute(name))
+
+    def prefetch(self, name: str, tier: str = "device") -> dict[str, Any]:
+        """Load the name's current (or routed) versions without a request: "host" or "device"."""
+        return self._run(_prefetch(name, tier))
 
     def list_adapters(self) -> list[Adapter]:
         return self._run(_LIST)
@@ -334,7 +408,7 @@ class AsyncLoraplexClient(_Base):
     async def _run(self, call: _Call[T]) -> T:
         with _opened(call.files) as files:
             resp = await self._http.request(call.method, call.path, json=call.json, files=files, data=call.data,
-                                            headers=self._headers(call))
+                                            content=_body(call), headers=self._headers(call))
         return _finish(call, resp)
 
     async def _stream(self, call: _Call[Any]) -> AsyncIterator[str]:
@@ -364,11 +438,28 @@ class AsyncLoraplexClient(_Base):
     async def models(self) -> list[Model]:
         return await self._run(_MODELS)
 
-    async def register_adapter(self, name: str, path: str, pinned: bool = False) -> Adapter:
-        return await self._run(_register(name, path, pinned))
+    async def register_adapter(self, name: str, path: str, pinned: bool | None = None, *, replace: bool = False,
+                               sha256: str | None = None) -> Adapter:
+        return await self._run(_register(name, path, pinned, replace, sha256))
 
-    async def upload_adapter(self, name: str, dir_path: str | Path, pinned: bool = False) -> Adapter:
-        return await self._run(_upload(name, dir_path, pinned))
+    async def upload_adapter(self, name: str, dir_path: str | Path, pinned: bool | None = None, *,
+                             replace: bool = False, sha256: str | None = None) -> Adapter:
+        return await self._run(_upload(name, dir_path, pinned, replace, sha256))
+
+    async def put_weights(self, name: str, weights: str | Path, sha256: str | None = None) -> Adapter:
+        return await self._run(_weights(name, weights, sha256))
+
+    async def rollback(self, name: str, version: str | None = None) -> Adapter:
+        return await self._run(_rollback(name, version))
+
+    async def set_route(self, name: str, weights: Mapping[str, int], sticky: str = "user") -> Adapter:
+        return await self._run(_route(name, weights, sticky))
+
+    async def clear_route(self, name: str) -> Adapter:
+        return await self._run(_unroute(name))
+
+    async def prefetch(self, name: str, tier: str = "device") -> dict[str, Any]:
+        return await self._run(_prefetch(name, tier))
 
     async def list_adapters(self) -> list[Adapter]:
         return await self._run(_LIST)

@@ -21,6 +21,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from loraplex.adapters.resolver import ResolverConfig
 from loraplex.clients.cli import add_client_commands
 from loraplex.clients.cli import run as run_client_command
 from loraplex.server.config import (
@@ -113,6 +114,15 @@ FLAGS: tuple[tuple[str, type, object, str], ...] = (
      "s3://bucket/prefix: one adapter registry shared by every replica given it (unset: --state-dir's)"),
     ("--registry-poll-seconds", float, _default(ServerConfig, "registry_poll_s"),
      "how often a replica applies other replicas' registrations and deletions (with --registry)"),
+    ("--adapter-history", int, _default(ServerConfig, "adapter_history"),
+     "versions kept per adapter name, the current one included (rollback targets; older ones are deleted)"),
+    ("--adapter-resolver", str, None,
+     "DIR (inside --adapter-root) or s3://bucket/prefix: a request for an unregistered adapter name registers "
+     "<resolver>/<name> on first use"),
+    ("--adapter-resolver-pattern", str, _default(ResolverConfig, "pattern"),
+     "names the resolver may serve (a full match; never . or ..)"),
+    ("--adapter-resolver-negative-ttl", float, _default(ResolverConfig, "negative_ttl_s"),
+     "seconds a failed resolution is remembered (and answered from memory)"),
     ("--drain-timeout", float, _default(ServerConfig, "drain_timeout_s"),
      "seconds to let in-flight requests finish after SIGTERM"),
     ("--max-connections", int, _default(ConnectionLimits, "max_connections"),
@@ -195,7 +205,9 @@ def configs_from_args(args: argparse.Namespace) -> RuntimeConfig:
         metrics_key=args.metrics_key, tenants=Path(args.tenants) if args.tenants else None,
         max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, max_upload_bytes=args.max_upload_bytes,
         s3_endpoint=args.s3_endpoint, registry=args.registry, registry_poll_s=args.registry_poll_seconds,
-        drain_timeout_s=args.drain_timeout, s3_timeout_s=args.s3_timeout,
+        drain_timeout_s=args.drain_timeout, s3_timeout_s=args.s3_timeout, adapter_history=args.adapter_history,
+        resolver=ResolverConfig(args.adapter_resolver, args.adapter_resolver_pattern,
+                                args.adapter_resolver_negative_ttl) if args.adapter_resolver else None,
         connections=ConnectionLimits(max_connections=args.max_connections, header_timeout_s=args.header_timeout,
                                      body_timeout_s=args.body_timeout,
                                      stream_write_timeout_s=args.stream_write_timeout))

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraplex.adapters.resolver import ResolverConfig
 from loraplex.server.generation_config import check_choice
 
 QUANTIZE_CHOICES = ("none", "nf4", "int8")
@@ -103,6 +104,8 @@ class ServerConfig:
     drain_timeout_s: float = 30.0
     connections: ConnectionLimits = ConnectionLimits()
     s3_timeout_s: float = 30.0  # one S3 operation (a registration's download, a manifest change), retries included
+    adapter_history: int = 5  # versions kept per adapter name, the current one included (rollback targets)
+    resolver: ResolverConfig | None = None  # --adapter-resolver: register unregistered names on first use
 
     def __post_init__(self) -> None:
         _require(0 < self.port < 65536, "--port", "must be in 1..65535")
@@ -115,5 +118,7 @@ class ServerConfig:
         _require(self.tenants is None or not self.api_key, "--api-key",
                  "cannot be combined with --tenants: give that key to a tenant in the file (--admin-key stays the "
                  "operator's key)")
+        _require(self.adapter_history >= 2, "--adapter-history",
+                 f"must be >= 2 (the current version and one to roll back to), got {self.adapter_history}")
         for name, path in self.preload:
             _require(bool(name) and bool(path), "--preload", f"expects NAME=PATH, got {name}={path}")

@@ -18,13 +18,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from loraplex.adapters.digest import short
 from loraplex.adapters.merge import is_virtual
 from loraplex.adapters.slot_table import AdapterSnapshot
+from loraplex.adapters.versions import name_of, split_key
 from loraplex.server.engine.async_engine import EngineSnapshot
 from loraplex.server.engine.request import StepStats
 from loraplex.server.usage import TenantUsage
 
 if TYPE_CHECKING:
+    from loraplex.adapters.registry import AdapterVersion
+    from loraplex.adapters.store import AdapterStore
     from loraplex.server.runtime import Runtime
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -53,6 +57,9 @@ class Metrics:
                                         buckets=BATCH_BUCKETS, registry=r)
         self.adapter_load = Histogram("loraplex_adapter_load_seconds", "Adapter load time, disk/host to device",
                                       buckets=LATENCY_BUCKETS, registry=r)
+        # The same observations under the name the Inference Extension reads (vLLM's newer LoRA metrics).
+        self.vllm_adapter_load = Histogram("vllm:lora_adapter_load_seconds", "LoRA adapter load time, to a GPU slot",
+                                           buckets=LATENCY_BUCKETS, registry=r)
         # A ties / dare merge computes a virtual adapter from its components once (seconds to a minute): its own
         # histogram, so it is no outlier among plain loads.
         self.merge_load = Histogram("loraplex_adapter_merge_seconds",
@@ -65,11 +72,12 @@ class Metrics:
         self._children: dict[str, set[tuple[Counter, tuple[str, ...]]]] = {}
 
     def label(self, adapter: str | None) -> str:
-        """A label value that never comes from user input: a registered adapter, the base, or 'unknown'."""
+        """A label value that never comes from user input: a registered adapter's name (of any of its versions:
+        "name@version" counts under "name"), the base, or 'unknown'."""
         if adapter is None or adapter == self.runtime.served_model_name:
             return self.runtime.served_model_name
-        store = self.runtime.store
-        return adapter if store is not None and adapter in store else "unknown"
+        name, store = name_of(adapter), self.runtime.store
+        return name if store is not None and name in store else "unknown"
 
     def record_request(self, *, endpoint: str, adapter: str | None, status: int, latency_s: float | None = None,
                        ttft_s: float | None = None, tpot_s: float | None = None, prompt_tokens: int = 0,
@@ -109,7 +117,11 @@ class Metrics:
             self.batch_adapters.observe(stats.num_adapters)
 
     def observe_adapter_load(self, seconds: float, *, merge: bool = False) -> None:
-        (self.merge_load if merge else self.adapter_load).observe(seconds)
+        if merge:
+            self.merge_load.observe(seconds)
+            return
+        self.adapter_load.observe(seconds)
+        self.vllm_adapter_load.observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -133,8 +145,10 @@ class _StateCollector(Collector):
         yield _gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0..1 (vLLM's current name)", snap.kv_usage)
         yield from _prefix_cache_metrics(snap)
         yield from self._adapter_metrics(client.adapters if client is not None else None, snap)
+        yield from _loaded_adapters(self.runtime, client.adapters if client is not None else None)
         yield from self._registry_metrics()
         yield from self._tenant_metrics()
+        yield from self._resolver_metrics()
 
     def _tenant_metrics(self) -> Iterator:
         """Per tenant (the tenants file's, the operator; "default" without one), from the usage book /v1/usage
@@ -175,6 +189,17 @@ class _StateCollector(Collector):
         yield _gauge("loraplex_registry_sync_age_seconds", "Seconds since the last successful registry poll",
                      time.monotonic() - poller.last_success)
 
+    def _resolver_metrics(self) -> Iterator:
+        """With --adapter-resolver: first-use resolutions by result."""
+        resolver = self.runtime.resolver
+        if resolver is None:
+            return
+        fam = CounterMetricFamily("loraplex_adapter_resolutions", "First-use adapter resolutions by result "
+                                  "(registered, miss, cached_miss, refused)", labels=["result"])
+        for result, count in resolver.counts.items():
+            fam.add_metric([result], count)
+        yield fam
+
     def _adapter_metrics(self, adapters: AdapterSnapshot | None, snap: EngineSnapshot) -> Iterator:
         store, slots = self.runtime.store, self.runtime.config.engine.lora.max_loras
         yield _gauge("loraplex_adapter_slots_total", "Device adapter slots", slots)
@@ -182,7 +207,10 @@ class _StateCollector(Collector):
         info = GaugeMetricFamily("vllm:lora_requests_info", "Running/waiting LoRA adapters (value: timestamp)",
                                  labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
         # Adapter names come from registered adapters only: a request names one before it is admitted.
-        info.add_metric([str(slots), ",".join(snap.running_adapters), ",".join(snap.waiting_adapters)], time.time())
+        # The engine's names are versions (name@sha256): routers route by name.
+        running, waiting = (",".join(dict.fromkeys(map(name_of, keys))) for keys in (snap.running_adapters,
+                                                                                   snap.waiting_adapters))
+        info.add_metric([str(slots), running, waiting], time.time())
         yield info
         if adapters is None:
             return
@@ -209,6 +237,43 @@ def _prefix_cache_metrics(snap: EngineSnapshot) -> Iterator[GaugeMetricFamily | 
                               value=snap.prefix_hits)
     ratio = snap.prefix_hits / snap.prefix_queries if snap.prefix_queries else 0.0
     yield _gauge("loraplex_prefix_cache_hit_ratio", "Prefix cache hits / queries (tokens) since start", ratio)
+
+
+def _loaded_adapters(runtime: Runtime, adapters: AdapterSnapshot | None) -> Iterator[GaugeMetricFamily]:
+    """What routers read to send an adapter's requests where it is loaded (vLLM's newer names, Inference
+    Extension #2792): one `vllm:lora_adapter_loaded` series per registered adapter name and tier it is loaded in
+    (its value counts its versions there: 2 while a canary and the current version both are), the device-slot
+    counts, and each name's current version. Label values come from registered adapters only."""
+    store, slots = runtime.store, runtime.config.engine.lora.max_loras
+    loaded = GaugeMetricFamily("vllm:lora_adapter_loaded", "LoRA adapters loaded, per level (device: a GPU slot, "
+                               "host: CPU memory); value: versions loaded", labels=["adapter_name", "level", "pinned",
+                                                                                   "rank"])
+    counts: dict[tuple[str, ...], int] = {}
+    on_device = 0
+    for level in ("device", "host"):
+        for key in adapters.resident[level] if adapters is not None and store is not None else ():
+            version = _registered_version(store, key)
+            if version is None:
+                continue  # a merge's virtual adapter, or an unregistered copy still finishing its requests
+            on_device += level == "device"
+            labels = (name_of(key), level, str(adapters.view(key).pinned).lower(), str(version.meta.get("rank", "")))
+            counts[labels] = counts.get(labels, 0) + 1
+    for labels, count in counts.items():
+        loaded.add_metric(list(labels), count)
+    yield loaded
+    yield _gauge("vllm:num_gpu_loaded_lora_adapters", "Registered adapter versions in device slots", on_device)
+    yield _gauge("vllm:max_gpu_lora_adapters", "Device adapter slots (--max-loras)", slots)
+    info = GaugeMetricFamily("loraplex_adapter_version_info", "Each registered adapter's current version (value 1)",
+                             labels=["adapter", "version"])
+    for record in store.registry.list() if store is not None else ():
+        info.add_metric([record.name, short(record.current.sha256)], 1)
+    yield info
+
+
+def _registered_version(store: AdapterStore, key: str) -> AdapterVersion | None:
+    name, sha = split_key(key)
+    record = store.registry.find(name)
+    return record.version(sha) if record is not None and sha is not None else None
 
 
 def _gauge(name: str, help_: str, value: float) -> GaugeMetricFamily:

@@ -10,12 +10,13 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from loraplex.adapters.errors import AdapterConflictError
 from loraplex.adapters.merge import is_virtual
 from loraplex.adapters.registry_poller import RegistryPoller
+from loraplex.adapters.resolver import AdapterResolver
 from loraplex.adapters.slot_table import SlotTable
 from loraplex.adapters.sources.base import ADAPTER_FILES
 from loraplex.adapters.store import AdapterStore, StoreConfig
@@ -46,6 +47,7 @@ class Runtime:
         self.loaded: LoadedModel | None = None
         self.engine: AsyncEngine | None = None
         self.store: AdapterStore | None = None
+        self.resolver: AdapterResolver | None = None  # with --adapter-resolver: registers names on first use
         self.poller: RegistryPoller | None = None  # with a shared registry (--registry s3://…)
         # --tenants: the table in use (reloaded on SIGHUP and when the file changes); ValueError naming the file and
         # line when it is unusable at start. Metering and quotas are kept per tenant ("default" without a file).
@@ -106,10 +108,13 @@ class Runtime:
         self.store = AdapterStore(
             StoreConfig(cfg.server.state_dir, cfg.server.adapter_root, cfg.engine.lora.max_lora_rank,
                         cfg.server.max_upload_bytes, cfg.server.s3_endpoint, cfg.server.registry,
-                        cfg.server.s3_timeout_s),
+                        history=cfg.server.adapter_history, s3_timeout_s=cfg.server.s3_timeout_s),
             engine.lora.module_shapes(), cfg.engine.lora.max_loras)
         self.store.attach(engine.adapter_port)
         self.store.on_removed = self.adapter_removed
+        self.store.on_dropped = self.versions_dropped
+        if cfg.server.resolver is not None:
+            self.resolver = AdapterResolver(cfg.server.resolver, self.store.register_path, cfg.server.adapter_root)
         engine.adapters.on_load_seconds = lambda seconds: self._adapter_loaded(engine.adapters, seconds)
         self._preload()
         async_engine = AsyncEngine(engine)
@@ -157,13 +162,17 @@ class Runtime:
         self.metrics.observe_adapter_load(seconds, merge=bool(merged))
 
     def adapter_removed(self, name: str) -> None:
-        """`name` was unregistered (here or, with a shared registry, by another replica)."""
-        # Its metric children go too (bounded memory); its requests that end from now on count as "unknown".
+        """`name` was unregistered (here or, with a shared registry, by another replica): its metric children go
+        too (bounded memory); its requests that end from now on count as "unknown"."""
         self.metrics.forget_adapter(name)
-        # Running requests finish on the device copy (the engine frees the slot on their last release);
-        # queued ones have not started and would otherwise wait for an adapter that is gone.
+
+    def versions_dropped(self, keys: Sequence[str], reason: str) -> None:
+        """Adapter versions (engine keys) left the registry: the name was unregistered, or a version left its
+        history. Running requests finish on the device copy (the engine frees the slot on their last release);
+        queued ones have not started and would otherwise wait for weights that are gone."""
         if self.engine is not None:
-            self.engine.fail_adapter(name, f"adapter {name!r} was unregistered before this request started")
+            for key in keys:
+                self.engine.fail_adapter(key, reason)
 
     def _preload(self) -> None:
         self._preload_demo()

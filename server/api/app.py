@@ -16,6 +16,7 @@ from loraplex.server.api import (
     routes_tokenize,
     routes_usage,
 )
+from loraplex.server.api.adapter_versions import AdapterVersionHeader
 from loraplex.server.api.errors import install_error_handlers
 from loraplex.server.api.limits import BodySizeLimit
 from loraplex.server.runtime import Runtime
@@ -33,6 +34,7 @@ def create_app(runtime: Runtime, *, load_in_background: bool = True) -> FastAPI:
 
     app = FastAPI(title="loraplex", version=routes_tokenize.server_version(), lifespan=lifespan)
     app.state.runtime = runtime
+    app.state.resolving = {}  # adapter name -> its first-use resolution in progress (server/api/first_use.py)
     install_error_handlers(app)
     for module in (routes_health, routes_openai, routes_tgi, routes_adapters, routes_tokenize, routes_usage):
         app.include_router(module.router)
@@ -40,4 +42,5 @@ def create_app(runtime: Runtime, *, load_in_background: bool = True) -> FastAPI:
         app.include_router(routes_testing.router)
     cfg = runtime.config.server
     app.add_middleware(BodySizeLimit, max_bytes=cfg.max_body_bytes, max_upload_bytes=cfg.max_upload_bytes)
+    app.add_middleware(AdapterVersionHeader)
     return app

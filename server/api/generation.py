@@ -39,6 +39,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from loraplex.adapters.errors import AdapterError
+from loraplex.adapters.versions import name_of, split_key
 from loraplex.server.api.errors import ApiError
 from loraplex.server.api.limits import check_request_weight
 from loraplex.server.engine.engine import RequestRejected
@@ -93,7 +94,7 @@ def admit(rt: Runtime, plans: Sequence[GenerationRequest], what: str = "", param
     max_queued; a 429 would be retried forever), 429 when its tenant is over a quota or the slots are taken now.
     The caller releases each (Generation.aclose does, one per choice)."""
     check_ready(rt)  # draining may have begun while the request was being prepared
-    weight, tenant, adapter = len(plans), plans[0].tenant, plans[0].adapter
+    weight, tenant, adapter = len(plans), plans[0].tenant, plans[0].adapter_name
     too_heavy = check_request_weight(rt.config.server.max_queue, weight, what)
     cap = tenant.limits.max_in_flight
     if too_heavy is None and cap is not None and weight > cap:
@@ -140,16 +141,22 @@ def quote(name: str) -> str:
     return repr(name if len(name) <= _MAX_QUOTED else name[:_MAX_QUOTED] + "...")
 
 
-def resolve_adapter(rt: Runtime, name: str | None, *, param: str, empty_is_base: bool, tenant: Tenant = EVERYONE
-                    ) -> str | None:
-    """The adapter to run, or None for the base model: `name` is the served base name or a registered
-    adapter (`empty_is_base`: None / "" also mean the base, as TGI's `adapter_id` does). One `tenant` may not use
-    is answered exactly as one that does not exist (the same 404, byte for byte): nothing tells them apart."""
+def resolve_adapter(rt: Runtime, name: str | None, *, param: str, empty_is_base: bool, tenant: Tenant = EVERYONE,
+                    route_key: str | None = None) -> str | None:
+    """The adapter version to run (its engine key, `name@<sha256>`: adapters/versions.py), or None for the base
+    model. `name` is the served base name, a registered adapter's name (its current version, or the version its
+    canary route picks for `route_key`) or "name@<version prefix>" (`empty_is_base`: None / "" also mean the
+    base, as TGI's `adapter_id` does). One `tenant` may not use is answered exactly as one that does not exist
+    (the same 404, byte for byte): nothing tells them apart."""
     if (name is None or name == "") and empty_is_base or name == rt.served_model_name:
         if tenant.may_use(None):
             return None
-    elif name is not None and rt.store is not None and name in rt.store and tenant.may_use(name):
-        return name
+    elif name is not None and rt.store is not None and split_key(name)[0] in rt.store \
+            and tenant.may_use(split_key(name)[0]):
+        try:
+            return rt.store.resolve(name, route_key)
+        except AdapterError as exc:  # an unknown or ambiguous version, or removed meanwhile
+            raise ApiError(exc.status, f"{param}: {exc.message}", param=param) from exc
     raise ApiError(404, f"{param} {quote(name or '')} not found: it is neither the served base model "
                         f"{rt.served_model_name!r} nor a registered adapter (see GET /v1/models)", param=param)
 
@@ -207,7 +214,8 @@ def check_token_ids(rt: Runtime, ids: Sequence[int], *, param: str) -> list[int]
 
 
 def resolve_merge(rt: Runtime, model: str | None, adapters: Sequence[Any] | None, strategy: str, density: float,
-                  majority_sign_method: str, *, param: str = "adapters", tenant: Tenant = EVERYONE
+                  majority_sign_method: str, *, param: str = "adapters", tenant: Tenant = EVERYONE,
+                  route_key: str | None = None
                   ) -> MergeRecipe | None:
     """The merge recipe a request names (LoRAX's per-request merging), or None. The request's model must then
     be the base model; every adapter must be registered and one `tenant` may use (404); the recipe must fit the
@@ -219,7 +227,7 @@ def resolve_merge(rt: Runtime, model: str | None, adapters: Sequence[Any] | None
     if model not in (None, "", rt.served_model_name):
         raise ApiError(400, f"with {param}, the model must be the base model {rt.served_model_name!r} (the adapters "
                             f"to merge are listed in {param}), got {quote(model)}", param="model")
-    names = [_merged_adapter(rt, a.name, f"{param}.{i}.name", tenant) for i, a in enumerate(adapters)]
+    names = [_merged_adapter(rt, a.name, f"{param}.{i}.name", tenant, route_key) for i, a in enumerate(adapters)]
     try:
         recipe = MergeRecipe(tuple(zip(names, (float(a.weight) for a in adapters), strict=True)), strategy,
                              density, majority_sign_method)
@@ -235,12 +243,13 @@ def resolve_merge(rt: Runtime, model: str | None, adapters: Sequence[Any] | None
                             "ties / dare strategy, which merges into one slot", param=param)
     if recipe.virtual and recipe.virtual_name not in rt.engine.adapters.adapters:
         log.info("%s merge of %s: not computed yet; this request's first step waits while it is computed from the "
-                 "adapters' weights (off the engine thread; later requests reuse it)", strategy, ", ".join(names))
+                 "adapters' weights (off the engine thread; later requests reuse it)", strategy,
+                 ", ".join(a.name for a in adapters))
     return recipe
 
 
-def _merged_adapter(rt: Runtime, name: str, param: str, tenant: Tenant) -> str:
-    adapter = resolve_adapter(rt, name, param=param, empty_is_base=False, tenant=tenant)
+def _merged_adapter(rt: Runtime, name: str, param: str, tenant: Tenant, route_key: str | None) -> str:
+    adapter = resolve_adapter(rt, name, param=param, empty_is_base=False, tenant=tenant, route_key=route_key)
     if adapter is None:
         raise ApiError(400, f"{param}: {quote(name)} is the base model, not an adapter to merge", param=param)
     return adapter
@@ -294,7 +303,7 @@ class GenerationRequest:
 
     endpoint: str  # metrics label, e.g. "/v1/completions"
     model: str | None  # the name the caller used (echoed back); None = base via TGI's empty adapter_id
-    adapter: str | None  # registered adapter name, None = base model only (or a merge)
+    adapter: str | None  # the adapter version's engine key (name@sha256), None = base model only (or a merge)
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     arrival: float  # time.perf_counter() when the request arrived
@@ -304,6 +313,11 @@ class GenerationRequest:
     counted: bool = True  # counted as an HTTP request in the metrics (the extra choices of n > 1 are not)
     cache_salt: str | None = None  # prefix-cache blocks are shared only between requests with the same salt
     tenant: Tenant = EVERYONE  # who sent it (auth.caller)
+
+    @property
+    def adapter_name(self) -> str | None:
+        """The adapter's name (every version of it): what admission limits and metric labels count by."""
+        return name_of(self.adapter)
 
 
 def plan_choices(rt: Runtime, req: GenerationRequest, count: int) -> list[GenerationRequest]:
@@ -465,8 +479,8 @@ class Generation:
     @property
     def failure_status(self) -> int:
         names = self.req.merge.names if self.req.merge is not None else (self.req.adapter,)
-        if any(n is not None and (self.rt.store is None or n not in self.rt.store) for n in names):
-            return 404  # its adapter (or one its merge names) was unregistered meanwhile
+        if any(n is not None and (self.rt.store is None or not self.rt.store.has_key(n)) for n in names):
+            return 404  # its adapter (or one its merge names) was unregistered meanwhile, or left its history
         if self.error_kind == "request":
             return 400  # this request's own parameters or adapter (e.g. errored, non-finite logits)
         if self.error_kind == "unavailable":
@@ -487,7 +501,7 @@ class Generation:
             await self._outs.aclose()  # unfinished: the engine aborts the request and frees its KV blocks
         finally:
             tenant = self.req.tenant.name
-            self.rt.release(self.req.adapter, tenant if self.rt.tenants is not None else None)
+            self.rt.release(self.req.adapter_name, tenant if self.rt.tenants is not None else None)
             self.rt.quotas.release(tenant)
             self._record()
 
@@ -495,7 +509,7 @@ class Generation:
         now = time.perf_counter()
         first, last, n = self._first_token_at, self._last_token_at, len(self.token_ids)
         self.rt.metrics.record_request(
-            endpoint=self.req.endpoint, adapter=self.req.adapter, status=self.status,
+            endpoint=self.req.endpoint, adapter=self.req.adapter_name, status=self.status,
             latency_s=now - self.req.arrival,
             ttft_s=first - self.req.arrival if first is not None else None,
             tpot_s=(last - first) / (n - 1) if first is not None and last is not None and n > 1 else None,

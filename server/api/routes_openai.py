@@ -18,9 +18,11 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from loraplex.server.api.adapter_versions import mark_version, route_key
 from loraplex.server.api.auth import KeysFirstRoute, caller, require_api_key
 from loraplex.server.api.chat import ChatTurn, build_chat_prompt
 from loraplex.server.api.errors import ApiError
+from loraplex.server.api.first_use import resolve_on_first_use
 from loraplex.server.api.generation import (
     CLIENT_GONE,
     EventStream,
@@ -170,10 +172,13 @@ async def _start(request: Request, body: _SamplingBody, shape: _Shape,
     rt, arrival, tenant = runtime_of(request), time.perf_counter(), caller(request)
     with recorded_rejections(rt, shape.endpoint, body.model, arrival, tenant):
         refuse_unsupported(body.unsupported())
+        await resolve_on_first_use(request, body.model)
+        key = route_key(request, body.user)
         merge = resolve_merge(rt, body.model, body.adapters, body.merge_strategy, body.density,
-                              body.majority_sign_method, tenant=tenant)
+                              body.majority_sign_method, tenant=tenant, route_key=key)
         adapter = None if merge else resolve_adapter(rt, body.model, param="model", empty_is_base=body.model is None,
-                                                     tenant=tenant)
+                                                     tenant=tenant, route_key=key)
+        mark_version(request, adapter, merge)
         per_prompt = _per_prompt(body)
         spec, spec_param = _guided_spec(body)
         guided = await compile_guided(rt, spec, spec_param)

@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
+from loraplex.server.api.adapter_versions import mark_version, route_key
 from loraplex.server.api.auth import KeysFirstRoute, caller, require_api_key
 from loraplex.server.api.errors import ApiError
+from loraplex.server.api.first_use import resolve_on_first_use
 from loraplex.server.api.generation import (
     CLIENT_GONE,
     EventStream,
@@ -84,9 +86,11 @@ async def _start(body: TGIRequest, request: Request, endpoint: str) -> list[Gene
     with recorded_rejections(rt, endpoint, p.adapter_id, arrival, tenant):
         refuse_unsupported(p.unsupported())
         best_of = _best_of(p, body.stream or endpoint == "/generate_stream")
-        merge = _merge(rt, p, tenant)
+        await resolve_on_first_use(request, p.adapter_id)
+        merge = _merge(rt, p, tenant, route_key(request))
         adapter = None if merge else resolve_adapter(rt, p.adapter_id, param="adapter_id", empty_is_base=True,
-                                                     tenant=tenant)
+                                                     tenant=tenant, route_key=route_key(request))
+        mark_version(request, adapter, merge)
         guided = await compile_guided(rt, _guided_spec(p),
                                       "parameters.grammar.value" if p.grammar else "parameters.response_format")
         ids = await encode_text(rt, body.inputs, param="inputs")
@@ -108,7 +112,7 @@ def _best_of(p: TGIParameters, stream: bool) -> int:
     return best_of
 
 
-def _merge(rt: Runtime, p: TGIParameters, tenant: Tenant) -> MergeRecipe | None:
+def _merge(rt: Runtime, p: TGIParameters, tenant: Tenant, key: str | None) -> MergeRecipe | None:
     m = p.merged_adapters
     if m is None:
         return None
@@ -117,7 +121,7 @@ def _merge(rt: Runtime, p: TGIParameters, tenant: Tenant) -> MergeRecipe | None:
                        param="parameters.merged_adapters.weights")
     pairs = [_Weighted(name, weight) for name, weight in zip(m.ids, m.weights, strict=True)]
     return resolve_merge(rt, p.adapter_id, pairs, m.merge_strategy, m.density, m.majority_sign_method,
-                         param="parameters.merged_adapters.ids", tenant=tenant)
+                         param="parameters.merged_adapters.ids", tenant=tenant, route_key=key)
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,10 @@ on as file objects, never read into memory here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.datastructures import FormData, UploadFile
 
 from loraplex.adapters.sources.base import ADAPTER_FILES, CONFIG_FILE
@@ -19,24 +20,62 @@ from loraplex.server.api.errors import ApiError
 
 ARCHIVE_FIELD = "archive"
 PINNED_FIELD = "pinned"
-UPLOAD_FIELDS = (*ADAPTER_FILES, ARCHIVE_FIELD, PINNED_FIELD)
+REPLACE_FIELD = "replace"
+SHA256_FIELD = "sha256"
+UPLOAD_FIELDS = (*ADAPTER_FILES, ARCHIVE_FIELD, PINNED_FIELD, REPLACE_FIELD, SHA256_FIELD)
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
 
 
 class RegisterAdapterRequest(BaseModel):
-    """`POST /v1/adapters`: `path` relative to (or inside) --adapter-root, or `s3://bucket/prefix`."""
+    """`POST /v1/adapters`: `path` relative to (or inside) --adapter-root, or `s3://bucket/prefix`. `replace`: make
+    the files the name's new current version (a taken name is a 409 otherwise). `sha256`: the digest the files
+    must have (adapters/digest.py; 400 naming both otherwise). `pinned` unset: false, or a replaced name's own."""
 
     model_config = ConfigDict(extra="forbid")
     name: StrictStr
     path: StrictStr
-    pinned: StrictBool = False
+    pinned: StrictBool | None = None
+    replace: StrictBool = False
+    sha256: StrictStr | None = Field(default=None, max_length=128)
 
 
 class LoadLoRAAdapterRequest(BaseModel):
-    """vLLM's `POST /v1/load_lora_adapter` body; vLLM-only extras (e.g. `load_inplace`) are ignored."""
+    """vLLM's `POST /v1/load_lora_adapter` body: `load_inplace` replaces a registered name's weights (a new
+    current version, as `replace`); other vLLM-only extras are ignored."""
 
     lora_name: StrictStr
     lora_path: StrictStr
+    load_inplace: StrictBool = False
+
+
+class RollbackRequest(BaseModel):
+    """`POST /v1/adapters/{name}/rollback`: a version (a prefix of its sha256, >= 4 hex digits); default the
+    version current before this one."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: StrictStr | None = None
+
+
+class RouteSplit(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: StrictStr
+    weight: StrictInt
+
+
+class RouteRequest(BaseModel):
+    """`PUT /v1/adapters/{name}/route`: split new requests between versions by weight. `sticky: "user"` keeps one
+    route key (the OpenAI `user`, or X-Loraplex-Route-Key) on one version; "none" draws per request."""
+
+    model_config = ConfigDict(extra="forbid")
+    versions: list[RouteSplit] = Field(min_length=1, max_length=8)
+    sticky: Literal["user", "none"] = "user"
+
+
+class PrefetchRequest(BaseModel):
+    """`POST /v1/adapters/{name}/prefetch`: load without a request, into host memory or a device slot."""
+
+    model_config = ConfigDict(extra="forbid")
+    tier: Literal["host", "device"] = "device"
 
 
 class UnloadLoRAAdapterRequest(BaseModel):
@@ -44,6 +83,35 @@ class UnloadLoRAAdapterRequest(BaseModel):
 
     lora_name: StrictStr
     lora_int_id: int | None = None
+
+
+class VersionInfo(BaseModel):
+    version: str
+    sha256: str
+    created: int
+    source: str
+    rank: int | None = None
+    size_bytes: int | None = None
+    current: bool
+    weight: int | None = None  # its share of a route, if one splits the traffic
+    tier: Literal["disk", "host", "device"]
+
+
+class RouteVersion(BaseModel):
+    version: str
+    sha256: str
+    weight: int
+
+
+class RouteInfo(BaseModel):
+    versions: list[RouteVersion]
+    sticky: str
+
+
+class PrefetchAnswer(BaseModel):
+    name: str
+    tier: Literal["host", "device"]
+    versions: list[str]  # the versions being loaded (12 hex digits)
 
 
 class AdapterInfo(BaseModel):
@@ -62,6 +130,11 @@ class AdapterInfo(BaseModel):
     error: str | None = None
     created_at: float
     load_stats: dict[str, float | int]
+    version: str  # the current version: 12 hex digits of its sha256
+    sha256: str
+    created: int  # when the current version was registered (Unix seconds)
+    versions: list[VersionInfo]  # the history, the current version first
+    route: RouteInfo | None = None
 
 
 class AdapterList(BaseModel):
@@ -69,21 +142,37 @@ class AdapterList(BaseModel):
     data: list[AdapterInfo]
 
 
-def upload_payload(form: FormData) -> tuple[UploadPayload, bool]:
-    """The store's upload payload (`{file name: stream}` or the archive's stream) and `pinned`; 400/422 else."""
+@dataclass(frozen=True)
+class UploadOptions:
+    """An upload form's fields besides the files."""
+
+    pinned: bool | None
+    replace: bool
+    sha256: str | None
+
+
+def upload_payload(form: FormData) -> tuple[UploadPayload, UploadOptions]:
+    """The store's upload payload (`{file name: stream}` or the archive's stream) and the form's options
+    (`pinned`, `replace`, `sha256`); 400/422 else."""
     _check_fields(form)
-    pinned = _parse_pinned(form.get(PINNED_FIELD))
+    options = UploadOptions(_parse_bool(form, PINNED_FIELD), bool(_parse_bool(form, REPLACE_FIELD)),
+                            _text_field(form, SHA256_FIELD))
+    payload = _files(form)
+    return payload, options
+
+
+def _files(form: FormData) -> UploadPayload:
     if ARCHIVE_FIELD in form:
         if any(f in form for f in ADAPTER_FILES):
             raise ApiError(400, f"send either the field '{ARCHIVE_FIELD}' or the two adapter files, not both",
                            param=ARCHIVE_FIELD)
-        return _file_stream(form, ARCHIVE_FIELD), pinned
+        return _file_stream(form, ARCHIVE_FIELD)
     missing = [f for f in ADAPTER_FILES if f not in form]
     if missing:
         raise ApiError(400, f"upload is missing the file field(s) {', '.join(repr(m) for m in missing)}; send "
                        f"{' and '.join(repr(f) for f in ADAPTER_FILES)}, or one '{ARCHIVE_FIELD}' (.tar.gz)",
                        param=missing[0])
-    return {f: _file_stream(form, f) for f in ADAPTER_FILES}, pinned
+    return {f: _file_stream(form, f) for f in ADAPTER_FILES}
 
 
 def _check_fields(form: FormData) -> None:
@@ -105,12 +194,24 @@ def _file_stream(form: FormData, field: str) -> UploadPayload:
                    param=field)
 
 
-def _parse_pinned(value: str | UploadFile | None) -> bool:
+def parse_bool(value: str | UploadFile | None, field: str) -> bool | None:
+    """A form field or query parameter "true"/"false" (1/0, yes/no, on/off); None when absent; 422 else."""
     if value is None:
-        return False
+        return None
     text = value.strip().lower() if isinstance(value, str) else None
     if text in _TRUE:
         return True
     if text in _FALSE:
         return False
-    raise ApiError(422, f"form field '{PINNED_FIELD}' must be true or false, got {value!r}", param=PINNED_FIELD)
+    raise ApiError(422, f"form field '{field}' must be true or false, got {value!r}", param=field)
+
+
+def _parse_bool(form: FormData, field: str) -> bool | None:
+    return parse_bool(form.get(field), field)
+
+
+def _text_field(form: FormData, field: str) -> str | None:
+    value = form.get(field)
+    if value is None or isinstance(value, str):
+        return value
+    raise ApiError(400, f"form field '{field}' must be a text field, not a file", param=field)

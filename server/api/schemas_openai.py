@@ -4,7 +4,8 @@ Strict on purpose. Numbers must be JSON numbers within their bounds (422 naming 
 field OpenAI's or vLLM's current API defines is either implemented as they define it (a typed field below) or
 listed in `_COMPLETION_NOT_IMPLEMENTED` / `_CHAT_NOT_IMPLEMENTED`, where it passes only at its neutral value
 (null, or the value that means "off") and is otherwise refused by `unsupported()` with a 400 naming it. A few
-harmless fields are accepted and ignored (`IGNORED`: user, metadata, service_tier, ...). Any other field is
+harmless fields are accepted and ignored (`IGNORED`: metadata, service_tier, ...); `user` keys sticky canary
+routes (one user stays on one adapter version). Any other field is
 refused with a 400 naming it as unknown: a misspelt `max_token` must not silently generate 16 tokens.
 """
 
@@ -143,7 +144,7 @@ _CHAT_NOT_IMPLEMENTED = {
 # Harmless fields accepted and ignored: labels and hints about billing, storage or caching that change nothing
 # in the output.
 IGNORED = frozenset({
-    "user", "metadata", "service_tier", "store", "safety_identifier", "prompt_cache_key", "session_id",
+    "metadata", "service_tier", "store", "safety_identifier", "prompt_cache_key", "session_id",
     "parallel_tool_calls", "include_reasoning", "return_token_offsets", "return_mm_kwargs", "disable_fallback",
 })
 # The guided_* spelling of structured_outputs' options that were never typed fields here.
@@ -164,6 +165,8 @@ class _SamplingFields(StrictModel):
     _not_implemented: ClassVar[dict[str, tuple[tuple[Any, ...], str]]] = {}
 
     model: str | None = None  # None: the served base model (vLLM's rule)
+    # The end user: a canary route's sticky key (adapters/versions.py `pick`), unless X-Loraplex-Route-Key is sent.
+    user: Annotated[str, StringConstraints(max_length=256)] | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
     stop: StopList | None = None

@@ -379,12 +379,20 @@ class LLMEngine:
                     msg.fail(f"{type(exc).__name__}: {exc}")
         copied = self.adapters.load_due(self.slot_writer.write)
         self.slot_writer.fence()
+        self.adapters.sweep_retired(self._adapters_named)
         self.adapter_port.publish(self.adapters.snapshot(), messages)
         return bool(messages or copied)
 
     def publish_adapters(self) -> None:
-        """Publish the adapter snapshot as of now (after a step: acquires, releases and evictions moved it)."""
+        """Publish the adapter snapshot as of now (after a step: acquires, releases and evictions moved it), once
+        retired adapter versions no live request names any more gave their slot and host copy back."""
+        self.adapters.sweep_retired(self._adapters_named)
         self.adapter_port.publish(self.adapters.snapshot())
+
+    def _adapters_named(self) -> set[str]:
+        """The adapter (slot) names live requests name: a retired version they name is kept for them."""
+        return {n for r in self.requests.values()
+                for n in (r.merge.slot_names if r.merge is not None else (r.adapter,)) if n is not None}
 
     def adapter_work_pending(self) -> bool:
         """Messages to apply or slot copies due: the next step start has adapter work even if nothing runs."""

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from loraplex.adapters.versions import name_of
+
 W_PROMPT = 1.0  # counter units per prompt token computed
 W_OUTPUT = 2.0  # counter units per output token generated
 
@@ -64,8 +66,9 @@ class TenantSpec:
 
 
 def tenant_of(adapter: str | None) -> str:
-    """The tenant a request is accounted to: its adapter, or "" for the base model."""
-    return adapter or BASE_TENANT
+    """The tenant a request is accounted to: its adapter's name (every version of it, adapters/versions.py:
+    a canary does not double a name's share), or "" for the base model."""
+    return name_of(adapter) or BASE_TENANT
 
 
 def request_worth(num_prompt: int, max_tokens: int) -> float:

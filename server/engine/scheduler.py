@@ -399,6 +399,11 @@ class Scheduler:
         full = req.num_computed // self.pool.block_size
         if not self.config.prefix_caching or full <= req.num_published:
             return
+        if not all(self.adapters.is_current(*c) for c in req.kv_identity.components):
+            # A registration forgotten while this request ran on its doomed copy (an unregistered name, a version
+            # trimmed from the history): its blocks were unpublished then, and no later one is published.
+            req.num_published = full
+            return
         keys = self._block_keys(req, full)
         for i in range(req.num_published, full):
             self.pool.publish(req.blocks[i], keys[i], req.kv_identity.components)

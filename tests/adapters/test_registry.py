@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -15,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from loraplex.adapters import registry as registry_mod
+from loraplex.adapters.digest import dir_digest
 from loraplex.adapters.errors import AdapterBadNameError, AdapterConflictError, AdapterNotFoundError
 from loraplex.adapters.names import validate_adapter_name
-from loraplex.adapters.registry import AdapterRecord, AdapterRegistry, ManifestError
+from loraplex.adapters.registry import AdapterRecord, AdapterRegistry, AdapterVersion, ManifestError
 
 # -- names (BAD_INPUTS row 3) --------------------------------------------------------------------------
 
@@ -62,10 +64,11 @@ def test_bad_names_are_refused_with_the_reason(name, says):
 # -- registry basics --------------------------------------------------------------------------------------
 
 
-def _record(name: str, tmp: Path, **kw) -> AdapterRecord:
+def _record(name: str, tmp: Path, *, pinned: bool = False, meta: dict | None = None) -> AdapterRecord:
     local = tmp / "files" / name
     local.mkdir(parents=True, exist_ok=True)
-    return AdapterRecord(name=name, source=f"local:{name}", local_dir=str(local), **kw)
+    version = AdapterVersion(hashlib.sha256(name.encode()).hexdigest(), f"local:{name}", str(local), meta=meta or {})
+    return AdapterRecord.of(name, version, pinned)
 
 
 def test_add_persists_and_reloads(tmp_path):
@@ -81,7 +84,7 @@ def test_add_persists_and_reloads(tmp_path):
     assert [r.name for r in reopened.list()] == ["a", "b"]  # registration order kept
     assert reopened.missing_on_load == ()
     body = json.loads((state / "registry.json").read_text())
-    assert body["version"] == 1 and [e["name"] for e in body["adapters"]] == ["a", "b"]
+    assert body["version"] == 2 and [e["name"] for e in body["adapters"]] == ["a", "b"]
 
 
 def test_duplicate_add_is_409_and_keeps_the_first(tmp_path):
@@ -109,7 +112,7 @@ def test_remove_persists_and_unknown_is_404(tmp_path):
 def test_add_refuses_bad_name_and_non_json_meta(tmp_path):
     reg = AdapterRegistry(tmp_path / "state")
     with pytest.raises(AdapterBadNameError):
-        reg.add(AdapterRecord(name="a/b/c", source="upload", local_dir=str(tmp_path)))
+        reg.add(AdapterRecord.of("a/b/c", AdapterVersion("0" * 64, "upload", str(tmp_path))))
     with pytest.raises(ValueError, match="JSON"):
         reg.add(_record("a", tmp_path, meta={"x": object()}))
     assert len(reg) == 0 and len(AdapterRegistry(tmp_path / "state")) == 0
@@ -136,6 +139,13 @@ def test_vanished_local_dir_is_kept_and_reported(tmp_path):
         (b'{"version": 1, "adapters": [{"name": "a"}]}', "'source'"),
         (b'{"version": 1, "adapters": [{"name": "a/../b", "source": "upload", "local_dir": "/x",'
          b' "pinned": false, "created_at": 1, "meta": {}}]}', "'/'"),
+        (b'{"version": 2, "adapters": [{"name": "a", "pinned": false, "created_at": 1, "versions": []}]}',
+         "'versions' is empty"),
+        (b'{"version": 2, "adapters": [{"name": "a", "pinned": false, "created_at": 1, "versions": [{"sha256": "x",'
+         b' "source": "upload", "local_dir": "/x", "created_at": 1, "meta": {}}]}]}', "not a sha256"),
+        (b'{"version": 2, "adapters": [{"name": "a", "pinned": false, "created_at": 1, "route": {"splits": '
+         b'[["' + b"b" * 64 + b'", 1]], "sticky": "user"}, "versions": [{"sha256": "' + b"a" * 64 +
+         b'", "source": "upload", "local_dir": "/x", "created_at": 1, "meta": {}}]}]}', "route names a version"),
     ],
 )  # fmt: skip
 def test_corrupt_manifest_is_a_clear_error_and_left_untouched(tmp_path, content, says):
@@ -156,6 +166,26 @@ def test_duplicate_names_in_manifest_are_refused(tmp_path):
     (state / "registry.json").write_text(json.dumps(body))
     with pytest.raises(ManifestError, match="twice"):
         AdapterRegistry(state)
+
+
+def test_a_version_1_manifest_is_upgraded_with_each_adapters_files_hashed(tmp_path):
+    """Manifests written before versions existed: each entry becomes one version whose id is its files' sha256
+    (a folder that is gone gets an id derived from its path, and stays reported missing)."""
+    state, files = tmp_path / "state", tmp_path / "files" / "a"
+    files.mkdir(parents=True)
+    (files / "adapter_config.json").write_text('{"r": 4,  "peft_type": "LORA"}')
+    (files / "adapter_model.safetensors").write_bytes(b"weights")
+    state.mkdir()
+    entries = [{"name": n, "source": "upload", "local_dir": str(d), "pinned": n == "a", "created_at": 7.5,
+                "meta": {"rank": 4}} for n, d in (("a", files), ("gone", tmp_path / "nowhere"))]
+    (state / "registry.json").write_text(json.dumps({"version": 1, "adapters": entries}))
+    reg = AdapterRegistry(state)
+    a = reg.get("a")
+    assert a.current.sha256 == dir_digest(files) and a.pinned and a.meta == {"rank": 4} and len(a.versions) == 1
+    assert reg.get("gone").current.sha256 == hashlib.sha256(f"unreadable:{tmp_path / 'nowhere'}".encode()).hexdigest()
+    assert reg.missing_on_load == ("gone",)
+    assert json.loads((state / "registry.json").read_text())["version"] == 2  # stored upgraded
+    assert AdapterRegistry(state).get("a") == a
 
 
 # -- concurrency (BAD_INPUTS row 19) ----------------------------------------------------------------------
@@ -240,9 +270,9 @@ reg = R.AdapterRegistry(state)
 if mode == "loop":  # add adapters as fast as possible until killed
     ready.write_text("started")
     for i in range(100000):
-        reg.add(R.AdapterRecord(name=f"n{i}", source="upload", local_dir=str(state), meta={"i": i}))
+        reg.add(R.AdapterRecord.of(f"n{i}", R.AdapterVersion("0" * 64, "upload", str(state), meta={"i": i})))
 else:
-    reg.add(R.AdapterRecord(name="new", source="upload", local_dir=str(state)))
+    reg.add(R.AdapterRecord.of("new", R.AdapterVersion("0" * 64, "upload", str(state))))
 """
 
 
@@ -268,7 +298,7 @@ def _spawn_and_kill(state: Path, mode: str, delay_s: float = 0.0) -> None:
 )
 def test_kill_9_during_add_leaves_old_or_new_manifest(tmp_path, mode, expected):
     state = tmp_path / "state"
-    AdapterRegistry(state).add(AdapterRecord(name="old", source="upload", local_dir=str(state)))
+    AdapterRegistry(state).add(AdapterRecord.of("old", AdapterVersion("0" * 64, "upload", str(state))))
     _spawn_and_kill(state, mode)
     reopened = AdapterRegistry(state)
     assert [r.name for r in reopened.list()] == expected

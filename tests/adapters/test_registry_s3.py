@@ -3,14 +3,18 @@ conditional writes under contention, propagation by refresh, corrupt or missing 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import threading
 
 import boto3
 import pytest
 
+from loraplex.adapters import versions as V
+from loraplex.adapters.digest import dir_digest
 from loraplex.adapters.errors import AdapterConflictError, AdapterNotFoundError
-from loraplex.adapters.registry import AdapterRecord, ManifestError
+from loraplex.adapters.registry import AdapterRecord, AdapterVersion, ManifestError
 from loraplex.adapters.registry_s3 import SharedRegistry
 from loraplex.adapters.sources.s3 import S3UnavailableError
 
@@ -29,8 +33,13 @@ def replica(url: str, endpoint: str) -> SharedRegistry:
     return SharedRegistry(url, endpoint)
 
 
+def version(seed: str, remote: str | None = None) -> AdapterVersion:
+    return AdapterVersion(hashlib.sha256(seed.encode()).hexdigest(), "upload", "", meta={"rank": 4},
+                          remote=remote or f"s3://x/{seed}")
+
+
 def record(name: str, remote: str | None = None) -> AdapterRecord:
-    return AdapterRecord(name, "upload", "", meta={"rank": 4}, remote=remote or f"s3://x/{name}")
+    return AdapterRecord.of(name, version(name, remote))
 
 
 def test_a_registration_through_one_replica_reaches_the_other_on_refresh(url, s3_endpoint):
@@ -149,3 +158,55 @@ def test_files_are_copied_under_a_fresh_key_per_registration_and_deleted(url, s3
     reg.delete_files(first)
     assert client.list_objects_v2(Bucket=bucket, Prefix=key + "/").get("KeyCount", 0) == 0
     assert client.list_objects_v2(Bucket=bucket, Prefix=second[5:].split("/", 1)[1] + "/")["KeyCount"] == 2
+
+
+def test_versions_replaced_by_many_replicas_at_once_all_land_in_the_history(url, s3_endpoint):
+    """Replaces are compare-and-swap too: 4 replicas each make their own version current at once; every version
+    is in the history afterwards (none lost) and exactly one is current."""
+    first = replica(url, s3_endpoint)
+    first.add(record("a"))
+    replicas = [replica(url, s3_endpoint) for _ in range(4)]
+    start = threading.Barrier(len(replicas))
+
+    def replace(i: int, reg: SharedRegistry) -> None:
+        start.wait()
+        reg.update(lambda r: V.register_version(r, "a", version(f"v{i}"), replace_=True, pinned=None, history=8))
+
+    threads = [threading.Thread(target=replace, args=(i, r)) for i, r in enumerate(replicas)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    history = [v.sha256 for v in replica(url, s3_endpoint).get("a").versions]
+    assert sorted(history) == sorted(version(s).sha256 for s in ("a", "v0", "v1", "v2", "v3"))
+    assert history[-1] == version("a").sha256  # the first registration: least recently current
+
+
+def test_a_route_and_a_rollback_reach_the_other_replica_on_refresh(url, s3_endpoint):
+    a, b = replica(url, s3_endpoint), replica(url, s3_endpoint)
+    a.add(record("a"))
+    a.update(lambda r: V.register_version(r, "a", version("v2"), replace_=True, pinned=None, history=5))
+    a.update(lambda r: V.set_route(r, "a", [(version("a").sha256[:8], 90), (version("v2").sha256[:8], 10)], "user"))
+    assert b.refresh() and b.get("a").route == a.get("a").route
+    a.update(lambda r: V.rollback(r, "a", None, 5))
+    assert b.refresh() and b.get("a").current.sha256 == version("a").sha256 and b.get("a").route is None
+
+
+def test_a_version_1_shared_manifest_is_read_with_digests_of_its_copies(url, s3_endpoint, tmp_path):
+    """A manifest an older replica wrote (no versions): each entry's digest is computed from its copy in the
+    store, and the next change writes version 2."""
+    for name, body in (("adapter_config.json", b'{"r": 4}'), ("adapter_model.safetensors", b"weights")):
+        (tmp_path / name).write_bytes(body)
+    reg = replica(url, s3_endpoint)
+    remote = reg.upload_files("old", tmp_path)
+    bucket, prefix = url[5:].split("/", 1)
+    entry = {"name": "old", "source": "upload", "local_dir": "", "pinned": False, "created_at": 1.0,
+             "meta": {"rank": 4}, "remote": remote}
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.put_object(Bucket=bucket, Key=f"{prefix}/registry.json",
+                      Body=json.dumps({"version": 1, "adapters": [entry]}).encode())
+    fresh = replica(url, s3_endpoint)
+    assert fresh.get("old").current.sha256 == dir_digest(tmp_path) and fresh.get("old").remote == remote
+    fresh.add(record("new"))
+    body = json.loads(client.get_object(Bucket=bucket, Key=f"{prefix}/registry.json")["Body"].read())
+    assert body["version"] == 2 and {e["name"] for e in body["adapters"]} == {"old", "new"}

@@ -10,7 +10,17 @@ from collections import Counter
 
 import pytest
 
-from loraplex.adapters.messages import Forget, HostLoaded, HostLoadFailed, Message, Pin, PutHost, Restore
+from loraplex.adapters.messages import (
+    Forget,
+    HostLoaded,
+    HostLoadFailed,
+    Message,
+    Pin,
+    Prefetch,
+    PutHost,
+    Restore,
+    Retire,
+)
 from loraplex.adapters.peft_config import LoraSpec
 from loraplex.adapters.slot_table import AdapterState, SlotState, SlotTable
 from loraplex.adapters.weights import AdapterWeights
@@ -600,3 +610,102 @@ def test_churn_never_rewrites_or_clears_a_slot_in_use(seed):
     assert table.stats.evictions["device"] > 0 and table.stats.evictions["host"] > 0
     assert all(table.refcount(f"a{i}") == 0 for i in range(20))
     assert sum(rig.disk.calls.values()) >= 20
+
+
+# ---------------------------------------------------------------------------------------------------------
+# retired versions (adapters/versions.py: a replaced, rolled-back-from or unrouted version)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_a_retired_version_keeps_its_slot_while_a_request_holds_or_names_it_then_frees_it(rig):
+    table = rig.table
+    slot = acquire_ready(rig, "a@v1")
+    table.apply(Retire("a@v1"))
+    table.sweep_retired(lambda: set())
+    assert table.tier("a@v1") == "device" and rig.slots.content[slot] == "a@v1@v0"  # held: kept
+    table.release("a@v1")
+    table.sweep_retired(lambda: {"a@v1"})  # a queued request still names it: kept for it
+    assert table.tier("a@v1") == "device" and table.acquire("a@v1").state is SlotState.READY
+    table.release("a@v1")
+    table.sweep_retired(lambda: {"b"})
+    assert table.tier("a@v1") == "disk" and rig.slots.content[slot] is None and "a@v1" not in table.resident()["host"]
+    assert table.occupancy() == [None, None]
+
+
+def test_sweeping_asks_for_the_named_adapters_only_when_something_could_be_freed(rig):
+    asked = []
+    acquire_ready(rig, "a@v1")
+    rig.table.apply(Retire("a@v1"))
+    rig.table.sweep_retired(lambda: asked.append(1) or set())
+    assert asked == []  # held by a request: nothing to free, no question
+    rig.table.release("a@v1")
+    rig.table.sweep_retired(lambda: asked.append(1) or {"a@v1"})
+    assert asked == [1] and rig.table.tier("a@v1") == "device"  # asked once, and kept for the request naming it
+    rig.table.sweep_retired(lambda: asked.append(1) or set())
+    assert asked == [1, 1] and rig.table.tier("a@v1") == "disk"
+    rig.table.sweep_retired(lambda: asked.append(1) or set())
+    assert asked == [1, 1]  # nothing retired is resident any more: no question
+
+
+def test_a_retired_version_is_never_prefetched_but_still_loads_for_a_request_that_names_it(rig):
+    table = rig.table
+    table.apply(Retire("a@old"))
+    table.prefetch("a@old")
+    assert rig.asked == [] and table.tier("a@old") == "disk"
+    slot = acquire_ready(rig, "a@old")  # an explicit "a@old" request, or one admitted before the replace
+    assert rig.slots.content[slot] == "a@old@v0"
+    table.release("a@old")
+    table.sweep_retired(lambda: set())
+    assert table.tier("a@old") == "disk"
+
+
+def test_restore_undoes_a_retirement_and_a_rolled_back_version_stays_resident(rig):
+    table = rig.table
+    acquire_ready(rig, "a@v1")
+    table.release("a@v1")
+    table.apply(Retire("a@v1"))
+    table.apply(Restore("a@v1"))  # a rollback made it current again
+    table.sweep_retired(lambda: set())
+    assert table.tier("a@v1") == "device"
+
+
+def test_a_merge_built_from_a_retired_version_is_freed_with_it():
+    from loraplex.adapters.merge import MergeRecipe, remember
+
+    rig = Rig(num_slots=3)
+    virtual = remember(MergeRecipe((("a@v1", 0.5), ("b@v1", 0.5)), "ties", density=0.5))
+    slot = acquire_ready(rig, virtual)
+    rig.table.release(virtual)
+    rig.table.apply(Retire("a@v1"))
+    rig.table.sweep_retired(lambda: {virtual})
+    assert rig.table.tier(virtual) == "device"  # a queued request names the merge
+    rig.table.sweep_retired(lambda: set())
+    assert rig.table.tier(virtual) == "disk" and rig.slots.content[slot] is None
+
+
+def test_forget_clears_a_retirement(rig):
+    table = rig.table
+    table.apply(Retire("a@v1"))
+    table.apply(Forget("a@v1"))  # the version left the history; registered again later, it is a live one
+    table.prefetch("a@v1")
+    assert rig.asked and rig.asked[0][0] == "a@v1"
+
+
+@pytest.mark.parametrize("tier", ["host", "device"])
+def test_prefetch_loads_without_a_request(rig, tier):
+    table = rig.table
+    table.apply(Prefetch("a", tier))
+    assert rig.asked and rig.asked[0][2] is (tier == "device")  # a device load is urgent: a slot waits for it
+    rig.step_start()
+    assert table.tier("a") == tier and table.refcount("a") == 0
+    table.apply(Prefetch("a", tier))  # already there: nothing more
+    assert rig.asked == []
+
+
+def test_a_device_prefetch_evicts_the_least_recently_used_idle_adapter():
+    rig = Rig(num_slots=1)
+    acquire_ready(rig, "a")
+    rig.table.release("a")
+    rig.table.apply(Prefetch("b", "device"))
+    rig.step_start()
+    assert rig.table.tier("b") == "device" and rig.table.tier("a") == "host"

@@ -80,31 +80,43 @@ class EngineSide:
     LLMEngine.apply_adapter_messages does at each step start)."""
 
     def __init__(self, store: AdapterStore, num_slots: int) -> None:
+        self.store = store
         self.port, self.device = AdapterPort(), FakeDevice(num_slots)
         self.loader = HostLoader(store.load_weights, self.port.put, self.port.wake, pin_memory=False)
         self.table = SlotTable(num_slots=num_slots, max_host=4, request_load=self.loader.submit,
                                clear_slot=self.device.clear, is_registered=self.port.registered)
         store.attach(self.port)
 
-    def apply(self) -> None:
+    def apply(self, in_use: tuple[str, ...] = ()) -> None:
+        """A step start: apply the inbox, copy due weights, free retired versions no request (`in_use`) names."""
         msgs = self.port.drain()
         for msg in msgs:
             self.table.apply(msg)
         self.table.load_due(self.device.write)
+        self.table.sweep_retired(lambda: set(in_use))
         self.port.publish(self.table.snapshot(), msgs)
 
+    def key(self, name: str) -> str:
+        """The engine key a new request for `name` (or "name@version") runs, as the API resolves it."""
+        return self.store.resolve(name)
+
     def acquire(self, name: str) -> AdapterWeights:
-        """Ask as the scheduler does until READY (one reference); the weights in its slot. Waits for the host
-        loader's messages, never sleeps; AssertionError with the reason if the load fails."""
+        """Ask as the scheduler does until READY (one reference) for what a request for `name` resolves to; the
+        weights in its slot. Waits for the host loader's messages, never sleeps; AssertionError with the reason if
+        the load fails."""
+        key = self.key(name)
         for _ in range(100):
-            self.apply()
-            got = self.table.acquire(name)
+            self.apply((key,))
+            got = self.table.acquire(key)
             if got.state is SlotState.READY:
                 return self.device.slots[got.slot]
             assert got.state is not SlotState.ERRORED, got.reason
             if not self.table.copies_pending():
                 assert self.port.wait_for_message(30), "the host loader never answered"
         raise AssertionError("never ready")
+
+    def release(self, name: str) -> None:
+        self.table.release(self.key(name))
 
 
 @pytest.fixture
@@ -221,10 +233,10 @@ def test_the_record_survives_a_restart(make_store, tmp_path):
     again = make_store()
     assert again.names() == ["g", "u"] and again.get("g").pinned and again.get("u").source == "upload"
     again.engine_side.apply()
-    table = again.engine_side.table  # attach re-pins what the manifest says is pinned
-    assert table.is_pinned("g") and not table.is_pinned("u")
-    assert torch.equal(again.load_weights("u").modules["model.layers.0.self_attn.q_proj"].a,
-                       store.load_weights("u").modules["model.layers.0.self_attn.q_proj"].a)
+    table, key = again.engine_side.table, again.engine_side.key  # attach re-pins what the manifest says is pinned
+    assert table.is_pinned(key("g")) and not table.is_pinned(key("u"))
+    assert torch.equal(again.load_weights(key("u")).modules["model.layers.0.self_attn.q_proj"].a,
+                       store.load_weights(key("u")).modules["model.layers.0.self_attn.q_proj"].a)
 
 
 def test_uploads_as_files_streams_or_archive(make_store, other):
@@ -296,13 +308,14 @@ def test_invalid_adapters_are_refused_and_their_upload_discarded(make_store, oth
 def test_unregister_removes_record_copy_and_cached_copies_but_never_user_files(make_store, root, other):
     store = make_store()
     store.register_path("p", "good0")
+    key_p = store.resolve("p")
     store.register_upload("u", files_of(other))
     assert store.unregister("u").name == "u" and upload_dirs(store) == []
     assert store.unregister("p").source == "local:good0"
     assert (root / "good0" / WEIGHTS).exists() and store.names() == []
     store.engine_side.apply()
     assert store.engine_side.table.resident() == {"device": [], "host": []}
-    for call in (lambda: store.unregister("p"), lambda: store.describe("p"), lambda: store.load_weights("p")):
+    for call in (lambda: store.unregister("p"), lambda: store.describe("p"), lambda: store.load_weights(key_p)):
         with pytest.raises(AdapterNotFoundError, match="'p'"):
             call()
 
@@ -312,7 +325,7 @@ def test_registering_again_after_unregister_serves_the_new_files(make_store, roo
     store.register_path("x", "good0")
     side = store.engine_side
     slot_weights = side.acquire("x")
-    side.table.release("x")
+    side.release("x")
     store.unregister("x")
     store.register_path("x", "other")
     again = side.acquire("x")
@@ -327,11 +340,12 @@ def test_a_request_for_an_adapter_deleted_meanwhile_evicts_nothing(make_store):
     store.register_path("b", "good1")
     side = store.engine_side
     resident = side.acquire("a")
-    side.table.release("a")
+    side.release("a")
+    key_b = side.key("b")
     store.unregister("b")  # the registry drops it at once; the engine applies the forget at its next step
-    got = side.table.acquire("b")
-    assert got.state is SlotState.ERRORED and got.reason == "adapter 'b' is not registered"
-    assert side.table.tier("a") == "device" and side.device.slots == [resident]
+    got = side.table.acquire(key_b)
+    assert got.state is SlotState.ERRORED and got.reason == f"adapter 'b' version {key_b[-64:][:12]} is not registered"
+    assert side.table.tier(side.key("a")) == "device" and side.device.slots == [resident]
     assert side.table.stats.evictions["device"] == 0 and store.describe("a")["state"] == "ready"
 
 
@@ -341,7 +355,7 @@ def test_files_vanishing_after_registration_mark_only_that_adapter_errored(make_
     store.register_path("fine", "good1")
     side = store.engine_side
     side.apply()
-    side.table.forget("gone")  # drop the host copy seeded by registration (as LRU eviction would)
+    side.table.forget(side.key("gone"))  # drop the host copy seeded by registration (as LRU eviction would)
     shutil.rmtree(root / "good0")
     with pytest.raises(AssertionError, match="does not exist"):
         side.acquire("gone")
@@ -359,7 +373,7 @@ def test_files_swapped_for_an_outside_link_after_registration_are_never_read(mak
     store.register_path("fine", "good1")
     side = store.engine_side
     side.apply()
-    side.table.forget("swapped")  # drop the host copy seeded by registration (as LRU eviction would)
+    side.table.forget(side.key("swapped"))  # drop the host copy seeded by registration (as LRU eviction would)
     victim = root / "good0" if swapped == "dir" else root / "good0" / WEIGHTS
     outside = tmp_path / "outside_copy"
     shutil.move(victim, outside)
@@ -477,7 +491,7 @@ def test_copies_no_record_refers_to_are_removed_at_start(make_store, other, tmp_
     stray_file.write_text("not ours to judge")
     again = make_store()
     assert upload_dirs(again) == sorted([*kept, "note.txt"]) and not s3_orphan.exists()
-    assert again.names() == ["kept"] and again.load_weights("kept").max_rank == 4
+    assert again.names() == ["kept"] and again.load_weights(again.resolve("kept")).max_rank == 4
 
 
 # -- a registry shared by replicas (--registry s3://…) ----------------------------------------------------
@@ -511,14 +525,15 @@ def test_shared_registration_is_served_by_the_other_replica_after_it_syncs(repli
     weights = side.acquire("u")  # b downloads u's files at its first load, from the registry's copy
     assert weights.max_rank == 4 and len(list(b.s3.owned_dir.iterdir())) == 1
     assert torch.equal(weights.modules["model.layers.0.self_attn.q_proj"].a,
-                       a.load_weights("u").modules["model.layers.0.self_attn.q_proj"].a)
-    side.table.release("u")
+                       a.load_weights(a.resolve("u")).modules["model.layers.0.self_attn.q_proj"].a)
+    key_u = side.key("u")
+    side.release("u")
     a.unregister("u")
     assert b.sync() == ["u"] and removed == ["u"] and b.names() == ["p"]
     side.apply()
-    assert side.table.tier("u") == "disk" and list(b.s3.owned_dir.iterdir()) == []  # slot and copy dropped
+    assert side.table.tier(key_u) == "disk" and list(b.s3.owned_dir.iterdir()) == []  # slot and copy dropped
     with pytest.raises(AdapterNotFoundError):
-        b.load_weights("u")
+        b.load_weights(key_u)
 
 
 def test_shared_names_conflict_across_replicas_before_any_sync(replicas):
@@ -537,7 +552,7 @@ def test_shared_reregistration_under_the_same_name_replaces_the_old_copy(replica
     a.register_path("x", "good0")
     b.sync()
     first = b.engine_side.acquire("x")
-    b.engine_side.table.release("x")
+    b.engine_side.release("x")
     a.unregister("x")
     a.register_path("x", "other")  # b sees a different record under the same name in one poll
     assert b.sync() == ["x"]
@@ -550,11 +565,11 @@ def test_shared_pins_and_restarts_come_from_the_manifest(replicas, make_store, t
     a.register_path("pinned", "good0", pinned=True)
     b.sync()
     b.engine_side.apply()
-    assert b.engine_side.table.is_pinned("pinned")
+    assert b.engine_side.table.is_pinned(b.resolve("pinned"))
     restarted = make_store(state=tmp_path / "fresh-replica", registry=a.config.registry_url, s3_endpoint=s3_endpoint)
     assert restarted.names() == ["pinned"]  # a new replica starts from the shared manifest
     restarted.engine_side.apply()
-    assert restarted.engine_side.table.is_pinned("pinned")
+    assert restarted.engine_side.table.is_pinned(restarted.resolve("pinned"))
 
 
 def test_shared_registration_that_loses_a_race_leaves_no_files_behind(replicas):
@@ -581,8 +596,8 @@ def test_a_load_between_a_poll_and_its_sync_finds_the_new_adapter(replicas):
     a, b = replicas(2)
     a.register_path("x", "good0")
     assert b.registry.refresh()  # the poller's first half; sync's bookkeeping has not run yet
-    assert b.load_weights("x").max_rank == 8
-    assert b.sync() == ["x"] and b.load_weights("x").max_rank == 8
+    assert b.load_weights(b.resolve("x")).max_rank == 8
+    assert b.sync() == ["x"] and b.load_weights(b.resolve("x")).max_rank == 8
 
 
 def test_changes_seen_by_this_replicas_own_write_are_applied_at_the_next_sync(replicas):
@@ -605,14 +620,17 @@ def test_a_replica_registering_a_name_another_replica_deleted_forgets_its_old_co
     b.sync()
     side = b.engine_side
     assert side.acquire("x").max_rank == 8  # the old registration sits in a device slot on b
-    side.table.release("x")
-    removed: list[str] = []
-    b.on_removed = removed.append
+    old_key = side.key("x")
+    side.release("x")
+    dropped: list[str] = []
+    b.on_dropped = lambda keys, reason: dropped.extend(keys)
     a.unregister("x")
     b.register_path("y", "good1")  # b's conditional write reads the newest manifest: its view loses x
     b.register_path("x", "other")  # no sync ran in between: b's engine still holds the old x
-    assert removed == ["x"]  # the old registration's queued requests fail, its metric labels go
+    assert dropped == [old_key]  # the old registration's queued requests fail
     assert side.acquire("x").max_rank == 4
+    side.apply()
+    assert side.table.tier(old_key) == "disk"  # forgotten: its slot is free
     assert len(list(b.s3.owned_dir.iterdir())) == 0  # b read its own upload in place: no download kept
 
 
@@ -646,9 +664,156 @@ def test_an_admin_command_the_engine_failed_to_apply_is_an_error_not_a_success(m
     thread = threading.Thread(target=engine_thread)
     thread.start()
     try:
-        with pytest.raises(AdapterCommandError, match=r"failed to apply Forget\('g'\): KeyError") as err:
+        with pytest.raises(AdapterCommandError, match=r"failed to apply Forget\('g@[0-9a-f]{64}'\): KeyError") as err:
             store.unregister("g")
         assert err.value.status == 500
     finally:
         stop.set()
         thread.join(30)
+
+
+# -- versions (adapters/versions.py) ------------------------------------------------------------------------
+
+
+def test_a_replace_keeps_the_old_version_for_its_requests_and_retires_it(make_store, other):
+    """The engine holds v1 in a slot for a running request; the replace makes v2 what the name resolves to, and
+    v1 keeps its slot until that request releases it, then the sweep frees it."""
+    from loraplex.adapters.digest import dir_digest
+
+    store = make_store(num_slots=2)
+    side = store.engine_side
+    store.register_path("x", "good0")
+    old_key = side.key("x")
+    assert side.acquire("x").max_rank == 8  # a running request holds v1
+    record = store.register_path("x", "other", replace=True)
+    assert record.current.sha256 == dir_digest(other) and [v.sha256 for v in record.versions][1] == old_key[-64:]
+    assert side.key("x") != old_key and side.acquire("x").max_rank == 4  # new requests run v2
+    side.apply(in_use=(old_key, side.key("x")))
+    assert side.table.tier(old_key) == "device"  # still held
+    side.table.release(old_key)
+    side.apply(in_use=(side.key("x"),))
+    assert side.table.tier(old_key) == "disk" and side.table.tier(side.key("x")) == "device"
+    assert store.load_weights(old_key).max_rank == 8  # still in the history: an explicit request may load it
+
+
+def test_the_history_is_bounded_and_a_trimmed_versions_copy_is_deleted(make_store, adapter_dir):
+    store = make_store()
+    dropped: list[str] = []
+    store.on_dropped = lambda keys, reason: dropped.extend(keys)
+    dirs = [adapter_dir("llama", 4, ("q_proj", "v_proj"), 60 + i) for i in range(7)]
+    store.register_upload("h", files_of(dirs[0]))
+    first = store.resolve("h")
+    for d in dirs[1:]:
+        store.register_upload("h", files_of(d), replace=True)
+    record = store.get("h")
+    assert len(record.versions) == 5 and len(upload_dirs(store)) == 5  # --adapter-history 5 (the default)
+    assert first in dropped and len(dropped) == 2 and not store.has_key(first)
+    with pytest.raises(AdapterNotFoundError, match="has no version"):
+        store.load_weights(first)
+
+
+def test_the_same_bytes_again_reuse_their_version_and_rollback_moves_the_pin(make_store, other):
+    store = make_store(num_slots=3)
+    side = store.engine_side
+    store.register_path("p", "good0", pinned=True)
+    v1 = side.key("p")
+    store.register_path("p", "other", replace=True)  # pinned is kept (None: unchanged)
+    v2 = side.key("p")
+    side.apply()
+    assert store.get("p").pinned and side.table.is_pinned(v2) and not side.table.is_pinned(v1)
+    again = store.register_path("p", "good1", replace=True)  # good1 is a byte copy of good0: v1 again
+    assert [v.sha256 for v in again.versions] == [v1[-64:], v2[-64:]] and side.key("p") == v1
+    store.rollback("p")
+    side.apply()
+    assert side.key("p") == v2 and side.table.is_pinned(v2) and not side.table.is_pinned(v1)
+    store.register_path("p", "other", replace=True, pinned=False)  # same bytes: only the pin changes
+    side.apply()
+    assert not store.get("p").pinned and not side.table.is_pinned(v2) and len(store.get("p").versions) == 2
+
+
+def test_a_file_rewritten_in_place_is_never_served_under_its_old_version(make_store, root, other):
+    import os
+
+    store = make_store()
+    store.register_path("w", "good0")
+    key = store.resolve("w")
+    store.load_weights(key)
+    weights = root / "good0" / WEIGHTS
+    os.utime(weights)  # touched, same bytes: hashed again, still the version
+    assert store.load_weights(key).max_rank == 8
+    shutil.copy(other / CONFIG, root / "good0" / CONFIG)
+    shutil.copy(other / WEIGHTS, weights)  # retrained in place: other bytes under the registered path
+    with pytest.raises(AdapterValidationError, match=r"changed since it was registered .*\"replace\": true"):
+        store.load_weights(key)
+    assert store.register_path("w", "good0", replace=True).current.sha256 != key[-64:]  # a new version: fine
+
+
+def test_a_stated_sha256_that_differs_is_refused_and_nothing_is_kept(make_store, other):
+    from loraplex.adapters.digest import dir_digest
+
+    store = make_store()
+    with pytest.raises(AdapterValidationError, match="sha256 mismatch") as err:
+        store.register_upload("s", files_of(other), sha256="0" * 64)
+    assert dir_digest(other) in str(err.value) and "0" * 64 in str(err.value) and err.value.field == "sha256"
+    assert upload_dirs(store) == [] and store.names() == []
+    assert store.register_upload("s", files_of(other), sha256=dir_digest(other)).current.sha256 == dir_digest(other)
+
+
+def test_put_weights_keeps_the_current_config(make_store, adapter_dir):
+    from loraplex.adapters.digest import dir_digest
+
+    store = make_store()
+    first, second = (adapter_dir("llama", 4, ("q_proj", "v_proj"), s) for s in (70, 71))
+    store.register_upload("t", files_of(first))
+    record = store.put_weights("t", (second / WEIGHTS).read_bytes())
+    assert record.current.sha256 == dir_digest(second) and record.current.source == "weights"
+    assert store.load_weights(store.resolve("t")).max_rank == 4
+
+
+def test_routes_pick_sticky_versions_and_name_at_version_pins_one(make_store, other):
+    store = make_store()
+    store.register_path("r", "good0")
+    v1 = store.resolve("r")
+    store.register_path("r", "other", replace=True)
+    v2 = store.resolve("r")
+    store.set_route("r", [(v1[-64:][:6], 1), (v2[-64:][:6], 1)], "user")
+    picks = {user: {store.resolve("r", user) for _ in range(3)} for user in (f"u{i}" for i in range(20))}
+    assert all(len(p) == 1 for p in picks.values()) and {k for p in picks.values() for k in p} == {v1, v2}
+    assert store.resolve(f"r@{v1[-64:][:8]}") == v1
+    with pytest.raises(AdapterValidationError, match="4 to 64 hex digits"):
+        store.resolve("r@xyz")
+    store.clear_route("r")
+    assert {store.resolve("r", u) for u in picks} == {v2}
+
+
+def test_a_shared_replace_reaches_the_other_replica_and_retires_its_old_version(replicas, other):
+    a, b = replicas(2)
+    a.register_path("x", "good0")
+    b.sync()
+    old = b.resolve("x")
+    assert b.engine_side.acquire("x").max_rank == 8
+    b.engine_side.release("x")
+    a.register_path("x", "other", replace=True)
+    assert b.resolve("x") == old  # b has not polled yet
+    assert b.sync() == ["x"] and b.resolve("x") != old
+    assert b.engine_side.acquire("x").max_rank == 4
+    b.engine_side.apply(in_use=(b.resolve("x"),))
+    assert b.engine_side.table.tier(old) == "disk"
+    a.rollback("x")
+    assert b.sync() == ["x"] and b.resolve("x") == old and b.engine_side.acquire("x").max_rank == 8
+
+
+def test_a_shared_replace_with_bytes_another_replica_just_dropped_is_a_409_not_a_record_without_files(replicas):
+    """b's stale view holds x's v1, so b's replace with v1's bytes uploads nothing (a history version); meanwhile a
+    deleted x and registered v2: the newest manifest has no v1 to reuse. Writing b's version would leave every
+    other replica a record without a copy to read: a 409 instead, and a retry uploads."""
+    a, b = replicas(2)
+    a.register_path("x", "good0")
+    b.sync()
+    a.unregister("x")
+    a.register_path("x", "other")
+    with pytest.raises(AdapterConflictError, match="changed while these files were prepared"):
+        b.register_path("x", "good1", replace=True)  # good1: a byte copy of good0 (v1)
+    b.sync()
+    record = b.register_path("x", "good1", replace=True)
+    assert record.current.remote is not None and a.sync() == ["x"] and a.load_weights(a.resolve("x")).max_rank == 8

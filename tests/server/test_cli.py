@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from loraplex.adapters.resolver import ResolverConfig
 from loraplex.server.cli import FLAGS, _env_name, build_parser, configs_from_args
 from loraplex.server.config import ConnectionLimits, LoRAConfig, ModelConfig, ServerConfig
 from loraplex.server.demo import with_demo_adapters
@@ -37,6 +38,10 @@ FLAG_FIELDS = {
     "--registry": (ServerConfig, "registry"),
     "--registry-poll-seconds": (ServerConfig, "registry_poll_s"),
     "--drain-timeout": (ServerConfig, "drain_timeout_s"),
+    "--adapter-history": (ServerConfig, "adapter_history"),
+    "--adapter-resolver": (ServerConfig, "resolver"),  # unset: no ResolverConfig
+    "--adapter-resolver-pattern": (ResolverConfig, "pattern"),
+    "--adapter-resolver-negative-ttl": (ResolverConfig, "negative_ttl_s"),
     "--s3-timeout": (ServerConfig, "s3_timeout_s"),
     "--max-connections": (ConnectionLimits, "max_connections"),
     "--header-timeout": (ConnectionLimits, "header_timeout_s"),
@@ -161,6 +166,23 @@ def test_registry_flags_build_the_server_config_and_refuse_bad_values(monkeypatc
     assert configs_from_args(build_parser().parse_args(["serve", "--model", "m"])).server.registry == "s3://from-env/x"
     for bad, message in ((["--registry", "/some/dir"], "--registry: expected s3://bucket/prefix"),
                          (["--registry-poll-seconds", "0"], "--registry-poll-seconds: must be > 0")):
+        with pytest.raises(ValueError, match=message):
+            configs_from_args(build_parser().parse_args(["serve", "--model", "m", *bad]))
+
+
+def test_version_and_resolver_flags_build_the_configs_and_refuse_bad_values(monkeypatch):
+    args = ["serve", "--model", "m", "--adapter-history", "7", "--adapter-resolver", "s3://loras/team",
+            "--adapter-resolver-pattern", "team-[a-z]+", "--adapter-resolver-negative-ttl", "5"]
+    server = configs_from_args(build_parser().parse_args(args)).server
+    assert server.adapter_history == 7
+    assert server.resolver == ResolverConfig("s3://loras/team", "team-[a-z]+", 5.0)
+    assert configs_from_args(build_parser().parse_args(["serve", "--model", "m"])).server.resolver is None
+    monkeypatch.setenv("LORAPLEX_ADAPTER_RESOLVER", "/srv/loras")
+    assert configs_from_args(build_parser().parse_args(["serve", "--model", "m"])).server.resolver.location == \
+        "/srv/loras"
+    for bad, message in ((["--adapter-history", "1"], "--adapter-history: must be >= 2"),
+                         (["--adapter-resolver-pattern", "(["], "--adapter-resolver-pattern: not a regular"),
+                         (["--adapter-resolver-negative-ttl", "-1"], "--adapter-resolver-negative-ttl: must be >= 0")):
         with pytest.raises(ValueError, match=message):
             configs_from_args(build_parser().parse_args(["serve", "--model", "m", *bad]))
 

@@ -7,6 +7,7 @@ Runs the app in-process (a real Runtime on the tiny model, FastAPI's TestClient)
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
 from types import SimpleNamespace
@@ -15,7 +16,9 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from loraplex.adapters.slot_table import AdapterSnapshot, CacheStats
+from loraplex.adapters import versions as V
+from loraplex.adapters.registry import AdapterRecord, AdapterVersion, RecordView
+from loraplex.adapters.slot_table import AdapterSnapshot, AdapterState, AdapterView, CacheStats
 from loraplex.server.engine.async_engine import EngineSnapshot
 from loraplex.server.metrics import Metrics
 
@@ -46,6 +49,11 @@ DOCUMENTED = {
     "vllm:num_requests_running": ("gauge", set()),
     "vllm:num_requests_waiting": ("gauge", set()),
     "vllm:gpu_cache_usage_perc": ("gauge", set()),
+    "vllm:lora_adapter_loaded": ("gauge", {"adapter_name", "level", "pinned", "rank"}),
+    "vllm:num_gpu_loaded_lora_adapters": ("gauge", set()),
+    "vllm:max_gpu_lora_adapters": ("gauge", set()),
+    "vllm:lora_adapter_load_seconds": ("histogram", set()),
+    "loraplex_adapter_version_info": ("gauge", {"adapter", "version"}),
 }
 
 
@@ -181,52 +189,85 @@ def test_unknown_model_names_never_become_label_values(client, name):
     assert set(_all_label_values(after)) >= {"alpha", "unknown"}
 
 
+class _Registry(RecordView):
+    def __init__(self, records: list[AdapterRecord]) -> None:
+        self._records = {r.name: r for r in records}
+
+
+def _version(seed: str, rank: int) -> AdapterVersion:
+    return AdapterVersion(hashlib.sha256(seed.encode()).hexdigest(), "upload", "", meta={"rank": rank})
+
+
 def test_state_gauges_read_the_engine_snapshot_at_scrape_time():
     """The collector's view of queues, KV usage, residency and cache counters: the snapshots the engine
-    thread published (never its live queues or slot table)."""
+    thread published (never its live queues or slot table). The engine knows adapter versions (name@sha256);
+    routers read names."""
     stats = CacheStats(hits={"host": 0, "device": 7}, misses={"host": 2, "device": 0},
                        evictions={"host": 0, "device": 1})
-    adapters = AdapterSnapshot(resident={"device": ("a-ad", "b-ad"), "host": ("a-ad", "b-ad", "c-ad")}, stats=stats)
-    snap = EngineSnapshot(waiting=1, running=4, kv_usage=0.25, running_adapters=("a-ad", "b-ad"),
-                          waiting_adapters=("c-ad",))
-    store = SimpleNamespace(names=lambda: ["a-ad", "b-ad", "c-ad", "d-ad"])
+    a1, a2, b1, c1, d1 = (_version(s, r) for s, r in (("a1", 8), ("a2", 8), ("b1", 4), ("c1", 16), ("d1", 8)))
+    records = [AdapterRecord("a-ad", (a2, a1), pinned=True), AdapterRecord.of("b-ad", b1),
+               AdapterRecord.of("c-ad", c1), AdapterRecord.of("d-ad", d1)]
+    store = SimpleNamespace(names=lambda: [r.name for r in records], registry=_Registry(records))
+    ka1, ka2, kb, kc = (V.engine_key(n, v.sha256) for n, v in (("a-ad", a1), ("a-ad", a2), ("b-ad", b1),
+                                                                 ("c-ad", c1)))
+    views = {ka2: AdapterView("device", AdapterState.DEVICE_READY, pinned=True)}
+    adapters = AdapterSnapshot(views, resident={"device": (ka1, ka2, kb, "merge:x"), "host": (ka2, kb, kc)},
+                               stats=stats)
+    snap = EngineSnapshot(waiting=1, running=4, kv_usage=0.25, running_adapters=(ka1, ka2, kb),
+                          waiting_adapters=(kc,))
     runtime = SimpleNamespace(engine=SimpleNamespace(snapshot=snap, adapters=adapters), store=store, poller=None,
-                              served_model_name="base",
-                              config=SimpleNamespace(engine=SimpleNamespace(lora=SimpleNamespace(max_loras=2))))
+                              resolver=None, served_model_name="base",
+                              config=SimpleNamespace(engine=SimpleNamespace(lora=SimpleNamespace(max_loras=4))))
     body, _ = Metrics(runtime).render()
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
     (info,) = families["vllm:lora_requests_info"].samples
-    assert info.labels == {"max_lora": "2", "running_lora_adapters": "a-ad,b-ad", "waiting_lora_adapters": "c-ad"}
+    assert info.labels == {"max_lora": "4", "running_lora_adapters": "a-ad,b-ad", "waiting_lora_adapters": "c-ad"}
     assert value(families, "vllm:num_requests_running") == value(families, "loraplex_num_requests_running") == 4
     assert value(families, "vllm:num_requests_waiting") == value(families, "loraplex_num_requests_waiting") == 1
     assert value(families, "vllm:gpu_cache_usage_perc") == value(families, "loraplex_kv_cache_usage_ratio") == 0.25
-    assert [value(families, "loraplex_adapters_resident", tier=t) for t in ("device", "host", "disk")] == [2, 3, 4]
+    assert [value(families, "loraplex_adapters_resident", tier=t) for t in ("device", "host", "disk")] == [3, 3, 4]
     assert value(families, "loraplex_adapter_cache_hits_total", tier="device") == 7
     assert value(families, "loraplex_adapter_cache_misses_total", tier="host") == 2
     assert value(families, "loraplex_adapter_evictions_total", tier="device") == 1
     assert value(families, "loraplex_adapters_registered") == 4
+    # Loaded adapters by name and level (a canary's two versions of a-ad count 2 in one series when their labels
+    # agree; the pinned current one has its own); a merge's virtual adapter is no registered adapter.
+    loaded = {tuple(s.labels[k] for k in ("adapter_name", "level", "pinned", "rank")): s.value
+              for s in families["vllm:lora_adapter_loaded"].samples}
+    assert loaded == {("a-ad", "device", "false", "8"): 1, ("a-ad", "device", "true", "8"): 1,
+                      ("b-ad", "device", "false", "4"): 1, ("a-ad", "host", "true", "8"): 1,
+                      ("b-ad", "host", "false", "4"): 1, ("c-ad", "host", "false", "16"): 1}
+    assert value(families, "vllm:num_gpu_loaded_lora_adapters") == 3
+    assert value(families, "vllm:max_gpu_lora_adapters") == 4
+    versions = {s.labels["adapter"]: s.labels["version"] for s in families["loraplex_adapter_version_info"].samples}
+    assert versions == {"a-ad": a2.sha256[:12], "b-ad": b1.sha256[:12], "c-ad": c1.sha256[:12],
+                        "d-ad": d1.sha256[:12]}
 
 
 def test_label_sanitizer_accepts_only_registered_names_and_the_base():
     class Store(set):
+        registry = _Registry([])
+
         def names(self) -> list[str]:
             return sorted(self)
 
-    runtime = SimpleNamespace(store=Store({"alpha"}), served_model_name="base", engine=None, poller=None,
+    runtime = SimpleNamespace(store=Store({"alpha"}), served_model_name="base", engine=None, poller=None, resolver=None,
                               config=SimpleNamespace(engine=SimpleNamespace(lora=SimpleNamespace(max_loras=1))))
     metrics = Metrics(runtime)
-    assert [metrics.label(n) for n in ("alpha", "base", None, "ALPHA", "beta", "")] == \
-        ["alpha", "base", "base", "unknown", "unknown", "unknown"]
+    assert [metrics.label(n) for n in ("alpha", "base", None, "ALPHA", "beta", "", "alpha@" + "0" * 64)] == \
+        ["alpha", "base", "base", "unknown", "unknown", "unknown", "alpha"]
 
 
 class _Store(set):
+    registry = _Registry([])
+
     def names(self) -> list[str]:
         return sorted(self)
 
 
 def _bare_metrics(*registered: str) -> tuple[Metrics, _Store]:
     store = _Store(registered)
-    runtime = SimpleNamespace(store=store, served_model_name="base", engine=None, poller=None,
+    runtime = SimpleNamespace(store=store, served_model_name="base", engine=None, poller=None, resolver=None,
                               config=SimpleNamespace(engine=SimpleNamespace(lora=SimpleNamespace(max_loras=1))))
     return Metrics(runtime), store
 

@@ -12,7 +12,7 @@ from loraplex.server.engine.block_pool import BlockPool
 from loraplex.server.engine.prefix_cache import KVIdentity, extend_keys
 from loraplex.server.engine.sampling_params import SamplingParams
 
-from .engine_helpers import PeftReference, greedy, make_engine, run_to_completion, tokens_of
+from .engine_helpers import PeftReference, greedy, make_engine, run_to_completion, tokens_of, wait_for_adapter_news
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -162,6 +162,27 @@ def test_a_reregistered_adapter_never_finds_the_old_registrations_blocks(setup):
     engine.add_request("new", _turn(1), greedy(4), "x")
     outs = run_to_completion(engine)
     assert engine.prefix_cache_hits == 0 and tokens_of(outs["new"]) == ref.generate(_turn(1), "b", 4)
+
+
+def test_a_request_on_a_forgotten_registration_publishes_no_more_blocks(setup):
+    """DELETE (or a version trimmed from its history) while a request runs: it finishes on the doomed copy, and the
+    blocks it completes after the forget are never published (they would sit in the cache, unfindable)."""
+    model_dir, adapters, ref = setup
+    engine = make_engine(model_dir, adapters)
+    engine.add_request("doomed", _turn(0), greedy(12), "a")
+    first: list = []
+    while not engine.requests["doomed"].num_computed:  # the prompt's 11 full blocks are computed and published
+        step = engine.step()
+        first += step.outputs
+        if not step.computed:
+            wait_for_adapter_news(engine)
+    assert engine.pool.num_cached == 0 and len(engine.pool.lookup(engine.requests["doomed"].block_keys)) == 11
+    engine.adapter_port.forget("a")
+    engine.apply_adapter_messages()
+    assert not engine.pool.lookup(engine.requests["doomed"].block_keys)  # unpublished while held
+    outs = run_to_completion(engine)  # 11 more tokens complete 3 more blocks on the doomed copy
+    assert tokens_of(first + outs["doomed"]) == ref.generate(_turn(0), "a", 12)
+    assert engine.pool.num_cached == 0 and engine.pool.num_free == engine.pool.num_blocks
 
 
 def _loader_reading(engine, names):

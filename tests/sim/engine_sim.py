@@ -4,8 +4,8 @@ The real `LLMEngine` (scheduler, fairness, KV block pool, adapter SlotTable and 
 choice groups, merges, structured output, sampler, postprocessing) runs over fake parts (`EngineParts`):
 
 - a fake forward whose "KV cache" holds, per pool position, a 64-bit hash chained from the previous position
-  of the same sequence, the token and the *KV identity* (base model, the adapter registration in the slot the
-  row reads, a merge of them). Each row's logits are a fixed random row picked by that hash. So a row's logits
+  of the same sequence, the token and the *KV identity* (base model, the adapter version in the slot the row
+  reads, a merge of them). Each row's logits are a fixed random row picked by that hash. So a row's logits
   depend on everything its sequence ever read through its block table and its slot: a block shared or
   overwritten by mistake, or a slot holding another registration's weights, changes the tokens;
 - a slot writer that records which registration each slot holds (and can fail a copy);
@@ -17,10 +17,17 @@ KV identity (`reference_tokens`): the oracle a real model cannot give cheaply.
 A scenario (`Scenario`) is drawn from a stream of integers (`Draws`): a `random.Random(seed)` for the seeded
 runs, or hypothesis' data for shrinking. It holds the engine's limits (and, in some, tenants as `--tenants`
 makes them: weights, max_device_slots, max_concurrent) and a script of events per step:
-arrivals (base, adapters, linear and ties merges, n > 1, prompt logprobs, stops, structured output, seeds, a
-tenant),
-aborts, admin commands (register, delete, replace with other weights, pin, unpin) and injected faults (a
-read that fails, a slot copy that fails, a forward that raises, a sampler that raises on one row).
+arrivals (base, adapters — their current version, a canary route's pick or an explicit "name@version" —,
+linear and ties merges, n > 1, prompt logprobs, stops, structured output, seeds, a tenant), aborts, admin
+commands (register, delete, an atomic replace with other weights or a version of the history, rollback, a canary
+route and its removal, pin, unpin) and injected faults (a read that fails, a slot copy that fails, a forward that
+raises, a sampler that raises on one row).
+
+Adapter versions go through the store's own record changes and engine commands (adapters/versions.py): the
+engine knows each version as `name@<sha256>`, so a request keeps the version it was admitted on (its KV
+identity is that version's) while later arrivals run the new one; a version no new request may start on
+(replaced, rolled back from, out of a route) must give its slot and host copy back once no live request names
+it (`_check_step`); one that leaves the history (`history` per scenario) fails its queued requests.
 
 `run_scenario` drives the engine as the AsyncEngine and the runtime do (admin and aborts between steps, the
 adapter messages applied at step start) and checks the invariants after every step (`_check_step`) and at
@@ -45,9 +52,11 @@ from typing import Any
 
 import torch
 
+from loraplex.adapters import versions as V
 from loraplex.adapters.merge import MergeRecipe, is_virtual, recipe_of
 from loraplex.adapters.messages import HostLoaded, HostLoadFailed
 from loraplex.adapters.peft_config import LoraSpec
+from loraplex.adapters.registry import AdapterRecord, AdapterVersion
 from loraplex.adapters.weights import AdapterWeights
 from loraplex.server.config import LoRAConfig
 from loraplex.server.engine.block_pool import BlockPool
@@ -182,6 +191,7 @@ class SimConfig:
     starvation_steps: int
     max_cpu_loras: int
     max_load_delay: int
+    history: int = 3  # --adapter-history
     prefix_caching: bool = True
     tenants: tuple[TenantSpec, ...] = ()  # as --tenants makes them; empty: each adapter is its own tenant
 
@@ -216,6 +226,8 @@ class Arrival:
     target: Target
     params: SamplingParams
     n: int = 1
+    version: int = 0  # 0: the name's current version (or its route's pick); k > 0: "name@" its history's k-th
+    route_key: int = 0  # the request's `user` (a sticky route hashes it)
     cache_salt: str | None = None
     tenant: str | None = None  # one of SimConfig.tenants' ids
 
@@ -223,8 +235,10 @@ class Arrival:
 @dataclass(frozen=True)
 class Event:
     step: int
-    kind: str  # arrive | abort | register | delete | replace | pin | unpin | fail_load | fail_copy | fail_forward
-    name: str = ""  # | fail_sample
+    # arrive | abort | register | delete | replace | rollback | route | unroute | pin | unpin | fail_load | fail_copy
+    kind: str  # | fail_forward | fail_sample
+    name: str = ""
+    pick: int = 0  # replace: reuse the history's pick-th version (0: new weights); rollback: its target (0: previous)
     arrival: Arrival | None = None
 
     def __str__(self) -> str:
@@ -233,8 +247,9 @@ class Event:
             return (f"@{self.step} arrive {a.rid} n={a.n} {a.target} prompt={len(a.prompt)} "
                     f"max_tokens={a.params.max_tokens}{' greedy' if a.params.greedy else ''}"
                     f"{' guided' if a.params.guided else ''}{' plp' if a.params.prompt_logprobs is not None else ''}"
-                    f"{' stop' if a.params.stop else ''}{' tenant=' + a.tenant if a.tenant else ''}")
-        return f"@{self.step} {self.kind} {self.name}".rstrip()
+                    f"{' stop' if a.params.stop else ''}{f' @v{a.version}' if a.version else ''}"
+                    f"{' tenant=' + a.tenant if a.tenant else ''}")
+        return f"@{self.step} {self.kind} {self.name}{f' #{self.pick}' if self.pick else ''}".rstrip()
 
 
 @dataclass(frozen=True)
@@ -263,8 +278,9 @@ def generate(d: Draws, vocab_size: int, *, max_events: int = 20) -> Scenario:
         registered.append(name)
     for i in range(d.int(1, max_events)):
         step += d.pick((0, 0, 1, 1, 2, 3, 5, 8))
-        kind = d.pick(("arrive",) * 16 + ("abort", "abort", "register", "register", "delete", "replace", "pin",
-                                           "unpin", "fail_load", "fail_copy", "fail_forward", "fail_sample"))
+        kind = d.pick(("arrive",) * 16 + ("abort", "abort", "register", "register", "delete", "replace", "replace",
+                                           "rollback", "route", "unroute", "pin", "unpin", "fail_load", "fail_copy",
+                                           "fail_forward", "fail_sample"))
         if kind == "arrive":
             arrival = _draw_arrival(d, f"r{i}", cfg, registered, vocab_size)
             events.append(Event(step, kind, arrival=arrival))
@@ -282,9 +298,12 @@ def generate(d: Draws, vocab_size: int, *, max_events: int = 20) -> Scenario:
                 name = d.pick(registered)
                 registered.remove(name)
                 events.append(Event(step, kind, name))
-        elif kind in ("fail_load", "fail_copy", "replace", "pin", "unpin"):
+        elif kind in ("fail_load", "fail_copy", "pin", "unpin", "route", "unroute"):
             if registered:
                 events.append(Event(step, kind, d.pick(registered)))
+        elif kind in ("replace", "rollback"):
+            if registered:
+                events.append(Event(step, kind, d.pick(registered), pick=d.pick((0, 0, 0, 1, 2))))
         else:
             events.append(Event(step, kind))
     return Scenario(cfg, tuple(events), tuple(d.log))
@@ -305,6 +324,7 @@ def _draw_config(d: Draws) -> SimConfig:
         starvation_steps=d.pick((1, 2, 4, 8, 64)),
         max_cpu_loras=d.int(3, 5),
         max_load_delay=d.int(0, 3),
+        history=d.int(2, 4),
         prefix_caching=d.chance(80),
         tenants=_draw_tenants(d) if d.chance(40) else (),
     )
@@ -327,7 +347,8 @@ def _draw_arrival(d: Draws, rid: str, cfg: SimConfig, registered: list[str], voc
     params = _draw_params(d, cfg.max_model_len - prompt_len)
     n = d.pick((1, 1, 1, 1, 2, 3)) if params.max_tokens > 0 else 1
     tenant = d.pick(cfg.tenants).id if cfg.tenants else None
-    return Arrival(rid, prompt, target, params, n, cache_salt=d.pick((None, None, None, "t1", "t2")), tenant=tenant)
+    return Arrival(rid, prompt, target, params, n, version=d.pick((0, 0, 0, 0, 1, 2)), route_key=d.int(0, 7),
+                   cache_salt=d.pick((None, None, None, "t1", "t2")), tenant=tenant)
 
 
 def _draw_target(d: Draws, registered: list[str]) -> Target:
@@ -372,29 +393,51 @@ def _draw_params(d: Draws, room: int) -> SamplingParams:
 # ---- the fake parts ----------------------------------------------------------------------------------------
 @dataclass
 class World:
-    """Everything outside the engine: registrations, slot contents, the fake KV, pending reads, faults."""
+    """Everything outside the engine: the registry's records (adapter versions), slot contents, the fake KV,
+    pending reads, faults."""
 
     model: FakeModel
     cfg: SimConfig
-    registry: dict[str, int] = field(default_factory=dict)  # name -> registration id
-    pinned: set[str] = field(default_factory=set)
+    records: dict[str, AdapterRecord] = field(default_factory=dict)  # the registry, as the store keeps it
     slots: list[tuple | None] = field(default_factory=list)  # per slot: what was copied there
     kv: list[int | None] = field(default_factory=list)  # per pool position: the chain hash written there
     jobs: list[tuple[int, str, int]] = field(default_factory=list)  # (due step, name, epoch)
-    fail_load: set[str] = field(default_factory=set)
-    fail_copy: set[str] = field(default_factory=set)
+    fail_load: set[str] = field(default_factory=set)  # adapter names: their next read fails
+    fail_copy: set[str] = field(default_factory=set)  # adapter names: their next slot copy fails
     fail_forward: bool = False
     fail_sample: set[str] = field(default_factory=set)  # request ids whose row makes the sampler raise
     tags: dict[int, tuple[tuple, AdapterWeights]] = field(default_factory=dict)  # id(weights) -> its tag
     expected: dict[str, int] = field(default_factory=dict)  # request id -> the KV identity it must run on
     step: int = 0
     rng: random.Random = field(default_factory=lambda: random.Random(0))
-    next_reg: int = 1
+    next_version: int = 1
 
-    def register(self, name: str) -> int:
-        self.registry[name] = self.next_reg
-        self.next_reg += 1
-        return self.registry[name]
+    def new_version(self) -> AdapterVersion:
+        """Weights no earlier registration had: a fresh digest."""
+        version = AdapterVersion(f"{self.next_version:064x}", "upload", "")
+        self.next_version += 1
+        return version
+
+    def registered(self, key: str) -> bool:
+        """Whether an engine key names a version the registry holds (the store's `has_key`)."""
+        name, sha = V.split_key(key)
+        record = self.records.get(name)
+        return record is not None and sha is not None and record.version(sha) is not None
+
+    def retired(self, key: str) -> bool:
+        """Registered, yet no new request may start on it (replaced, rolled back from, out of a route); a merge
+        is retired with any of its adapters."""
+        if is_virtual(key):
+            recipe = recipe_of(key)
+            return recipe is not None and any(self.retired(n) for n in recipe.names)
+        name, sha = V.split_key(key)
+        return self.registered(key) and sha not in V.active(self.records[name])
+
+    def stale(self, key: str) -> bool:
+        """No new request may start on it: retired, or left the registry (a merge: with any of its adapters)."""
+        recipe = recipe_of(key) if is_virtual(key) else None
+        parts = recipe.names if recipe is not None else (key,)
+        return self.retired(key) or not all(self.registered(n) for n in parts)
 
     def weights(self, tag: tuple) -> AdapterWeights:
         """Weights standing for `tag` (what a slot copy of them makes the slot hold): `tags` maps them back."""
@@ -405,21 +448,33 @@ class World:
     def current_tag(self, name: str) -> tuple | None:
         """What reading `name`'s files now gives (None: not registered), as the store's reader would."""
         if not is_virtual(name):
-            return ("adapter", name, self.registry[name]) if name in self.registry else None
+            return ("adapter", name) if self.registered(name) else None
         recipe = recipe_of(name)
-        if recipe is None or any(n not in self.registry for n in recipe.names):
+        if recipe is None or not all(map(self.registered, recipe.names)):
             return None
-        return ("virtual", name, tuple(self.registry[n] for n in recipe.names))
+        return ("virtual", name, recipe.names)
 
-    def kvid(self, target: Target) -> int:
-        """The KV identity a request for `target` must run on, given the registrations now."""
-        if target.merge and target.strategy != "linear":
-            recipe = target.recipe()
-            return _tag_kvid(("virtual", recipe.virtual_name, tuple(self.registry[n] for n in recipe.names)))
-        if target.merge:
-            return mix(2, *(mix(_tag_kvid(("adapter", n, self.registry[n])), round(w * 1000))
-                            for n, w in target.merge))
-        return _tag_kvid(("adapter", target.adapter, self.registry[target.adapter])) if target.adapter else 0
+    def resolve(self, name: str, a: Arrival) -> str:
+        """The engine key a request for `name` runs, as the API resolves it (store.resolve): "name@version" for
+        an explicit pick, else the current version or the sticky route's pick for the request's user."""
+        record = self.records[name]
+        if a.version:
+            version = record.versions[(a.version - 1) % len(record.versions)]
+            return V.engine_key(name, version.sha256)
+        return V.engine_key(name, V.pick(record, f"user{a.route_key}").sha256)
+
+    def kvid(self, adapter: str | None, recipe: MergeRecipe | None) -> int:
+        """The KV identity a request for these resolved keys must run on."""
+        if recipe is not None and recipe.virtual:
+            return _tag_kvid(("virtual", recipe.virtual_name, recipe.names))
+        if recipe is not None:
+            return mix(2, *(mix(_tag_kvid(("adapter", n)), round(w * 1000)) for n, w in recipe.adapters))
+        return _tag_kvid(("adapter", adapter)) if adapter else 0
+
+
+def _adapter_name(key: str) -> str:
+    """The adapter name an engine key belongs to (a merge's virtual name stays itself): faults are per name."""
+    return key if is_virtual(key) else V.name_of(key)
 
 
 def _tag_kvid(tag: tuple) -> int:
@@ -446,8 +501,8 @@ class FakeLoader:
             tag = w.current_tag(name)
             if tag is None:
                 self.post(HostLoadFailed(name, epoch, f"adapter {name!r} is not registered"))
-            elif name in w.fail_load:
-                w.fail_load.discard(name)
+            elif _adapter_name(name) in w.fail_load:
+                w.fail_load.discard(_adapter_name(name))
                 self.post(HostLoadFailed(name, epoch, "injected: the adapter's files are corrupt"))
             else:
                 self.post(HostLoaded(name, epoch, w.weights(tag), 0.0))
@@ -464,7 +519,7 @@ class FakeSlots:
 
     def write(self, slot: int, weights: AdapterWeights) -> None:
         tag = self.world.tags[id(weights)][0]
-        name = tag[1]
+        name = _adapter_name(tag[1])
         if name in self.world.fail_copy:
             self.world.fail_copy.discard(name)
             raise RuntimeError("injected: the slot copy failed")
@@ -551,6 +606,7 @@ class Tracked:
     index: int  # choice index within its arrival
     target: Target
     kvid: int
+    keys: tuple[str, ...] = ()  # the adapter versions it was admitted on
     seed: int | None = None  # the engine's sampling seed for it (its own, or the random one it was given)
     params: SamplingParams | None = None  # its own (a choice's seed differs from its arrival's)
     outputs: list[RequestOutput] = field(default_factory=list)
@@ -571,6 +627,7 @@ class Report:
     checked_greedy: int = 0  # outputs equal to their solo reference (greedy or sampled, no grammar)
     checked_prompt_logprobs: int = 0
     preemptions: int = 0
+    outlived: int = 0  # requests that completed on a version replaced (or dropped) while they ran
     prefix_hits: int = 0  # tokens found in the prefix cache
 
 
@@ -599,7 +656,7 @@ class Simulation:
                                       max_prompt_logprob_rows=4, prefix_caching=cfg.prefix_caching),
             lora=LoRAConfig(max_loras=cfg.max_loras, max_lora_rank=8, max_cpu_loras=cfg.max_cpu_loras,
                             max_cpu_lora_bytes=4096)), parts)
-        self.engine.adapter_port.is_registered = lambda name: name in self.world.registry
+        self.engine.adapter_port.is_registered = self.world.registered
         self.engine.scheduler.on_preempt = self._preempted
         self._wrap_sampler()
         self._served: dict[str, float] = {}  # tenant -> service charged in the current step (W_PROMPT, W_OUTPUT)
@@ -665,6 +722,7 @@ class Simulation:
             self.loader.deliver_due()
             before = self._before_step()
             result = self.engine.step()
+            self.engine.publish_adapters()  # as the AsyncEngine does after each step (it sweeps retired versions)
             self._collect(result.outputs)
             self._check_step()
             self._check_tenant_limits()
@@ -691,7 +749,6 @@ class Simulation:
 
     def _apply(self, e: Event) -> None:
         w, engine = self.world, self.engine
-        port = engine.adapter_port
         if e.kind == "arrive":
             self._arrive(e.arrival)
         elif e.kind == "abort":
@@ -700,23 +757,8 @@ class Simulation:
                 out = engine.abort(rid)
                 if out is not None:
                     self._collect([out])
-        elif e.kind == "register" and e.name not in w.registry:
-            reg = w.register(e.name)
-            port.register(e.name, w.weights(("adapter", e.name, reg)), pinned=False)
-        elif e.kind in ("delete", "replace") and e.name in w.registry:
-            del w.registry[e.name]
-            w.pinned.discard(e.name)
-            port.forget(e.name)  # what AdapterStore.unregister posts, then the runtime fails the queued ones
-            self._collect(engine.fail_adapter(e.name, f"adapter {e.name!r} was unregistered"))
-            if e.kind == "replace":
-                reg = w.register(e.name)
-                port.register(e.name, w.weights(("adapter", e.name, reg)), pinned=False)
-        elif e.kind == "pin" and e.name in w.registry and len(w.pinned) + 1 < w.cfg.max_loras:
-            w.pinned.add(e.name)  # the store's pin budget: one slot always stays unpinned
-            port.pin(e.name, True)
-        elif e.kind == "unpin" and e.name in w.pinned:
-            w.pinned.discard(e.name)
-            port.pin(e.name, False)
+        elif e.kind in ("register", "delete", "replace", "rollback", "route", "unroute", "pin", "unpin"):
+            self._admin(e)
         elif e.kind == "fail_load":
             w.fail_load.add(e.name)
         elif e.kind == "fail_copy":
@@ -726,28 +768,80 @@ class Simulation:
         elif e.kind == "fail_sample":
             w.fail_sample.update(_choice_id(e.name, i) for i in range(3))
 
+    def _admin(self, e: Event) -> None:
+        """An admin call, as the store makes it: a pure change of the name's record, then the engine commands
+        for before -> after (adapters/versions.py), and the queued requests of versions that left failed."""
+        w, name = self.world, e.name
+        before = w.records.get(name)
+        records, fresh = self._change(e, before)
+        if records is None:
+            return
+        w.records = records
+        after = records.get(name)
+        weights = (fresh, w.weights(("adapter", V.engine_key(name, fresh)))) if fresh else None
+        V.engine_commands(self.engine.adapter_port, name, before, after, weights)
+        for version in V.dropped(before, after):
+            key = V.engine_key(name, version.sha256)
+            self._collect(self.engine.fail_adapter(key, f"adapter version {key!r} was unregistered"))
+
+    def _change(self, e: Event, before: AdapterRecord | None) -> tuple[dict | None, str | None]:
+        """The records after `e` (None: the call would be refused, nothing changes) and the digest of weights it
+        registered, if any."""
+        w, name, records, history = self.world, e.name, self.world.records, self.world.cfg.history
+        if e.kind == "register" and before is None:
+            version = w.new_version()
+            return V.register_version(records, name, version, replace_=False, pinned=False, history=history), \
+                version.sha256
+        if before is None or e.kind == "register":
+            return None, None
+        if e.kind == "delete":
+            return {k: v for k, v in records.items() if k != name}, None
+        if e.kind == "replace":  # new weights, or (pick) the same bytes as a version of the history
+            version = before.versions[(e.pick - 1) % len(before.versions)] if e.pick else w.new_version()
+            return V.register_version(records, name, version, replace_=True, pinned=None, history=history), \
+                version.sha256
+        if e.kind == "rollback" and len(before.versions) > 1:
+            target = before.versions[e.pick % len(before.versions)].sha256 if e.pick else None
+            return V.rollback(records, name, target, history), None
+        if e.kind == "route" and len(before.versions) > 1:
+            splits = [(before.versions[0].sha256, 3), (before.versions[1].sha256, 1)]
+            return V.set_route(records, name, splits, "user"), None
+        if e.kind == "unroute":
+            return V.clear_route(records, name), None
+        pinned = sum(r.pinned for r in records.values())
+        if (e.kind == "pin" and not before.pinned and pinned + 1 < w.cfg.max_loras) or \
+                (e.kind == "unpin" and before.pinned):  # the store's pin budget: one slot always stays unpinned
+            return {**records, name: dataclasses.replace(before, pinned=e.kind == "pin")}, None
+        return None, None
+
     def _arrive(self, a: Arrival) -> None:
-        """What the API does: 404 for an adapter not registered now, then one engine request per choice."""
-        if any(n not in self.world.registry for n in a.target.names) or \
-                len(set(a.target.names)) != len(a.target.names):
+        """What the API does: 404 for an adapter not registered now, then one engine request per choice, on the
+        versions the request resolves now."""
+        names = a.target.names
+        if any(n not in self.world.records for n in names) or len(set(names)) != len(names):
             self.report.rejected += 1
             return
-        kvid = self.world.kvid(a.target)
+        keys = [self.world.resolve(n, a) for n in names]
         recipe = a.target.recipe()
         tenant = next((t for t in self.scenario.config.tenants if t.id == a.tenant), None)
+        if recipe is not None:
+            recipe = dataclasses.replace(recipe, adapters=tuple(zip(keys, recipe.weights, strict=True)))
+        adapter = keys[0] if a.target.adapter else None
+        kvid = self.world.kvid(adapter, recipe)
         for i in range(a.n):
             rid = _choice_id(a.rid, i)
             seeded = i and a.params.seed is not None
             params = dataclasses.replace(a.params, seed=a.params.seed + i) if seeded else a.params
             self.world.expected[rid] = kvid
             try:
-                self.engine.add_request(rid, list(a.prompt), params, a.target.adapter, recipe,
+                self.engine.add_request(rid, list(a.prompt), params, adapter, recipe,
                                         prefix_of=_choice_id(a.rid, 0) if i else None, cache_salt=a.cache_salt,
                                         tenant=tenant)
             except RequestRejected:
                 self.report.rejected += 1
                 return
-            self.tracked[rid] = Tracked(a, i, a.target, kvid, self.engine.requests[rid].seed, params=params)
+            self.tracked[rid] = Tracked(a, i, a.target, kvid, tuple(keys), self.engine.requests[rid].seed,
+                                        params=params)
             self.report.requests += 1
 
     def _collect(self, outputs: list[RequestOutput]) -> None:
@@ -793,6 +887,7 @@ class Simulation:
             if held != refs.get(s, 0):
                 raise SimViolation(f"step {step}: slot {s} ({occupant}) counts {held} refs, requests hold "
                                    f"{refs.get(s, 0)}")
+        self._check_retired(live)
         unfinished = [rid for rid, t in self.tracked.items() if not t.finished and rid not in engine.requests]
         if unfinished:
             raise SimViolation(f"step {step}: {unfinished} left the engine without a final output")
@@ -842,6 +937,23 @@ class Simulation:
                                    f"{self._served.get(tenant, 0.0):.1f} at weight {weights.get(tenant, 1.0):g}, so "
                                    f"{want:.3f}{'' if exact else ' at least'}")
 
+    def _check_retired(self, live: list[Any]) -> None:
+        """A version no new request may start on keeps neither a slot nor a host copy once no live request names
+        it: replacing an adapter frees the old weights as soon as their last request ends."""
+        named = {n for r in live for n in (r.merge.slot_names if r.merge is not None else (r.adapter,))}
+        table = self.engine.adapters
+        held = [o[0] for o in table.occupancy() if o is not None]
+        kept = [k for k in {*held, *table.resident()["host"]} if self.world.retired(k) and k not in named]
+        if kept:
+            raise SimViolation(f"step {self.world.step}: retired versions {sorted(kept)} are still resident with no "
+                               "live request naming them")
+        # Nor prefix-cache blocks: freeing its slot unpublishes what it computed (a later request on it, after a
+        # rollback, loads a new registration epoch and computes afresh).
+        cached = sorted({n for n, _ in self.engine.pool._by_component if n not in named and self.world.stale(n)})
+        if cached:
+            raise SimViolation(f"step {self.world.step}: prefix-cache blocks of {cached} are still published with "
+                               "no live request naming them (retired or dropped versions)")
+
     def _check_idle(self) -> None:
         engine = self.engine
         open_ = [rid for rid, t in self.tracked.items() if not t.finished]
@@ -865,6 +977,7 @@ class Simulation:
             raise SimViolation(f"{rid} generated {len(tokens)} > max_tokens {t.arrival.params.max_tokens}")
         if last.finish_reason not in ("stop", "length"):
             return
+        self.report.outlived += any(self.world.retired(k) or not self.world.registered(k) for k in t.keys)
         self._check_prompt_logprobs(rid, t)
         p = t.params
         if p.guided is not None:  # the grammar's state is not replayed by the reference

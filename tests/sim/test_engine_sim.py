@@ -89,6 +89,7 @@ def test_seeded_scenarios(world_parts, request):
           f"outcomes {dict(sorted(totals.outcomes.items()))}, {totals.checked_greedy} outputs (greedy and sampled) and "
           f"{totals.checked_prompt_logprobs} prompt logprobs equal to their solo reference, "
           f"{totals.preemptions} preemptions, {totals.prefix_hits} tokens found in the prefix cache, "
+          f"{totals.outlived} requests completed on a version replaced while they ran, "
           f"longest drain {totals.idle_after} steps")
 
 
@@ -99,6 +100,7 @@ def _add(totals, report) -> None:
     totals.checked_greedy += report.checked_greedy
     totals.checked_prompt_logprobs += report.checked_prompt_logprobs
     totals.preemptions += report.preemptions
+    totals.outlived += report.outlived
     totals.prefix_hits += report.prefix_hits
     totals.idle_after = max(totals.idle_after, report.idle_after)
     for k, v in report.outcomes.items():

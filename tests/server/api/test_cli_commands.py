@@ -102,17 +102,17 @@ def test_keys_and_url_from_the_environment(server, client, monkeypatch, capsys):
 def test_adapters_ls_add_show_upload_rm(cli, adapter_dir):
     code, out, _ = cli("adapters", "ls")
     lines = out.splitlines()
-    assert code == 0 and lines[0].split() == ["NAME", "RANK", "TIER", "STATE", "PINNED"]
-    assert any(line.split()[:2] == ["alpha", "4"] for line in lines[1:])
+    assert code == 0 and lines[0].split() == ["NAME", "VERSION", "RANK", "TIER", "STATE", "PINNED"]
+    assert any(line.split()[:1] + line.split()[2:3] == ["alpha", "4"] for line in lines[1:])
 
     code, out, _ = cli("adapters", "add", "spare-by-path", "spare", "--pinned")
-    assert code == 0 and out.startswith("added spare-by-path: rank 4") and "pinned yes" in out
+    assert code == 0 and out.startswith("added spare-by-path: version ") and "rank 4" in out and "pinned yes" in out
     code, out, _ = cli("adapters", "show", "spare-by-path")
     record = json.loads(out)
     assert code == 0 and (record["name"], record["rank"], record["pinned"]) == ("spare-by-path", 4, True)
 
     code, out, _ = cli("adapters", "upload", "uploaded", str(adapter_dir("llama", rank=8, seed=3)))
-    assert code == 0 and out.startswith("uploaded uploaded: rank 8")
+    assert code == 0 and out.startswith("uploaded uploaded: version ") and "rank 8" in out
     names = {line.split()[0] for line in cli("adapters", "ls")[1].splitlines()[1:]}
     assert {"alpha", "spare-by-path", "uploaded"} <= names
     code, out, _ = cli("generate", "hi", "--adapter", "uploaded", "--max-tokens", "3")
@@ -122,6 +122,39 @@ def test_adapters_ls_add_show_upload_rm(cli, adapter_dir):
         assert cli("adapters", "rm", name)[:2] == (0, f"removed {name}\n")
     names = {line.split()[0] for line in cli("adapters", "ls")[1].splitlines()[1:]}
     assert names.isdisjoint({"spare-by-path", "uploaded"})
+
+
+def test_adapters_versions_replace_weights_route_rollback_prefetch_digest(cli, server, adapter_dir, client):
+    """Shipping a new version from the terminal: digest, replace (verified upload), weights, versions, a canary
+    route, rollback, prefetch."""
+    from loraplex.adapters.digest import dir_digest
+
+    first, second, third = (adapter_dir("llama", rank=4, seed=s) for s in (40, 41, 42))
+    v1, v2, v3 = (dir_digest(d)[:12] for d in (first, second, third))
+    code, out, _ = cli("adapters", "digest", str(second))
+    assert (code, out) == (0, f"{dir_digest(second)}  {second}\n")
+    assert cli("adapters", "upload", "shipped", str(first))[0] == 0
+    code, out, _ = cli("adapters", "upload", "shipped", str(second), "--replace", "--verify")
+    assert code == 0 and out.startswith(f"replaced shipped: version {v2}"), out
+    code, out, _ = cli("adapters", "weights", "shipped", str(third / "adapter_model.safetensors"))
+    assert code == 0 and out.startswith(f"new weights for shipped: version {v3}"), out
+    code, out, _ = cli("adapters", "versions", "shipped")
+    rows = [line.split() for line in out.splitlines()]
+    assert code == 0 and rows[0][:3] == ["VERSION", "CURRENT", "WEIGHT"]
+    assert [r[0] for r in rows[1:]] == [v3, v2, v1] and rows[1][1] == "yes"
+    code, out, _ = cli("adapters", "route", "shipped", f"{v3}=90", f"{v2}=10")
+    assert code == 0 and out == f"route of shipped: {v3}=90, {v2}=10 (sticky: user)\n"
+    assert client.complete("shipped", "hi", max_tokens=2, user="someone").adapter_version in (v2, v3)
+    code, out, _ = cli("adapters", "route", "shipped", "--clear")
+    assert code == 0 and out == f"route of shipped cleared: every request runs {v3}\n"
+    code, out, _ = cli("adapters", "rollback", "shipped")
+    assert code == 0 and out.startswith(f"rolled back shipped: version {v2}")
+    assert client.complete("shipped", "hi", max_tokens=2).adapter_version == v2
+    code, out, _ = cli("adapters", "prefetch", "shipped", "--tier", "host")
+    assert (code, out) == (0, f"prefetching shipped ({v2}) into host\n")
+    assert cli("adapters", "route", "shipped")[0] == 2  # neither splits nor --clear
+    code, _, err = cli("adapters", "rollback", "shipped", "ffffff")
+    assert code == 1 and "404" in err and "no version 'ffffff'" in err
 
 
 def test_server_errors_print_the_message_and_exit_1(cli):

@@ -88,6 +88,7 @@ GREEDY = {"temperature": 0, "max_tokens": 12, "ignore_eos": True}
 def live(server_factory, adapter_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("fields-root")
     shutil.copytree(adapter_dir("llama", 8, ("q_proj", "v_proj"), 5), root / "alpha")
+    shutil.copytree(adapter_dir("llama", 8, ("q_proj", "v_proj"), 6), root / "alpha-v2")  # `user`'s check
     return server_factory("--preload", "alpha=alpha", "--served-model-name", "base", adapter_root=root)
 
 
@@ -116,6 +117,28 @@ def _check_model(live, base: dict) -> None:
     assert text(cmp(live, model="alpha")) != text(base)
     body = {"prompt": "The sky is", **GREEDY}
     assert text(ok(live, "/v1/completions", body)) == text(base)  # no model: the served base (vLLM's rule)
+
+
+def _check_user(live, base: dict) -> None:
+    """`user` keys a sticky canary route: under a 50/50 route of two versions of "alpha", each user always lands on
+    one version, and 16 users reach both."""
+    v1 = httpx.get(live.url + "/v1/adapters/alpha", timeout=30).json()["version"]
+    replaced = post(live, "/v1/adapters", {"name": "alpha", "path": "alpha-v2", "replace": True})
+    assert replaced.status_code == 200, replaced.text
+    v2 = replaced.json()["version"]
+    route = httpx.put(live.url + "/v1/adapters/alpha/route", timeout=30,
+                      json={"versions": [{"version": v1, "weight": 1}, {"version": v2, "weight": 1}]})
+    assert route.status_code == 200, route.text
+    try:
+        seen = {}
+        for user in (f"user-{i}" for i in range(16)):
+            got = {post(live, "/v1/completions", {"model": "alpha", "prompt": "The sky is", **GREEDY, "user": user})
+                   .headers["x-loraplex-adapter-version"] for _ in range(2)}
+            assert len(got) == 1, (user, got)
+            seen[user] = got.pop()
+        assert set(seen.values()) == {v1, v2}, seen
+    finally:  # the other checks use "alpha" as it was
+        assert httpx.post(live.url + "/v1/adapters/alpha/rollback", timeout=30).status_code == 200
 
 
 def _check_best_of(live, base: dict) -> None:
@@ -251,6 +274,7 @@ COMPLETION_EFFECTS: dict[str, Callable] = {
     "structured_outputs": _check_structured("regex"),
     "request_id": lambda live, base: cmp(live, request_id="my-id-1")["id"] == "cmpl-my-id-1"
     or pytest.fail("request_id"),
+    "user": _check_user,
     "cache_salt": _check_cache_salt,
     "guided_json": _check_structured("guided_json"),
     "guided_regex": _check_structured("guided_regex"),
