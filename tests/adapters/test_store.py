@@ -259,7 +259,7 @@ def test_a_namespaced_name_is_one_folder_in_the_state_dir_and_survives_a_restart
     assert folder.startswith("acme+support-") and (store.upload.owned_dir / folder).is_dir()
     again = make_store()
     assert again.names() == ["acme/support"]
-    assert again.load_weights("acme/support").max_rank == 4
+    assert again.load_weights(again.resolve("acme/support")).max_rank == 4
     again.unregister("acme/support")
     assert upload_dirs(again) == []
 
