@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from loraplex.adapters.base_modules import BaseModules
 from loraplex.adapters.errors import AdapterConflictError, AdapterNotFoundError
 from loraplex.adapters.messages import Command
 from loraplex.adapters.names import validate_adapter_name
@@ -63,7 +64,7 @@ class _LocalCopy:
 class AdapterStore:
     def __init__(self, config: StoreConfig, module_shapes: Mapping[str, tuple[int, int]], num_slots: int) -> None:
         self.config = config
-        self.module_shapes = dict(module_shapes)
+        self.module_shapes = BaseModules.of(module_shapes)  # with the base weights DoRA's norm reads, when given
         self.num_slots = num_slots
         self.registry: RecordView = (SharedRegistry(config.registry_url, config.s3_endpoint) if config.registry_url
                                      else AdapterRegistry(config.state_dir))
@@ -299,4 +300,4 @@ def _meta(weights: AdapterWeights) -> dict[str, Any]:
     spec = weights.spec
     targets = spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
     return {"rank": weights.max_rank, "alpha": spec.lora_alpha, "target_modules": targets,
-            "size_bytes": weights.size_bytes, "use_rslora": spec.use_rslora}
+            "size_bytes": weights.size_bytes, "use_rslora": spec.use_rslora, "use_dora": spec.use_dora}

@@ -178,9 +178,13 @@ def resolve_merge(rt: Runtime, model: str | None, adapters: Sequence[Any] | None
 
 
 def _merged_adapter(rt: Runtime, name: str, param: str) -> str:
+    from loraplex.adapters.merge import DORA_NOT_MERGED
+
     adapter = resolve_adapter(rt, name, param=param, empty_is_base=False)
     if adapter is None:
         raise ApiError(400, f"{param}: {quote(name)} is the base model, not an adapter to merge", param=param)
+    if rt.store.get(adapter).meta.get("use_dora"):  # a record from before DoRA was served has no such key: LoRA
+        raise ApiError(400, f"{param}: {quote(name)} is a DoRA adapter; {DORA_NOT_MERGED}", param=param)
     return adapter
 
 
