@@ -39,11 +39,13 @@ class AdapterPreset:
 
     rank: int
     target_modules: tuple[str, ...]
+    use_dora: bool = False
 
 
 PRESETS: dict[str, AdapterPreset] = {
     "S1": AdapterPreset(rank=8, target_modules=ATTENTION_TARGETS),
     "P": AdapterPreset(rank=16, target_modules=TARGET_MODULES),  # Punica's setting
+    "D": AdapterPreset(rank=16, target_modules=TARGET_MODULES, use_dora=True),  # P as DoRA (issue 26)
 }
 # S2 draws each adapter's rank uniformly from these, on ATTENTION_TARGETS.
 S2_RANKS = (8, 16, 32, 64)
