@@ -26,13 +26,14 @@ LORA, DORA = "lora", "dora"
 class _PassBuffers:
     """One set of preallocated buffers per pass of the op: every pass's views stay valid through the forward."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.first = LoRABatchBuffers(device)
+    def __init__(self, first: LoRABatchBuffers) -> None:
+        self.first = first
         self.more: list[LoRABatchBuffers] = []  # passes 1, 2, ... of merged steps, grown on use
 
     def take(self, n_passes: int) -> list[LoRABatchBuffers]:
-        while len(self.more) < n_passes - 1:
-            self.more.append(LoRABatchBuffers(self.first.device, capacity=self.first.capacity))
+        while len(self.more) < n_passes - 1:  # every pass stages through the engine's one host buffer
+            self.more.append(LoRABatchBuffers(self.first.device, capacity=self.first.capacity,
+                                              staging=self.first.staging))
         return [self.first, *self.more[: n_passes - 1]]
 
 
@@ -57,9 +58,9 @@ class LoRAInjection:
     def __post_init__(self) -> None:
         self.slot_ranks = [{} for _ in range(self.num_slots)]
         self.slot_dora = [frozenset() for _ in range(self.num_slots)]
-        self._tokens = _PassBuffers(self.buffers.device)
-        self._tokens.first = self.buffers
-        self._logits = _PassBuffers(self.buffers.device)  # the output projection's rows (logits_rows)
+        self._tokens = _PassBuffers(self.buffers)
+        # the output projection's rows (logits_rows), staged through the same host buffer as the tokens'
+        self._logits = _PassBuffers(LoRABatchBuffers(self.buffers.device, staging=self.buffers.staging))
 
     def module_shapes(self) -> BaseModules:
         """Full module name -> (in_features, out_features) of every wrapped layer (the embedding: vocabulary size,

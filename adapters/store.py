@@ -50,6 +50,7 @@ class StoreConfig:
     max_upload_bytes: int
     s3_endpoint: str | None = None
     registry_url: str | None = None  # s3://bucket/prefix: one registry shared by replicas; None: state_dir's
+    s3_timeout_s: float = 30.0  # --s3-timeout: one S3 operation, retries included
 
 
 @dataclass(frozen=True)
@@ -66,11 +67,12 @@ class AdapterStore:
         self.config = config
         self.module_shapes = BaseModules.of(module_shapes)  # with the base weights DoRA's norm reads, when given
         self.num_slots = num_slots
-        self.registry: RecordView = (SharedRegistry(config.registry_url, config.s3_endpoint) if config.registry_url
+        self.registry: RecordView = (SharedRegistry(config.registry_url, config.s3_endpoint,
+                                                    timeout_s=config.s3_timeout_s) if config.registry_url
                                      else AdapterRegistry(config.state_dir))
         self.local = LocalDirSource(config.adapter_root)
         self.upload = UploadSource(config.state_dir, config.max_upload_bytes)
-        self.s3 = S3Source(config.state_dir, config.s3_endpoint, config.max_upload_bytes)
+        self.s3 = S3Source(config.state_dir, config.s3_endpoint, config.max_upload_bytes, config.s3_timeout_s)
         self.port: AdapterPort | None = None
         # Called (outside the lock) with each name unregistered here or by another replica: the runtime drops
         # its metric labels and fails its queued requests.

@@ -4,6 +4,13 @@ Everything a user can get wrong is checked from `adapter_config.json` and the sa
 single tensor is allocated: the header is parsed here by hand (8-byte little-endian length + JSON), so a
 header that declares a [10**9, 10**9] tensor in a 100-byte file is refused without touching memory.
 
+Memory is charged for what is kept: only the tensors served are read (lora_A / lora_B, an embedding's
+lora_embedding_A / lora_embedding_B, DoRA's lora_magnitude_vector, which becomes its per-channel factor), each
+into its own buffer, so `AdapterWeights.size_bytes` is what the host tier holds; a training-only tensor saved
+beside them (VeLoRA's embedding can be gigabytes) is never read, and any other name is refused. The one
+exception: PEFT's copy of an embedding layer's base weight (`save_embedding_layers`), read once to check it is
+the served base's own, then dropped. Names quoted back in errors are cut to a bounded length.
+
 Files are reached through an `AdapterFiles` object, and each is opened once and read only through that
 handle: sources that confine adapters to a root hand in one that re-checks confinement at open time.
 """
@@ -30,8 +37,10 @@ from loraplex.adapters.peft_config import CONFIG_NAME, MAX_CONFIG_BYTES, LoraSpe
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".ckpt"})
-# safetensors' own limit on the JSON header; anything larger is not a real adapter.
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+# The JSON header: ~130 bytes per tensor, so this is ~120k tensors (a LoRA on every expert of a large MoE model).
+# safetensors itself allows 100 MiB; parsing that much JSON holds the GIL for a second, stalling the server.
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+_SHOWN = 120  # characters of a tensor name quoted back in an error
 # Floating dtypes safetensors can hold that cast losslessly enough to fp32; bool/int are not LoRA weights.
 FLOAT_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 _PEFT_PREFIX = "base_model.model."
@@ -119,6 +128,12 @@ def _invalid(message: str, field: str = WEIGHTS_NAME) -> AdapterValidationError:
     return AdapterValidationError(message, field=field)
 
 
+def _q(value: object) -> str:
+    """A name or header value quoted for an error message, cut to a bounded length (names are user input)."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN else text[:_SHOWN] + "...'"
+
+
 class AdapterFiles:
     """How `load_adapter_dir` reaches an adapter's files: here by plain path. Sources that confine adapters
     to a root (adapters/sources) subclass it so that every open re-checks confinement."""
@@ -194,7 +209,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise _invalid(f"safetensors header lists tensor {key!r} twice")
+            raise _invalid(f"safetensors header lists tensor {_q(key)} twice")
         out[key] = value
     return out
 
@@ -219,26 +234,26 @@ def _int_list(value: Any) -> bool:
 def _tensor_entry(name: str, spec: Any, max_bytes: int) -> TensorHeader:
     """Check one entry's dtype, shape and offsets; the byte span must equal numel × itemsize exactly."""
     if not isinstance(spec, dict):
-        raise _invalid(f"header entry for tensor {name!r} is not an object")
+        raise _invalid(f"header entry for tensor {_q(name)} is not an object")
     dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
     if dtype not in FLOAT_ITEMSIZE:
         raise _invalid(
-            f"tensor {name!r} has dtype {dtype!r}, which cannot be cast to float "
+            f"tensor {_q(name)} has dtype {_q(dtype)}, which cannot be cast to float "
             f"(supported: {', '.join(FLOAT_ITEMSIZE)})"
         )
     if not _int_list(shape) or any(d < 0 for d in shape):
-        raise _invalid(f"tensor {name!r} has an invalid shape {shape!r}")
+        raise _invalid(f"tensor {_q(name)} has an invalid shape {_q(shape)}")
     if not _int_list(offsets) or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
-        raise _invalid(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+        raise _invalid(f"tensor {_q(name)} has invalid data_offsets {_q(offsets)}")
     # Python ints: no overflow, so [10**9, 10**9] is a plain (huge) number compared before any allocation.
     declared = math.prod(shape) * FLOAT_ITEMSIZE[dtype]
     if declared > max_bytes:
         raise _invalid(
-            f"tensor {name!r} declares shape {shape} ({declared} bytes), over the {max_bytes}-byte limit"
+            f"tensor {_q(name)} declares shape {_q(shape)} ({declared} bytes), over the {max_bytes}-byte limit"
         )
     if declared != offsets[1] - offsets[0]:
         raise _invalid(
-            f"tensor {name!r} declares shape {shape} of {dtype} ({declared} bytes) but its data_offsets "
+            f"tensor {_q(name)} declares shape {_q(shape)} of {dtype} ({declared} bytes) but its data_offsets "
             f"{offsets} span {offsets[1] - offsets[0]} bytes"
         )
     return TensorHeader(dtype, tuple(shape), offsets[0], offsets[1])
@@ -253,13 +268,13 @@ def _check_layout(entries: dict[str, TensorHeader], data_size: int, max_bytes: i
     for name, e in sorted(entries.items(), key=lambda item: (item[1].start, item[1].end)):
         if e.end > data_size:
             raise _invalid(
-                f"tensor {name!r} data_offsets [{e.start}, {e.end}] lie outside the file's {data_size} data "
+                f"tensor {_q(name)} data_offsets [{e.start}, {e.end}] lie outside the file's {data_size} data "
                 "bytes: the file is truncated or corrupt"
             )
         if e.start < cursor:
-            raise _invalid(f"tensor {name!r} overlaps tensor {prev!r} in the data section")
+            raise _invalid(f"tensor {_q(name)} overlaps tensor {_q(prev)} in the data section")
         if e.start > cursor:
-            raise _invalid(f"{WEIGHTS_NAME} has a gap of {e.start - cursor} bytes before tensor {name!r}")
+            raise _invalid(f"{WEIGHTS_NAME} has a gap of {e.start - cursor} bytes before tensor {_q(name)}")
         cursor, prev = e.end, name
     if cursor != data_size:
         raise _invalid(f"{WEIGHTS_NAME} has {data_size - cursor} trailing bytes after the last tensor")
@@ -299,7 +314,10 @@ def load_adapter_dir(
             _check_module_shapes(module, {role: header[key] for role, key in keys.items()}, keys, spec, base)
         for module, key in found.copies.items():
             _check_copy_shape(module, key, header[key], base)
-        tensors = _load_tensors(weights_file, header, header_json)
+        # Only the tensors served (A, B, DoRA's magnitude) and the base-weight copies checked below are read, each
+        # into its own buffer; training-only tensors never are, and a copy's buffer is dropped once checked.
+        kept = [*(key for keys in found.modules.values() for key in keys.values()), *found.copies.values()]
+        tensors = _load_tensors(weights_file, {key: header[key] for key in kept}, header_json, data_size)
     _check_copies(found.copies, tensors, base)
     modules = _tie_head(spec, base, _module_weights(found, tensors, spec), found)
     if spec.use_dora:
@@ -307,6 +325,19 @@ def load_adapter_dir(
                              found, base)
     size = sum(t.numel() * t.element_size() for m in modules.values() for t in (m.a, m.b, m.dora) if t is not None)
     return AdapterWeights(spec=spec, modules=modules, size_bytes=size)
+
+
+def _scale(spec: LoraSpec, module: str, b: torch.Tensor) -> float:
+    """The module's PEFT scale; 400 naming lora_alpha when scale · lora_B is not finite in float32 (slots hold B
+    scaled: every request for the adapter would fail on infinities, e.g. lora_alpha 1e308)."""
+    scale = spec.scale_for(module)
+    top = float(b.abs().max()) if b.numel() else 0.0
+    if not math.isfinite(scale) or top * abs(scale) > torch.finfo(torch.float32).max:
+        raise AdapterValidationError(
+            f"lora_alpha={spec.alpha_for(module):g} with r={spec.rank_for(module)}"
+            f"{' (rsLoRA)' if spec.use_rslora else ''} scales module {_q(module)} by {scale:g}: scale x lora_B "
+            f"(largest |B| {top:g}) is not finite in float32", field="lora_alpha")
+    return scale
 
 
 def _read_spec(files: AdapterFiles) -> LoraSpec:
@@ -382,7 +413,8 @@ def _group_tensors(header: Mapping[str, TensorHeader], spec: LoraSpec, base: Bas
             copies[module] = key
             continue
         if role in found.setdefault(module, {}):
-            raise _invalid(f"tensors {found[module][role]!r} and {key!r} are both {_ROLE_NAMES[role]} of {module!r}")
+            raise _invalid(f"tensors {_q(found[module][role])} and {_q(key)} are both {_ROLE_NAMES[role]} of "
+                           f"{_q(module)}")
         found[module][role] = key
     if not found:
         raise _invalid(f"{WEIGHTS_NAME} holds no LoRA tensors")
@@ -390,7 +422,7 @@ def _group_tensors(header: Mapping[str, TensorHeader], spec: LoraSpec, base: Bas
         for role in ("A", "B", "m") if spec.use_dora else ("A", "B"):
             if role not in roles:
                 only = next(iter(roles.values()))
-                raise _invalid(f"module {module!r} has no {_ROLE_NAMES[role]} tensor (found only {only!r})"
+                raise _invalid(f"module {_q(module)} has no {_ROLE_NAMES[role]} tensor (found only {_q(only)})"
                                + (" and use_dora is true" if role == "m" else ""))
     return _Found(found, copies)
 
@@ -402,22 +434,22 @@ def _classify(key: str, spec: LoraSpec, base: BaseModules) -> tuple[str, str]:
     """(module, role) of one tensor key, or a 400 naming it: what it is, and why it does not fit."""
     match = _LORA_KEY.match(key.removeprefix(_PEFT_PREFIX))
     if match is None:
-        raise _invalid(f"unsupported tensor {key!r}: {_unsupported_reason(key, base)}")
+        raise _invalid(f"unsupported tensor {_q(key)}: {_unsupported_reason(key, base)}")
     module = match["module"]
     name = match["kind"] or match["ekind"] or match["copy"]
     role = _ROLE[name]
     if role == "copy":
         if not base.is_output_layer(module):
-            raise _invalid(f"unsupported tensor {key!r}: a copy of a base weight is accepted only for the "
+            raise _invalid(f"unsupported tensor {_q(key)}: a copy of a base weight is accepted only for the "
                            "embedding layers PEFT saves with save_embedding_layers (embed_tokens, lm_head)")
         return module, role
     _check_module(key, module, spec, base)
     if role in ("A", "B") and base.is_embedding(module) != name.startswith("lora_embedding"):
         what, want = (("an embedding", "lora_embedding_A / lora_embedding_B") if base.is_embedding(module)
                       else ("a linear layer", "lora_A.weight / lora_B.weight"))
-        raise _invalid(f"tensor {key!r}: module {module!r} is {what}, whose LoRA weights PEFT saves as {want}")
+        raise _invalid(f"tensor {_q(key)}: module {_q(module)} is {what}, whose LoRA weights PEFT saves as {want}")
     if role == "m" and not spec.use_dora:
-        raise _invalid(f"tensor {key!r} is DoRA's magnitude vector, but {CONFIG_NAME} does not set use_dora: true")
+        raise _invalid(f"tensor {_q(key)} is DoRA's magnitude vector, but {CONFIG_NAME} does not set use_dora: true")
     return module, role
 
 
@@ -433,14 +465,14 @@ def _unsupported_reason(key: str, base: BaseModules) -> str:
 def _check_module(key: str, module: str, spec: LoraSpec, base: BaseModules) -> None:
     if module not in base:
         raise AdapterValidationError(
-            f"tensor {key!r} targets module {module!r}, which the base model does not have (or is not a "
+            f"tensor {_q(key)} targets module {_q(module)}, which the base model does not have (or is not a "
             "layer LoRA can target)",
             field="target_modules",
         )
     if not _targets(spec, base, module):
         # PEFT would never wrap this module, so it would drop these weights; serving them would diverge.
         raise AdapterValidationError(
-            f"tensor {key!r} is for module {module!r}, which target_modules does not select",
+            f"tensor {_q(key)} is for module {_q(module)}, which target_modules does not select",
             field="target_modules",
         )
 
@@ -471,8 +503,8 @@ def _check_module_shapes(module: str, headers: Mapping[str, TensorHeader], keys:
     for role, header in headers.items():
         if header.shape != wants[role]:
             raise _invalid(
-                f"tensor {keys[role]!r} has shape {list(header.shape)}, expected {list(wants[role])} for module "
-                f"{module!r} (in_features={in_features}, out_features={out_features}, r={rank})"
+                f"tensor {_q(keys[role])} has shape {list(header.shape)}, expected {list(wants[role])} for module "
+                f"{_q(module)} (in_features={in_features}, out_features={out_features}, r={rank})"
                 + _vocabulary_hint(module, base))
 
 
@@ -489,7 +521,7 @@ def _check_copy_shape(module: str, key: str, header: TensorHeader, base: BaseMod
     in_features, out_features = base[module]
     want = (in_features, out_features) if base.is_embedding(module) else (out_features, in_features)
     if header.shape != want:
-        raise _invalid(f"tensor {key!r} has shape {list(header.shape)}, but the base model's {module!r} weight is "
+        raise _invalid(f"tensor {_q(key)} has shape {list(header.shape)}, but the base model's {_q(module)} weight is "
                        f"{list(want)}: the adapter was trained on a resized vocabulary, which is not supported")
 
 
@@ -500,18 +532,16 @@ def _check_copies(copies: Mapping[str, str], tensors: Mapping[str, torch.Tensor]
         served = base.weight(module)
         served = served.t() if base.is_embedding(module) else served  # [vocab, dim]
         if not torch.equal(tensors[key].to(served.device, served.dtype), served):
-            raise _invalid(f"tensor {key!r} is a copy of {module!r}'s base weight that differs from the served base "
-                           "model's: the adapter was trained on a changed embedding, which is not supported (re-save "
-                           "it with save_embedding_layers=False if the embedding was not trained)")
+            raise _invalid(f"tensor {_q(key)} is a copy of {_q(module)}'s base weight that differs from the served "
+                           "base model's: the adapter was trained on a changed embedding, which is not supported "
+                           "(re-save it with save_embedding_layers=False if the embedding was not trained)")
 
 
 def _module_weights(found: _Found, tensors: Mapping[str, torch.Tensor], spec: LoraSpec
                     ) -> dict[str, LoraModuleWeights]:
-    """The LoRA pairs as fp32; copies of the file's buffer when the file also held base-weight copies (fp32
-    tensors are views of it otherwise, and would keep those copies' bytes alive in the host tier)."""
-    own = bool(found.copies)
-    return {module: LoraModuleWeights(a=_to_fp32(tensors[keys["A"]], own), b=_to_fp32(tensors[keys["B"]], own),
-                                      scale=spec.scale_for(module))
+    """The LoRA pairs as fp32 (views of their own read buffers), each with its PEFT scale (checked finite)."""
+    return {module: LoraModuleWeights(a=_to_fp32(tensors[keys["A"]]), b=_to_fp32(tensors[keys["B"]]),
+                                      scale=_scale(spec, module, tensors[keys["B"]]))
             for module, keys in found.modules.items()}
 
 
@@ -522,11 +552,11 @@ def _tie_head(spec: LoraSpec, base: BaseModules, modules: dict[str, LoraModuleWe
     if not _head_tied_to_embedding(spec, base) or base.embedding not in modules:
         return modules
     emb = modules[base.embedding]
-    tied = LoraModuleWeights(emb.b.t().contiguous(), emb.a.t().contiguous(), spec.scale_for(base.head))
+    tied = LoraModuleWeights(emb.b.t().contiguous(), emb.a.t().contiguous(), _scale(spec, base.head, emb.a))
     saved = modules.get(base.head)
     if saved is not None and not (torch.equal(saved.a, tied.a) and torch.equal(saved.b, tied.b)):
-        raise _invalid(f"tensors {found.modules[base.head]['A']!r} / {found.modules[base.head]['B']!r} differ from "
-                       f"the transposed {base.embedding!r} LoRA weights that ensure_weight_tying ties them to")
+        raise _invalid(f"tensors {_q(found.modules[base.head]['A'])} / {_q(found.modules[base.head]['B'])} differ from "
+                       f"the transposed {_q(base.embedding)} LoRA weights that ensure_weight_tying ties them to")
     return {**modules, base.head: tied}
 
 
@@ -540,58 +570,64 @@ def _with_dora(modules: dict[str, LoraModuleWeights], magnitudes: Mapping[str, t
     for module, m in modules.items():
         g = dora_factor(base.weight(module), m.a, m.b, m.scale, magnitudes[module])
         if not bool(torch.isfinite(g).all()):
-            raise _invalid(f"tensor {found.modules[module]['m']!r}: DoRA's factor (magnitude / norm of the adapted "
+            raise _invalid(f"tensor {_q(found.modules[module]['m'])}: DoRA's factor (magnitude / norm of the adapted "
                            f"weight's rows) is not finite in {int((~torch.isfinite(g)).sum())} output channels of "
-                           f"{module!r} (a zero norm)")
+                           f"{_q(module)} (a zero norm)")
         out[module] = dataclasses.replace(m, dora=g)
     return out
 
 
 def _load_tensors(
-    file: BinaryIO, header: Mapping[str, TensorHeader], header_json: bytes
+    file: BinaryIO, header: Mapping[str, TensorHeader], header_json: bytes, data_size: int
 ) -> dict[str, torch.Tensor]:
-    """One read of the whole file into a buffer we own; each tensor is a view of it (no mmap, no pickle).
+    """Read the tensors of `header` (the ones kept), each into a buffer of its own that its tensor views (no mmap, no
+    pickle); bytes of tensors not asked for are never read, so memory is exactly what is kept.
 
-    The file could have changed since the header check, so the header bytes read now must equal the
-    validated ones (and the data section must end where they said). Then one finiteness pass over the
-    data section (per tensor only to name a culprit): a NaN/inf adapter would poison every token it touches.
+    The file could have changed since the header check: its size and header bytes must still be the validated ones
+    once the tensors are read. Then a finiteness check per tensor: a NaN/inf adapter would poison every token it
+    touches.
     """
-    # One byte more than the validated size: enough to see that the file grew, never an unbounded read.
-    data = bytearray(8 + len(header_json) + max((h.end for h in header.values()), default=0) + 1)
+    base = 8 + len(header_json)
+    tensors: dict[str, torch.Tensor] = {}
     try:
+        for key, h in sorted(header.items(), key=lambda item: item[1].start):
+            buffer = bytearray(h.end - h.start)
+            file.seek(base + h.start)
+            if _read_fully(file, buffer) != len(buffer):
+                raise _invalid(f"{WEIGHTS_NAME} changed while it was being loaded")
+            tensors[key] = _view(buffer, h)
         file.seek(0)
-        del data[file.readinto(data):]
+        unchanged = file.read(base) == len(header_json).to_bytes(8, "little") + header_json
     except OSError as exc:
         raise _invalid(f"{WEIGHTS_NAME} could not be read: {exc}") from exc
-    header_len = int.from_bytes(data[:8], "little") if len(data) >= 8 else len(data)
-    base = 8 + header_len
-    data_end = base + max((h.end for h in header.values()), default=0)
-    if data[8:base] != header_json or data_end != len(data):
+    if not unchanged or os.fstat(file.fileno()).st_size != base + data_size:
         raise _invalid(f"{WEIGHTS_NAME} changed while it was being loaded")
-    tensors = {key: _view(data, base, h) for key, h in header.items()}
-    if not _all_finite(data, base, header):
-        bad = next(k for k, t in tensors.items() if not _finite(t))
-        raise _invalid(f"tensor {bad!r} contains NaN or infinite values")
+    bad = next((key for key, t in tensors.items() if not _finite(t)), None)
+    if bad is not None:
+        raise _invalid(f"tensor {_q(bad)} contains NaN or infinite values")
     return tensors
+
+
+def _read_fully(file: BinaryIO, buffer: bytearray) -> int:
+    """readinto until `buffer` is full or the file ends; bytes read."""
+    view, done = memoryview(buffer), 0
+    while done < len(buffer):
+        n = file.readinto(view[done:])
+        if not n:
+            break
+        done += n
+    return done
 
 
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                  "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
-def _view(data: bytearray, base: int, h: TensorHeader) -> torch.Tensor:
+def _view(buffer: bytearray, h: TensorHeader) -> torch.Tensor:
     dtype = _TORCH_DTYPES[h.dtype]
-    numel = math.prod(h.shape)
-    if numel == 0:
+    if not buffer:
         return torch.empty(h.shape, dtype=dtype)
-    return torch.frombuffer(data, dtype=dtype, count=numel, offset=base + h.start).view(h.shape)
-
-
-def _all_finite(data: bytearray, base: int, header: Mapping[str, TensorHeader]) -> bool:
-    """Fast path: when every tensor is F32, one aminmax over the whole data section (NaN/inf propagate)."""
-    if header and all(h.dtype == "F32" for h in header.values()) and len(data) > base:
-        return _finite(torch.frombuffer(data, dtype=torch.float32, offset=base))
-    return all(_finite(_view(data, base, h)) for h in header.values())
+    return torch.frombuffer(buffer, dtype=dtype).view(h.shape)
 
 
 def _finite(t: torch.Tensor) -> bool:
@@ -601,8 +637,6 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) and torch.isfinite(hi))
 
 
-def _to_fp32(tensor: torch.Tensor, own: bool = False) -> torch.Tensor:
-    # fp32 tensors stay views of the buffer we own (no copy) unless `own`; other float dtypes are cast once.
-    if tensor.dtype != torch.float32:
-        return tensor.to(torch.float32)
-    return tensor.clone() if own else tensor
+def _to_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    # fp32 tensors stay views of the buffer we own (no copy); other float dtypes are cast once.
+    return tensor if tensor.dtype == torch.float32 else tensor.to(torch.float32)

@@ -25,6 +25,7 @@ from loraplex.server.config import (
     DEVICE_CHOICES,
     DTYPE_CHOICES,
     QUANTIZE_CHOICES,
+    ConnectionLimits,
     LoRAConfig,
     ModelConfig,
     ServerConfig,
@@ -107,6 +108,16 @@ FLAGS: tuple[tuple[str, type, object, str], ...] = (
      "how often a replica applies other replicas' registrations and deletions (with --registry)"),
     ("--drain-timeout", float, _default(ServerConfig, "drain_timeout_s"),
      "seconds to let in-flight requests finish after SIGTERM"),
+    ("--max-connections", int, _default(ConnectionLimits, "max_connections"),
+     "open HTTP connections; over it the one idle longest is closed (503 when none is idle)"),
+    ("--header-timeout", float, _default(ConnectionLimits, "header_timeout_s"),
+     "seconds a connection may take to send a request's headers (408 after)"),
+    ("--body-timeout", float, _default(ConnectionLimits, "body_timeout_s"),
+     "seconds a request's body may pause (408 after)"),
+    ("--stream-write-timeout", float, _default(ConnectionLimits, "stream_write_timeout_s"),
+     "seconds a response may wait for a client that does not read it; then the request ends and frees its slot"),
+    ("--s3-timeout", float, _default(ServerConfig, "s3_timeout_s"),
+     "seconds one S3 operation may take, retries included (502 after)"),
     ("--log-level", str, "info", "debug, info, warning, error"),  # logging only: no config holds it
 )
 
@@ -176,7 +187,10 @@ def configs_from_args(args: argparse.Namespace) -> RuntimeConfig:
         state_dir=Path(args.state_dir), api_key=args.api_key, admin_key=args.admin_key, preload=tuple(preload),
         max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, max_upload_bytes=args.max_upload_bytes,
         s3_endpoint=args.s3_endpoint, registry=args.registry, registry_poll_s=args.registry_poll_seconds,
-        drain_timeout_s=args.drain_timeout)
+        drain_timeout_s=args.drain_timeout, s3_timeout_s=args.s3_timeout,
+        connections=ConnectionLimits(max_connections=args.max_connections, header_timeout_s=args.header_timeout,
+                                     body_timeout_s=args.body_timeout,
+                                     stream_write_timeout_s=args.stream_write_timeout))
     return RuntimeConfig(model, engine, with_demo_adapters(server) if model.path is None else server)
 
 
@@ -236,12 +250,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn  # heavy imports after argument errors
 
     from loraplex.server.api.app import create_app
+    from loraplex.server.api.connections import ensure_fd_room, guarded_protocol
     from loraplex.server.runtime import Runtime
 
+    if config.server.api_key and not config.server.admin_key:
+        log.warning("--api-key is set but --admin-key is not: the adapter admin routes (register, delete) are open "
+                    "to anyone who can reach the port")
     runtime = Runtime(config)
     app = create_app(runtime)
+    limits = config.server.connections
+    ensure_fd_room(limits.max_connections)
     uv = uvicorn.Config(app, host=config.server.host, port=config.server.port, log_level=args.log_level.lower(),
-                        timeout_graceful_shutdown=5)
+                        timeout_graceful_shutdown=5, http=guarded_protocol(limits))
     server = _draining_server(uv, runtime)
     server.run()
     if server.exit_code:

@@ -62,6 +62,23 @@ class LoRAConfig:
 
 
 @dataclass(frozen=True)
+class ConnectionLimits:
+    """What the HTTP server enforces per connection (server/api/connections.py): an open-connection cap, deadlines
+    for a request's headers and for each pause in its body, and for a response write the client does not read."""
+
+    max_connections: int = 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    stream_write_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _require(self.max_connections >= 1, "--max-connections", "must be >= 1")
+        _require(self.header_timeout_s > 0, "--header-timeout", "must be > 0 seconds")
+        _require(self.body_timeout_s > 0, "--body-timeout", "must be > 0 seconds")
+        _require(self.stream_write_timeout_s > 0, "--stream-write-timeout", "must be > 0 seconds")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """HTTP-side settings: where to listen, keys, limits, where adapters may come from."""
 
@@ -82,6 +99,8 @@ class ServerConfig:
     registry: str | None = None  # s3://bucket/prefix shared by replicas; None: the registry in state_dir
     registry_poll_s: float = 2.0
     drain_timeout_s: float = 30.0
+    connections: ConnectionLimits = ConnectionLimits()
+    s3_timeout_s: float = 30.0  # one S3 operation (a registration's download, a manifest change), retries included
 
     def __post_init__(self) -> None:
         _require(0 < self.port < 65536, "--port", "must be in 1..65535")
@@ -90,5 +109,6 @@ class ServerConfig:
         _require(self.registry is None or self.registry.startswith("s3://"), "--registry",
                  f"expected s3://bucket/prefix (unset: the registry in --state-dir), got {self.registry!r}")
         _require(self.registry_poll_s > 0, "--registry-poll-seconds", "must be > 0")
+        _require(self.s3_timeout_s > 0, "--s3-timeout", "must be > 0 seconds")
         for name, path in self.preload:
             _require(bool(name) and bool(path), "--preload", f"expects NAME=PATH, got {name}={path}")

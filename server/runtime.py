@@ -92,7 +92,8 @@ class Runtime:
                            adapter_loader=lambda name: self.store.load_weights(name))
         self.store = AdapterStore(
             StoreConfig(cfg.server.state_dir, cfg.server.adapter_root, cfg.engine.lora.max_lora_rank,
-                        cfg.server.max_upload_bytes, cfg.server.s3_endpoint, cfg.server.registry),
+                        cfg.server.max_upload_bytes, cfg.server.s3_endpoint, cfg.server.registry,
+                        cfg.server.s3_timeout_s),
             engine.lora.module_shapes(), cfg.engine.lora.max_loras)
         self.store.attach(engine.adapter_port)
         self.store.on_removed = self.adapter_removed
@@ -193,22 +194,22 @@ class Runtime:
             self.engine.stop()
 
     # ---- admission -------------------------------------------------------------------------------
-    def try_admit(self, adapter: str | None) -> str | None:
-        """Count one more in-flight HTTP request for `adapter` (None: the base model); None when admitted,
-        else why not (-> 429). One adapter may hold at most `adapter_queue_limit` of the --max-queue slots,
-        so a tenant flooding the server cannot lock the others out at the door."""
+    def try_admit(self, adapter: str | None, weight: int = 1) -> str | None:
+        """Count `weight` more in-flight sequences for `adapter` (None: the base model), all or none; None when
+        admitted, else why not (-> 429). One adapter may hold at most `adapter_queue_limit` of the --max-queue
+        slots, so a tenant flooding the server cannot lock the others out at the door."""
         limit = self.config.server.max_queue
         per_adapter = adapter_queue_limit(limit)
         tenant = adapter or ""
         with self._admit_lock:
-            if self.active_requests >= limit:
-                return f"the server is at capacity ({limit} requests in flight, --max-queue {limit})"
-            if self._in_flight.get(tenant, 0) >= per_adapter:
-                return (f"{'adapter ' + repr(adapter) if adapter else 'the base model'} has {per_adapter} requests "
-                        f"in flight, the most one adapter may hold of --max-queue {limit} (the rest is kept for "
-                        "other adapters)")
-            self.active_requests += 1
-            self._in_flight[tenant] = self._in_flight.get(tenant, 0) + 1
+            if self.active_requests + weight > limit:
+                return f"the server is at capacity ({self.active_requests} requests in flight, --max-queue {limit})"
+            if self._in_flight.get(tenant, 0) + weight > per_adapter:
+                return (f"{'adapter ' + repr(adapter) if adapter else 'the base model'} has "
+                        f"{self._in_flight.get(tenant, 0)} requests in flight and this one needs {weight} more; one "
+                        f"adapter may hold {per_adapter} of --max-queue {limit} (the rest is kept for other adapters)")
+            self.active_requests += weight
+            self._in_flight[tenant] = self._in_flight.get(tenant, 0) + weight
             return None
 
     def release(self, adapter: str | None) -> None:

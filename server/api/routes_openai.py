@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from loraplex.server.api.auth import require_api_key
+from loraplex.server.api.auth import KeysFirstRoute, require_api_key
 from loraplex.server.api.chat import ChatTurn, build_chat_prompt
 from loraplex.server.api.errors import ApiError
 from loraplex.server.api.generation import (
@@ -35,6 +35,7 @@ from loraplex.server.api.generation import (
     guided_or_400,
     make_params,
     merged_outputs,
+    plan_choices,
     quote,
     recorded_rejections,
     refuse_unsupported,
@@ -43,7 +44,7 @@ from loraplex.server.api.generation import (
     resolve_merge,
     runtime_of,
     sse,
-    start_choices,
+    start_planned,
 )
 from loraplex.server.api.logprobs import (
     TokenTexts,
@@ -55,10 +56,10 @@ from loraplex.server.api.logprobs import (
 from loraplex.server.api.schemas_openai import ChatCompletionRequest, ChatMessage, CompletionRequest
 from loraplex.server.engine.guided import GuidedSpec
 from loraplex.server.engine.request import RequestOutput
-from loraplex.server.engine.sampling_params import SamplingParams
+from loraplex.server.engine.sampling_params import MAX_LOGIT_BIAS_TOKENS, SamplingParams
 from loraplex.server.runtime import Runtime
 
-router = APIRouter()
+router = APIRouter(route_class=KeysFirstRoute)
 _GENERATION_DEPS = [Depends(require_api_key), Depends(require_ready)]
 _STARTED = int(time.time())
 _SamplingBody = CompletionRequest | ChatCompletionRequest
@@ -174,17 +175,14 @@ async def _start(request: Request, body: _SamplingBody, shape: _Shape,
         spec, spec_param = _guided_spec(body)
         guided = await compile_guided(rt, spec, spec_param)
         run = _Run(body, shape, await prompts(rt, body), [], per_prompt)
-        try:
-            for i, prompt in enumerate(run.prompts):
-                params = _sampling(rt, body, prompt, guided)
-                rid = uuid.uuid4().hex
-                req = GenerationRequest(shape.endpoint, body.model, adapter, tuple(prompt.ids), params, arrival,
-                                        rid, merge=merge, counted=i == 0, cache_salt=body.cache_salt)
-                run.generations += start_choices(rt, req, per_prompt)
-        except BaseException:
-            for generation in run.generations:
-                await generation.aclose()
-            raise
+        plans = []
+        for i, prompt in enumerate(run.prompts):
+            params = _sampling(rt, body, prompt, guided)
+            req = GenerationRequest(shape.endpoint, body.model, adapter, tuple(prompt.ids), params, arrival,
+                                    uuid.uuid4().hex, merge=merge, counted=i == 0, cache_salt=body.cache_salt)
+            plans += plan_choices(rt, req, per_prompt)
+        what = f"{len(run.prompts)} prompt{'s' if len(run.prompts) > 1 else ''} x {per_prompt} choices"
+        run.generations = start_planned(rt, plans, what, "n" if per_prompt > 1 else "prompt")
         return run
 
 
@@ -272,12 +270,17 @@ def _prompt_logprobs(body: _SamplingBody) -> int | None:
 
 
 def _logit_bias(rt: Runtime, bias: dict[str, float] | None) -> dict[int, float]:
-    """OpenAI sends token ids as JSON object keys (strings)."""
-    out: dict[int, float] = {}
+    """OpenAI sends token ids as JSON object keys (strings): ASCII digits only (str.isdigit also takes "²" and "٣",
+    which int() refuses or reads as another number), at most as many as the vocabulary's largest id has (so a
+    5,000-digit key is never converted)."""
+    bias = bias or {}
+    if len(bias) > MAX_LOGIT_BIAS_TOKENS:
+        raise ApiError(400, f"logit_bias: at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(bias)}", param="logit_bias")
     vocab = rt.loaded.model.config.get_text_config().vocab_size
-    for key, value in (bias or {}).items():
-        if not key.isdigit() or int(key) >= vocab:
-            raise ApiError(400, f"logit_bias: key {quote(key)} is not a token id in [0, {vocab})",
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= len(str(vocab))) or int(key) >= vocab:
+            raise ApiError(400, f"logit_bias: key {quote(key)} is not a token id in [0, {vocab}) (ASCII digits)",
                            param="logit_bias")
         out[int(key)] = value
     return out

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from loraplex.server.api.auth import require_api_key
+from loraplex.server.api.auth import KeysFirstRoute, require_api_key
 from loraplex.server.api.errors import ApiError
 from loraplex.server.api.generation import (
     CLIENT_GONE,
@@ -52,7 +52,7 @@ from loraplex.server.runtime import Runtime
 if TYPE_CHECKING:
     from loraplex.adapters.merge import MergeRecipe
 
-router = APIRouter()
+router = APIRouter(route_class=KeysFirstRoute)
 _GENERATION_DEPS = [Depends(require_api_key), Depends(require_ready)]
 
 
@@ -92,7 +92,7 @@ async def _start(body: TGIRequest, request: Request, endpoint: str) -> list[Gene
             ids = ids[-p.truncate:]  # TGI keeps the last `truncate` tokens
         req = GenerationRequest(endpoint, p.adapter_id, adapter, tuple(ids), _sampling(p, guided), arrival,
                                 merge=merge)
-        return start_choices(rt, req, best_of)
+        return start_choices(rt, req, best_of, "parameters.best_of")
 
 
 def _best_of(p: TGIParameters, stream: bool) -> int:

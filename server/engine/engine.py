@@ -477,8 +477,8 @@ class LLMEngine:
             if not ok:
                 errors[req] = _non_finite_message(req)
             elif no_token:
-                errors[req] = ("the structured-output grammar allows no token at this position (min_tokens may "
-                               "forbid the only ones it allows)")
+                why = (req.guided and req.guided.dead_end) or "min_tokens may forbid the only ones it allows"
+                errors[req] = f"the structured-output grammar allows no token at this position ({why})"
             elif req.guided is not None and not req.guided.accept(int(token)):  # only a masking bug gets here
                 errors[req] = f"sampled token {int(token)} breaks the grammar ({req.guided.error})"
             else:

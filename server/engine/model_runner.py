@@ -30,6 +30,7 @@ import torch
 
 from loraplex.adapters.inject import LoRAInjection
 from loraplex.adapters.ops import LoRABatch, TokenMerges
+from loraplex.adapters.ops.staging import HostStaging
 from loraplex.server.engine.attention import AttentionMetadata, PagedKVCache, PrefillPart
 from loraplex.server.engine.cuda_graphs import DecodeGraphs
 from loraplex.server.engine.paged_kernels import PagedMetadata, padded_table, paged_metadata
@@ -60,6 +61,8 @@ class ModelRunner:
         self.decode_buckets = decode_buckets
         self.max_blocks = -(-max_model_len // block_size)  # block table width of a paged decode step
         self.graphs: DecodeGraphs | None = None  # set by the engine when CUDA graphs are on
+        # The step's small host -> device inputs go through one page-locked buffer (the LoRA layout's too).
+        self.staging = lora.buffers.staging if lora is not None else HostStaging(device)
 
     @torch.inference_mode()
     def use_graphs(self, graphs: DecodeGraphs, max_num_seqs: int) -> None:
@@ -79,6 +82,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> RunnerOutput:
+        self.staging.reset()  # the previous step's copies landed: its tokens were read on the host
+        return self._execute(chunks)
+
+    def _execute(self, chunks: list[ScheduledChunk]) -> RunnerOutput:
         """Forward every chunk; fp32 logits [K, V] for the K chunks that sample, in chunk order, plus the rows
         that predict prompt tokens for the chunks whose request asked for prompt logprobs."""
         order = sorted(range(len(chunks)), key=lambda i: chunks[i].n != 1)  # decodes first, else stable
@@ -218,7 +225,7 @@ class ModelRunner:
         return index.reshape(-1), mask.view(len(tables), 1, 1, lmax)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
-        return _long(values).to(self.device, non_blocking=True)
+        return self.staging.to_device(values, torch.long)
 
 
 def _merged_rows(chunks: list[ScheduledChunk]) -> TokenMerges:

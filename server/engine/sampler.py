@@ -325,8 +325,7 @@ def _pick(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         idx = torch.tensor(greedy, device=logits.device)
         out[idx] = logits[idx].argmax(dim=-1)
     idx = torch.tensor(sampled, device=logits.device)
-    probs = _filtered_probs(logits[idx], [rows[i].params for i in sampled])
-    out[idx] = _draw(probs, [rows[i] for i in sampled])
+    out[idx] = _draw_sampled(logits[idx], [rows[i] for i in sampled])
     return out
 
 
@@ -348,7 +347,21 @@ def raw_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[SampleRo
 
 
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """logits [M, V] fp32 of sampled rows → probabilities [M, V] after temperature, min-p, top-k and top-p."""
+    """logits [M, V] fp32 of sampled rows → probabilities [M, V] after temperature, min-p, top-k and top-p: the
+    distribution every sampled row draws from, over the whole vocabulary (the plain twin of `_draw_sampled`'s
+    candidate path, and its fallback)."""
+    device = logits.device
+    logits = _scaled(logits, params)
+    vocab = logits.shape[1]
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]  # vocab = "keep all"
+    top_p = [p.top_p for p in params]
+    if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
+        logits = _top_k_top_p(logits, torch.tensor(top_k, device=device), torch.tensor(top_p, device=device))
+    return torch.softmax(logits, dim=-1)
+
+
+def _scaled(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, then min-p: logits [M, V] with each row's max at 0 (tokens min-p drops at -inf)."""
     device = logits.device
     temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
     # Shift each row so its max is 0 before dividing: the distribution is the same, and a small temperature
@@ -356,12 +369,7 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temps[:, None]  # [M, V] / [M, 1]
     if any(p.min_p > 0 for p in params):
         logits = _min_p(logits, torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device))
-    vocab = logits.shape[1]
-    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]  # vocab = "keep all"
-    top_p = [p.top_p for p in params]
-    if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
-        logits = _top_k_top_p(logits, torch.tensor(top_k, device=device), torch.tensor(top_p, device=device))
-    return torch.softmax(logits, dim=-1)
+    return logits
 
 
 def _min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -392,22 +400,117 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def _draw(probs: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-    """probs [M, V] → one token per row [M], by inverse CDF: the first token whose cumulative probability
-    exceeds u × the row's total, u from (seed, output position) (`counter_uniforms`), or random for rows with
-    no seed. One batched lookup, whatever the rows' seeds."""
-    device = probs.device
+CANDIDATES = 256  # a top-p row draws from its 256 likeliest tokens when they hold its top-p mass
+
+
+def _draw_sampled(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """Processed logits [M, V] of sampled rows → tokens [M]: temperature, min-p, top-k, top-p, then one
+    inverse-CDF lookup per row with u from (seed, output position) (`counter_uniforms`; random for rows with no
+    seed), from the same distribution as `_filtered_probs` (the plain twin). Rows without top-k / top-p draw
+    over the vocabulary in id order; the others over their candidates in descending order: their top-k (a
+    partial sort of the raw logits: order and top-k do not change with temperature), or for top-p alone the 256
+    likeliest when those hold the top-p mass (nearly always, for a language model's next token; else the whole
+    row, sorted). Which way a row goes depends on its own parameters and logits only: its token never depends
+    on the batch. No [M, V] sort on the common paths: a draw costs about what the argmax does."""
+    device = logits.device
+    params = [r.params for r in rows]
+    vocab = logits.shape[1]
+    u = _row_uniforms(rows, device)  # [M] float64
+    temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+    min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
+    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+    plain = [i for i, p in enumerate(params) if not 0 < p.top_k < vocab and p.top_p >= 1.0]
+    ranked = [i for i, p in enumerate(params) if 0 < p.top_k < vocab or p.top_p < 1.0]
+    out = torch.empty(len(rows), dtype=torch.int64, device=device)
+    for picked, draw in ((plain, _draw_plain), (ranked, _draw_ranked)):
+        if picked:
+            at = torch.tensor(picked, device=device)
+            x = logits if len(picked) == len(rows) else logits.index_select(0, at)
+            out[at] = draw(x, temps[at], min_p[at], top_k[at], top_p[at], u[at])
+    return out
+
+
+def _weights(x: torch.Tensor, top: torch.Tensor, temps: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Scaled logits [R, K] of raw logits x [R, K] whose row maximum is `top` [R, 1]: (x - top) / T, at most 0,
+    with the tokens min-p drops at -inf (p_j / p_max = exp(scaled_j) < min_p)."""
+    scaled = (x - top) / temps[:, None]
+    if bool((min_p > 0).any()):
+        scaled = scaled.masked_fill(scaled < torch.log(min_p)[:, None], float("-inf"))
+    return scaled
+
+
+def _draw_plain(x: torch.Tensor, temps: torch.Tensor, min_p: torch.Tensor, top_k: torch.Tensor,
+                top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Rows with neither top-k nor top-p: inverse CDF over the vocabulary in id order."""
+    return _inverse_cdf(_weights(x, x.amax(dim=-1, keepdim=True), temps, min_p).exp_(), u)
+
+
+def _draw_ranked(x: torch.Tensor, temps: torch.Tensor, min_p: torch.Tensor, top_k: torch.Tensor,
+                 top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Rows with top-k (V = off) and/or top-p (1 = off), raw logits [R, V] → tokens [R] (see `_draw_sampled`)."""
+    vocab = x.shape[1]
+    p_only = top_k >= vocab  # [R]: top-p alone, normalised over the whole row
+    needs = [int(top_k[~p_only].max())] if bool((~p_only).any()) else []  # the largest top-k
+    if bool(p_only.any()):
+        needs.append(CANDIDATES)
+    width = min(vocab, max(needs))
+    raw, ids = x.topk(width, dim=-1)  # [R, K], descending
+    values = _weights(raw, raw[:, :1], temps, min_p)
+    lse = torch.zeros(x.shape[0], device=x.device)  # [R]: the whole row's normaliser, for p_only rows
+    covered = ~p_only
+    if bool(p_only.any()):
+        rows = p_only.nonzero()[:, 0]
+        lse[rows] = torch.logsumexp(_weights(x[rows], raw[rows, :1], temps[rows], min_p[rows]), dim=-1)
+        head = torch.exp(values[:, :CANDIDATES] - lse[:, None]).sum(dim=-1)  # mass of the 256 likeliest
+        covered = covered | (head >= top_p)
+    out = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+    for rows, candidates in ((covered, True), (~covered, False)):
+        if not bool(rows.any()):
+            continue
+        if candidates:
+            vals, order = values[rows], ids[rows]
+        else:  # a flat distribution: its top-p set reaches past the candidates, sort the whole row
+            full = _weights(x[rows], raw[rows, :1], temps[rows], min_p[rows])
+            vals, order = full.sort(dim=-1, descending=True)
+        pick = _inverse_cdf(_top_k_top_p_sorted(vals, top_k[rows], top_p[rows], lse[rows], vocab), u[rows])
+        out[rows] = order.gather(1, pick[:, None])[:, 0]
+    return out
+
+
+def _row_uniforms(rows: list[SampleRow], device: torch.device) -> torch.Tensor:
     seeded = [r.seed is not None for r in rows]
     seeds = torch.tensor([r.seed if r.seed is not None else 0 for r in rows], dtype=torch.int64)
     positions = torch.tensor([len(r.output_ids) for r in rows], dtype=torch.int64)
     u = counter_uniforms(seeds, positions).to(device)  # [M] float64
-    if not all(seeded):
-        u = torch.where(torch.tensor(seeded, device=device), u, torch.rand(len(rows), dtype=torch.float64,
-                                                                           device=device))
-    cdf = probs.double().cumsum(dim=-1)  # [M, V]: float64 so u's resolution is not lost on a 128k vocabulary
-    tokens = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]  # [M]
-    tokens = tokens.clamp_(max=probs.shape[1] - 1)
-    # u × total rounding up to the total (or a zero-probability tail) would pick a token that cannot be drawn:
-    # take the likeliest one instead (probability ~2**-53).
-    drawable = probs.gather(1, tokens[:, None])[:, 0] > 0
-    return torch.where(drawable, tokens, probs.argmax(dim=-1))
+    if all(seeded):
+        return u
+    return torch.where(torch.tensor(seeded, device=device), u, torch.rand(len(rows), dtype=torch.float64,
+                                                                          device=device))
+
+
+def _top_k_top_p_sorted(values: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, lse: torch.Tensor,
+                        vocab: int) -> torch.Tensor:
+    """Descending logits [R, K] (a row's K likeliest, or all of it) → the probabilities [R, K] of what top-k then
+    top-p keep, renormalised. As `_top_k_top_p`: top-p is over the top-k renormalised distribution (the whole
+    row's, via `lse`, when top-k is off) and keeps token j iff the mass before it is < top_p."""
+    ranks = torch.arange(values.shape[1], device=values.device)  # [K]
+    values = values.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
+    kept_lse = torch.where(top_k < vocab, torch.logsumexp(values, dim=-1), lse)  # [R]
+    probs = torch.exp(values - kept_lse[:, None])  # [R, K]
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    drop = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0) & (ranks[None, :] > 0)
+    return probs.masked_fill(drop, 0.0)
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """probs [M, V'] (any non-negative weights) → per row the first index whose cumulative weight exceeds
+    u × the row's total. Candidates (a few hundred) sum in float64; a whole vocabulary in float32, whose
+    rounding (~1e-7 relative per add) shifts a token's share by far less than sampling noise ever shows."""
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64 if probs.shape[1] <= 4096 else torch.float32)  # [M, V']
+    target = (u * cdf[:, -1].double()).to(cdf.dtype)[:, None]
+    picks = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=probs.shape[1] - 1)
+    # u × total rounding up to the total (or a zero-weight tail) would pick what cannot be drawn: take the
+    # heaviest instead (probability ~2**-53).
+    drawable = probs.gather(1, picks[:, None])[:, 0] > 0
+    return torch.where(drawable, picks, probs.argmax(dim=-1))

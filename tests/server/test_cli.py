@@ -8,7 +8,7 @@ import os
 import pytest
 
 from loraplex.server.cli import FLAGS, _env_name, build_parser, configs_from_args
-from loraplex.server.config import LoRAConfig, ModelConfig, ServerConfig
+from loraplex.server.config import ConnectionLimits, LoRAConfig, ModelConfig, ServerConfig
 from loraplex.server.demo import with_demo_adapters
 from loraplex.server.engine.engine import EngineConfig
 from loraplex.server.engine.scheduler import SchedulerConfig
@@ -35,6 +35,11 @@ FLAG_FIELDS = {
     "--registry": (ServerConfig, "registry"),
     "--registry-poll-seconds": (ServerConfig, "registry_poll_s"),
     "--drain-timeout": (ServerConfig, "drain_timeout_s"),
+    "--s3-timeout": (ServerConfig, "s3_timeout_s"),
+    "--max-connections": (ConnectionLimits, "max_connections"),
+    "--header-timeout": (ConnectionLimits, "header_timeout_s"),
+    "--body-timeout": (ConnectionLimits, "body_timeout_s"),
+    "--stream-write-timeout": (ConnectionLimits, "stream_write_timeout_s"),
     "--max-loras": (LoRAConfig, "max_loras"),
     "--max-cpu-loras": (LoRAConfig, "max_cpu_loras"),
     "--max-cpu-lora-bytes": (LoRAConfig, "max_cpu_lora_bytes"),
