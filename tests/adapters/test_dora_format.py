@@ -187,3 +187,27 @@ def test_a_merge_of_a_dora_adapter_is_refused(good, bases):
     plain = load_adapter_dir(good["embed"], bases["llama"], max_rank=MAX_RANK)
     with pytest.raises(ValueError, match="'d' is a DoRA adapter: merging DoRA adapters is not supported"):
         merge_adapters(MergeRecipe((("p", 0.5), ("d", 0.5)), "ties"), [plain, dora])
+
+
+def test_the_new_names_are_read_and_training_only_tensors_still_are_not(good, bases, tmp_path):
+    """Main's 'memory is charged for what is kept' holds for DoRA and embedding adapters: a VeLoRA tensor beside
+    them is never read (8 MiB of NaN: reading it would also refuse the adapter), every kept tensor owns its
+    buffer, and the magnitude vector is read only to become the factor (size_bytes: A, B and g)."""
+    from tests.adapters.test_weights_memory import CountingFiles
+
+    velora = f"{P}{Q0}.lora_velora_embed"
+    for name in ("dora", "embed"):
+        big = _edit(_copy(good[name], tmp_path / name), lambda t: {**t, velora: torch.full((2**21,), float("nan"))})
+        files = CountingFiles(big)
+        weights = load_adapter_dir(files, bases["llama"], max_rank=MAX_RANK)
+        kept = [t for m in weights.modules.values() for t in (m.a, m.b, m.dora) if t is not None]
+        assert weights.size_bytes == sum(t.numel() * 4 for t in kept)
+        assert files.read < 2**23, files.read  # the A/B/m (and the embedding copy) read, not the 8 MiB
+        assert all(t.untyped_storage().nbytes() <= t.numel() * 4 for t in kept)
+
+
+@pytest.mark.parametrize("key", [f"{Q0}.lora_magnitude_vectors", f"{EMB}.lora_embedding_C", f"{Q0}.lora_E.weight",
+                                 f"{EMB}.lora_embedding_A.default.extra", f"{Q0}.base_layer.weight"])
+def test_names_beside_the_new_ones_are_still_refused(good, bases, tmp_path, key):
+    bad = _edit(_copy(good["dora"], tmp_path / "a"), lambda t: {**t, P + key: torch.zeros(4)})
+    _refused(bad, bases["llama"], P + key, "unsupported tensor")
