@@ -149,12 +149,17 @@ def test_half_precision_output(backend: str, form: str) -> None:
     torch.testing.assert_close(got, want, **TOL[torch.bfloat16])
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_torch_dora_adds_two_ops_three_with_a_bias_and_none_without_factors(bias: bool) -> None:
+def gather_inputs() -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gather form's token slots, stacks, x, y and slot ranks (the op-count tests' one layer)."""
     slots = FORMS["gather"]
     a, b = stacks(IN)
     x, y0 = activations(len(slots), IN)
-    ranks = torch.tensor([*RANKS, 0], dtype=torch.int32, device=DEVICE)
+    return slots, a, b, x, y0, torch.tensor([*RANKS, 0], dtype=torch.int32, device=DEVICE)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_torch_dora_adds_two_ops_three_with_a_bias_and_none_without_factors(bias: bool) -> None:
+    slots, a, b, x, y0, ranks = gather_inputs()
     counts = []
     for dora in (None, DoraFactors(factors(bias=bias), bias)):
         batch = batch_of(slots, "gather", dora=dora is not None)
@@ -184,10 +189,7 @@ def test_triton_dora_launches_no_extra_kernel(monkeypatch: pytest.MonkeyPatch) -
 
     for name in ("_shrink_kernel", "_expand_kernel"):
         monkeypatch.setattr(triton_ops, name, Counted(name, getattr(triton_ops, name)))
-    slots = FORMS["gather"]
-    a, b = stacks(IN)
-    x, y0 = activations(len(slots), IN)
-    ranks = torch.tensor([*RANKS, 0], dtype=torch.int32, device=DEVICE)
+    slots, a, b, x, y0, ranks = gather_inputs()
     per_call = []
     for dora in (None, DoraFactors(factors(bias=True), True)):
         launches.clear()

@@ -15,7 +15,7 @@ from collections import Counter
 import pytest
 import torch
 
-from loraplex.adapters.ops.trace import OpTrace
+from loraplex.adapters.ops.trace import OpTrace, traced_forward
 from loraplex.adapters.targets import TARGET_MODULES
 from loraplex.server.engine.cuda_graphs import DecodeGraphs
 
@@ -121,17 +121,8 @@ def _decoding(engine, names: list, prefix: str) -> None:
 
 
 def _traced_step(engine) -> OpTrace:
-    forward, trace = engine.runner.model.forward, OpTrace()
-
-    def traced(*args, **kwargs):
-        with trace:
-            return forward(*args, **kwargs)
-
-    engine.runner.model.forward = traced
-    try:
+    with traced_forward(engine.runner.model) as trace:
         engine.step()
-    finally:
-        engine.runner.model.forward = forward
     return trace
 
 
