@@ -1,12 +1,16 @@
-"""MultiLoRALinear: wraps one base linear layer and adds per-token multi-adapter LoRA beside it.
+"""The wrapped layers: one base module plus per-slot LoRA stacks, adding per-token multi-adapter LoRA beside it.
 
     y_t = base(x_t) + scale_s * B_s (A_s x_t)      s = slot of token t (-1: base only)
     y_t = base(x_t) + sum_k w_k scale_k B_k (A_k x_t)   a token of a linear merge: several slots, weighted
                                                         (adapters/merge.py; the op runs them as passes)
+    y_t = g_s * (base(x_t) + scale_s B_s (A_s x_t)) + (1 - g_s) * bias   s a DoRA adapter's slot (dora.py)
 
-The base may be nn.Linear or a bitsandbytes Linear4bit / Linear8bitLt: LoRA runs beside it in the compute
-dtype (QLoRA style). Slot stacks are preallocated with one extra null slot (index num_slots, always zero)
-that base-only tokens of a padded decode step point at; the scale is folded into B when a slot is loaded.
+`MultiLoRALinear` wraps a linear layer: a decoder projection, or the output projection (lm_head), which sees
+only the rows projected to logits (context.py). The base may be nn.Linear or a bitsandbytes Linear4bit /
+Linear8bitLt: LoRA runs beside it in the compute dtype (QLoRA style). `MultiLoRAEmbedding` (embedding.py)
+wraps the token embedding with the same stacks. Slot stacks are preallocated with one extra null slot (index
+num_slots, always zero, DoRA factors 1 and 0) that base-only tokens of a padded decode step point at; the scale
+is folded into B when a slot is loaded.
 """
 
 from __future__ import annotations
@@ -16,52 +20,66 @@ from torch import nn
 
 from loraplex.adapters.context import LoRABatchContext
 from loraplex.adapters.lazy_zeros import lazy_zeros
-from loraplex.adapters.ops import lora_apply
+from loraplex.adapters.ops import DoraFactors, LoRABatch, lora_apply
 
 
-class MultiLoRALinear(nn.Module):
-    """A base linear layer plus `num_slots` LoRA slots of rank <= `max_rank`.
+class LoRASlots(nn.Module):
+    """A base module of `in_features` -> `out_features` plus `num_slots` LoRA slots of rank <= `max_rank`.
 
     lora_a: [S + 1, R_max, in]; lora_b: [S + 1, R_max, out] (B transposed, already multiplied by the
     adapter's scale). Rows past a slot's own rank are zero, and so is a slot whose adapter does not
     target this layer: any rank bound computes the exact delta. lora_ranks: [S + 1] int32, each slot's own
     rank for this layer (0: empty, the null slot, or not targeted), so kernels that tile the rank (triton)
-    stop there instead of multiplying the zeros up to the step's bound.
+    stop there instead of multiplying the zeros up to the step's bound. lora_dora: [S + 1, 2, out] fp32, DoRA's
+    factors per slot (ops/base.py `DoraFactors`): g = 1 and c = 0 except in slots holding a DoRA adapter.
     """
 
-    def __init__(self, base_layer: nn.Module, *, kind: str, num_slots: int, max_rank: int,
-                 context: LoRABatchContext, dtype: torch.dtype) -> None:
+    def __init__(self, base_layer: nn.Module, *, kind: str, in_features: int, out_features: int, num_slots: int,
+                 max_rank: int, context: LoRABatchContext, dtype: torch.dtype, logits: bool = False) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.kind = kind  # the leaf name ("q_proj", ...): the step's rank bound is per kind
-        self.in_features: int = base_layer.in_features
-        self.out_features: int = base_layer.out_features
+        self.logits = logits  # the output projection: reads the batch of the rows projected to logits
+        self.in_features = in_features
+        self.out_features = out_features
         self.max_rank = max_rank
         self.num_slots = num_slots
         self.context = context
         device = _device_of(base_layer)
         # Lazily committed on the CPU: only the rows adapters were written to take memory (8 slots x rank 64
         # are ~0.7 GB for the demo model in fp32, its three rank-8 adapters a few MB).
-        a = lazy_zeros((num_slots + 1, max_rank, self.in_features), dtype, device)
-        b = lazy_zeros((num_slots + 1, max_rank, self.out_features), dtype, device)
+        a = lazy_zeros((num_slots + 1, max_rank, in_features), dtype, device)
+        b = lazy_zeros((num_slots + 1, max_rank, out_features), dtype, device)
         self._written = [0] * (num_slots + 1)  # per slot: rows [0, n) may be non-zero, the rest are zeros
+        self._dora_slots: set[int] = set()  # slots whose DoRA factors are not 1 and 0
         self.register_buffer("lora_a", a, persistent=False)
         self.register_buffer("lora_b", b, persistent=False)
         self.register_buffer("lora_ranks", torch.zeros(num_slots + 1, dtype=torch.int32, device=device),
                              persistent=False)
+        dora = torch.zeros(num_slots + 1, 2, out_features, dtype=torch.float32, device=device)
+        dora[:, 0] = 1.0
+        self.register_buffer("lora_dora", dora, persistent=False)
 
     @property
     def weight(self) -> torch.Tensor:
         # Some model code reads `proj.weight.dtype` / `.device`; answer for the base layer.
         return self.base_layer.weight
 
-    def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
-        """Load A [r, in] and B [out, r] (scaled by `scale`) into `slot`; r <= max_rank; zeros past r."""
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float,
+                 dora: torch.Tensor | None = None) -> None:
+        """Load A [r, in] and B [out, r] (scaled by `scale`) into `slot`; r <= max_rank; zeros past r. `dora`:
+        DoRA's factor g [out] for this layer (None: plain LoRA, factors 1 and 0)."""
         r = a.shape[0]
         if r > self.max_rank:
             raise ValueError(f"rank {r} exceeds --max-lora-rank {self.max_rank}")
         if tuple(a.shape) != (r, self.in_features) or tuple(b.shape) != (self.out_features, r):
             raise ValueError(f"LoRA shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit this layer")
+        if dora is not None and tuple(dora.shape) != (self.out_features,):
+            raise ValueError(f"DoRA factor of shape {tuple(dora.shape)} does not fit {self.out_features} outputs")
         # copy_ converts dtype and device itself. Prepared weights (AdapterWeights.prepared: b is the view of a
         # contiguous scale * B^T, scale 1.0) make both copies plain memcpys.
         self.lora_a[slot, :r].copy_(a, non_blocking=True)
@@ -74,6 +92,7 @@ class MultiLoRALinear(nn.Module):
             self.lora_b[slot, r : self._written[slot]].zero_()
         self._written[slot] = r
         self.lora_ranks[slot] = r  # a fill on the device, in stream order with the copies above
+        self._set_dora(slot, dora)
 
     def clear_slot(self, slot: int) -> None:
         """Zero the slot: an adapter that does not target this layer adds nothing through it. Only the rows ever
@@ -82,21 +101,56 @@ class MultiLoRALinear(nn.Module):
         self.lora_b[slot, : self._written[slot]].zero_()
         self._written[slot] = 0
         self.lora_ranks[slot] = 0
+        self._set_dora(slot, None)
+
+    def _set_dora(self, slot: int, g: torch.Tensor | None) -> None:
+        """DoRA's factors of `slot`: g and c = (1 - g) * bias, or exactly 1 and 0 (written only if they were not)."""
+        if g is None:
+            if slot in self._dora_slots:
+                self.lora_dora[slot, 0].fill_(1.0)
+                self.lora_dora[slot, 1].zero_()
+                self._dora_slots.discard(slot)
+            return
+        factors = self.lora_dora[slot]  # [2, out]
+        factors[0].copy_(g, non_blocking=True)
+        if self.bias is not None:  # PEFT's DoRA scales (W x + s B A x) only: the bias is added back unscaled
+            torch.mul(1.0 - factors[0], self.bias.float(), out=factors[1])
+        else:
+            factors[1].zero_()
+        self._dora_slots.add(slot)
+
+    def _batch(self) -> tuple[LoRABatch | None, int, DoraFactors | None]:
+        """This layer's batch of the step, its rank bound (0: skip LoRA) and DoRA factors (None: no DoRA here)."""
+        batch = self.context.batch_for(logits=self.logits)
+        rank = 0 if batch is None else batch.ranks.get(self.kind, 0)
+        if not rank or self.kind not in batch.dora_kinds:
+            return batch, rank, None
+        return batch, rank, DoraFactors(self.lora_dora, shift=self.bias is not None)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, slots={self.num_slots}, r_max={self.max_rank}"
+
+
+class MultiLoRALinear(LoRASlots):
+    """A base linear layer (`in_features` -> `out_features`) plus its LoRA slots."""
+
+    def __init__(self, base_layer: nn.Module, *, kind: str, num_slots: int, max_rank: int,
+                 context: LoRABatchContext, dtype: torch.dtype, logits: bool = False) -> None:
+        super().__init__(base_layer, kind=kind, in_features=base_layer.in_features,
+                         out_features=base_layer.out_features, num_slots=num_slots, max_rank=max_rank,
+                         context=context, dtype=dtype, logits=logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        rank = self.context.rank_for(self.kind)
+        batch, rank, dora = self._batch()
         if not rank:  # no adapter of this step targets this kind of layer (a per-step fact, not per token)
             return y
         y = y.contiguous()  # a no-op for nn.Linear; bnb layers may hand back a strided view
         # x: [..., in] -> [T, in]; y: [..., out] -> [T, out] (a view: the add lands in y)
         y2d = y.view(-1, self.out_features)
-        lora_apply(y2d, x.reshape(-1, self.in_features), self.lora_a, self.lora_b, self.context.batch, rank,
-                   self.lora_ranks)
+        lora_apply(y2d, x.reshape(-1, self.in_features), self.lora_a, self.lora_b, batch, rank, self.lora_ranks,
+                   dora)
         return y
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, slots={self.num_slots}, r_max={self.max_rank}"
 
 
 def _device_of(module: nn.Module) -> torch.device:

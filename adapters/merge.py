@@ -1,6 +1,6 @@
 """Per-request adapter merging (LoRAX's `merged_adapters`): 2..8 registered adapters with weights, one request.
 
-Two ways to run a recipe, by strategy:
+Two ways to run a recipe, by strategy (DoRA adapters are never merged: `DORA_NOT_MERGED` says why):
 
   linear   no merged copy. A merged token takes one device slot per adapter and the LoRA op runs extra passes
            over those tokens (ops/batch.py `split_passes`), each pass's delta scaled by the adapter's weight:
@@ -46,6 +46,15 @@ MIN_ADAPTERS, MAX_ADAPTERS = 2, 8
 VIRTUAL_PREFIX = "merge:"
 # Virtual names the host loader can resolve; refreshed on every use, so only long-unused recipes drop out.
 MAX_REMEMBERED = 4096
+
+
+# Why a merge naming a DoRA adapter is refused. PEFT's add_weighted_adapter does not refuse them, but the adapter it
+# builds inherits use_dora from the first one with a magnitude freshly computed from the base weight at injection
+# (its delta still zero): every magnitude trained into the merged adapters is dropped, and its A/B are then
+# overwritten, so it serves neither the adapters nor a meaningful mix of them. There is no merged DoRA to match.
+DORA_NOT_MERGED = ("merging DoRA adapters is not supported: a DoRA adapter's output is rescaled by its own trained "
+                   "magnitude vector, which no linear, ties or dare combination of LoRA deltas carries (PEFT's "
+                   "add_weighted_adapter drops the magnitudes); send the request to the adapter itself")
 
 
 class RecipeError(ValueError):
@@ -199,6 +208,9 @@ def merge_adapters(recipe: MergeRecipe, components: Sequence[AdapterWeights],
     asked before each module (MergeCancelled)."""
     if not recipe.virtual:
         raise ValueError("a linear merge runs over its adapters' own slots: there is no virtual adapter")
+    dora = [name for name, c in zip(recipe.names, components, strict=True) if c.uses_dora]
+    if dora:  # the API refuses these recipes first (server/api/generation.py); never merge one silently
+        raise ValueError(f"adapter {dora[0]!r} is a DoRA adapter: {DORA_NOT_MERGED}")
     rank = max(c.spec.max_declared_rank for c in components)  # PEFT: svd_rank or max(adapters' r)
     modules: dict[str, LoraModuleWeights] = {}
     for module in dict.fromkeys(m for c in components for m in c.modules):  # first appearance order

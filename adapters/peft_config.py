@@ -1,8 +1,10 @@
 r"""Parse and validate a PEFT LoRA `adapter_config.json` into a `LoraSpec`.
 
-We accept exactly the subset of peft 0.21's `LoraConfig` whose inference forward is plain LoRA:
-`y = base(x) + scale_m · B_m (A_m x)` per targeted module m. Any field that changes that math (DoRA, lora
-bias, aLoRA, KaSA, ...) or that presumes a modified base model (PiSSA/OLoRA/CorDA/LoftQ/LoRA-GA residual
+We accept exactly the subset of peft 0.21's `LoraConfig` whose inference forward is plain LoRA,
+`y = base(x) + scale_m · B_m (A_m x)` per targeted module m (a linear layer, the token embedding or lm_head),
+or DoRA (`use_dora`: `y = g_m · (W x + scale_m · B_m A_m x) + (1 - g_m) · bias`, adapters/dora.py). Any field
+that changes that math otherwise (lora bias, aLoRA, KaSA, ...), that carries full copies of modules
+(`modules_to_save`), or that presumes a modified base model (PiSSA/OLoRA/CorDA/LoftQ/LoRA-GA residual
 weights) is refused with a 400 naming the field. Training-only fields (dropout, init seeds, EVA, VeLoRA,
 MonteCLoRA) are ignored: they do not alter the eval-mode forward.
 
@@ -44,7 +46,6 @@ _SHOWN = 100  # characters of a user's pattern quoted back in an error
 
 # Fields whose non-default (truthy) value changes the forward pass or the saved tensors; default is falsy.
 _REFUSED_IF_SET: dict[str, str] = {
-    "use_dora": "DoRA (weight-decomposed LoRA) is not supported",
     "lora_bias": "a bias on lora_B is not supported",
     "fan_in_fan_out": "fan_in_fan_out (Conv1D-style transposed base weights) is not supported",
     "use_qalora": "QALoRA (pooled inputs) is not supported",
@@ -56,7 +57,6 @@ _REFUSED_IF_SET: dict[str, str] = {
     "kasa_config": "KaSA (singular-value diagonal between A and B) is not supported",
     "target_parameters": "LoRA on raw parameters (target_parameters) is not supported",
     "trainable_token_indices": "trainable token embeddings are not supported",
-    "modules_to_save": "modules_to_save (fully fine-tuned extra modules) is not supported",
 }
 # init_lora_weights values after which the adapter only fits a *modified* (residual) base model, unless it
 # was converted back with `save_pretrained(path_initial_model_for_weight_conversion=...)`.
@@ -74,6 +74,8 @@ class LoraSpec:
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
     base_model_name_or_path: str | None = None
+    use_dora: bool = False  # DoRA: every targeted module carries a magnitude vector
+    ensure_weight_tying: bool = False  # on a tied base, lm_head shares the embedding's adapter (weights.py)
 
     def __post_init__(self) -> None:
         # The patterns compiled once (RE2, linear time); not part of equality or repr.
@@ -184,6 +186,8 @@ def parse_adapter_config(path_or_dict: str | Path | Mapping[str, Any]) -> LoraSp
         rank_pattern=_pattern(raw.get("rank_pattern"), "rank_pattern", _positive_int),
         alpha_pattern=_pattern(raw.get("alpha_pattern"), "alpha_pattern", _number),
         base_model_name_or_path=_optional_str(raw.get("base_model_name_or_path")),
+        use_dora=_bool(raw.get("use_dora") or False, "use_dora"),
+        ensure_weight_tying=_bool(raw.get("ensure_weight_tying") or False, "ensure_weight_tying"),
     )
 
 
@@ -218,6 +222,12 @@ def _check_lora_only(raw: Mapping[str, Any]) -> None:
     for name, reason in _REFUSED_IF_SET.items():
         if raw.get(name):
             raise AdapterValidationError(f"{name}={raw[name]!r}: {reason}", field=name)
+    if raw.get("modules_to_save"):
+        raise AdapterValidationError(
+            f"modules_to_save={raw['modules_to_save']!r} is not supported: it stores a full trained copy of each of "
+            "those modules per adapter, which would replace the shared base module for that adapter's rows; retrain "
+            "with LoRA on those modules instead (add them to target_modules: embed_tokens and lm_head are "
+            "supported)", field="modules_to_save")
     init = raw.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_RESIDUAL_BASE_INITS):
         raise AdapterValidationError(

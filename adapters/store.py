@@ -37,6 +37,7 @@ from typing import Any, BinaryIO
 import torch
 
 from loraplex.adapters import versions as V
+from loraplex.adapters.base_modules import BaseModules
 from loraplex.adapters.digest import CONFIG_FILE, MAX_CONFIG_BYTES, WEIGHTS_FILE, DigestError, digest_streams, short
 from loraplex.adapters.errors import AdapterConflictError, AdapterNotFoundError, AdapterValidationError
 from loraplex.adapters.messages import Command
@@ -88,7 +89,7 @@ class _LocalCopy:
 class AdapterStore:
     def __init__(self, config: StoreConfig, module_shapes: Mapping[str, tuple[int, int]], num_slots: int) -> None:
         self.config = config
-        self.module_shapes = dict(module_shapes)
+        self.module_shapes = BaseModules.of(module_shapes)  # with the base weights DoRA's norm reads, when given
         self.num_slots = num_slots
         self.registry: RecordView = (SharedRegistry(config.registry_url, config.s3_endpoint,
                                                     timeout_s=config.s3_timeout_s) if config.registry_url
@@ -502,4 +503,4 @@ def _meta(weights: AdapterWeights) -> dict[str, Any]:
     spec = weights.spec
     targets = spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
     return {"rank": weights.max_rank, "alpha": spec.lora_alpha, "target_modules": targets,
-            "size_bytes": weights.size_bytes, "use_rslora": spec.use_rslora}
+            "size_bytes": weights.size_bytes, "use_rslora": spec.use_rslora, "use_dora": spec.use_dora}

@@ -4,9 +4,12 @@ Everything a user can get wrong is checked from `adapter_config.json` and the sa
 single tensor is allocated: the header is parsed here by hand (8-byte little-endian length + JSON), so a
 header that declares a [10**9, 10**9] tensor in a 100-byte file is refused without touching memory.
 
-Memory is charged for what is kept: only the lora_A / lora_B tensors are read, each into its own buffer, so
-`AdapterWeights.size_bytes` is what the host tier holds; a training-only tensor saved beside them (VeLoRA's
-embedding can be gigabytes) is never read. Names quoted back in errors are cut to a bounded length.
+Memory is charged for what is kept: only the tensors served are read (lora_A / lora_B, an embedding's
+lora_embedding_A / lora_embedding_B, DoRA's lora_magnitude_vector, which becomes its per-channel factor), each
+into its own buffer, so `AdapterWeights.size_bytes` is what the host tier holds; a training-only tensor saved
+beside them (VeLoRA's embedding can be gigabytes) is never read, and any other name is refused. The one
+exception: PEFT's copy of an embedding layer's base weight (`save_embedding_layers`), read once to check it is
+the served base's own, then dropped. Names quoted back in errors are cut to a bounded length.
 
 Files are reached through an `AdapterFiles` object, and each is opened once and read only through that
 handle: sources that confine adapters to a root hand in one that re-checks confinement at open time.
@@ -14,6 +17,7 @@ handle: sources that confine adapters to a root hand in one that re-checks confi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -26,6 +30,8 @@ from typing import Any, BinaryIO
 
 import torch
 
+from loraplex.adapters.base_modules import BaseModules
+from loraplex.adapters.dora import dora_factor
 from loraplex.adapters.errors import AdapterNotFoundError, AdapterValidationError
 from loraplex.adapters.peft_config import CONFIG_NAME, MAX_CONFIG_BYTES, LoraSpec, parse_adapter_config
 
@@ -38,8 +44,16 @@ _SHOWN = 120  # characters of a tensor name quoted back in an error
 # Floating dtypes safetensors can hold that cast losslessly enough to fp32; bool/int are not LoRA weights.
 FLOAT_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 _PEFT_PREFIX = "base_model.model."
-# `<module>.lora_A.weight`, or `<module>.lora_A.<adapter>.weight` as some PEFT paths write it.
-_LORA_KEY = re.compile(r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+# `<module>.lora_A.weight`, or `<module>.lora_A.<adapter>.weight` as some PEFT paths write it; an embedding's
+# `<module>.lora_embedding_A` (no `.weight`); DoRA's `<module>.lora_magnitude_vector`; and PEFT's copy of an
+# embedding layer's base weight, `<module>.base_layer.weight` (`save_embedding_layers`, on by default when an
+# embedding is targeted).
+_LORA_KEY = re.compile(r"^(?P<module>.+?)\.(?:(?P<kind>lora_A|lora_B)(?:\.[^.]+)?\.weight"
+                       r"|(?P<ekind>lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(?:\.[^.]+)?"
+                       r"|(?P<copy>base_layer)\.weight)$")
+# What each key names of its module: A, B, DoRA's magnitude m, or a copy of the module's base weight.
+_ROLE = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "A", "lora_embedding_B": "B",
+         "lora_magnitude_vector": "m", "base_layer": "copy"}
 # Training-only state PEFT saves beside A/B (VeLoRA's compression embed, MonteCLoRA's sampler priors): in
 # eval mode both variants run plain LoRA on lora_A/lora_B, so these are read past and dropped.
 _TRAINING_ONLY_KEY = re.compile(r"\.(lora_velora_embed|lora_monteclora_sampler\.[A-Za-z_]+)$")
@@ -57,11 +71,14 @@ class TensorHeader:
 
 @dataclass(frozen=True)
 class LoraModuleWeights:
-    """One target module's LoRA pair, fp32 on CPU: a [r, in], b [out, r]; delta y = scale · b @ (a @ x)."""
+    """One target module's LoRA pair, fp32 on CPU: a [r, in], b [out, r]; delta y = scale · b @ (a @ x). An
+    embedding is the linear layer of in = vocab (a: PEFT's lora_embedding_A [r, vocab], b: lora_embedding_B).
+    dora: DoRA's factor g [out] fp32 (adapters/dora.py: y = g * (W x + delta) + (1 - g) * bias); None: plain LoRA."""
 
     a: torch.Tensor
     b: torch.Tensor
     scale: float
+    dora: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -80,6 +97,10 @@ class AdapterWeights:
     def max_rank(self) -> int:
         return max(m.rank for m in self.modules.values())
 
+    @property
+    def uses_dora(self) -> bool:
+        return any(m.dora is not None for m in self.modules.values())
+
     def prepared(self, *, pin: bool = False) -> AdapterWeights:
         """The same adapter laid out as device slots hold it, so the engine thread's slot copy is a plain copy:
         the scale folded into B, and B stored transposed ([r, out] contiguous; `b` is its [out, r] view,
@@ -96,10 +117,11 @@ def _slot_layout(m: LoraModuleWeights, pin: bool) -> LoraModuleWeights:
     b_t = b_t.contiguous()
     if m.scale != 1.0:
         b_t = b_t.mul_(m.scale) if owned else b_t * m.scale
-    a = m.a.contiguous()
+    a, dora = m.a.contiguous(), m.dora
     if pin:
         a, b_t = a.pin_memory(), b_t.pin_memory()
-    return LoraModuleWeights(a, b_t.t(), 1.0)
+        dora = dora.pin_memory() if dora is not None else None
+    return LoraModuleWeights(a, b_t.t(), 1.0, dora)
 
 
 def _invalid(message: str, field: str = WEIGHTS_NAME) -> AdapterValidationError:
@@ -274,29 +296,34 @@ def load_adapter_dir(
 
     path: the directory, or an `AdapterFiles` that opens its files (e.g. confined to a root).
     module_shapes: {full base-model module name: (in_features, out_features)}, e.g.
-    {"model.layers.0.self_attn.q_proj": (4096, 4096)}. Every check runs on the config and the header
-    before the tensor data is read.
+    {"model.layers.0.self_attn.q_proj": (4096, 4096)}; a `BaseModules` (LoRAInjection.module_shapes) also
+    knows the embedding and the output projection and reads the base weights (DoRA's norm, PEFT's saved copies
+    of embedding layers). Every check runs on the config and the header before the tensor data is read.
     """
     files = path if isinstance(path, AdapterFiles) else AdapterFiles(path)
     files.check()
     spec = _read_spec(files)
+    base = BaseModules.of(module_shapes)
     with _open_weights(files) as weights_file:
         data_size, header_json = _read_header_bytes(weights_file, WEIGHTS_NAME)
         header = _entries(header_json, data_size, max_bytes)
         _check_rank(spec, max_rank)
-        _check_targets(spec, module_shapes)
-        pairs = _pair_tensors(header, spec, module_shapes)
-        for module, (key_a, key_b) in pairs.items():
-            _check_pair_shapes(module, header[key_a], header[key_b], key_a, key_b, spec, module_shapes[module])
-        kept = [key for pair in pairs.values() for key in pair]  # training-only tensors are never read
+        _check_targets(spec, base)
+        found = _group_tensors(header, spec, base)
+        for module, keys in found.modules.items():
+            _check_module_shapes(module, {role: header[key] for role, key in keys.items()}, keys, spec, base)
+        for module, key in found.copies.items():
+            _check_copy_shape(module, key, header[key], base)
+        # Only the tensors served (A, B, DoRA's magnitude) and the base-weight copies checked below are read, each
+        # into its own buffer; training-only tensors never are, and a copy's buffer is dropped once checked.
+        kept = [*(key for keys in found.modules.values() for key in keys.values()), *found.copies.values()]
         tensors = _load_tensors(weights_file, {key: header[key] for key in kept}, header_json, data_size)
-    modules = {
-        module: LoraModuleWeights(
-            a=_to_fp32(tensors[key_a]), b=_to_fp32(tensors[key_b]), scale=_scale(spec, module, tensors[key_b])
-        )
-        for module, (key_a, key_b) in pairs.items()
-    }
-    size = sum(t.numel() * t.element_size() for m in modules.values() for t in (m.a, m.b))
+    _check_copies(found.copies, tensors, base)
+    modules = _tie_head(spec, base, _module_weights(found, tensors, spec), found)
+    if spec.use_dora:
+        modules = _with_dora(modules, {m: tensors[keys["m"]] for m, keys in found.modules.items() if "m" in keys},
+                             found, base)
+    size = sum(t.numel() * t.element_size() for m in modules.values() for t in (m.a, m.b, m.dora) if t is not None)
     return AdapterWeights(spec=spec, modules=modules, size_bytes=size)
 
 
@@ -360,50 +387,89 @@ def _check_rank(spec: LoraSpec, max_rank: int) -> None:
             )
 
 
-def _check_targets(spec: LoraSpec, module_shapes: Mapping[str, tuple[int, int]]) -> None:
-    missing = spec.unmatched_targets(module_shapes)
+def _check_targets(spec: LoraSpec, base: BaseModules) -> None:
+    missing = spec.unmatched_targets(base)
     if missing:
         raise AdapterValidationError(
             f"target_modules {missing} match no module of the base model", field="target_modules"
         )
 
 
-def _pair_tensors(
-    header: Mapping[str, TensorHeader], spec: LoraSpec, module_shapes: Mapping[str, tuple[int, int]]
-) -> dict[str, tuple[str, str]]:
-    """{module name: (lora_A key, lora_B key)}; refuses unknown tensors, duplicates and half pairs."""
+@dataclass(frozen=True)
+class _Found:
+    """An adapter's tensors by module: {module: {"A"|"B"|"m": key}} and PEFT's base-weight copies {module: key}."""
+
+    modules: dict[str, dict[str, str]]
+    copies: dict[str, str]
+
+
+def _group_tensors(header: Mapping[str, TensorHeader], spec: LoraSpec, base: BaseModules) -> _Found:
+    """Each tensor's module and role; refuses unknown tensors, duplicates, half pairs and missing magnitudes."""
     found: dict[str, dict[str, str]] = {}
+    copies: dict[str, str] = {}
     for key in (k for k in header if not _TRAINING_ONLY_KEY.search(k)):
-        match = _LORA_KEY.match(key.removeprefix(_PEFT_PREFIX))
-        if match is None:
-            raise _invalid(
-                f"unsupported tensor {_q(key)}: only lora_A/lora_B weights of linear layers are supported"
-            )
-        module, kind = match["module"], match["kind"]
-        _check_module(key, module, spec, module_shapes)
-        if kind in found.setdefault(module, {}):
-            raise _invalid(f"tensors {_q(found[module][kind])} and {_q(key)} are both {kind} of {_q(module)}")
-        found[module][kind] = key
+        module, role = _classify(key, spec, base)
+        if role == "copy":
+            copies[module] = key
+            continue
+        if role in found.setdefault(module, {}):
+            raise _invalid(f"tensors {_q(found[module][role])} and {_q(key)} are both {_ROLE_NAMES[role]} of "
+                           f"{_q(module)}")
+        found[module][role] = key
     if not found:
         raise _invalid(f"{WEIGHTS_NAME} holds no LoRA tensors")
-    for module, kinds in found.items():
-        for kind in ("lora_A", "lora_B"):
-            if kind not in kinds:
-                only = next(iter(kinds.values()))
-                raise _invalid(f"module {_q(module)} has no {kind} tensor (found only {_q(only)})")
-    return {module: (kinds["lora_A"], kinds["lora_B"]) for module, kinds in found.items()}
+    for module, roles in found.items():
+        for role in ("A", "B", "m") if spec.use_dora else ("A", "B"):
+            if role not in roles:
+                only = next(iter(roles.values()))
+                raise _invalid(f"module {_q(module)} has no {_ROLE_NAMES[role]} tensor (found only {_q(only)})"
+                               + (" and use_dora is true" if role == "m" else ""))
+    return _Found(found, copies)
 
 
-def _check_module(
-    key: str, module: str, spec: LoraSpec, module_shapes: Mapping[str, tuple[int, int]]
-) -> None:
-    if module not in module_shapes:
+_ROLE_NAMES = {"A": "lora_A", "B": "lora_B", "m": "lora_magnitude_vector (DoRA's magnitude)"}
+
+
+def _classify(key: str, spec: LoraSpec, base: BaseModules) -> tuple[str, str]:
+    """(module, role) of one tensor key, or a 400 naming it: what it is, and why it does not fit."""
+    match = _LORA_KEY.match(key.removeprefix(_PEFT_PREFIX))
+    if match is None:
+        raise _invalid(f"unsupported tensor {_q(key)}: {_unsupported_reason(key, base)}")
+    module = match["module"]
+    name = match["kind"] or match["ekind"] or match["copy"]
+    role = _ROLE[name]
+    if role == "copy":
+        if not base.is_output_layer(module):
+            raise _invalid(f"unsupported tensor {_q(key)}: a copy of a base weight is accepted only for the "
+                           "embedding layers PEFT saves with save_embedding_layers (embed_tokens, lm_head)")
+        return module, role
+    _check_module(key, module, spec, base)
+    if role in ("A", "B") and base.is_embedding(module) != name.startswith("lora_embedding"):
+        what, want = (("an embedding", "lora_embedding_A / lora_embedding_B") if base.is_embedding(module)
+                      else ("a linear layer", "lora_A.weight / lora_B.weight"))
+        raise _invalid(f"tensor {_q(key)}: module {_q(module)} is {what}, whose LoRA weights PEFT saves as {want}")
+    if role == "m" and not spec.use_dora:
+        raise _invalid(f"tensor {_q(key)} is DoRA's magnitude vector, but {CONFIG_NAME} does not set use_dora: true")
+    return module, role
+
+
+def _unsupported_reason(key: str, base: BaseModules) -> str:
+    module = key.removeprefix(_PEFT_PREFIX).removesuffix(".weight")
+    if base.is_output_layer(module) or module.endswith((".embed_tokens", ".lm_head", "lm_head")):
+        return ("a full copy of the module's weight (PEFT saves one for modules_to_save, or when the vocabulary "
+                "was resized): only LoRA weights are served; retrain with LoRA on that module instead")
+    return "only lora_A/lora_B weights (lora_embedding_A/B on embeddings, lora_magnitude_vector with DoRA) are " \
+           "supported"
+
+
+def _check_module(key: str, module: str, spec: LoraSpec, base: BaseModules) -> None:
+    if module not in base:
         raise AdapterValidationError(
             f"tensor {_q(key)} targets module {_q(module)}, which the base model does not have (or is not a "
-            "linear layer)",
+            "layer LoRA can target)",
             field="target_modules",
         )
-    if not spec.targets(module):
+    if not _targets(spec, base, module):
         # PEFT would never wrap this module, so it would drop these weights; serving them would diverge.
         raise AdapterValidationError(
             f"tensor {_q(key)} is for module {_q(module)}, which target_modules does not select",
@@ -411,23 +477,104 @@ def _check_module(
         )
 
 
-def _check_pair_shapes(
-    module: str,
-    a: TensorHeader,
-    b: TensorHeader,
-    key_a: str,
-    key_b: str,
-    spec: LoraSpec,
-    in_out: tuple[int, int],
-) -> None:
-    """A must be [r_m, in] and B [out, r_m], with r_m the module's rank from r / rank_pattern."""
-    rank, (in_features, out_features) = spec.rank_for(module), in_out
-    for key, got, want in ((key_a, a.shape, (rank, in_features)), (key_b, b.shape, (out_features, rank))):
-        if got != want:
+def _targets(spec: LoraSpec, base: BaseModules, module: str) -> bool:
+    """Whether PEFT wraps `module` for this config: "all-linear" leaves the embedding and the output projection
+    out; with ensure_weight_tying on a tied base, lm_head is wrapped with the embedding's adapter."""
+    if spec.target_modules == "all-linear" and base.is_output_layer(module):
+        return False
+    if spec.targets(module):
+        return True
+    return _head_tied_to_embedding(spec, base) and module == base.head
+
+
+def _head_tied_to_embedding(spec: LoraSpec, base: BaseModules) -> bool:
+    """PEFT's ensure_weight_tying: on a base whose lm_head shares the embedding's weight, an adapter on the
+    embedding is applied to lm_head too, transposed (lora_A = lora_embedding_B^T, lora_B = lora_embedding_A^T)."""
+    return (spec.ensure_weight_tying and base.tied and base.embedding is not None
+            and spec.targets(base.embedding))
+
+
+def _check_module_shapes(module: str, headers: Mapping[str, TensorHeader], keys: Mapping[str, str], spec: LoraSpec,
+                         base: BaseModules) -> None:
+    """A must be [r_m, in], B [out, r_m] (an embedding: [r_m, vocab] and [dim, r_m]), DoRA's magnitude [out],
+    with r_m the module's rank from r / rank_pattern."""
+    rank, (in_features, out_features) = spec.rank_for(module), base[module]
+    wants = {"A": (rank, in_features), "B": (out_features, rank), "m": (out_features,)}
+    for role, header in headers.items():
+        if header.shape != wants[role]:
             raise _invalid(
-                f"tensor {_q(key)} has shape {_q(list(got))}, expected {list(want)} for module {_q(module)} "
-                f"(in_features={in_features}, out_features={out_features}, r={rank})"
-            )
+                f"tensor {_q(keys[role])} has shape {list(header.shape)}, expected {list(wants[role])} for module "
+                f"{_q(module)} (in_features={in_features}, out_features={out_features}, r={rank})"
+                + _vocabulary_hint(module, base))
+
+
+def _vocabulary_hint(module: str, base: BaseModules) -> str:
+    if base.is_embedding(module):
+        return f"; the base model's vocabulary has {base[module][0]} tokens"
+    if module == base.head:
+        return f"; the base model's vocabulary has {base[module][1]} tokens"
+    return ""
+
+
+def _check_copy_shape(module: str, key: str, header: TensorHeader, base: BaseModules) -> None:
+    """A saved base-weight copy has the base module's weight shape: [vocab, dim] for both embedding layers."""
+    in_features, out_features = base[module]
+    want = (in_features, out_features) if base.is_embedding(module) else (out_features, in_features)
+    if header.shape != want:
+        raise _invalid(f"tensor {_q(key)} has shape {list(header.shape)}, but the base model's {_q(module)} weight is "
+                       f"{list(want)}: the adapter was trained on a resized vocabulary, which is not supported")
+
+
+def _check_copies(copies: Mapping[str, str], tensors: Mapping[str, torch.Tensor], base: BaseModules) -> None:
+    """PEFT loads a saved embedding-layer copy over the base weight; the base is shared here, so the copy must be
+    the served base's own weight (exactly, in the base's dtype): then dropping it changes nothing."""
+    for module, key in copies.items():
+        served = base.weight(module)
+        served = served.t() if base.is_embedding(module) else served  # [vocab, dim]
+        if not torch.equal(tensors[key].to(served.device, served.dtype), served):
+            raise _invalid(f"tensor {_q(key)} is a copy of {_q(module)}'s base weight that differs from the served "
+                           "base model's: the adapter was trained on a changed embedding, which is not supported "
+                           "(re-save it with save_embedding_layers=False if the embedding was not trained)")
+
+
+def _module_weights(found: _Found, tensors: Mapping[str, torch.Tensor], spec: LoraSpec
+                    ) -> dict[str, LoraModuleWeights]:
+    """The LoRA pairs as fp32 (views of their own read buffers), each with its PEFT scale (checked finite)."""
+    return {module: LoraModuleWeights(a=_to_fp32(tensors[keys["A"]]), b=_to_fp32(tensors[keys["B"]]),
+                                      scale=_scale(spec, module, tensors[keys["B"]]))
+            for module, keys in found.modules.items()}
+
+
+def _tie_head(spec: LoraSpec, base: BaseModules, modules: dict[str, LoraModuleWeights], found: _Found
+              ) -> dict[str, LoraModuleWeights]:
+    """With ensure_weight_tying on a tied base, lm_head's LoRA is the embedding's, transposed (as PEFT ties it);
+    the file's own lm_head tensors, when present, must be exactly that."""
+    if not _head_tied_to_embedding(spec, base) or base.embedding not in modules:
+        return modules
+    emb = modules[base.embedding]
+    tied = LoraModuleWeights(emb.b.t().contiguous(), emb.a.t().contiguous(), _scale(spec, base.head, emb.a))
+    saved = modules.get(base.head)
+    if saved is not None and not (torch.equal(saved.a, tied.a) and torch.equal(saved.b, tied.b)):
+        raise _invalid(f"tensors {_q(found.modules[base.head]['A'])} / {_q(found.modules[base.head]['B'])} differ from "
+                       f"the transposed {_q(base.embedding)} LoRA weights that ensure_weight_tying ties them to")
+    return {**modules, base.head: tied}
+
+
+def _with_dora(modules: dict[str, LoraModuleWeights], magnitudes: Mapping[str, torch.Tensor], found: _Found,
+               base: BaseModules) -> dict[str, LoraModuleWeights]:
+    """DoRA's factor g = m / ||W + s B A|| per module (adapters/dora.py), from the served base weights."""
+    if not base.has_weights:
+        raise _invalid("DoRA adapters need the base model's weights to be validated (use_dora is true)",
+                       field=CONFIG_NAME)
+    out = dict(modules)
+    for module, m in modules.items():
+        g = dora_factor(base.weight(module), m.a, m.b, m.scale, magnitudes[module])
+        if not bool(torch.isfinite(g).all()):
+            raise _invalid(f"tensor {_q(found.modules[module]['m'])}: DoRA's factor (magnitude / norm of the adapted "
+                           f"weight's rows) is not finite in {int((~torch.isfinite(g)).sum())} output channels of "
+                           f"{_q(module)} (a zero norm)")
+        out[module] = dataclasses.replace(m, dora=g)
+    return out
 
 
 def _load_tensors(

@@ -247,7 +247,7 @@ def bench_config_dir(name: str, config: PretrainedConfig) -> Path:
 
 
 def bench_adapters(base_dir: Path, preset: str, count: int, seed0: int = 1000) -> list[Path]:
-    """`count` distinct seeded adapters of a PRESETS shape (S1, P) for `base_dir`, built once each."""
+    """`count` distinct seeded adapters of a PRESETS shape (S1, P, D) for `base_dir`, built once each."""
     if preset not in PRESETS:
         raise ValueError(f"unknown adapter preset {preset!r}; expected one of {sorted(PRESETS)}")
     shape = PRESETS[preset]
@@ -255,7 +255,8 @@ def bench_adapters(base_dir: Path, preset: str, count: int, seed0: int = 1000) -
     return [
         _build_once(root / f"{preset}-{i:04d}",
                     lambda d, i=i: make_peft_adapter(base_dir, d, rank=shape.rank,
-                                                     target_modules=shape.target_modules, seed=seed0 + i))
+                                                     target_modules=shape.target_modules, seed=seed0 + i,
+                                                     use_dora=shape.use_dora))
         for i in range(count)
     ]
 

@@ -99,7 +99,8 @@ def tokenizer():  # -> PreTrainedTokenizerFast (the tiny models' tokenizer, voca
 
 @pytest.fixture(scope="session")
 def adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Callable[[str], Path]) -> Callable[..., Path]:
-    """`adapter_dir(family, rank, targets, seed, alpha=None, use_rslora=False) -> Path`, cached per args."""
+    """`adapter_dir(family, rank, targets, seed, alpha=None, use_rslora=False, use_dora=False,
+    ensure_weight_tying=False) -> Path`, cached per args."""
     from loraplex.adapters.synthetic import make_peft_adapter
 
     root = tmp_path_factory.mktemp("adapters")
@@ -112,8 +113,10 @@ def adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Callab
         seed: int = 0,
         alpha: float | None = None,
         use_rslora: bool = False,
+        use_dora: bool = False,
+        ensure_weight_tying: bool = False,
     ) -> Path:
-        key = (family, rank, tuple(targets), seed, alpha, use_rslora)
+        key = (family, rank, tuple(targets), seed, alpha, use_rslora, use_dora, ensure_weight_tying)
         if key not in built:
             out = root / f"adapter-{len(built)}"
             built[key] = make_peft_adapter(
@@ -124,6 +127,8 @@ def adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Callab
                 target_modules=tuple(targets),
                 seed=seed,
                 use_rslora=use_rslora,
+                use_dora=use_dora,
+                ensure_weight_tying=ensure_weight_tying,
             )
         return built[key]
 

@@ -18,13 +18,14 @@ import os
 
 import torch
 
-from loraplex.adapters.ops.base import LoRABackend
+from loraplex.adapters.ops.base import DoraFactors, LoRABackend
 from loraplex.adapters.ops.batch import GroupPlan, LoRABatch, LoRABatchBuffers, TokenMerges, plan_groups, split_passes
 from loraplex.adapters.ops.probe import ProbedBackend, ProbeReport, probe_backend
-from loraplex.adapters.ops.torch_ops import TorchLoRABackend
+from loraplex.adapters.ops.torch_ops import TorchLoRABackend, embedding_lora_apply
 
-__all__ = ["BACKEND_ENV", "GroupPlan", "LoRABackend", "LoRABatch", "LoRABatchBuffers", "ProbeReport", "TokenMerges",
-           "get_backend", "get_backend_named", "lora_apply", "plan_groups", "probe_lora_backend", "split_passes"]
+__all__ = ["BACKEND_ENV", "DoraFactors", "GroupPlan", "LoRABackend", "LoRABatch", "LoRABatchBuffers", "ProbeReport",
+           "TokenMerges", "embedding_lora_apply", "get_backend", "get_backend_named", "lora_apply", "plan_groups",
+           "probe_lora_backend", "split_passes"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def probe_lora_backend(device: torch.device, shapes: set[tuple[int, int]], dtype
 
 
 def lora_apply(y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
-               batch: LoRABatch, rank: int, slot_ranks: torch.Tensor) -> None:
+               batch: LoRABatch, rank: int, slot_ranks: torch.Tensor, dora: DoraFactors | None = None) -> None:
     """y += the LoRA delta of one layer for every token, in place. Semantics, as a loop:
 
         for t in range(T):
@@ -114,7 +115,10 @@ def lora_apply(y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack:
             if s >= 0:
                 y[t] += B[s, :rank].T @ (A[s, :rank] @ x[t])
     and a merged token (a linear merge) adds w_k * B[s_k, :rank].T @ (A[s_k, :rank] @ x[t]) for each of its
-    adapters' (slot s_k, weight w_k): the batch's passes (batch.py), run one after the other.
+    adapters' (slot s_k, weight w_k): the batch's passes (batch.py), run one after the other. With `dora` (a
+    step holding a DoRA row, in a layer a DoRA slot targets), after the first pass every token becomes
+    y[t] = G[s, 0] * y[t] + G[s, 1] (s: its slot, the null slot for base-only tokens; G = dora.stack, exactly
+    1 and 0 for every slot that is not DoRA here): DoRA's y = g * (W x + scale B A x) + (1 - g) * bias.
     x: [T, in]; y: [T, out]; a_stack: [S + 1, R_max, in]; b_stack: [S + 1, R_max, out] (B transposed, the
     adapter's scale folded in, zeros past each slot's own rank); rank: the step's bound for this layer;
     slot_ranks: [S + 1] int32, each slot's own rank for this layer (<= rank for the step's slots), where a
@@ -129,6 +133,10 @@ def lora_apply(y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack:
         raise ValueError(f"expected slot_ranks [{a_stack.shape[0]}], got {tuple(slot_ranks.shape)}")
     if any(p.num_tokens != t for p in batch.passes):
         raise ValueError(f"every pass of a batch covers the same {t} tokens")
+    if dora is not None and (tuple(dora.stack.shape) != (a_stack.shape[0], 2, y.shape[1])
+                             or batch.scale_slots is None):
+        raise ValueError(f"DoRA factors {tuple(dora.stack.shape)} do not fit this layer and batch")
     backend = get_backend(x.device)
-    for part in (batch, *batch.passes):
+    backend.apply(y, x, a_stack, b_stack, batch, rank, slot_ranks, **({"dora": dora} if dora is not None else {}))
+    for part in batch.passes:  # never DoRA: DoRA slots are not merged
         backend.apply(y, x, a_stack, b_stack, part, rank, slot_ranks)

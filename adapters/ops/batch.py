@@ -27,6 +27,12 @@ grouped / window form. A pass with merged tokens carries per-row weights that sc
 the other rows of pass 0: an exact product). Each pass holds a token at most once, so the triton kernels
 keep their one-writer-per-token rule; the passes of a step run one after the other. A step without merged
 tokens has one pass and no weights: exactly the op it had before merging existed.
+
+DoRA (adapters/dora.py): a step with a token of a DoRA adapter names, in pass 0, the module kinds a DoRA slot
+of the step targets (`dora_kinds`) and each token's slot with the null slot for base-only tokens
+(`scale_slots`): layers of those kinds then scale their outputs per token (ops/base.py `DoraFactors`). A step
+without a DoRA token carries neither, and every layer runs exactly the op it runs without DoRA. DoRA slots are
+never part of a merge (refused: merging DoRA adapters is not supported), so later passes never carry them.
 """
 
 from __future__ import annotations
@@ -128,6 +134,10 @@ class LoRABatch:
     row_weights: [G*D] fp32, each grid row's delta is multiplied by it (merged tokens); None: no scaling.
     passes:      the step's further passes (linear merges), run after this one over the same x and y; they
                  share `ranks` (the bound over every pass's slots).
+    dora_kinds:  the module kinds a DoRA slot of this pass targets: layers of these kinds apply their DoRA
+                 factors after the delta (empty: no DoRA token in the step, nothing more is dispatched).
+    scale_slots: [T] int64 with dora_kinds: each token's slot, the null slot for base-only tokens (the torch
+                 ops scale every token by its slot's factors; the null slot's are exactly 1 and 0).
     """
 
     token_slots: torch.Tensor
@@ -140,6 +150,8 @@ class LoRABatch:
     window_lo: int | None = None  # the groups are the stack slots [lo, lo + G): read in place
     row_weights: torch.Tensor | None = None
     passes: tuple[LoRABatch, ...] = ()
+    dora_kinds: frozenset[str] = frozenset()
+    scale_slots: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -163,11 +175,15 @@ class LoRABatchBuffers:
         self._padding = torch.zeros(capacity, 1, dtype=torch.bool, device=self.device)
         self._groups = torch.zeros(capacity, dtype=torch.long, device=self.device)
         self._weights = torch.ones(capacity, dtype=torch.float32, device=self.device)
+        self._scale = torch.zeros(capacity, dtype=torch.long, device=self.device)
 
     def fill(self, token_slots: Sequence[int], plan: GroupPlan, ranks: Mapping[str, int],
-             token_weights: Sequence[float] | None = None) -> LoRABatch:
+             token_weights: Sequence[float] | None = None, *, dora_kinds: frozenset[str] = frozenset(),
+             null_slot: int = -1) -> LoRABatch:
         """Copy one pass's description into the buffers (host -> device, no sync) and return views of it.
-        token_weights: [T] per token (merged steps), laid out per grid row; None: no row weights."""
+        token_weights: [T] per token (merged steps), laid out per grid row; None: no row weights.
+        dora_kinds: the kinds a DoRA slot of the pass targets (then each token's slot, base-only tokens on
+        `null_slot`, goes into `scale_slots`)."""
         need = max(len(token_slots), len(plan.rows))
         if need > self.capacity:
             self._alloc(max(need, 2 * self.capacity))
@@ -177,9 +193,13 @@ class LoRABatchBuffers:
         write(self._rows, plan.rows)
         write(self._padding[:, 0], [not v for v in plan.valid])
         write(self._groups, plan.group_slots)
-        weights = None
+        weights = scale = None
         if token_weights is not None:
             write(self._weights, [token_weights[t] for t in plan.rows])
             weights = self._weights[:n]
+        if dora_kinds:
+            write(self._scale, [s if s >= 0 else null_slot for s in token_slots])
+            scale = self._scale[: len(token_slots)]
         return LoRABatch(self._token_slots[: len(token_slots)], self._rows[:n], self._padding[:n],
-                         self._groups[:g], g, plan.depth, dict(ranks), plan.window_lo, weights)
+                         self._groups[:g], g, plan.depth, dict(ranks), plan.window_lo, weights,
+                         dora_kinds=dora_kinds, scale_slots=scale)

@@ -10,6 +10,7 @@ Forms (what a step's `LoRABatch` looks like; each is a set of kernel variants):
             slots hold one token each (BLOCK_M 16, the long K/N tiles)
   segments  depth > 1, no row weights: prefill chunks and mixed steps (BLOCK_M 16 / 32 / 64 by depth)
   weighted  row weights (the passes of linear merges), at any depth
+  dora      DoRA factors (the first pass of a step with a DoRA row), at any depth, with or without row weights
 The probe's cases cover every constexpr of every form (depths 1, 2, 17, 33) at each distinct layer shape, so
 on a GPU it also compiles every variant the engine will launch before the first request (the runtime ints do
 not specialise: triton_ops.py), which tests/gpu_aot checks on the CPU by recording the launches.
@@ -23,20 +24,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loraplex.adapters.ops.base import LoRABackend
+from loraplex.adapters.ops.base import DoraFactors, LoRABackend
 from loraplex.adapters.ops.batch import GroupPlan, LoRABatch, LoRABatchBuffers, plan_groups
 from loraplex.adapters.ops.torch_ops import TorchLoRABackend
 
 log = logging.getLogger(__name__)
 
-FORMS = ("decode", "segments", "weighted")
+FORMS = ("decode", "segments", "weighted", "dora")
 SEGMENT_DEPTHS = (2, 17, 33)  # one per BLOCK_M (16, 32, 64) of the grouped forms
 PROBE_SLOTS = 2  # two adapters per case: every grid has two groups
 TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (6e-2, 3e-2), torch.float16: (1e-2, 1e-2)}
 
 
-def form_of(batch: LoRABatch) -> str:
+def form_of(batch: LoRABatch, dora: DoraFactors | None = None) -> str:
     """The kernel form a batch (one pass) runs in."""
+    if dora is not None:
+        return "dora"
     if batch.row_weights is not None:
         return "weighted"
     return "decode" if batch.depth == 1 else "segments"
@@ -44,10 +47,16 @@ def form_of(batch: LoRABatch) -> str:
 
 @dataclass(frozen=True)
 class ProbeCase:
-    """One launch of the probe: a grid of two slots' tokens (`depth` rows per group), weighted or not."""
+    """One launch of the probe: a grid of two slots' tokens (`depth` rows per group), weighted or not (and DoRA
+    factors with the "dora" form)."""
 
     form: str
     depth: int
+    weighted: bool = False
+
+    @property
+    def has_weights(self) -> bool:
+        return self.form == "weighted" or self.weighted
 
     def plan(self) -> tuple[list[int], GroupPlan]:
         """Token slots and the grid: slot 0 holds `depth` tokens, slot 1 one fewer (a padding row)."""
@@ -59,7 +68,8 @@ class ProbeCase:
 
 
 CASES = (ProbeCase("decode", 1), *(ProbeCase("segments", d) for d in SEGMENT_DEPTHS),
-         *(ProbeCase("weighted", d) for d in (1, *SEGMENT_DEPTHS)))
+         *(ProbeCase("weighted", d) for d in (1, *SEGMENT_DEPTHS)),
+         *(ProbeCase("dora", d, w) for w in (False, True) for d in (1, *SEGMENT_DEPTHS)))
 
 
 @dataclass
@@ -89,20 +99,22 @@ def probe_backend(backend: LoRABackend, shapes: Iterable[tuple[int, int]], dtype
 
 
 def case_inputs(case: ProbeCase, n_in: int, n_out: int, dtype: torch.dtype, device: torch.device, max_rank: int,
-                *, values: bool = True
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LoRABatch, torch.Tensor]:
-    """(y, x, A stack, B stack, batch, slot ranks) of one case at layer shape in -> out, seeded: slot 0 holds
-    rank `max_rank`, slot 1 half of it (zeros past it, as slots hold them), slot 2 is the null slot.
+                *, values: bool = True) -> ProbeInputs:
+    """The inputs of one case at layer shape in -> out, seeded: slot 0 holds rank `max_rank`, slot 1 half of it
+    (zeros past it, as slots hold them), slot 2 is the null slot; with the "dora" form, DoRA factors where
+    slot 0 is DoRA (with a bias) and slot 1 and the null slot are not (1 and 0).
     `values=False`: uninitialised tensors of the same shapes (recording launches: tests/gpu_aot)."""
     gen = torch.Generator().manual_seed(case.depth)
     slots, plan = case.plan()
-    weights = [0.5 + 0.25 * (t % 3) for t in range(len(slots))] if case.form == "weighted" else None
-    batch = LoRABatchBuffers(device, capacity=len(plan.rows)).fill(slots, plan, {"probe": max_rank}, weights)
+    weights = [0.5 + 0.25 * (t % 3) for t in range(len(slots))] if case.has_weights else None
+    dora_kinds = frozenset({"probe"}) if case.form == "dora" else frozenset()
+    batch = LoRABatchBuffers(device, capacity=len(plan.rows)).fill(slots, plan, {"probe": max_rank}, weights,
+                                                                   dora_kinds=dora_kinds, null_slot=PROBE_SLOTS)
 
-    def rand(*shape: int) -> torch.Tensor:
+    def rand(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
         if not values:
-            return torch.empty(*shape, dtype=dtype, device=device)
-        return (torch.randn(*shape, generator=gen) * 0.1).to(device, dtype)
+            return torch.empty(*shape, dtype=dt, device=device)
+        return (torch.randn(*shape, generator=gen) * 0.1).to(device, dt)
 
     x, y = rand(len(slots), n_in), rand(len(slots), n_out)
     a, b = rand(PROBE_SLOTS + 1, max_rank, n_in), rand(PROBE_SLOTS + 1, max_rank, n_out)
@@ -111,18 +123,42 @@ def case_inputs(case: ProbeCase, n_in: int, n_out: int, dtype: torch.dtype, devi
         stack[PROBE_SLOTS].zero_()
         stack[1, half:].zero_()
     ranks = torch.tensor([max_rank, half, 0], dtype=torch.int32, device=device)
-    return y, x, a, b, batch, ranks
+    dora = None
+    if dora_kinds:
+        stack = rand(PROBE_SLOTS + 1, 2, n_out, dt=torch.float32)
+        stack[1:, 0], stack[1:, 1] = 1.0, 0.0
+        stack[0, 0] += 1.0
+        dora = DoraFactors(stack, shift=True)
+    return ProbeInputs(y, x, a, b, batch, ranks, dora)
+
+
+@dataclass(frozen=True)
+class ProbeInputs:
+    """One case's arguments of `LoRABackend.apply`."""
+
+    y: torch.Tensor
+    x: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    batch: LoRABatch
+    ranks: torch.Tensor
+    dora: DoraFactors | None
+
+    def apply(self, backend: LoRABackend, y: torch.Tensor, max_rank: int) -> None:
+        extra = {"dora": self.dora} if self.dora is not None else {}
+        backend.apply(y, self.x, self.a, self.b, self.batch, max_rank, self.ranks, **extra)
 
 
 def _run_case(backend: LoRABackend, case: ProbeCase, n_in: int, n_out: int, dtype: torch.dtype,
               device: torch.device, max_rank: int) -> str | None:
-    y, x, a, b, batch, ranks = case_inputs(case, n_in, n_out, dtype, device, max_rank)
-    want = y.clone()
-    TorchLoRABackend().apply(want, x, a, b, batch, max_rank, ranks)
-    got = y.clone()
-    where = f"{case.form} form (depth {case.depth}, layer {n_in}->{n_out}, {dtype})"
+    inputs = case_inputs(case, n_in, n_out, dtype, device, max_rank)
+    want = inputs.y.clone()
+    inputs.apply(TorchLoRABackend(), want, max_rank)
+    got = inputs.y.clone()
+    weighted = " weighted" if case.has_weights and case.form == "dora" else ""
+    where = f"{case.form} form (depth {case.depth}{weighted}, layer {n_in}->{n_out}, {dtype})"
     try:
-        backend.apply(got, x, a, b, batch, max_rank, ranks)
+        inputs.apply(backend, got, max_rank)
         err = (got.float() - want.float()).abs().max().item()  # a sync: the probe runs once, at start
     except Exception as exc:  # noqa: BLE001 - any failure means "not this backend for this form"; logged
         return f"{where}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
@@ -145,15 +181,16 @@ class ProbedBackend(LoRABackend):
         self.name = primary.name if not failed else f"{primary.name} (torch ops for {', '.join(sorted(failed))})"
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
-              batch: LoRABatch, rank: int, slot_ranks: torch.Tensor) -> None:
-        form = form_of(batch)
+              batch: LoRABatch, rank: int, slot_ranks: torch.Tensor, dora: DoraFactors | None = None) -> None:
+        form = form_of(batch, dora)
+        extra = {"dora": dora} if dora is not None else {}
         if form not in self.failed:
             try:
-                self.primary.apply(y, x, a_stack, b_stack, batch, rank, slot_ranks)
+                self.primary.apply(y, x, a_stack, b_stack, batch, rank, slot_ranks, **extra)
                 return
             except Exception:  # noqa: BLE001 - serve on the torch ops rather than fail the step's requests
                 log.exception("LoRA ops: %s failed in the %s form; that form uses the torch ops from now on",
                               self.primary.name, form)
                 self.failed.add(form)
                 self.name = f"{self.primary.name} (torch ops for {', '.join(sorted(self.failed))})"
-        self.fallback.apply(y, x, a_stack, b_stack, batch, rank, slot_ranks)
+        self.fallback.apply(y, x, a_stack, b_stack, batch, rank, slot_ranks, **extra)

@@ -9,7 +9,9 @@ apart from the ops that compute.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -75,6 +77,23 @@ class OpTrace(TorchDispatchMode):
 
     def counts(self) -> Counter[str]:
         return Counter(self.compute)
+
+
+@contextlib.contextmanager
+def traced_forward(module: torch.nn.Module, *, forbid_sync: bool = True) -> Iterator[OpTrace]:
+    """`with traced_forward(engine.runner.model) as trace: engine.step()`: trace only the model's forward calls
+    inside the block (what a captured graph would replay), not the step's host-side work around them."""
+    trace, forward = OpTrace(forbid_sync=forbid_sync), module.forward
+
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        with trace:
+            return forward(*args, **kwargs)
+
+    module.forward = traced
+    try:
+        yield trace
+    finally:
+        module.forward = forward
 
 
 def _copies_to_host(name: str, args: Any, kwargs: Any) -> bool:

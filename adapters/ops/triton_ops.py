@@ -13,7 +13,11 @@ each slot's own rank for this layer (`slot_ranks`, [S + 1] int32):
           grid (G * ceil(D / BLOCK_M), ceil(out / BLOCK_N)): the rank loop stops at the slot's own rank, and
           the split partials are summed in split order (deterministic, no atomics). w: the pass's row weights
           (merged tokens, batch.py), applied to the fp32 accumulator; a pass without them compiles without
-          the load (HAS_W is a constexpr).
+          the load (HAS_W is a constexpr). DoRA (DORA, a constexpr, set only in steps with a DoRA row for
+          layers a DoRA slot targets): the stored value is g[slot, n] * (y + acc) + c[slot, n] (ops/base.py
+          `DoraFactors`: 1 and 0 exactly for other slots), in fp32, in the same store: no extra launch. Tokens
+          outside the grid (base-only ones of the grouped / window forms) are not touched: their factors are 1
+          and 0; a slot of rank 0 here returns before its store, so its factors must be (and are) 1 and 0.
 Padding rows are masked out of every load and store: their token's x is never read (it may be inf/NaN) and
 each token is stored by exactly one valid row, so there are no races. Every product is a tl.dot (exact IEEE
 for fp32) over a tile of BLOCK_M >= 16 rows of one group, tl.dot's smallest M on GPUs: a segment (window
@@ -35,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loraplex.adapters.ops.base import LoRABackend
+from loraplex.adapters.ops.base import DoraFactors, LoRABackend
 from loraplex.adapters.ops.batch import LoRABatch
 
 BLOCK_R = 16  # rank slice: a slot of rank r_s runs ceil(r_s / 16) slices; 16 is tl.dot's smallest K/N on GPUs
@@ -125,13 +129,13 @@ def _sum_splits(part_ptr, grid_row, offs_r, mask, splits, num_rows, r_pad,
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _expand_kernel(part_ptr, b_ptr, y_ptr, rows_ptr, pad_ptr, groups_ptr, ranks_ptr, w_ptr,
+def _expand_kernel(part_ptr, b_ptr, y_ptr, rows_ptr, pad_ptr, groups_ptr, ranks_ptr, w_ptr, f_ptr,
                    depth, rank_bound, n_size, splits, num_rows, r_pad,
-                   stride_yt, stride_yn, stride_bs, stride_br, stride_bn, stride_pad,
+                   stride_yt, stride_yn, stride_bs, stride_br, stride_bn, stride_pad, stride_fs, stride_fk,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                   F32_DOT: tl.constexpr, HAS_W: tl.constexpr):
+                   F32_DOT: tl.constexpr, HAS_W: tl.constexpr, DORA: tl.constexpr):
     """y[token, n] += w[row] * h[row, :r_s] @ B[slot, :r_s, n] for this program's rows [BLOCK_M] x columns
-    [BLOCK_N] (w = 1 without HAS_W)."""
+    [BLOCK_N] (w = 1 without HAS_W); with DORA the result is then g[slot, n] * y + c[slot, n]."""
     slot, own_rank, grid_row, token, valid = _program_rows(groups_ptr, ranks_ptr, rows_ptr, pad_ptr, stride_pad,
                                                            depth, rank_bound, BLOCK_M)
     if own_rank == 0:  # the null slot, or an adapter that does not target this layer: y stays as it is
@@ -152,8 +156,13 @@ def _expand_kernel(part_ptr, b_ptr, y_ptr, rows_ptr, pad_ptr, groups_ptr, ranks_
         acc = acc * tl.load(w_ptr + grid_row, mask=valid, other=0.0)[:, None]
     y_tile = y_ptr + token[:, None] * stride_yt + offs_n[None, :] * stride_yn  # int64 offsets
     mask = valid[:, None] & n_ok[None, :]  # padding rows store nothing: each token has one valid row
-    y = tl.load(y_tile, mask=mask, other=0.0)
-    tl.store(y_tile, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
+    y = tl.load(y_tile, mask=mask, other=0.0).to(tl.float32) + acc
+    if DORA:  # this group's slot's factors along the columns [BLOCK_N] fp32 (stride 1 along n)
+        f_row = f_ptr + slot * stride_fs + offs_n
+        g = tl.load(f_row, mask=n_ok, other=1.0)
+        c = tl.load(f_row + stride_fk, mask=n_ok, other=0.0)
+        y = y * g[None, :] + c[None, :]
+    tl.store(y_tile, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @dataclass(frozen=True)
@@ -209,7 +218,7 @@ class TritonLoRABackend(LoRABackend):
     name = "triton"
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
-              batch: LoRABatch, rank: int, slot_ranks: torch.Tensor) -> None:
+              batch: LoRABatch, rank: int, slot_ranks: torch.Tensor, dora: DoraFactors | None = None) -> None:
         g, d = batch.num_groups, batch.depth
         f32_dot = _f32_dot(a_stack.dtype, x.device)
         cfg = plan_launch(g, d, rank, x.shape[1], y.shape[1], _sm_count(x.device), f32_dot)
@@ -222,7 +231,12 @@ class TritonLoRABackend(LoRABackend):
             x, a_stack, part, *meta, d, rank, x.shape[1], cfg.k_chunk, rows, r_pad,
             *x.stride(), *a_stack.stride(), batch.padding.stride(0), BLOCK_K=cfg.block_k, **common)
         weights = batch.row_weights  # [G*D] fp32, or None: the kernel never reads w_ptr then
+        # [S + 1, 2, out] fp32, read only with DORA; without, fixed dummy strides (part's vary per step, and a
+        # varying int would specialise a new variant while serving)
+        factors, f_strides = (part, (0, 0)) if dora is None else (dora.stack, dora.stack.stride()[:2])
+        if dora is not None and factors.stride(2) != 1:
+            raise ValueError("DoRA factors must be contiguous along the output features")
         _expand_kernel[(g * cfg.m_tiles(d), triton.cdiv(y.shape[1], cfg.block_n))](
-            part, b_stack, y, *meta, part if weights is None else weights, d, rank, y.shape[1], cfg.splits, rows,
-            r_pad, *y.stride(), *b_stack.stride(), batch.padding.stride(0), BLOCK_N=cfg.block_n,
-            HAS_W=weights is not None, **common)
+            part, b_stack, y, *meta, part if weights is None else weights, factors, d, rank, y.shape[1], cfg.splits,
+            rows, r_pad, *y.stride(), *b_stack.stride(), batch.padding.stride(0), *f_strides,
+            BLOCK_N=cfg.block_n, HAS_W=weights is not None, DORA=dora is not None, **common)

@@ -249,9 +249,16 @@ def resolve_merge(rt: Runtime, model: str | None, adapters: Sequence[Any] | None
 
 
 def _merged_adapter(rt: Runtime, name: str, param: str, tenant: Tenant, route_key: str | None) -> str:
+    from loraplex.adapters.merge import DORA_NOT_MERGED
+
     adapter = resolve_adapter(rt, name, param=param, empty_is_base=False, tenant=tenant, route_key=route_key)
     if adapter is None:
         raise ApiError(400, f"{param}: {quote(name)} is the base model, not an adapter to merge", param=param)
+    adapter_name, sha = split_key(adapter)
+    record = rt.store.get(adapter_name)
+    version = record.version(sha) if sha is not None else record.current
+    if version is not None and version.meta.get("use_dora"):  # a version from before DoRA was served: LoRA
+        raise ApiError(400, f"{param}: {quote(name)} is a DoRA adapter; {DORA_NOT_MERGED}", param=param)
     return adapter
 
 

@@ -2,14 +2,16 @@
 
 A padded decode step (model_runner.py) is a dict of named input tensors whose shapes depend only on the
 batch bucket (and, on the gather attention path, the context width), a forward that reads nothing else,
-and no host sync. `DecodeGraphs` keeps, per key (input shapes, with or without LoRA), a set of device
-buffers and a graph captured over them; a step copies its inputs into the buffers and replays. Adapter
-weights live in the slot stacks, written in place, so a graph serves whichever adapters the slots hold.
+and no host sync. `DecodeGraphs` keeps, per key (input shapes and LoRA mode: none, LoRA, or LoRA with DoRA's
+factors, inject.py `step_mode`), a set of device buffers and a graph captured over them; a step copies its
+inputs into the buffers and replays. Adapter weights live in the slot stacks, written in place, so a graph
+serves whichever adapters the slots hold.
 
 With a paged attention kernel every bucket has one shape, so `capture_buckets` captures them all at start
-(base-only and LoRA per bucket, on pad rows that touch only the scratch block) and logs the memory they
-hold. Nothing is captured while serving: a step whose key was not captured at start runs eagerly (the runner
-asks `serves` first); the engine turns graphs off on the gather path, whose context width changes per step.
+(base-only, LoRA and DoRA per bucket, on pad rows that touch only the scratch block; a step without a DoRA
+row replays the LoRA graph, which dispatches none of DoRA's work) and logs the memory they hold. Nothing is
+captured while serving: a step whose key was not captured at start runs eagerly (the runner asks `serves`
+first); the engine turns graphs off on the gather path, whose context width changes per step.
 
 The graph itself is behind a two-method interface: `CudaGraph` on CUDA, `CheckedGraph` where there is no
 CUDA. A CPU cannot replay a graph, so CheckedGraph re-runs the captured callable, under checks that make the
@@ -29,7 +31,7 @@ from typing import Protocol
 
 import torch
 
-from loraplex.adapters.inject import LoRAInjection
+from loraplex.adapters.inject import DORA, LORA, LoRAInjection
 from loraplex.adapters.ops import LoRABatch
 from loraplex.server.engine.capture_check import CaptureCheck
 
@@ -37,7 +39,8 @@ log = logging.getLogger(__name__)
 
 Inputs = dict[str, torch.Tensor]
 Forward = Callable[[Inputs, LoRABatch | None], torch.Tensor]  # (device inputs, LoRA batch) -> logits [B, V]
-GraphKey = tuple[bool, tuple[tuple[str, tuple[int, ...]], ...]]
+GraphKey = tuple[str | None, tuple[tuple[str, tuple[int, ...]], ...]]
+LoRAMode = str | None  # None (base only), LORA or DORA: inject.py `step_mode`
 
 
 class Graph(Protocol):
@@ -130,39 +133,41 @@ class DecodeGraphs:
         graph's input buffers and the LoRA batches over them."""
         return [*self.static(), *self._owned]
 
-    def serves(self, inputs: Inputs, use_lora: bool) -> bool:
-        """A graph was captured at start for this step's shapes (else the runner runs it eagerly)."""
-        return _key(inputs, use_lora) in self.graphs
+    def serves(self, inputs: Inputs, mode: LoRAMode) -> bool:
+        """A graph was captured at start for this step's shapes and LoRA mode (else the runner runs it eagerly)."""
+        return _key(inputs, mode) in self.graphs
 
-    def run(self, inputs: Inputs, use_lora: bool) -> torch.Tensor:
+    def run(self, inputs: Inputs, mode: LoRAMode) -> torch.Tensor:
         """Logits [B, V] of the padded decode step described by the host tensors `inputs`, replayed from the
         graph captured at start for its shapes (never captured here: `serves` says whether there is one)."""
-        captured = self.graphs.get(_key(inputs, use_lora))
+        captured = self.graphs.get(_key(inputs, mode))
         if captured is None:
-            raise RuntimeError(f"no decode graph was captured at start for {_key(inputs, use_lora)}")
+            raise RuntimeError(f"no decode graph was captured at start for {_key(inputs, mode)}")
         _load(captured.buffers, inputs)
         captured.graph.replay()
         self.replays += 1
         return captured.output
 
     def capture_buckets(self, step_inputs: Callable[[int], Inputs], buckets: list[int]) -> None:
-        """Capture every bucket (base-only and, with adapters, LoRA) at start, on pad-only inputs; log the
-        time and the device memory the graphs hold."""
+        """Capture every bucket (base-only and, with adapters, LoRA and DoRA) at start, on pad-only inputs; log
+        the time and the device memory the graphs hold."""
         before = _device_memory(self.device)
         start = time.perf_counter()
         for size in buckets:
-            for use_lora in (False, True) if self.lora is not None else (False,):
+            for mode in (None, LORA, DORA) if self.lora is not None else (None,):
                 inputs = step_inputs(size)
-                self._capture(_key(inputs, use_lora), inputs, use_lora)
+                self._capture(_key(inputs, mode), inputs, mode)
         held = _device_memory(self.device) - before
         log.info("CUDA graphs: captured %d decode graphs (buckets %s) in %.1f s; they hold %.1f MiB",
                  len(self.graphs), buckets, time.perf_counter() - start, held / 2**20)
         self.memory_bytes = held
 
-    def _capture(self, key: GraphKey, inputs: Inputs, use_lora: bool) -> _Captured:
+    def _capture(self, key: GraphKey, inputs: Inputs, mode: LoRAMode) -> _Captured:
         buffers = {name: torch.empty_like(t, device=self.device) for name, t in inputs.items()}
         _load(buffers, inputs)
-        batch = self.lora.static_batch(buffers["token_slots"], buffers["group_slots"]) if use_lora else None
+        batch = None
+        if mode is not None:
+            batch = self.lora.static_batch(buffers["token_slots"], buffers["group_slots"], dora=mode == DORA)
         self._owned += [*buffers.values(), *((batch.rows, batch.padding) if batch is not None else ())]
         graph = self.make_graph()
         output = graph.capture(lambda: self.forward(buffers, batch))
@@ -172,8 +177,8 @@ class DecodeGraphs:
         return captured
 
 
-def _key(inputs: Inputs, use_lora: bool) -> GraphKey:
-    return use_lora, tuple((name, tuple(t.shape)) for name, t in sorted(inputs.items()))
+def _key(inputs: Inputs, mode: LoRAMode) -> GraphKey:
+    return mode, tuple((name, tuple(t.shape)) for name, t in sorted(inputs.items()))
 
 
 def _load(buffers: Inputs, inputs: Inputs) -> None:

@@ -101,8 +101,8 @@ class ModelRunner:
                                       _merged_rows(packed))  # [bucket, V]
             return _split(logits.index_select(0, self._tensor(keep)).float(), scored)
         meta = self._attention_metadata(packed)
-        if self.lora is not None:
-            self.lora.set_token_slots(slots, merges=_merged_rows(packed))
+        if self.lora is not None:  # lm_head sees only the kept rows: LoRA on it needs their slots
+            self.lora.set_token_slots(slots, merges=_merged_rows(packed), logits_rows=keep)
         out = self.model(
             input_ids=self._tensor(ids)[None],
             position_ids=self._tensor(pos)[None],
@@ -130,13 +130,15 @@ class ModelRunner:
     def _run_decode(self, inputs: DecodeInputs, slots: list[int], merges: TokenMerges) -> torch.Tensor:
         """Logits [bucket, V] of a padded decode step (`slots`: its token slots, as `inputs` holds them):
         replayed from a graph when graphs are on, else eager. A step with linearly merged rows (`merges`)
-        runs eagerly: a graph replays the one-slot-per-row gather form only."""
-        use_lora = self.lora is not None and max(slots) >= 0
-        if self.graphs is not None and not merges and self.graphs.serves(inputs, use_lora):
-            return self.graphs.run(inputs, use_lora)
+        runs eagerly: a graph replays the one-slot-per-row gather form only. Graphs are captured per LoRA mode
+        (none, LoRA, LoRA with DoRA factors: inject.py `step_mode`), so a step without a DoRA row replays a
+        graph without DoRA's ops."""
+        mode = self.lora.step_mode(slots) if self.lora is not None else None
+        if self.graphs is not None and not merges and self.graphs.serves(inputs, mode):
+            return self.graphs.run(inputs, mode)
         device_inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
         batch = None
-        if use_lora:
+        if mode is not None:
             self.lora.set_token_slots(slots, gather=True, merges=merges)
             batch = self.lora.context.batch
         return self.forward_decode(device_inputs, batch)

@@ -1,6 +1,6 @@
 """PEFT LoRA adapter dirs → validated fp32 weights: real adapters written by peft, and every bad input.
 
-Covers BAD_INPUTS.md rows 7-14 (config missing / not JSON, peft_type / DoRA / bias / modules_to_save,
+Covers BAD_INPUTS.md rows 7-14 (config missing / not JSON, peft_type / bias / modules_to_save,
 rank > max, absent target, pickle-only weights, truncated / corrupt safetensors, shape mismatch, huge
 declared shape). Adapters are built with peft itself on a tiny seeded Llama, so "right" means "what peft saved
 and what peft's own LoraLayer.scaling says".
@@ -266,10 +266,12 @@ def test_config_not_an_object(bad: Path, module_shapes: dict) -> None:
     [
         ({"peft_type": "LOHA"}, "peft_type", "LOHA"),
         ({"peft_type": None}, "peft_type", "None"),
-        ({"use_dora": True}, "use_dora", "DoRA"),
+        ({"use_dora": "yes"}, "use_dora", "'yes'"),
         ({"bias": "all"}, "bias", "'all'"),
         ({"bias": "lora_only"}, "bias", "lora_only"),
-        ({"modules_to_save": ["lm_head"]}, "modules_to_save", "lm_head"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save", "lm_head"),  # and why, and what instead:
+        ({"modules_to_save": ["score"]}, "modules_to_save", "full trained copy"),
+        ({"modules_to_save": ["score"]}, "modules_to_save", "retrain with LoRA on those modules"),
         ({"r": 0}, "r", "0"),
         ({"r": "8"}, "r", "'8'"),
         ({"r": True}, "r", "True"),
@@ -362,9 +364,8 @@ def test_rank_pattern_disagreeing_with_tensors_is_a_shape_error(bad: Path, modul
 @pytest.mark.parametrize(
     "extra",
     [
-        f"base_model.model.{Q0}.lora_magnitude_vector",
-        "base_model.model.model.embed_tokens.lora_embedding_A",
         f"base_model.model.{Q0}.lora_B.bias",
+        f"base_model.model.{Q0}.lora_C.weight",
     ],
 )
 def test_unknown_tensor_is_named(extra: str, bad: Path, module_shapes: dict) -> None:

@@ -11,7 +11,7 @@ import torch
 
 import loraplex.adapters.ops as ops
 from loraplex.adapters.ops import LoRABatch, get_backend, probe_lora_backend
-from loraplex.adapters.ops.base import LoRABackend
+from loraplex.adapters.ops.base import DoraFactors, LoRABackend
 from loraplex.adapters.ops.probe import CASES, FORMS, ProbedBackend, case_inputs, form_of, probe_backend
 from loraplex.adapters.ops.torch_ops import TorchLoRABackend
 from loraplex.adapters.targets import TARGET_MODULES
@@ -23,30 +23,38 @@ CPU = torch.device("cpu")
 
 class Broken(LoRABackend):
     """The torch ops, except that the decode form raises (a kernel that does not compile for this GPU) and
-    the segments form adds twice the delta (a kernel that computes wrong)."""
+    the segments form adds twice the delta (a kernel that computes wrong); `wrong_dora`: the dora form forgets
+    the factors' shift (a DoRA variant that computes wrong)."""
 
     name = "broken"
 
-    def __init__(self) -> None:
+    def __init__(self, wrong_dora: bool = False) -> None:
         self.calls: dict[str, int] = dict.fromkeys(FORMS, 0)
+        self.wrong_dora = wrong_dora
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
-              batch: LoRABatch, rank: int, slot_ranks: torch.Tensor) -> None:
-        form = form_of(batch)
+              batch: LoRABatch, rank: int, slot_ranks: torch.Tensor, dora: DoraFactors | None = None) -> None:
+        form = form_of(batch, dora)
         self.calls[form] += 1
         if form == "decode":
             raise RuntimeError("PTX .version 9.9 does not support .target sm_90a")
+        if dora is not None and self.wrong_dora:
+            dora = DoraFactors(dora.stack, shift=False)
         for _ in range(2 if form == "segments" else 1):
-            TorchLoRABackend().apply(y, x, a_stack, b_stack, batch, rank, slot_ranks)
+            TorchLoRABackend().apply(y, x, a_stack, b_stack, batch, rank, slot_ranks, dora)
 
 
 def test_every_form_is_probed_at_every_depth_constexpr():
     assert {c.form for c in CASES} == set(FORMS)
     depths = {c.depth for c in CASES if c.form == "segments"}
     assert depths == {2, 17, 33}  # BLOCK_M 16, 32, 64
+    # DoRA's factors (a constexpr of the expand) at every depth, with and without row weights (HAS_W).
+    assert {(c.depth, c.has_weights) for c in CASES if c.form == "dora"} == {
+        (d, w) for d in (1, 2, 17, 33) for w in (False, True)}
     for case in CASES:
-        *_, batch, _ = case_inputs(case, 32, 48, torch.float32, CPU, 8)
-        assert form_of(batch) == case.form and batch.depth == case.depth
+        inputs = case_inputs(case, 32, 48, torch.float32, CPU, 8)
+        assert form_of(inputs.batch, inputs.dora) == case.form and inputs.batch.depth == case.depth
+        assert (inputs.batch.row_weights is not None) == case.has_weights
 
 
 def test_a_failing_and_a_wrong_form_fall_back_the_others_stay():
@@ -54,8 +62,15 @@ def test_a_failing_and_a_wrong_form_fall_back_the_others_stay():
     assert report.failed() == {"decode", "segments"}
     assert "RuntimeError: PTX .version 9.9" in report.problems["decode"]
     assert "differs from the torch ops" in report.problems["segments"]
-    assert report.problems["weighted"] is None
-    assert report.summary() == "decode torch fallback, segments torch fallback, weighted ok"
+    assert report.problems["weighted"] is None and report.problems["dora"] is None
+    assert report.summary() == "decode torch fallback, segments torch fallback, weighted ok, dora ok"
+
+
+def test_a_wrong_dora_variant_falls_back_alone():
+    report = probe_backend(Broken(wrong_dora=True), {(32, 48)}, torch.float32, CPU, 8)
+    assert report.failed() == {"decode", "segments", "dora"}
+    assert report.problems["dora"].startswith("dora form (depth 1, layer 32->48")
+    assert "differs from the torch ops" in report.problems["dora"] and report.problems["weighted"] is None
 
 
 def test_the_probed_backend_routes_each_form_and_matches_the_torch_ops():
@@ -63,23 +78,23 @@ def test_the_probed_backend_routes_each_form_and_matches_the_torch_ops():
     probed = ProbedBackend(broken, {"decode", "segments"})
     assert probed.name == "broken (torch ops for decode, segments)"
     for case in CASES:
-        y, x, a, b, batch, ranks = case_inputs(case, 32, 48, torch.float32, CPU, 8)
-        want = y.clone()
-        TorchLoRABackend().apply(want, x, a, b, batch, 8, ranks)
+        inputs = case_inputs(case, 32, 48, torch.float32, CPU, 8)
+        want, y = inputs.y.clone(), inputs.y.clone()
+        inputs.apply(TorchLoRABackend(), want, 8)
         before = dict(broken.calls)
-        probed.apply(y, x, a, b, batch, 8, ranks)
+        inputs.apply(probed, y, 8)
         torch.testing.assert_close(y, want)
-        assert (broken.calls != before) == (case.form == "weighted")  # only the passing form reaches it
+        assert (broken.calls != before) == (case.form in ("weighted", "dora"))  # only passing forms reach it
 
 
 def test_a_form_that_raises_while_serving_moves_to_the_torch_ops(caplog):
     probed = ProbedBackend(Broken(), set())  # the probe passed (say), then decode raises at a later launch
     case = next(c for c in CASES if c.form == "decode")
-    y, x, a, b, batch, ranks = case_inputs(case, 32, 48, torch.float32, CPU, 8)
-    want = y.clone()
-    TorchLoRABackend().apply(want, x, a, b, batch, 8, ranks)
+    inputs = case_inputs(case, 32, 48, torch.float32, CPU, 8)
+    want, y = inputs.y.clone(), inputs.y.clone()
+    inputs.apply(TorchLoRABackend(), want, 8)
     with caplog.at_level(logging.ERROR):
-        probed.apply(y, x, a, b, batch, 8, ranks)
+        inputs.apply(probed, y, 8)
     torch.testing.assert_close(y, want)  # nothing half-written: the failed launch wrote nothing
     assert probed.failed == {"decode"} and "failed in the decode form" in caplog.text
 

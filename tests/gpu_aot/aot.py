@@ -7,11 +7,13 @@
    specialisation (argument types, ints equal to 1 or divisible by 16, pointer alignment, constexprs) for a
    CUDA target, and launches nothing. Device-dependent choices are made as on a GPU (an H100's 132 SMs for
    split-K, tensor-core dots for fp16/bf16). Two sets are recorded:
-     warm-up   what the engine launches at start: the LoRA probe's cases (adapters/ops/probe.py) at every
-               model family's layer shapes and rank bound, and the paged-attention probe at every head dim,
-               GQA ratio, page size and dtype;
+     warm-up   what the engine launches at start: the LoRA probe's cases (adapters/ops/probe.py, DoRA's
+               included) at every model family's layer shapes (lm_head and the embedding's too: the engine
+               probes every wrapped layer's shape) and rank bound, and the paged-attention probe at every head
+               dim, GQA ratio, page size and dtype;
      serving   a seeded sweep of the launches steps make while serving (decode buckets, prefill chunks,
-               grouped and window forms, merges, rank bounds 1..max, eager block tables of every width).
+               grouped and window forms, merges, DoRA factors, rank bounds 1..max, eager block tables of every
+               width).
    Every serving variant must be a warm-up variant: then nothing compiles while serving.
 2. Compile each distinct variant with `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` (the
    installed triton ships ptxas) and read ptxas's report: registers, spill stores, stack, shared memory.
@@ -52,12 +54,13 @@ SPILL_BUDGET = 16
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
 H100_SMS = 132
 
-# Model families we serve, at 7B-70B widths (hidden, intermediate, heads, KV heads, head dim); the demo too.
+# Model families we serve, at 7B-70B widths (hidden, intermediate, heads, KV heads, head dim, vocabulary); the
+# demo too.
 MODELS = {
-    "SmolLM2-135M": (576, 1536, 9, 3, 64), "Llama-2-7B": (4096, 11008, 32, 32, 128),
-    "Llama-3-8B / Mistral-7B": (4096, 14336, 32, 8, 128), "Qwen2-7B": (3584, 18944, 28, 4, 128),
-    "Qwen3-8B": (4096, 12288, 32, 8, 128), "Llama-2-13B": (5120, 13824, 40, 40, 128),
-    "Qwen2.5-32B": (5120, 27648, 40, 8, 128), "Llama-3-70B": (8192, 28672, 64, 8, 128),
+    "SmolLM2-135M": (576, 1536, 9, 3, 64, 49152), "Llama-2-7B": (4096, 11008, 32, 32, 128, 32000),
+    "Llama-3-8B / Mistral-7B": (4096, 14336, 32, 8, 128, 128256), "Qwen2-7B": (3584, 18944, 28, 4, 128, 152064),
+    "Qwen3-8B": (4096, 12288, 32, 8, 128, 151936), "Llama-2-13B": (5120, 13824, 40, 40, 128, 32000),
+    "Qwen2.5-32B": (5120, 27648, 40, 8, 128, 152064), "Llama-3-70B": (8192, 28672, 64, 8, 128, 128256),
 }
 RANKS = (16, 64)  # --max-lora-rank bounds
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
@@ -65,10 +68,10 @@ GQA = (1, 4, 8)
 PAGES = (1, 8, 16, 32)
 
 
-def layer_shapes(hidden: int, inter: int, heads: int, kv_heads: int, dim: int) -> set[tuple[int, int]]:
-    """(in, out) of q/k/v/o, gate/up and down."""
+def layer_shapes(hidden: int, inter: int, heads: int, kv_heads: int, dim: int, vocab: int) -> set[tuple[int, int]]:
+    """(in, out) of q/k/v/o, gate/up and down, lm_head, and the embedding as the engine reports it (vocab, hidden)."""
     return {(hidden, heads * dim), (hidden, kv_heads * dim), (heads * dim, hidden), (hidden, inter),
-            (inter, hidden)}
+            (inter, hidden), (hidden, vocab), (vocab, hidden)}
 
 
 # ---- 1. record -------------------------------------------------------------------------------------------
@@ -158,8 +161,8 @@ def record_warm_up(models: dict[str, tuple[int, ...]] = MODELS, *, attention: bo
                 for rank in RANKS:
                     for n_in, n_out in sorted(layer_shapes(*dims)):
                         for case in CASES:
-                            y, x, a, b, batch, ranks = case_inputs(case, n_in, n_out, dtype, cpu, rank, values=False)
-                            backend.apply(y, x, a, b, batch, rank, ranks)
+                            inputs = case_inputs(case, n_in, n_out, dtype, cpu, rank, values=False)
+                            inputs.apply(backend, inputs.y, rank)
             for dim in HEAD_DIMS if attention else ():
                 for group in GQA:
                     for page in PAGES:
@@ -177,7 +180,7 @@ def record_serving(seed: int = 0, steps: int = 60) -> Recorder:
     from loraplex.server.engine.triton_attention import triton_paged_attention
 
     rng, cpu, backend = random.Random(seed), torch.device("cpu"), TritonLoRABackend()
-    models = [MODELS["SmolLM2-135M"], MODELS["Llama-3-8B / Mistral-7B"], MODELS["Llama-3-70B"]]
+    models = [MODELS["SmolLM2-135M"], MODELS["Llama-3-8B / Mistral-7B"], MODELS["Llama-3-70B"], MODELS["Qwen2-7B"]]
     with Recorder() as rec:
         for dtype in _dtypes():
             for dims in models:
@@ -192,8 +195,11 @@ def record_serving(seed: int = 0, steps: int = 60) -> Recorder:
 
 def _lora_step(rng: random.Random, backend: Any, shapes: list[tuple[int, int]], dtype: Any, cpu: Any,
                buffers: Any, plan_groups: Any, split_passes: Any) -> None:
-    """One random step's LoRA launches on one layer shape: a decode bucket (gather form) or a mixed step."""
+    """One random step's LoRA launches on one layer shape: a decode bucket (gather form) or a mixed step, with
+    DoRA's factors in its first pass when slot 0 (a DoRA adapter, never merged) is among its tokens."""
     import torch
+
+    from loraplex.adapters.ops import DoraFactors
 
     slots, rank = 4, rng.choice(RANKS)
     n_in, n_out = rng.choice(shapes)
@@ -201,17 +207,20 @@ def _lora_step(rng: random.Random, backend: Any, shapes: list[tuple[int, int]], 
     tokens = rng.choice([1, 2, 4, 8, 16, 32, 64]) if gather else rng.randint(1, 300)
     token_slots = [rng.randint(-1, slots - 1) for _ in range(tokens)]
     token_slots[0] = max(token_slots[0], 0)
-    merges = {} if gather or rng.random() < 0.6 else {t: [(0, 0.5), (1, 0.5)] for t in range(0, tokens, 3)}
+    merges = {} if gather or rng.random() < 0.6 else {t: [(1, 0.5), (2, 0.5)] for t in range(0, tokens, 3)}
     bound = rank if gather else rng.randint(1, rank)
+    dora = DoraFactors(torch.empty(slots + 1, 2, n_out), shift=True) if rng.random() < 0.4 else None
     a = torch.empty(slots + 1, rank, n_in, dtype=dtype)
     b = torch.empty(slots + 1, rank, n_out, dtype=dtype)
     x, y = torch.empty(tokens, n_in, dtype=dtype), torch.empty(tokens, n_out, dtype=dtype)
     ranks = torch.zeros(slots + 1, dtype=torch.int32)
     for k, (pass_slots, weights) in enumerate(split_passes(token_slots, merges)):
         plan = plan_groups(pass_slots, gather=gather and k == 0, null_slot=slots)
+        first = dora is not None and k == 0 and 0 in pass_slots
         if plan is not None:
-            batch = buffers(cpu).fill(pass_slots, plan, {"x": bound}, weights)
-            backend.apply(y, x, a, b, batch, bound, ranks)
+            batch = buffers(cpu).fill(pass_slots, plan, {"x": bound}, weights,
+                                      dora_kinds=frozenset({"x"}) if first else frozenset(), null_slot=slots)
+            backend.apply(y, x, a, b, batch, bound, ranks, **({"dora": dora} if first else {}))
 
 
 def _attention_step(rng: random.Random, dim: int, dtype: Any, cpu: Any, paged_metadata: Any, kernel: Any) -> None:

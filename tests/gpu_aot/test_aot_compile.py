@@ -31,6 +31,8 @@ def test_every_variant_compiles_for_sm80_and_sm90_and_none_compiles_while_servin
     results = report["results"]
     kernels = {r["variant"].split()[0] for r in results}
     assert kernels == {"_shrink_kernel", "_expand_kernel", "_paged_attention_kernel"}
+    dora = {r["variant"] for r in results if "'DORA': True" in r["variant"]}  # DoRA's expand, weighted or not
+    assert any("'HAS_W': True" in v for v in dora) and any("'HAS_W': False" in v for v in dora)
     assert {r["target"] for r in results} == {80, 90} and all(r["regs"] > 0 for r in results)
     wide_fp32 = [r for r in results if "_paged" in r["variant"] and "fp32" in r["variant"] and "'DIM': 256" in
                  r["variant"]]

@@ -59,6 +59,26 @@ def run_to_completion(engine: LLMEngine, timeout_s: float = 120.0) -> dict[str, 
     raise AssertionError("engine did not finish")
 
 
+def run_capturing(engine: LLMEngine) -> tuple[dict[str, list], dict[str, torch.Tensor]]:
+    """run_to_completion, also keeping each request's sampled logits rows [steps, V] as the runner made them."""
+    rows: dict[str, list[torch.Tensor]] = {}
+    execute = engine.runner.execute
+
+    def spy(chunks):
+        out = execute(chunks)
+        logits = getattr(out, "logits", out)  # [K, V]: the sampling chunks' rows, in chunk order
+        for chunk, row in zip([c for c in chunks if c.samples], logits, strict=True):
+            rows.setdefault(chunk.request.request_id, []).append(row.clone())
+        return out
+
+    engine.runner.execute = spy
+    try:
+        outs = run_to_completion(engine)
+    finally:
+        engine.runner.execute = execute
+    return outs, {rid: torch.stack(r) for rid, r in rows.items()}
+
+
 def wait_for_adapter_news(engine: LLMEngine, timeout_s: float = 1.0) -> None:
     """Block until the next step start has adapter work (a loader result, a due slot copy), bounded."""
     if not engine.adapter_work_pending():

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from loraplex.adapters.ops.trace import OpTrace
+from loraplex.adapters.ops.trace import OpTrace, traced_forward
 from loraplex.adapters.targets import TARGET_MODULES
 from loraplex.server.engine.model_runner import bucket
 
@@ -32,18 +32,8 @@ def _decoding(engine, names: list[str | None], prefix: str) -> None:
 
 def _traced_decode_step(engine) -> OpTrace:
     """One engine step with its forward under OpTrace(forbid_sync=True): a host sync raises."""
-    forward = engine.runner.model.forward
-    trace = OpTrace()
-
-    def traced(*args, **kwargs):
-        with trace:
-            return forward(*args, **kwargs)
-
-    engine.runner.model.forward = traced
-    try:
+    with traced_forward(engine.runner.model) as trace:
         engine.step()
-    finally:
-        engine.runner.model.forward = forward
     return trace
 
 

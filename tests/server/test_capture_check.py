@@ -93,7 +93,7 @@ def test_the_engine_refuses_a_decode_forward_with_a_planted_host_sync(monkeypatc
     graphs = DecodeGraphs.for_device(engine.runner.forward_decode, engine.lora, torch.device("cpu"),
                                      engine.runner.static_tensors)
     engine.runner.use_graphs(graphs, 2)
-    assert len(graphs.graphs) == 2 * 2  # buckets 1 and 2, base-only and LoRA each
+    assert len(graphs.graphs) == 3 * 2  # buckets 1 and 2; base-only, LoRA and LoRA with DoRA factors each
 
 
 def test_capture_check_records_what_it_read():

@@ -46,7 +46,7 @@ def test_with_a_paged_kernel_every_bucket_is_captured_at_start_and_serves_peft_t
     model_dir, paths, ref = setup
     engine = make_engine(model_dir, paths, max_num_seqs=8, max_batch_tokens=16)
     graphs = _with_checked_graphs(engine)
-    assert len(graphs.graphs) == 2 * 4  # buckets 1, 2, 4, 8; base-only and LoRA each
+    assert len(graphs.graphs) == 3 * 4  # buckets 1, 2, 4, 8; base-only, LoRA and LoRA with DoRA factors each
     captured = set(graphs.graphs)
     _serve(engine, ref)
     assert graphs.replays > 10

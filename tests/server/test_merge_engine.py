@@ -21,7 +21,7 @@ from loraplex.adapters.merge import MergeRecipe
 from loraplex.adapters.targets import ATTENTION_TARGETS, TARGET_MODULES
 from loraplex.server.engine.cuda_graphs import DecodeGraphs
 
-from .engine_helpers import PeftReference, greedy, make_engine, run_to_completion, tokens_of
+from .engine_helpers import PeftReference, greedy, make_engine, run_capturing, run_to_completion, tokens_of
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -56,23 +56,6 @@ def _peft_adapter(ref: PeftReference, recipe: MergeRecipe, combination: str, **k
     return name
 
 
-def _run_capturing(engine) -> tuple[dict[str, list], dict[str, torch.Tensor]]:
-    """run_to_completion, also keeping each request's sampled logits rows [steps, V] as the runner made them."""
-    rows: dict[str, list[torch.Tensor]] = {}
-    execute = engine.runner.execute
-
-    def spy(chunks):
-        out = execute(chunks)
-        logits = getattr(out, "logits", out)  # [K, V]: the sampling chunks' rows, in chunk order
-        for chunk, row in zip([c for c in chunks if c.samples], logits, strict=True):
-            rows.setdefault(chunk.request.request_id, []).append(row.clone())
-        return out
-
-    engine.runner.execute = spy
-    outs = run_to_completion(engine)
-    return outs, {rid: torch.stack(r) for rid, r in rows.items()}
-
-
 def _check(ref: PeftReference, prompt: list[int], adapter: str | None, outs: list, logits: torch.Tensor) -> None:
     """Greedy tokens equal PEFT's; each step's logits equal PEFT's teacher-forced on the same tokens."""
     tokens = tokens_of(outs)
@@ -87,7 +70,7 @@ def test_linear_merge_equals_peft_cat(setup):
     engine = make_engine(model_dir, adapters)
     prompt = _prompts(1)[0]
     engine.add_request("m", prompt, greedy(N_TOKENS), merge=recipe)
-    outs, logits = _run_capturing(engine)
+    outs, logits = run_capturing(engine)
     _check(ref, prompt, peft_name, outs["m"], logits["m"])
     assert engine.adapters.refcount("a") == engine.adapters.refcount("b") == 0  # both released at the finish
 
@@ -108,7 +91,7 @@ def test_merges_beside_plain_adapters_and_base_rows_each_match_their_reference(s
     prompts = _prompts(len(plan), seed=1)
     for (rid, adapter), prompt in zip(plan, prompts, strict=True):
         engine.add_request(rid, prompt, greedy(N_TOKENS), adapter, merge=merges.get(rid))
-    outs, logits = _run_capturing(engine)
+    outs, logits = run_capturing(engine)
     for (rid, adapter), prompt in zip(plan, prompts, strict=True):
         _check(ref, prompt, names.get(rid, adapter), outs[rid], logits[rid])
 
@@ -126,11 +109,11 @@ def test_decode_steps_with_merged_rows_run_eagerly_beside_graphs(setup, monkeypa
     engine.runner.use_graphs(graphs, 4)
     prompts = _prompts(2, seed=6)
     engine.add_request("m", prompts[0], greedy(N_TOKENS), merge=recipe)
-    outs, logits = _run_capturing(engine)
+    outs, logits = run_capturing(engine)
     _check(ref, prompts[0], peft_name, outs["m"], logits["m"])
     assert graphs.replays == 0
     engine.add_request("pa", prompts[1], greedy(N_TOKENS), "a")
-    outs, logits = _run_capturing(engine)
+    outs, logits = run_capturing(engine)
     _check(ref, prompts[1], "a", outs["pa"], logits["pa"])
     assert graphs.replays == N_TOKENS - 1
 
@@ -173,7 +156,7 @@ def test_virtual_merge_equals_peft_svd_combination(setup, monkeypatch, strategy,
     prompts = _prompts(2, seed=2)
     engine.add_request("v", prompts[0], greedy(N_TOKENS), merge=recipe)
     engine.add_request("pa", prompts[1], greedy(N_TOKENS), "a")
-    outs, logits = _run_capturing(engine)
+    outs, logits = run_capturing(engine)
     _check(ref, prompts[0], peft_name, outs["v"], logits["v"])
     _check(ref, prompts[1], "a", outs["pa"], logits["pa"])
     resident = engine.adapters.resident()
@@ -217,7 +200,7 @@ def test_merge_holds_every_slot_or_none_and_waits_without_holding(setup):
         waited += 1
         engine.step()
     assert waited > 5
-    outs, logits = _run_capturing(engine)
+    outs, logits = run_capturing(engine)
     _check(ref, prompts[1], peft_name, outs["m"], logits["m"])
 
 
@@ -231,7 +214,7 @@ def test_merge_keeps_its_slots_through_preemption(setup):
     prompts = _prompts(4, seed=5)
     for i, prompt in enumerate(prompts):
         engine.add_request(f"m{i}", prompt[:12], greedy(14), merge=recipe)
-    outs, logits = _run_capturing(engine)
+    outs, logits = run_capturing(engine)
     assert held, "the pool was meant to be too small"
     assert all(holds and len(slots) == 2 for holds, slots in held)
     for i, prompt in enumerate(prompts):

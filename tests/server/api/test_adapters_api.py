@@ -283,7 +283,8 @@ def test_row7_config_not_json_or_missing_is_400(client, place):
 
 
 @pytest.mark.parametrize(("changes", "field"), [
-    ({"peft_type": "IA3"}, "peft_type"), ({"use_dora": True}, "use_dora"), ({"bias": "all"}, "bias"),
+    ({"peft_type": "IA3"}, "peft_type"), ({"bias": "all"}, "bias"),
+    ({"use_dora": True}, "lora_magnitude_vector"),  # DoRA is served; a DoRA config over plain LoRA tensors is not
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
 ])
 def test_row8_unsupported_config_is_400_naming_the_field(client, place, changes, field):
