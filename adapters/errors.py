@@ -52,3 +52,15 @@ class AdapterBadNameError(AdapterError):
     """A name outside `[A-Za-z0-9._-]{1,128}` or one of `.` / `..` (422)."""
 
     status = 422
+
+
+class AdapterCommandError(AdapterError):
+    """The engine raised while applying an admin command (pin, forget, seed the host tier): 500, naming it."""
+
+    status = 500
+
+
+class AdapterCommandTimeout(AdapterError):
+    """The engine did not apply an admin command in time, or stopped first: 503, naming it."""
+
+    status = 503

@@ -97,7 +97,8 @@ class LoRAInjection:
     def _buffers_for(self, n_passes: int) -> list[LoRABatchBuffers]:
         """One set of buffers per pass: every pass's views stay valid through the forward."""
         while len(self.pass_buffers) < n_passes - 1:
-            self.pass_buffers.append(LoRABatchBuffers(self.buffers.device, capacity=self.buffers.capacity))
+            self.pass_buffers.append(LoRABatchBuffers(self.buffers.device, capacity=self.buffers.capacity,
+                                                      staging=self.buffers.staging))
         return [self.buffers, *self.pass_buffers[: n_passes - 1]]
 
     def static_batch(self, token_slots: torch.Tensor, group_slots: torch.Tensor) -> LoRABatch:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from loraplex.adapters.context import LoRABatchContext
+from loraplex.adapters.lazy_zeros import lazy_zeros
 from loraplex.adapters.ops import lora_apply
 
 
@@ -39,8 +40,11 @@ class MultiLoRALinear(nn.Module):
         self.num_slots = num_slots
         self.context = context
         device = _device_of(base_layer)
-        a = torch.zeros(num_slots + 1, max_rank, self.in_features, dtype=dtype, device=device)
-        b = torch.zeros(num_slots + 1, max_rank, self.out_features, dtype=dtype, device=device)
+        # Lazily committed on the CPU: only the rows adapters were written to take memory (8 slots x rank 64
+        # are ~0.7 GB for the demo model in fp32, its three rank-8 adapters a few MB).
+        a = lazy_zeros((num_slots + 1, max_rank, self.in_features), dtype, device)
+        b = lazy_zeros((num_slots + 1, max_rank, self.out_features), dtype, device)
+        self._written = [0] * (num_slots + 1)  # per slot: rows [0, n) may be non-zero, the rest are zeros
         self.register_buffer("lora_a", a, persistent=False)
         self.register_buffer("lora_b", b, persistent=False)
         self.register_buffer("lora_ranks", torch.zeros(num_slots + 1, dtype=torch.int32, device=device),
@@ -65,15 +69,18 @@ class MultiLoRALinear(nn.Module):
         b_dst.copy_(b.t(), non_blocking=True)
         if scale != 1.0:
             b_dst.mul_(scale)
-        if r < self.max_rank:  # zeros past the rank: any rank bound then computes the exact delta
-            self.lora_a[slot, r:].zero_()
-            self.lora_b[slot, r:].zero_()
+        if r < self._written[slot]:  # zeros past the rank (the previous adapter's rows): any rank bound is exact
+            self.lora_a[slot, r : self._written[slot]].zero_()
+            self.lora_b[slot, r : self._written[slot]].zero_()
+        self._written[slot] = r
         self.lora_ranks[slot] = r  # a fill on the device, in stream order with the copies above
 
     def clear_slot(self, slot: int) -> None:
-        """Zero the slot: an adapter that does not target this layer adds nothing through it."""
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+        """Zero the slot: an adapter that does not target this layer adds nothing through it. Only the rows ever
+        written are zeroed (the rest are zeros already, and on the CPU untouched pages stay uncommitted)."""
+        self.lora_a[slot, : self._written[slot]].zero_()
+        self.lora_b[slot, : self._written[slot]].zero_()
+        self._written[slot] = 0
         self.lora_ranks[slot] = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -157,12 +157,27 @@ def recipe_of(name: str) -> MergeRecipe | None:
         return _remembered.get(name)
 
 
-def load_virtual(name: str, load: Callable[[str], AdapterWeights]) -> AdapterWeights:
-    """The host loader's reader for a virtual name: read the components through `load`, then merge."""
+def load_virtual(name: str, load: Callable[[str], AdapterWeights],
+                 stop: Callable[[], bool] = lambda: False) -> AdapterWeights:
+    """The host loader's reader for a virtual name: read the components through `load`, then merge. `stop()` is
+    asked before each component and each module: True raises MergeCancelled."""
     recipe = recipe_of(name)
     if recipe is None:
         raise LookupError(f"unknown merge {name!r}")
-    return merge_adapters(recipe, [_component(load, n) for n in recipe.names])
+    components = []
+    for component in recipe.names:
+        _check_stop(stop)
+        components.append(_component(load, component))
+    return merge_adapters(recipe, components, stop)
+
+
+class MergeCancelled(Exception):
+    """A merge whose result nobody wants any more (HostLoader.cancel / close) stopped early."""
+
+
+def _check_stop(stop: Callable[[], bool]) -> None:
+    if stop():
+        raise MergeCancelled
 
 
 def _component(load: Callable[[str], AdapterWeights], name: str) -> AdapterWeights:
@@ -177,14 +192,17 @@ class MergeLoadError(RuntimeError):
 
 
 # ---- the math: PEFT's *_svd combinations ----------------------------------------------------------------
-def merge_adapters(recipe: MergeRecipe, components: Sequence[AdapterWeights]) -> AdapterWeights:
+def merge_adapters(recipe: MergeRecipe, components: Sequence[AdapterWeights],
+                   stop: Callable[[], bool] = lambda: False) -> AdapterWeights:
     """The virtual adapter of a ties / dare recipe from its components' weights (in recipe order): per module
-    any component targets, the combined delta [out, in] truncated back to rank max(ranks), scale 1."""
+    any component targets, the combined delta [out, in] truncated back to rank max(ranks), scale 1. `stop()` is
+    asked before each module (MergeCancelled)."""
     if not recipe.virtual:
         raise ValueError("a linear merge runs over its adapters' own slots: there is no virtual adapter")
     rank = max(c.spec.max_declared_rank for c in components)  # PEFT: svd_rank or max(adapters' r)
     modules: dict[str, LoraModuleWeights] = {}
     for module in dict.fromkeys(m for c in components for m in c.modules):  # first appearance order
+        _check_stop(stop)
         present = [i for i, c in enumerate(components) if module in c.modules]
         delta = combine_deltas(recipe, module, [_delta(components[i].modules[module]) for i in present], present)
         modules[module] = _truncate(delta, rank)

@@ -40,9 +40,19 @@ class HostLoadFailed:
 @dataclass(frozen=True)
 class Command:
     """An admin command; `applied` is set once the engine thread applied it and published the snapshot that
-    shows it, so a caller can answer its HTTP request with the new state."""
+    shows it, so a caller can answer its HTTP request with the new state. `failures` holds why applying it
+    raised, if it did (set by the engine thread before `applied`)."""
 
     applied: threading.Event = field(default_factory=threading.Event, compare=False, repr=False, kw_only=True)
+    failures: list[str] = field(default_factory=list, compare=False, repr=False, kw_only=True)
+
+    def fail(self, reason: str) -> None:
+        self.failures.append(reason)
+
+    @property
+    def label(self) -> str:
+        """What the command was, for an error message: e.g. "Forget('x')"."""
+        return f"{type(self).__name__}({getattr(self, 'name', '')!r})"
 
 
 @dataclass(frozen=True)

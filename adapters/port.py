@@ -7,8 +7,9 @@ after each step; the registry's `describe`, the HTTP routes and the metrics read
 
 An admin call that must show its effect in its answer ("201, then GET shows tier host"; DELETE frees the slot)
 posts its command and waits, bounded, for the engine thread to apply it — only while an engine thread runs
-(`engine_running`, set by the AsyncEngine). A bare LLMEngine (tests, benchmarks) applies the commands at its
-next `step()` or `apply_adapter_messages()`.
+(`engine_running`, set by the AsyncEngine). A command the engine failed to apply, or did not apply in time,
+raises (500 / 503 at the API), so an answer never claims an effect nobody saw. A bare LLMEngine (tests,
+benchmarks) applies the commands at its next `step()` or `apply_adapter_messages()`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
+from loraplex.adapters.errors import AdapterCommandError, AdapterCommandTimeout
 from loraplex.adapters.messages import Command, Forget, Message, Pin, PutHost, Restore
 from loraplex.adapters.slot_table import AdapterSnapshot
 from loraplex.adapters.weights import AdapterWeights
@@ -53,16 +55,25 @@ class AdapterPort:
             self.put(msg)
         self.wake()
 
-    def wait_applied(self, command: Command | None, timeout: float = APPLY_TIMEOUT_S) -> bool:
-        """Wait until the engine thread applied `command` (and so every message posted before it). Returns at
-        once, False, when no engine thread runs or it stops meanwhile; never longer than `timeout`."""
+    def wait_applied(self, commands: Iterable[Command | None], timeout: float = APPLY_TIMEOUT_S) -> bool:
+        """Wait until the engine thread applied every one of `commands` (and so every message posted before
+        them). Returns False at once when no engine thread runs (a bare engine applies them at its next step),
+        True once applied. Raises AdapterCommandError when applying one raised, AdapterCommandTimeout when
+        `timeout` passed or the engine thread stopped first: the caller answers with that, never "done"."""
+        pending = [c for c in commands if c is not None]
+        if not pending or not self.engine_running():
+            return False
         deadline = time.monotonic() + timeout
-        while command is not None and self.engine_running():
-            if command.applied.wait(0.05):
-                return True
-            if time.monotonic() > deadline:
-                return False
-        return False
+        for command in pending:
+            while not command.applied.wait(0.05):
+                if not self.engine_running():
+                    raise AdapterCommandTimeout(f"the engine stopped before applying {command.label}")
+                if time.monotonic() > deadline:
+                    raise AdapterCommandTimeout(f"the engine did not apply {command.label} within {timeout:g} s; "
+                                                "its effect is unknown, check the adapter's record")
+            if command.failures:
+                raise AdapterCommandError(f"the engine failed to apply {command.label}: {command.failures[0]}")
+        return True
 
     def wait_for_message(self, timeout: float) -> bool:
         """Block until something was posted since the last drain (a bare driver's alternative to sleeping)."""
@@ -78,11 +89,10 @@ class AdapterPort:
     def restore(self, name: str) -> Command:
         return self._command(Restore(name))
 
-    def register(self, name: str, weights: AdapterWeights, pinned: bool) -> Command:
+    def register(self, name: str, weights: AdapterWeights, pinned: bool) -> tuple[Command, ...]:
         """A new registration: clear an old error, seed the host tier with the validated weights, pin."""
-        self.restore(name)
-        last = self._command(PutHost(name, weights))
-        return self.pin(name) if pinned else last
+        commands = (self.restore(name), self._command(PutHost(name, weights)))
+        return (*commands, self.pin(name)) if pinned else commands
 
     def _command(self, command: Command) -> Command:
         self.post(command)

@@ -14,6 +14,9 @@ name give one success and one 409. Readers never lock: each replica polls the ma
 
 A registration's files are uploaded under a fresh uuid before its manifest write, so a loser of a name race
 never overwrites the winner's files (it deletes its own), and a replica that reads a record always finds them.
+
+Every request runs on the process's S3 threads, and every operation (a refresh, a whole change with its retries,
+an upload, a delete) ends within `--s3-timeout` (sources/s3.py: `s3_call`, `S3Deadline`).
 """
 
 from __future__ import annotations
@@ -40,7 +43,17 @@ from loraplex.adapters.registry import (
     parse_manifest,
 )
 from loraplex.adapters.sources.base import ADAPTER_FILES
-from loraplex.adapters.sources.s3 import S3Location, S3UnavailableError, make_s3_client, parse_s3_url, s3_errors
+from loraplex.adapters.sources.s3 import (
+    DEFAULT_TIMEOUT_S,
+    NO_THREADS,
+    S3Deadline,
+    S3Location,
+    S3UnavailableError,
+    make_s3_client,
+    parse_s3_url,
+    s3_call,
+    s3_errors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +79,12 @@ class SharedRegistry(RecordView):
 
     shared = True
 
-    def __init__(self, url: str, endpoint_url: str | None, client: Any = None) -> None:
+    def __init__(self, url: str, endpoint_url: str | None, client: Any = None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.location = parse_registry_url(url)
         self.url = self.location.url()
-        self._client = client if client is not None else make_s3_client(endpoint_url)
+        self.timeout_s = timeout_s
+        self._client = client if client is not None else make_s3_client(endpoint_url, timeout_s)
         self._manifest_key = self.location.key(MANIFEST_NAME)
         self._lock = threading.Lock()  # one change or refresh at a time in this process
         self._etag: str | None = None  # of the manifest `_records` came from (None: none in the store yet)
@@ -85,24 +100,34 @@ class SharedRegistry(RecordView):
         the store cannot be reached."""
         with self._lock:
             before = self._records
-            self._fetch(conditional=True)
+            self._fetch(conditional=True, deadline=self._deadline("reading the registry manifest"))
             return self._records != before
 
-    def _fetch(self, *, conditional: bool) -> None:
+    def _deadline(self, what: str) -> S3Deadline:
+        return S3Deadline(self.timeout_s, f"{what} at {self.url}", field="registry")
+
+    def _get_manifest(self, args: dict[str, Any]) -> tuple[str, bytes] | None:
+        """(ETag, body) of the manifest; None when it is unchanged (304). In an S3 thread."""
+        try:
+            answer = self._client.get_object(**args)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code == "304" or code == "NotModified":
+                return None
+            raise
+        return answer["ETag"], answer["Body"].read()
+
+    def _fetch(self, *, conditional: bool, deadline: S3Deadline) -> None:
         """Bring `_records`/`_etag` up to date with the store. Hold `_lock`."""
         args: dict[str, Any] = {"Bucket": self.location.bucket, "Key": self._manifest_key}
         if conditional and self._etag is not None:
             args["IfNoneMatch"] = self._etag
         try:
             with s3_errors(self.location, MANIFEST_NAME, field="registry"):
-                try:
-                    answer = self._client.get_object(**args)
-                except ClientError as exc:
-                    code = str(exc.response.get("Error", {}).get("Code", ""))
-                    if code == "304" or code == "NotModified":
-                        return
-                    raise
-                etag, data = answer["ETag"], answer["Body"].read()
+                got = s3_call(lambda: self._get_manifest(args), deadline)
+                if got is None:
+                    return
+                etag, data = got
         except AdapterNotFoundError:  # no manifest yet: an empty registry, created by the first change
             self._etag, self._records = None, {}
             return
@@ -117,7 +142,8 @@ class SharedRegistry(RecordView):
     def _check_bucket(self) -> None:
         try:
             with s3_errors(self.location, None, field="registry"):
-                self._client.head_bucket(Bucket=self.location.bucket)
+                s3_call(lambda: self._client.head_bucket(Bucket=self.location.bucket),
+                        self._deadline("checking the bucket"))
         except AdapterNotFoundError:
             raise ValueError(f"--registry: the bucket of {self.url} does not exist (create it first)") from None
 
@@ -149,57 +175,65 @@ class SharedRegistry(RecordView):
 
     def _update(self, change: Callable[[Records], Records]) -> None:
         """Apply `change` to the newest manifest and write it back only if nobody wrote in between."""
+        deadline = self._deadline("changing the registry manifest")
         with self._lock:
             for attempt in range(MAX_CAS_ATTEMPTS):
                 try:
-                    self._fetch(conditional=True)  # a 304 keeps our view: it is the newest
+                    self._fetch(conditional=True, deadline=deadline)  # a 304 keeps our view: it is the newest
                 except ManifestError as exc:  # a change must not overwrite what it cannot read
                     raise S3UnavailableError(str(exc), field="registry") from None
                 updated = change(self._records)  # may raise 404/409 against the newest records
-                etag = self._put_if_unchanged(updated)
+                etag = self._put_if_unchanged(updated, deadline)
                 if etag is not None:
                     self._etag, self._records = etag, updated
                     return
                 log.debug("registry manifest changed under us (attempt %d); re-reading", attempt + 1)
-                time.sleep(random.uniform(0, min(_BACKOFF_MAX_S, 0.01 * 2**attempt)))
+                time.sleep(min(deadline.remaining(), random.uniform(0, min(_BACKOFF_MAX_S, 0.01 * 2**attempt))))
         raise S3UnavailableError(
             f"could not update {self.location.url(MANIFEST_NAME)}: it changed under every one of "
             f"{MAX_CAS_ATTEMPTS} attempts", field="registry")
 
-    def _put_if_unchanged(self, records: Records) -> str | None:
+    def _put_if_unchanged(self, records: Records, deadline: S3Deadline) -> str | None:
         """Write the manifest if it is still the one we read; its new ETag, or None when another write won."""
         condition = {"IfMatch": self._etag} if self._etag is not None else {"IfNoneMatch": "*"}
+        body = manifest_bytes(records)
+
+        def put() -> str | None:
+            try:
+                answer = self._client.put_object(Bucket=self.location.bucket, Key=self._manifest_key, Body=body,
+                                                 ContentType="application/json", **condition)
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                # 412: the ETag moved; 409 ConditionalRequestConflict: a concurrent conditional write.
+                if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                    return None
+                raise
+            return answer["ETag"]
+
         try:
             with s3_errors(self.location, MANIFEST_NAME, field="registry"):
-                try:
-                    answer = self._client.put_object(
-                        Bucket=self.location.bucket, Key=self._manifest_key, Body=manifest_bytes(records),
-                        ContentType="application/json", **condition)
-                except ClientError as exc:
-                    code = str(exc.response.get("Error", {}).get("Code", ""))
-                    # 412: the ETag moved; 409 ConditionalRequestConflict: a concurrent conditional write.
-                    if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
-                        return None
-                    raise
+                return s3_call(put, deadline)
         except AdapterNotFoundError:  # S3 answers 404 to If-Match when the manifest was deleted meanwhile
             return None
-        return answer["ETag"]
 
     # -- adapter files ------------------------------------------------------------------------------
     def upload_files(self, name: str, local_dir: Path) -> str:
         """Copy a validated adapter's two files under a fresh key prefix; its `s3://` URL for the record."""
         copy = S3Location(self.location.bucket, self.location.key(f"{ADAPTERS_DIR}/{name}/{uuid.uuid4().hex}"))
+        deadline = self._deadline(f"uploading adapter {name!r}")
         for filename in ADAPTER_FILES:
             with s3_errors(copy, filename, field="registry"):
-                self._client.upload_file(str(Path(local_dir) / filename), copy.bucket, copy.key(filename))
+                s3_call(lambda f=filename: self._client.upload_file(str(Path(local_dir) / f), copy.bucket, copy.key(f),
+                                                                    Config=NO_THREADS), deadline)
         return copy.url()
 
     def delete_files(self, remote: str) -> None:
         """Delete a registration's copy (best effort: a leftover costs storage, never correctness)."""
         copy = parse_s3_url(remote)
+        keys = {"Objects": [{"Key": copy.key(f)} for f in ADAPTER_FILES], "Quiet": True}
         try:
             with s3_errors(copy, None, field="registry"):
-                self._client.delete_objects(Bucket=copy.bucket, Delete={
-                    "Objects": [{"Key": copy.key(f)} for f in ADAPTER_FILES], "Quiet": True})
+                s3_call(lambda: self._client.delete_objects(Bucket=copy.bucket, Delete=keys),
+                        self._deadline(f"deleting {remote}"))
         except Exception as exc:  # noqa: BLE001 - logged; the record is already gone
             log.warning("could not delete %s: %s", remote, exc)

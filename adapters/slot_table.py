@@ -69,6 +69,7 @@ class Acquired:
     state: SlotState
     slot: int = -1
     reason: str | None = None
+    epoch: int = 0  # READY: the registration in the slot (a prefix-cache key names it)
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,9 @@ class SlotTable:
         # Set by the registry (AdapterStore.attach); without one (a bare engine) any name may load.
         self.is_registered: Callable[[str], bool] = is_registered or (lambda name: True)
         self.on_load_seconds: Callable[[float], None] = lambda seconds: None
+        # (name, epoch) of each registration dropped (unregistered, or a virtual adapter merged from one): the
+        # engine unpublishes the KV blocks computed with it.
+        self.on_forget: Callable[[str, int], None] = lambda name, epoch: None
         self._published = AdapterSnapshot(num_slots=num_slots)
         self._views: dict[str, AdapterView] = {}
         self._dirty: set[str] = set()  # names whose view changed since the last snapshot
@@ -175,7 +179,7 @@ class SlotTable:
         if entry is not None and entry.state is AdapterState.DEVICE_READY:
             entry.refs += 1
             self._device_lru.move_to_end(name)
-            return Acquired(SlotState.READY, entry.slot)
+            return Acquired(SlotState.READY, entry.slot, epoch=entry.epoch)
         if entry is not None and entry.slot is not None:
             return Acquired(SlotState.LOADING)
         if not self._known(name):  # e.g. DELETEd as its request was added: evict nothing for it
@@ -269,6 +273,7 @@ class SlotTable:
         self._changed = True
         if entry is None:
             return
+        self.on_forget(name, entry.epoch)
         self._device_lru.pop(name, None)  # a doomed copy is never evicted: it is in use, or freed now
         self._due.pop(name, None)
         entry.pending = None
@@ -317,6 +322,16 @@ class SlotTable:
     def is_pinned(self, name: str) -> bool:
         entry = self._entries.get(name)
         return entry is not None and entry.pinned
+
+    def occupancy(self) -> list[tuple[str, int, int] | None]:
+        """Per device slot: (name, epoch, refs) of the registration holding it (an unregistered copy still in
+        use included), or None when free. For invariant checks (the engine simulation) and debugging."""
+        return [None if e is None else (e.name, e.epoch, e.refs) for e in self._slots]
+
+    def epoch(self, name: str) -> int | None:
+        """The epoch of `name`'s current registration as the table tracks it (None: nothing tracked)."""
+        entry = self._entries.get(name)
+        return entry.epoch if entry is not None else None
 
     def resident(self) -> dict[str, list[str]]:
         """Adapter names per tier; device ones are ready in a slot (an unregistered copy still in use too)."""

@@ -19,10 +19,12 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from loraplex.adapters.errors import AdapterConflictError, AdapterNotFoundError
 from loraplex.adapters.messages import Command
@@ -47,6 +49,7 @@ class StoreConfig:
     max_upload_bytes: int
     s3_endpoint: str | None = None
     registry_url: str | None = None  # s3://bucket/prefix: one registry shared by replicas; None: state_dir's
+    s3_timeout_s: float = 30.0  # --s3-timeout: one S3 operation, retries included
 
 
 @dataclass(frozen=True)
@@ -63,11 +66,12 @@ class AdapterStore:
         self.config = config
         self.module_shapes = dict(module_shapes)
         self.num_slots = num_slots
-        self.registry: RecordView = (SharedRegistry(config.registry_url, config.s3_endpoint) if config.registry_url
+        self.registry: RecordView = (SharedRegistry(config.registry_url, config.s3_endpoint,
+                                                    timeout_s=config.s3_timeout_s) if config.registry_url
                                      else AdapterRegistry(config.state_dir))
         self.local = LocalDirSource(config.adapter_root)
         self.upload = UploadSource(config.state_dir, config.max_upload_bytes)
-        self.s3 = S3Source(config.state_dir, config.s3_endpoint, config.max_upload_bytes)
+        self.s3 = S3Source(config.state_dir, config.s3_endpoint, config.max_upload_bytes, config.s3_timeout_s)
         self.port: AdapterPort | None = None
         # Called (outside the lock) with each name unregistered here or by another replica: the runtime drops
         # its metric labels and fails its queued requests.
@@ -117,16 +121,22 @@ class AdapterStore:
                 self._check_pin_budget(pinned)
                 self.registry.add(record)  # 409 here when a concurrent registration of `name` won (any replica)
                 committed = True
+                # A shared registry's write read the newest manifest: another replica's removal of `name` may
+                # be in it before `sync` applied it here. Forget that old registration first, or its slot and
+                # host copy would keep serving under the new record.
+                stale = self._forget(name) if name in self._applied else None
                 if remote:
                     self._copies[name] = _LocalCopy(remote, source, local_dir)
                 self._applied[name] = record
-                handed = self._on_registered(record, weights)
+                handed = (stale, *self._on_registered(record, weights))
         except BaseException:
             if not committed:  # a copy nothing refers to (upload/S3); in-place local dirs are never deleted
                 source.discard(local_dir)
                 if remote and isinstance(self.registry, SharedRegistry):
                     self.registry.delete_files(remote)
             raise
+        if stale is not None:
+            self.on_removed(name)  # the old registration's queued requests fail, its metric labels go
         self._wait_applied(handed)  # so the answer (and a GET right after) shows the host tier
         log.info("registered adapter %s (rank %d, %s)", name, weights.max_rank, record.source)
         return record
@@ -138,15 +148,18 @@ class AdapterStore:
                 f"cannot pin more than {self.num_slots - 1} adapters with --max-loras {self.num_slots} "
                 "(one slot must stay free for unpinned adapters)", field="pinned")
 
-    def _on_registered(self, record: AdapterRecord, weights: AdapterWeights) -> Command | None:
+    def _on_registered(self, record: AdapterRecord, weights: AdapterWeights) -> tuple[Command, ...]:
         if self.port is None:
-            return None
-        # The validation read doubles as the first host load (laid out for the slot copy here, off the engine).
-        return self.port.register(record.name, weights.prepared(), record.pinned)
+            return ()
+        # The validation read doubles as the first host load (laid out for the slot copy here, off the engine),
+        # page-locked on CUDA as the host loader's are, so the first slot copy is asynchronous too.
+        return self.port.register(record.name, weights.prepared(pin=torch.cuda.is_available()), record.pinned)
 
-    def _wait_applied(self, command: Command | None) -> None:
+    def _wait_applied(self, commands: Iterable[Command | None]) -> None:
+        """Wait for the engine to apply `commands`; AdapterCommandError / AdapterCommandTimeout (500 / 503)
+        when it raised or did not in time."""
         if self.port is not None:
-            self.port.wait_applied(command)
+            self.port.wait_applied(commands)
 
     def validate(self, files: Path | AdapterFiles) -> AdapterWeights:
         return load_adapter_dir(files, self.module_shapes, max_rank=self.config.max_lora_rank)
@@ -155,7 +168,7 @@ class AdapterStore:
         with self._lock:
             record = self.registry.remove(name)  # shared: 404 when another replica removed it first
             handed = self._forget(name)
-        self._wait_applied(handed)  # its slot is freed (or doomed to be, while in use) before the answer
+        self._wait_applied([handed])  # its slot is freed (or doomed to be, while in use) before the answer
         if record.remote and isinstance(self.registry, SharedRegistry):
             self.registry.delete_files(record.remote)
         else:
@@ -198,13 +211,12 @@ class AdapterStore:
                     self._applied[name] = record
                     commands.append(self._on_synced(record))
                     added.append(name)
-        for command in commands:
-            self._wait_applied(command)
         for name in removed:
             self.on_removed(name)
         if removed or added:
             log.info("registry %s: %d adapters added (%s), %d removed (%s) by other replicas", registry.url,
                      len(added), ", ".join(added), len(removed), ", ".join(removed))
+        self._wait_applied(commands)
         return sorted(set(removed) | set(added))
 
     def _on_synced(self, record: AdapterRecord) -> Command | None:

@@ -4,6 +4,10 @@ Everything a user can get wrong is checked from `adapter_config.json` and the sa
 single tensor is allocated: the header is parsed here by hand (8-byte little-endian length + JSON), so a
 header that declares a [10**9, 10**9] tensor in a 100-byte file is refused without touching memory.
 
+Memory is charged for what is kept: only the lora_A / lora_B tensors are read, each into its own buffer, so
+`AdapterWeights.size_bytes` is what the host tier holds; a training-only tensor saved beside them (VeLoRA's
+embedding can be gigabytes) is never read. Names quoted back in errors are cut to a bounded length.
+
 Files are reached through an `AdapterFiles` object, and each is opened once and read only through that
 handle: sources that confine adapters to a root hand in one that re-checks confinement at open time.
 """
@@ -27,8 +31,10 @@ from loraplex.adapters.peft_config import CONFIG_NAME, MAX_CONFIG_BYTES, LoraSpe
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".ckpt"})
-# safetensors' own limit on the JSON header; anything larger is not a real adapter.
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+# The JSON header: ~130 bytes per tensor, so this is ~120k tensors (a LoRA on every expert of a large MoE model).
+# safetensors itself allows 100 MiB; parsing that much JSON holds the GIL for a second, stalling the server.
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+_SHOWN = 120  # characters of a tensor name quoted back in an error
 # Floating dtypes safetensors can hold that cast losslessly enough to fp32; bool/int are not LoRA weights.
 FLOAT_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 _PEFT_PREFIX = "base_model.model."
@@ -98,6 +104,12 @@ def _slot_layout(m: LoraModuleWeights, pin: bool) -> LoraModuleWeights:
 
 def _invalid(message: str, field: str = WEIGHTS_NAME) -> AdapterValidationError:
     return AdapterValidationError(message, field=field)
+
+
+def _q(value: object) -> str:
+    """A name or header value quoted for an error message, cut to a bounded length (names are user input)."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN else text[:_SHOWN] + "...'"
 
 
 class AdapterFiles:
@@ -175,7 +187,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise _invalid(f"safetensors header lists tensor {key!r} twice")
+            raise _invalid(f"safetensors header lists tensor {_q(key)} twice")
         out[key] = value
     return out
 
@@ -200,26 +212,26 @@ def _int_list(value: Any) -> bool:
 def _tensor_entry(name: str, spec: Any, max_bytes: int) -> TensorHeader:
     """Check one entry's dtype, shape and offsets; the byte span must equal numel × itemsize exactly."""
     if not isinstance(spec, dict):
-        raise _invalid(f"header entry for tensor {name!r} is not an object")
+        raise _invalid(f"header entry for tensor {_q(name)} is not an object")
     dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
     if dtype not in FLOAT_ITEMSIZE:
         raise _invalid(
-            f"tensor {name!r} has dtype {dtype!r}, which cannot be cast to float "
+            f"tensor {_q(name)} has dtype {_q(dtype)}, which cannot be cast to float "
             f"(supported: {', '.join(FLOAT_ITEMSIZE)})"
         )
     if not _int_list(shape) or any(d < 0 for d in shape):
-        raise _invalid(f"tensor {name!r} has an invalid shape {shape!r}")
+        raise _invalid(f"tensor {_q(name)} has an invalid shape {_q(shape)}")
     if not _int_list(offsets) or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
-        raise _invalid(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+        raise _invalid(f"tensor {_q(name)} has invalid data_offsets {_q(offsets)}")
     # Python ints: no overflow, so [10**9, 10**9] is a plain (huge) number compared before any allocation.
     declared = math.prod(shape) * FLOAT_ITEMSIZE[dtype]
     if declared > max_bytes:
         raise _invalid(
-            f"tensor {name!r} declares shape {shape} ({declared} bytes), over the {max_bytes}-byte limit"
+            f"tensor {_q(name)} declares shape {_q(shape)} ({declared} bytes), over the {max_bytes}-byte limit"
         )
     if declared != offsets[1] - offsets[0]:
         raise _invalid(
-            f"tensor {name!r} declares shape {shape} of {dtype} ({declared} bytes) but its data_offsets "
+            f"tensor {_q(name)} declares shape {_q(shape)} of {dtype} ({declared} bytes) but its data_offsets "
             f"{offsets} span {offsets[1] - offsets[0]} bytes"
         )
     return TensorHeader(dtype, tuple(shape), offsets[0], offsets[1])
@@ -234,13 +246,13 @@ def _check_layout(entries: dict[str, TensorHeader], data_size: int, max_bytes: i
     for name, e in sorted(entries.items(), key=lambda item: (item[1].start, item[1].end)):
         if e.end > data_size:
             raise _invalid(
-                f"tensor {name!r} data_offsets [{e.start}, {e.end}] lie outside the file's {data_size} data "
+                f"tensor {_q(name)} data_offsets [{e.start}, {e.end}] lie outside the file's {data_size} data "
                 "bytes: the file is truncated or corrupt"
             )
         if e.start < cursor:
-            raise _invalid(f"tensor {name!r} overlaps tensor {prev!r} in the data section")
+            raise _invalid(f"tensor {_q(name)} overlaps tensor {_q(prev)} in the data section")
         if e.start > cursor:
-            raise _invalid(f"{WEIGHTS_NAME} has a gap of {e.start - cursor} bytes before tensor {name!r}")
+            raise _invalid(f"{WEIGHTS_NAME} has a gap of {e.start - cursor} bytes before tensor {_q(name)}")
         cursor, prev = e.end, name
     if cursor != data_size:
         raise _invalid(f"{WEIGHTS_NAME} has {data_size - cursor} trailing bytes after the last tensor")
@@ -276,15 +288,29 @@ def load_adapter_dir(
         pairs = _pair_tensors(header, spec, module_shapes)
         for module, (key_a, key_b) in pairs.items():
             _check_pair_shapes(module, header[key_a], header[key_b], key_a, key_b, spec, module_shapes[module])
-        tensors = _load_tensors(weights_file, header, header_json)
+        kept = [key for pair in pairs.values() for key in pair]  # training-only tensors are never read
+        tensors = _load_tensors(weights_file, {key: header[key] for key in kept}, header_json, data_size)
     modules = {
         module: LoraModuleWeights(
-            a=_to_fp32(tensors[key_a]), b=_to_fp32(tensors[key_b]), scale=spec.scale_for(module)
+            a=_to_fp32(tensors[key_a]), b=_to_fp32(tensors[key_b]), scale=_scale(spec, module, tensors[key_b])
         )
         for module, (key_a, key_b) in pairs.items()
     }
     size = sum(t.numel() * t.element_size() for m in modules.values() for t in (m.a, m.b))
     return AdapterWeights(spec=spec, modules=modules, size_bytes=size)
+
+
+def _scale(spec: LoraSpec, module: str, b: torch.Tensor) -> float:
+    """The module's PEFT scale; 400 naming lora_alpha when scale · lora_B is not finite in float32 (slots hold B
+    scaled: every request for the adapter would fail on infinities, e.g. lora_alpha 1e308)."""
+    scale = spec.scale_for(module)
+    top = float(b.abs().max()) if b.numel() else 0.0
+    if not math.isfinite(scale) or top * abs(scale) > torch.finfo(torch.float32).max:
+        raise AdapterValidationError(
+            f"lora_alpha={spec.alpha_for(module):g} with r={spec.rank_for(module)}"
+            f"{' (rsLoRA)' if spec.use_rslora else ''} scales module {_q(module)} by {scale:g}: scale x lora_B "
+            f"(largest |B| {top:g}) is not finite in float32", field="lora_alpha")
+    return scale
 
 
 def _read_spec(files: AdapterFiles) -> LoraSpec:
@@ -351,12 +377,12 @@ def _pair_tensors(
         match = _LORA_KEY.match(key.removeprefix(_PEFT_PREFIX))
         if match is None:
             raise _invalid(
-                f"unsupported tensor {key!r}: only lora_A/lora_B weights of linear layers are supported"
+                f"unsupported tensor {_q(key)}: only lora_A/lora_B weights of linear layers are supported"
             )
         module, kind = match["module"], match["kind"]
         _check_module(key, module, spec, module_shapes)
         if kind in found.setdefault(module, {}):
-            raise _invalid(f"tensors {found[module][kind]!r} and {key!r} are both {kind} of {module!r}")
+            raise _invalid(f"tensors {_q(found[module][kind])} and {_q(key)} are both {kind} of {_q(module)}")
         found[module][kind] = key
     if not found:
         raise _invalid(f"{WEIGHTS_NAME} holds no LoRA tensors")
@@ -364,7 +390,7 @@ def _pair_tensors(
         for kind in ("lora_A", "lora_B"):
             if kind not in kinds:
                 only = next(iter(kinds.values()))
-                raise _invalid(f"module {module!r} has no {kind} tensor (found only {only!r})")
+                raise _invalid(f"module {_q(module)} has no {kind} tensor (found only {_q(only)})")
     return {module: (kinds["lora_A"], kinds["lora_B"]) for module, kinds in found.items()}
 
 
@@ -373,14 +399,14 @@ def _check_module(
 ) -> None:
     if module not in module_shapes:
         raise AdapterValidationError(
-            f"tensor {key!r} targets module {module!r}, which the base model does not have (or is not a "
+            f"tensor {_q(key)} targets module {_q(module)}, which the base model does not have (or is not a "
             "linear layer)",
             field="target_modules",
         )
     if not spec.targets(module):
         # PEFT would never wrap this module, so it would drop these weights; serving them would diverge.
         raise AdapterValidationError(
-            f"tensor {key!r} is for module {module!r}, which target_modules does not select",
+            f"tensor {_q(key)} is for module {_q(module)}, which target_modules does not select",
             field="target_modules",
         )
 
@@ -399,56 +425,62 @@ def _check_pair_shapes(
     for key, got, want in ((key_a, a.shape, (rank, in_features)), (key_b, b.shape, (out_features, rank))):
         if got != want:
             raise _invalid(
-                f"tensor {key!r} has shape {list(got)}, expected {list(want)} for module {module!r} "
+                f"tensor {_q(key)} has shape {_q(list(got))}, expected {list(want)} for module {_q(module)} "
                 f"(in_features={in_features}, out_features={out_features}, r={rank})"
             )
 
 
 def _load_tensors(
-    file: BinaryIO, header: Mapping[str, TensorHeader], header_json: bytes
+    file: BinaryIO, header: Mapping[str, TensorHeader], header_json: bytes, data_size: int
 ) -> dict[str, torch.Tensor]:
-    """One read of the whole file into a buffer we own; each tensor is a view of it (no mmap, no pickle).
+    """Read the tensors of `header` (the ones kept), each into a buffer of its own that its tensor views (no mmap, no
+    pickle); bytes of tensors not asked for are never read, so memory is exactly what is kept.
 
-    The file could have changed since the header check, so the header bytes read now must equal the
-    validated ones (and the data section must end where they said). Then one finiteness pass over the
-    data section (per tensor only to name a culprit): a NaN/inf adapter would poison every token it touches.
+    The file could have changed since the header check: its size and header bytes must still be the validated ones
+    once the tensors are read. Then a finiteness check per tensor: a NaN/inf adapter would poison every token it
+    touches.
     """
-    # One byte more than the validated size: enough to see that the file grew, never an unbounded read.
-    data = bytearray(8 + len(header_json) + max((h.end for h in header.values()), default=0) + 1)
+    base = 8 + len(header_json)
+    tensors: dict[str, torch.Tensor] = {}
     try:
+        for key, h in sorted(header.items(), key=lambda item: item[1].start):
+            buffer = bytearray(h.end - h.start)
+            file.seek(base + h.start)
+            if _read_fully(file, buffer) != len(buffer):
+                raise _invalid(f"{WEIGHTS_NAME} changed while it was being loaded")
+            tensors[key] = _view(buffer, h)
         file.seek(0)
-        del data[file.readinto(data):]
+        unchanged = file.read(base) == len(header_json).to_bytes(8, "little") + header_json
     except OSError as exc:
         raise _invalid(f"{WEIGHTS_NAME} could not be read: {exc}") from exc
-    header_len = int.from_bytes(data[:8], "little") if len(data) >= 8 else len(data)
-    base = 8 + header_len
-    data_end = base + max((h.end for h in header.values()), default=0)
-    if data[8:base] != header_json or data_end != len(data):
+    if not unchanged or os.fstat(file.fileno()).st_size != base + data_size:
         raise _invalid(f"{WEIGHTS_NAME} changed while it was being loaded")
-    tensors = {key: _view(data, base, h) for key, h in header.items()}
-    if not _all_finite(data, base, header):
-        bad = next(k for k, t in tensors.items() if not _finite(t))
-        raise _invalid(f"tensor {bad!r} contains NaN or infinite values")
+    bad = next((key for key, t in tensors.items() if not _finite(t)), None)
+    if bad is not None:
+        raise _invalid(f"tensor {_q(bad)} contains NaN or infinite values")
     return tensors
+
+
+def _read_fully(file: BinaryIO, buffer: bytearray) -> int:
+    """readinto until `buffer` is full or the file ends; bytes read."""
+    view, done = memoryview(buffer), 0
+    while done < len(buffer):
+        n = file.readinto(view[done:])
+        if not n:
+            break
+        done += n
+    return done
 
 
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                  "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
-def _view(data: bytearray, base: int, h: TensorHeader) -> torch.Tensor:
+def _view(buffer: bytearray, h: TensorHeader) -> torch.Tensor:
     dtype = _TORCH_DTYPES[h.dtype]
-    numel = math.prod(h.shape)
-    if numel == 0:
+    if not buffer:
         return torch.empty(h.shape, dtype=dtype)
-    return torch.frombuffer(data, dtype=dtype, count=numel, offset=base + h.start).view(h.shape)
-
-
-def _all_finite(data: bytearray, base: int, header: Mapping[str, TensorHeader]) -> bool:
-    """Fast path: when every tensor is F32, one aminmax over the whole data section (NaN/inf propagate)."""
-    if header and all(h.dtype == "F32" for h in header.values()) and len(data) > base:
-        return _finite(torch.frombuffer(data, dtype=torch.float32, offset=base))
-    return all(_finite(_view(data, base, h)) for h in header.values())
+    return torch.frombuffer(buffer, dtype=dtype).view(h.shape)
 
 
 def _finite(t: torch.Tensor) -> bool:

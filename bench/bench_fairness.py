@@ -30,6 +30,9 @@ The fcfs case is the baseline, shown without a target.
 
 Run: .venv/bin/python bench/bench_fairness.py [--seconds 30] [--repeats 3] [--load 1.5]
 Writes bench/results/fairness.json and fairness.png (the PNG when matplotlib, the `bench` extra, is installed).
+
+`--http` runs the flood over HTTP instead (bench/fairness_http.py: a real server on SmolLM2, tenant A flooding
+from its own process): .venv/bin/python bench/bench_fairness.py --http [--http-seconds 60] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads: see bench/README.md, one intra-op thread
 
+import fairness_http  # noqa: E402
 import torch  # noqa: E402
 from common import (  # noqa: E402
     RESULTS_DIR,
@@ -361,8 +365,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=30.0, help="arrival period of each run")
     parser.add_argument("--repeats", type=int, default=3, help="rounds (medians of per-round values, >= 3)")
     parser.add_argument("--load", type=float, default=1.5, help="offered load (A + B) as a multiple of capacity")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "fairness.json")
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/fairness[_http].json")
+    fairness_http.add_arguments(parser)
     args = parser.parse_args()
+    args.out = args.out or (fairness_http.DEFAULT_OUT if args.http else RESULTS_DIR / "fairness.json")
     if args.repeats < 3:
         parser.error("--repeats: the protocol asks for a median of >= 3 rounds")
     if args.load <= 1.0:
@@ -372,6 +378,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.http:
+        fairness_http.main(args)
+        return
     torch.set_num_threads(1)
     facts = machine_facts("cpu")
     print_facts(facts)

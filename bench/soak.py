@@ -10,16 +10,24 @@ adapters, all built in a temporary directory. For `--minutes` (default 10) concu
 - bad inputs (1 worker): every BAD_INPUTS.md generation row 20-41 that one request can show, round-robin
   in a seeded order, while the traffic runs (so each one has batch-mates);
 - adapter churn (1 worker): register (path under --adapter-root, or multipart upload), send requests that
-  race the deletion of their adapter, DELETE, then a request after the delete; plus bad registrations.
+  race the deletion of their adapter, DELETE, then a request after the delete; plus bad registrations;
+- hostile clients and adapters (1 worker, BAD_INPUTS.md rows 45-57, issue 20): streams that are never read
+  (tiny receive windows), half-sent and silent connections, an endless header, a chunked body over the limit,
+  odd logit_bias keys, a prompt far over the context, grammars over the library's limits, requests with more
+  choices than one may run, ties merges with ever-new weights, and uploads: tar header bombs, adapters with a
+  training-only tensor or a catastrophic rank_pattern (registered, then deleted), a backreference pattern, an
+  overflowing lora_alpha.
 
 Accounting: every request the soak sends ends in exactly one outcome recorded by the client: `completed`,
 `clean_error` (a 4xx JSON error, or an error event in a stream that the contract allows), `client_abort`,
 `server_error` (a 5xx or an in-stream server fault), `lost` (no answer, connection dropped) or `broken` (a
 protocol violation: a stream with no terminal event, events after it, a 200 without a finish reason, a 4xx
-that is not JSON). "finished" counts the first three; the check passes when finished == accepted (sent).
+that is not JSON). "finished" counts the first three; the check passes when finished == accepted (sent). A raw
+connection the server closes by contract (408, 431, a stream cut after --stream-write-timeout) is a clean error.
 
 Afterwards: /health and /ready, /metrics must show 0 running / 0 waiting requests and KV usage 0, and the
-server must exit 0 on SIGTERM. The server's RSS (VmRSS) is sampled every 5 s.
+server must exit 0 on SIGTERM. The server's RSS (VmRSS) is sampled every 5 s; it must be flat over the second
+half of the run (end within 10 % or 32 MiB of the middle).
 
 Run: .venv/bin/python bench/soak.py [--minutes 10] [--workers 4] [--seed 0]
 Writes bench/results/soak.json (soak_quick.json when --minutes < 10).
@@ -29,11 +37,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import random
 import re
+import socket
 import sys
+import tarfile
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -54,15 +65,18 @@ from loraplex.server.tiny_models import CORPUS, build_model_dir  # noqa: E402
 
 BASE = "tiny-base"
 VOCAB = 512  # the tiny model's vocabulary (ids 0..2 are special tokens)
-MAX_MODEL_LEN = 256
+MAX_MODEL_LEN = 1024  # long enough for a stream bigger than the socket buffers (the hostile worker's stalled one)
 BODY_LIMIT = 65536
 STABLE = {"ad-r4": (4, ATTENTION_TARGETS), "ad-r8": (8, TARGET_MODULES), "ad-r16": (16, ("q_proj", "v_proj")),
           "ad-r32": (32, ATTENTION_TARGETS)}
 CHURN_SOURCES = 3
 SERVER_FLAGS = ("--device", "cpu", "--dtype", "float32", "--served-model-name", BASE, "--max-lora-rank", "32",
-                "--max-model-len", str(MAX_MODEL_LEN), "--num-kv-blocks", "512", "--block-size", "8",
+                "--max-model-len", str(MAX_MODEL_LEN), "--num-kv-blocks", "2048", "--block-size", "8",
                 "--max-loras", "2", "--max-cpu-loras", "4", "--max-num-seqs", "16", "--max-queue", "64",
-                "--max-body-bytes", str(BODY_LIMIT), "--log-level", "warning")
+                "--max-body-bytes", str(BODY_LIMIT), "--log-level", "warning",
+                # the connection limits the hostile worker runs into, shorter than their defaults
+                "--stream-write-timeout", "5", "--header-timeout", "3", "--body-timeout", "3",
+                "--max-connections", "256")
 REQUEST_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 FINISHED = ("completed", "clean_error", "client_abort")
 OK = frozenset({"200"})
@@ -144,6 +158,19 @@ class Call:
     probe: str | None = None  # key of a greedy solo reference the token ids must equal
     stop: str | None = None  # a stop string the returned text must not contain
     names: str = ""  # what an error message must name (BAD_INPUTS.md: "naming the field")
+    raw_conn: RawConn | None = None  # sent on a connection of its own, byte by byte (the hostile worker)
+    chunked: int = 0  # send `body` JSON padded to this many bytes, chunked (no Content-Length)
+
+
+@dataclass(frozen=True)
+class RawConn:
+    """A request sent on a raw socket: `payload` (then, for `endless`, header bytes until the server stops taking
+    them), with a receive window of `rcvbuf` bytes, not read for `stall_s` seconds, then read to the end."""
+
+    payload: bytes
+    rcvbuf: int | None = None
+    stall_s: float = 0.0
+    endless: int = 0  # MiB of header value to offer
 
 
 @dataclass
@@ -293,8 +320,64 @@ async def run_plain(client: httpx.AsyncClient, call: Call) -> Result:
     return from_response(call, r.status_code, r.content)
 
 
+async def run_raw(call: Call) -> Result:
+    """A raw connection: label the status line the server sent ("closed" when none), "200" for a stream that ended
+    with [DONE], "200_cut" for one the server cut (its client stalled past --stream-write-timeout)."""
+    raw = call.raw_conn
+    assert raw is not None
+    host, port = call.path.removeprefix("http://").split(":")
+    sock = socket.socket()
+    if raw.rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, raw.rcvbuf)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    data = b""
+    try:
+        writer.write(raw.payload)
+        for _ in range(raw.endless):
+            writer.write(b"a" * 2**20)
+            await asyncio.wait_for(writer.drain(), 10)
+        await writer.drain()
+        await asyncio.sleep(raw.stall_s)
+        while chunk := await asyncio.wait_for(reader.read(65536), REQUEST_TIMEOUT.read):
+            data += chunk
+    except TimeoutError:
+        return Result(call.kind, "timeout", "lost", f"no end within {REQUEST_TIMEOUT.read} s")
+    except ConnectionError as exc:  # the server closed on us: a bomb mid-send, or a stalled stream it cut
+        if not data:
+            return Result(call.kind, "closed", "clean_error", repr(exc))
+    finally:
+        writer.close()
+    status = data.split(b"\r\n", 1)[0].decode(errors="replace")
+    if not status:
+        return Result(call.kind, "closed", "clean_error", "closed without an answer")
+    code = status.split(" ")[1] if " " in status else status
+    if code == "200" and b"text/event-stream" in data[:2000]:
+        return Result(call.kind, "200" if b"data: [DONE]" in data else "200_cut",
+                      "completed" if b"data: [DONE]" in data else "clean_error")
+    return Result(call.kind, code, "clean_error" if code.startswith("4") else
+                  "server_error" if code.startswith("5") else "completed", status)
+
+
+async def run_chunked(client: httpx.AsyncClient, call: Call) -> Result:
+    async def chunks() -> Any:
+        head = json.dumps(call.body).encode()
+        yield head[:-1] + b', "pad": "'
+        for _ in range(call.chunked // 65536 + 1):
+            yield b"x" * 65536
+        yield b'"}'
+
+    r = await client.post(call.path, content=chunks(), headers={"content-type": "application/json"})
+    return from_response(call, r.status_code, r.content)
+
+
 async def execute(client: httpx.AsyncClient, call: Call) -> Result:
     try:
+        if call.raw_conn is not None:
+            return await run_raw(call)
+        if call.chunked:
+            return await run_chunked(client, call)
         if call.stream:
             return await run_stream(client, call)
         if call.abort == "plain":
@@ -455,8 +538,8 @@ BAD_CASES: list[Bad] = [
     Bad("r25_top_p_0", V1, _c(top_p=0.0), E422, "top_p"),
     Bad("r25_top_p_1.5", V1, _c(top_p=1.5), E422, "top_p"),
     Bad("r25_top_k_negative", V1, _c(top_k=-5), E422, "top_k"),
-    Bad("r26_n_2", V1, _c(n=2), E400, "n="),
-    Bad("r26_best_of_2", V1, _c(best_of=2), E400, "best_of"),
+    Bad("r26_n_2", V1, _c(n=2), OK),  # supported since issue 13 (the choices share the prompt's KV blocks)
+    Bad("r26_best_of_2", V1, _c(best_of=2, temperature=1.0, seed=4), OK),
     Bad("r27_17_stop_strings", V1, _c(stop=[f"s{i}" for i in range(17)]), E422, "stop"),
     Bad("r27_stop_300_chars", V1, _c(stop=["x" * 300]), E422, "stop"),
     Bad("r28_malformed_json", V1, b'{"model": "tiny-base", "prompt": ', E4XX),
@@ -519,6 +602,111 @@ def bad_registrations(assets: Assets) -> list[Call]:
     ]
 
 
+# ---- the workload: hostile clients and adapters (BAD_INPUTS.md rows 45-57) --------------------------------
+EVIL = r"(?:[\w.]?){22}[\w.]{22}!"  # catastrophic backtracking for Python's re
+VELORA = "base_model.model.model.layers.0.self_attn.q_proj.lora_velora_embed"
+E400_413 = frozenset({"400", "413"})
+
+
+def _post(path: str, body: dict[str, Any]) -> bytes:
+    data = json.dumps(body).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: soak\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+
+
+def _archive(members: dict[str, bytes], fmt: int = tarfile.GNU_FORMAT) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", format=fmt) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class HostileUploads:
+    """Upload bodies built once from a churn source adapter."""
+
+    velora: dict[str, tuple[str, bytes]]  # + a 16 MiB training-only tensor: registered, then deleted
+    evil_pattern: dict[str, tuple[str, bytes]]  # a catastrophic rank_pattern key: registered, then deleted
+    backreference: dict[str, tuple[str, bytes]]  # a pattern RE2 cannot run: 400
+    huge_alpha: dict[str, tuple[str, bytes]]  # lora_alpha 1e308: 400
+    long_name: dict[str, tuple[str, bytes]]  # a tar.gz with an 8 MiB GNU long name: 400
+    pax_name: dict[str, tuple[str, bytes]]  # the same as a pax record: 400
+
+    @classmethod
+    def build(cls, adapter: Path) -> HostileUploads:
+        import torch
+        from safetensors.torch import load_file, save
+
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        weights = (adapter / "adapter_model.safetensors").read_bytes()
+        velora = save(load_file(adapter / "adapter_model.safetensors") | {VELORA: torch.zeros(4 * 2**20)})
+
+        def files(config_changes: dict[str, Any], data: bytes = weights) -> dict[str, tuple[str, bytes]]:
+            cfg = json.dumps(config | config_changes).encode()
+            return {"adapter_config.json": ("adapter_config.json", cfg),
+                    "adapter_model.safetensors": ("adapter_model.safetensors", data)}
+
+        def archive(fmt: int) -> dict[str, tuple[str, bytes]]:
+            return {"archive": ("a.tar.gz", _archive({"n" * 2**23 + "/adapter_config.json": b"{}"}, fmt))}
+
+        return cls(files({}, velora), files({"rank_pattern": {EVIL: 4}}), files({"rank_pattern": {r"(q)\1": 4}}),
+                   files({"lora_alpha": 1e308}), archive(tarfile.GNU_FORMAT), archive(tarfile.PAX_FORMAT))
+
+
+def hostile_calls(rng: random.Random, url: str, i: int, uploads: HostileUploads) -> list[Call]:
+    """One round of the hostile worker: every attack once, in a seeded order (uploads keep their order)."""
+    # ~5.6 MB of events (8 choices x 1000 tokens x 20 alternatives): more than the socket buffers take (Linux lets
+    # the server's send buffer grow to 4 MiB), so the send stalls and the server cuts the stream after
+    # --stream-write-timeout (5 s) of the 15 s the client waits.
+    stall = {"model": BASE, "prompt": "Hello", "max_tokens": 1000, "n": 8, "logprobs": 20, "stream": True,
+             "ignore_eos": True, "temperature": 1.0, "seed": i}
+    cut_ok = frozenset({"200", "200_cut", "429"})
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: soak\r\nContent-Type: application/json\r\n"
+    calls = [
+        Call("h_stream_never_read", url, raw_conn=RawConn(_post("/v1/completions", stall), rcvbuf=4096, stall_s=15),
+             expect=cut_ok),
+        Call("h_half_sent_headers", url, raw_conn=RawConn(head), expect=frozenset({"408"})),
+        Call("h_silent_connection", url, raw_conn=RawConn(b""), expect=frozenset({"408"})),
+        Call("h_endless_header", url, raw_conn=RawConn(b"GET /health HTTP/1.1\r\nX-Endless: ", endless=8),
+             expect=frozenset({"431", "closed"})),
+        Call("h_chunked_over_limit", V1, _c(), chunked=BODY_LIMIT + 1, expect=frozenset({"413"})),
+        Call("h_logit_bias_key", V1, _c(logit_bias={rng.choice(["²", "¹²³", "٣", "9" * 5000, "+3"]): 5}),
+             expect=E400, names="logit_bias"),
+        Call("h_prompt_far_over_context", V1, _c(prompt="word " * ((BODY_LIMIT - 2000) // 5)), expect=E400_413),
+        Call("h_grammar_over_limit", V1, _c(guided_regex="(?:a{1000}){1000}"), expect=E400, names="guided_regex"),
+        Call("h_grammar_ref_cycle", CHAT, {"model": BASE, "messages": [{"role": "user", "content": "hi"}],
+                                           "max_tokens": 8, "response_format": {"type": "json_schema", "json_schema": {
+                                               "name": "x", "schema": {"$ref": "#/$defs/a",
+                                                                       "$defs": {"a": {"$ref": "#/$defs/a"}}}}}},
+             expect=E400, names="response_format"),
+        Call("h_too_many_choices", V1, _c(prompt=["x y"] * 5, n=5), expect=E400, names="25"),
+        Call("h_merge_new_weights", V1, _c(adapters=[{"name": "ad-r4", "weight": round(rng.uniform(0.1, 0.9), 6)},
+                                                     {"name": "ad-r8", "weight": 1.0}], merge_strategy="ties",
+                                           density=0.5), expect=frozenset({"200", "429"})),
+    ]
+    rng.shuffle(calls)
+    name = f"hostile-{i}"
+    uploads_round = [
+        Call("h_upload_velora", f"/v1/adapters/{name}", method="PUT", files=uploads.velora, expect=frozenset({"201"})),
+        Call("h_delete_velora", f"/v1/adapters/{name}", method="DELETE", expect=frozenset({"200"})),
+        Call("h_upload_evil_pattern", f"/v1/adapters/{name}", method="PUT", files=uploads.evil_pattern,
+             expect=frozenset({"201"})),
+        Call("h_delete_evil_pattern", f"/v1/adapters/{name}", method="DELETE", expect=frozenset({"200"})),
+        Call("h_upload_backreference", f"/v1/adapters/{name}", method="PUT", files=uploads.backreference,
+             expect=E400, names="rank_pattern"),
+        Call("h_upload_huge_alpha", f"/v1/adapters/{name}", method="PUT", files=uploads.huge_alpha, expect=E400,
+             names="lora_alpha"),
+        Call("h_upload_tar_long_name", f"/v1/adapters/{name}", method="PUT", files=uploads.long_name, expect=E400,
+             names="header"),
+        Call("h_upload_tar_pax_name", f"/v1/adapters/{name}", method="PUT", files=uploads.pax_name, expect=E400,
+             names="header"),
+    ]
+    return calls + uploads_round
+
+
 # ---- the soak ----------------------------------------------------------------------------------------------
 @dataclass
 class Soak:
@@ -570,6 +758,16 @@ class Soak:
                 await self.send(case.call())
                 await asyncio.sleep(0.05)
 
+    async def hostile_worker(self, seed: int, url: str) -> None:
+        rng, uploads, i = random.Random(seed), HostileUploads.build(self.assets.churn[0]), 0
+        while self.running():
+            for call in hostile_calls(rng, url, i, uploads):
+                if not self.running():
+                    return
+                await self.send(call)
+                await asyncio.sleep(0.05)
+            i += 1
+
     async def churn_worker(self, seed: int) -> None:
         rng, bad, i = random.Random(seed), bad_registrations(self.assets), 0
         while self.running():
@@ -619,7 +817,9 @@ async def soak_run(server: Server, assets: Assets, args: argparse.Namespace,
         soak.deadline = t0 + 60 * args.minutes
         workers = [soak.traffic_worker(args.seed * 1000 + w) for w in range(args.workers)]
         await asyncio.gather(*workers, soak.bad_worker(args.seed * 1000 + 900),
-                             soak.churn_worker(args.seed * 1000 + 901), sample_rss(server, soak, rss, t0))
+                             soak.churn_worker(args.seed * 1000 + 901),
+                             soak.hostile_worker(args.seed * 1000 + 902, server.url),
+                             sample_rss(server, soak, rss, t0))
         return soak
 
 
@@ -681,6 +881,12 @@ def grouped(results: list[Result], keep: Callable[[Result], bool], message: Call
     return [{"kind": k, "status": s, "message": m, "count": c} for (k, s, m), c in counts.most_common()]
 
 
+def rss_flat(rss: dict[str, Any]) -> bool:
+    """The second half of the run added at most 10 % (or 32 MiB) to the server's RSS."""
+    middle, end = rss["middle_mib"], rss["end_mib"]
+    return middle is not None and end is not None and end - middle <= max(32.0, 0.1 * middle)
+
+
 def rss_points(start: float | None, samples: list[tuple[float, float]], end: float | None) -> dict[str, Any]:
     middle = samples[len(samples) // 2][1] if samples else None
     return {"start_mib": start, "middle_mib": middle, "end_mib": end, "samples": samples}
@@ -697,6 +903,7 @@ def build_report(soak: Soak, extra: dict[str, Any]) -> dict[str, Any]:
         "statuses_as_expected": not unexpected,
         "no_violations": not any(r.violation for r in results),
         "healthy_at_end": all(code == 200 for code in extra["health_end"].values()),
+        "rss_flat": rss_flat(extra["rss"]),
         "idle_at_end": all(v == 0 for v in extra["idle_end"].values()),
         "exit_code_0": extra["exit_code"] == 0,
     }

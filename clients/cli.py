@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -58,7 +58,7 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
 
 def _add_generate(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("generate", parents=[common], help="stream a completion to the terminal")
-    p.add_argument("prompt", help="the prompt (the user message with --chat)")
+    p.add_argument("prompt", help="the prompt (the user message with --chat); - reads it from standard input")
     p.add_argument("--adapter", help="adapter name (default: the base model)")
     p.add_argument("--chat", action="store_true", help="use /v1/chat/completions with the model's chat template")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
@@ -67,8 +67,10 @@ def _add_generate(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
 
 
 def _add_adapters(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("adapters", help="list, show, register, upload and remove adapters")
-    verbs = p.add_subparsers(dest="adapters_command", required=True)
+    p = sub.add_parser("adapters", parents=[common], help="list, show, register, upload and remove adapters "
+                                                          "(no verb: ls)")
+    p.set_defaults(client_handler=cmd_adapters_ls)  # `loraplex adapters` alone lists them
+    verbs = p.add_subparsers(dest="adapters_command", metavar="{ls,show,add,upload,rm}")
     verbs.add_parser("ls", parents=[common], help="table of registered adapters").set_defaults(
         client_handler=cmd_adapters_ls)
     show = verbs.add_parser("show", parents=[common], help="one adapter's record as JSON")
@@ -145,12 +147,15 @@ def _base_model(client: LoraplexClient) -> str:
 def cmd_generate(client: LoraplexClient, args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Stream the answer to stdout, each delta written and flushed as it arrives."""
     out = out or sys.stdout
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt:
+        raise CliError("the prompt is empty" + (" (nothing on standard input)" if args.prompt == "-" else ""), 2)
     model = args.adapter or _base_model(client)
     params = {"max_tokens": args.max_tokens, "temperature": args.temperature}
     if args.chat:
-        deltas = client.stream_chat(model, [{"role": "user", "content": args.prompt}], **params)
+        deltas = client.stream_chat(model, [{"role": "user", "content": prompt}], **params)
     else:
-        deltas = client.stream(model, args.prompt, **params)
+        deltas = client.stream(model, prompt, **params)
     wrote = False
     try:
         for delta in deltas:
@@ -249,13 +254,21 @@ def _ms(values: Sequence[float]) -> str:
 
 
 def cmd_bench(client: LoraplexClient, args: argparse.Namespace) -> int:
+    """Run the requests with a progress bar on stderr, then print one table of the results on stdout."""
+    from tqdm import tqdm  # imported here: the other verbs need no progress bar
+
     if args.requests < 1 or args.concurrency < 1 or args.max_tokens < 1:
         raise CliError("--requests, --concurrency and --max-tokens must be at least 1", 2)
     models = args.adapter or [_base_model(client)]
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
+    with ThreadPoolExecutor(max_workers=args.concurrency) as pool, \
+            tqdm(total=args.requests, desc="bench", unit="req", file=sys.stderr) as bar:
         futures = [pool.submit(_one_request, client, models[i % len(models)], args.prompt, args.max_tokens)
                    for i in range(args.requests)]
+        for future in as_completed(futures):
+            bar.update(1)
+            if future.exception() is not None:
+                bar.set_postfix_str("errors", refresh=False)
     elapsed = time.perf_counter() - start
     samples, errors = [], []
     for f in futures:
@@ -263,12 +276,23 @@ def cmd_bench(client: LoraplexClient, args: argparse.Namespace) -> int:
         (errors if exc else samples).append(exc or f.result())
     if not samples:
         raise errors[0]
-    tokens = sum(s.tokens for s in samples)
-    print(f"requests: {len(samples)} ok, {len(errors)} failed in {elapsed:.2f} s "
-          f"(concurrency {args.concurrency}, models {', '.join(models)})")
-    print(f"req/s: {len(samples) / elapsed:.2f}   output tok/s: {tokens / elapsed:.1f}")
-    print(f"TTFT: {_ms([s.ttft_s for s in samples])}")
-    print(f"TPOT: {_ms([s.tpot_s for s in samples if s.tpot_s is not None])}")
+    print(bench_table(samples, len(errors), elapsed, args.concurrency, models))
     if errors:
         print(f"first error: {errors[0]}", file=sys.stderr)
     return 1 if errors else 0
+
+
+def bench_table(samples: Sequence[Sample], failed: int, elapsed: float, concurrency: int,
+                models: Sequence[str]) -> str:
+    """The results as a two-column table (label, value)."""
+    tokens = sum(s.tokens for s in samples)
+    rows = [
+        ("requests:", f"{len(samples)} ok, {failed} failed in {elapsed:.2f} s"),
+        ("concurrency:", f"{concurrency} ({', '.join(models)})"),
+        ("req/s:", f"{len(samples) / elapsed:.2f}"),
+        ("output tok/s:", f"{tokens / elapsed:.1f}"),
+        ("TTFT:", _ms([s.ttft_s for s in samples])),
+        ("TPOT:", _ms([s.tpot_s for s in samples if s.tpot_s is not None])),
+    ]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label.ljust(width)}  {value}" for label, value in rows)

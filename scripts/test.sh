@@ -7,6 +7,7 @@ LORAPLEX_EXTRAS=dev,ray bash scripts/bootstrap.sh
 # Services the tests talk to for real (installed from Debian's packages when absent).
 bash scripts/install_prometheus.sh
 bash scripts/install_nginx.sh
+bash scripts/install_kubectl.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # Tiny test models gain nothing from intra-op threads, and the suite runs server subprocesses beside
 # pytest: one thread per process avoids oversubscribing the cores (measured 4-20x slower otherwise).

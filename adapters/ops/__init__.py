@@ -4,8 +4,10 @@ The semantics are stated as a per-token loop in `lora_apply`'s docstring; `refer
 loop as the test oracle. The work is done by a `LoRABackend` picked once per device type by `get_backend` and
 logged: triton (`triton_ops.py`, each slot's own rank) on CUDA when triton imports, torch (`torch_ops.py`)
 otherwise; `LORAPLEX_LORA_BACKEND=torch|triton` overrides. triton_ops is imported only when chosen, so a CPU
-run never imports triton. The layout of the step's tokens (which tokens share one gathered adapter) is
-planned once per forward by the runner (`batch.py`), never inside a layer.
+run never imports triton. The engine then probes the chosen backend (`probe_lora_backend`, probe.py): each
+kernel form that fails or differs from the torch ops falls back to them, per form, with the reason logged.
+The layout of the step's tokens (which tokens share one gathered adapter) is planned once per forward by the
+runner (`batch.py`), never inside a layer.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import torch
 
 from loraplex.adapters.ops.base import LoRABackend
 from loraplex.adapters.ops.batch import GroupPlan, LoRABatch, LoRABatchBuffers, TokenMerges, plan_groups, split_passes
+from loraplex.adapters.ops.probe import ProbedBackend, ProbeReport, probe_backend
 from loraplex.adapters.ops.torch_ops import TorchLoRABackend
 
-__all__ = ["BACKEND_ENV", "GroupPlan", "LoRABackend", "LoRABatch", "LoRABatchBuffers", "TokenMerges", "get_backend",
-           "get_backend_named", "lora_apply", "plan_groups", "split_passes"]
+__all__ = ["BACKEND_ENV", "GroupPlan", "LoRABackend", "LoRABatch", "LoRABatchBuffers", "ProbeReport", "TokenMerges",
+           "get_backend", "get_backend_named", "lora_apply", "plan_groups", "probe_lora_backend", "split_passes"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +69,40 @@ def _backend_for(device_type: str, requested: str) -> LoRABackend:
     return backend
 
 
+# Probed backends, by the same key as _backend_for: what get_backend answers once the engine probed.
+_probed: dict[tuple[str, str], LoRABackend] = {}
+
+
+def _key(device: torch.device | str) -> tuple[str, str]:
+    return torch.device(device).type, os.environ.get(BACKEND_ENV, "").strip().lower()
+
+
 def get_backend(device: torch.device | str) -> LoRABackend:
-    """The LoRA kernel backend for `device`; chosen (and logged) once per device type (and override)."""
-    return _backend_for(torch.device(device).type, os.environ.get(BACKEND_ENV, "").strip().lower())
+    """The LoRA kernel backend for `device`; chosen (and logged) once per device type (and override), then
+    the probed one (per-form fallbacks) once an engine probed it."""
+    key = _key(device)
+    return _probed.get(key) or _backend_for(*key)
+
+
+def probe_lora_backend(device: torch.device, shapes: set[tuple[int, int]], dtype: torch.dtype,
+                       max_rank: int) -> ProbeReport:
+    """Probe the backend chosen for `device` at the model's layer shapes (in, out), dtype and rank bound, in
+    every kernel form (probe.py; on a GPU this also compiles every kernel variant before serving); forms that
+    fail or differ fall back to the torch ops from now on. Logs the outcome; the torch ops need no probe."""
+    key = _key(device)
+    chosen = _backend_for(*key)
+    if isinstance(chosen, TorchLoRABackend):
+        return ProbeReport(chosen.name, {})
+    report = probe_backend(chosen, shapes, dtype, device, max_rank)
+    for form, problem in report.problems.items():
+        if problem is not None:
+            logger.warning("LoRA ops: %s refused for the %s form (%s); that form runs on the torch ops",
+                           chosen.name, form, problem)
+    previous = _probed.get(key)
+    failed = report.failed() | (previous.failed if isinstance(previous, ProbedBackend) else set())
+    _probed[key] = ProbedBackend(chosen, failed)
+    logger.info("LoRA ops on %s, %s: %s (%s)", key[0], dtype, _probed[key].name, report.summary())
+    return report
 
 
 def lora_apply(y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
+from loraplex.adapters.ops.staging import HostStaging
+
 # One group per slot while that pads the grid to at most this many rows per adapted token: a padding row
 # costs a few MACs per rank, gathering an adapter's A/B again costs copying them (the dearer, measured by
 # bench_lora_ops.py), so splitting a deep slot pays only when the padding would be large (a long prefill).
@@ -149,8 +151,9 @@ class LoRABatchBuffers:
     graph that read them reads the next step's values from the same addresses. They grow (reallocate) only
     when a step needs more rows than any step before it."""
 
-    def __init__(self, device: torch.device, capacity: int = 256) -> None:
+    def __init__(self, device: torch.device, capacity: int = 256, staging: HostStaging | None = None) -> None:
         self.device = device
+        self.staging = staging or HostStaging(device)  # the step's page-locked host buffer (shared per engine)
         self._alloc(capacity)
 
     def _alloc(self, capacity: int) -> None:
@@ -169,19 +172,14 @@ class LoRABatchBuffers:
         if need > self.capacity:
             self._alloc(max(need, 2 * self.capacity))
         n, g = len(plan.rows), len(plan.group_slots)
-        _write(self._token_slots, list(token_slots))
-        _write(self._rows, plan.rows)
-        _write(self._padding[:, 0], [not v for v in plan.valid])
-        _write(self._groups, plan.group_slots)
+        write = self.staging.copy_into  # host -> device, no sync (asynchronous on CUDA)
+        write(self._token_slots, list(token_slots))
+        write(self._rows, plan.rows)
+        write(self._padding[:, 0], [not v for v in plan.valid])
+        write(self._groups, plan.group_slots)
         weights = None
         if token_weights is not None:
-            _write(self._weights, [token_weights[t] for t in plan.rows])
+            write(self._weights, [token_weights[t] for t in plan.rows])
             weights = self._weights[:n]
         return LoRABatch(self._token_slots[: len(token_slots)], self._rows[:n], self._padding[:n],
                          self._groups[:g], g, plan.depth, dict(ranks), plan.window_lo, weights)
-
-
-def _write(buffer: torch.Tensor, values: list[int] | list[bool] | list[float]) -> None:
-    """buffer[:len(values)] = values, as one host -> device copy (non-blocking on CUDA)."""
-    host = torch.tensor(values, dtype=buffer.dtype)
-    buffer[: len(values)].copy_(host, non_blocking=buffer.is_cuda)

@@ -75,7 +75,15 @@ def _mm(a, b, acc, F32_DOT: tl.constexpr):
     return acc
 
 
-@triton.jit
+# Ints that change from step to step are not specialised on (== 1, divisible by 16): each specialisation is a
+# separate compile, which would otherwise happen at the first step that hits it, while serving or inside a
+# CUDA-graph capture. What is left to specialise on is fixed per model (layer widths, strides) or a constexpr,
+# so `probe.py`'s start-up run of every kernel form compiles every variant the engine can launch
+# (tests/gpu_aot checks that on the CPU).
+_RUNTIME_INTS = ("depth", "rank_bound", "num_rows", "splits")
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _shrink_kernel(x_ptr, a_ptr, part_ptr, rows_ptr, pad_ptr, groups_ptr, ranks_ptr,
                    depth, rank_bound, k_size, k_chunk, num_rows, r_pad,
                    stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_pad,
@@ -116,7 +124,7 @@ def _sum_splits(part_ptr, grid_row, offs_r, mask, splits, num_rows, r_pad,
     return h
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _expand_kernel(part_ptr, b_ptr, y_ptr, rows_ptr, pad_ptr, groups_ptr, ranks_ptr, w_ptr,
                    depth, rank_bound, n_size, splits, num_rows, r_pad,
                    stride_yt, stride_yn, stride_bs, stride_br, stride_bn, stride_pad,
@@ -163,11 +171,13 @@ class Launch:
         return triton.cdiv(depth, self.block_m)
 
 
-def plan_launch(groups: int, depth: int, rank: int, k: int, n: int, sms: int) -> Launch:
+def plan_launch(groups: int, depth: int, rank: int, k: int, n: int, sms: int, f32_dot: bool = False) -> Launch:
     """Tiles for a grid of `groups` x `depth` rows at rank bound `rank`, x [*, k] -> y [*, n], on `sms` SMs.
     Split-K only when the grid is too small to give every SM PROGRAMS_PER_SM shrink programs."""
     block_m = min(64, max(16, triton.next_power_of_2(depth)))
     block_k, block_n = (128, 128) if depth == 1 else (64, 64)  # a lone token streams its adapter: longer tiles
+    if depth == 1 and f32_dot:  # fp32 expand at 128 columns spills on sm_80 (bench/results/gpu_aot.md)
+        block_n = 64
     r_tiles = triton.cdiv(rank, BLOCK_R)
     programs = groups * triton.cdiv(depth, block_m) * r_tiles
     k_blocks = triton.cdiv(k, block_k)
@@ -201,12 +211,13 @@ class TritonLoRABackend(LoRABackend):
     def apply(self, y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
               batch: LoRABatch, rank: int, slot_ranks: torch.Tensor) -> None:
         g, d = batch.num_groups, batch.depth
-        cfg = plan_launch(g, d, rank, x.shape[1], y.shape[1], _sm_count(x.device))
+        f32_dot = _f32_dot(a_stack.dtype, x.device)
+        cfg = plan_launch(g, d, rank, x.shape[1], y.shape[1], _sm_count(x.device), f32_dot)
         rows, r_pad = g * d, cfg.r_tiles * BLOCK_R
         # [splits, G*D, r_pad] fp32; only entries of valid rows below their slot's rank are written and read.
         part = torch.empty(cfg.splits, rows, r_pad, dtype=torch.float32, device=x.device)
         meta = (batch.rows, batch.padding.view(torch.uint8), batch.group_slots, slot_ranks)  # [G*D], [G*D, 1], [G]
-        common = {"BLOCK_M": cfg.block_m, "BLOCK_R": BLOCK_R, "F32_DOT": _f32_dot(a_stack.dtype, x.device)}
+        common = {"BLOCK_M": cfg.block_m, "BLOCK_R": BLOCK_R, "F32_DOT": f32_dot}
         _shrink_kernel[(g * cfg.m_tiles(d), cfg.splits, cfg.r_tiles)](
             x, a_stack, part, *meta, d, rank, x.shape[1], cfg.k_chunk, rows, r_pad,
             *x.stride(), *a_stack.stride(), batch.padding.stride(0), BLOCK_K=cfg.block_k, **common)

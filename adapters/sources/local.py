@@ -27,6 +27,8 @@ from loraplex.adapters.sources.base import ADAPTER_FILES, AdapterSource, list_an
 from loraplex.adapters.weights import AdapterFiles, regular_file
 
 _MAX_SYMLINKS = 40  # as Linux's MAXSYMLINKS: stops link loops
+_UPLOAD_HINT = ("an adapter from anywhere else can be uploaded: PUT /v1/adapters/{name} with its two files "
+                "(`loraplex adapters upload NAME DIR`)")
 
 
 class LocalDirSource(AdapterSource[str]):
@@ -82,13 +84,14 @@ class LocalDirSource(AdapterSource[str]):
     def _require_root(self) -> Path:
         if self._real_root is None:
             raise AdapterForbiddenError(
-                "registration by path is disabled: --adapter-root is not set on this server", field="path"
-            )
+                "registration by path is off: this server has no --adapter-root (restart it with --adapter-root DIR "
+                f"or LORAPLEX_ADAPTER_ROOT=DIR to register folders under DIR); {_UPLOAD_HINT}", field="path")
         return self._real_root
 
-    @staticmethod
-    def _outside(shown: str) -> AdapterForbiddenError:
-        return AdapterForbiddenError(f"adapter path {shown!r} is outside --adapter-root", field="path")
+    def _outside(self, shown: str) -> AdapterForbiddenError:
+        return AdapterForbiddenError(
+            f"adapter path {shown!r} is outside --adapter-root {str(self.root)!r} (paths are confined to it; give "
+            f"one relative to it, or inside it); {_UPLOAD_HINT}", field="path")
 
     def _root_relative_parts(self, path: object) -> Sequence[str]:
         if not isinstance(path, str) or not path.strip():

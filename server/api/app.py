@@ -7,7 +7,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from loraplex.server.api import routes_adapters, routes_health, routes_openai, routes_testing, routes_tgi
+from loraplex.server.api import (
+    routes_adapters,
+    routes_health,
+    routes_openai,
+    routes_testing,
+    routes_tgi,
+    routes_tokenize,
+)
 from loraplex.server.api.errors import install_error_handlers
 from loraplex.server.api.limits import BodySizeLimit
 from loraplex.server.runtime import Runtime
@@ -23,10 +30,10 @@ def create_app(runtime: Runtime, *, load_in_background: bool = True) -> FastAPI:
         yield
         runtime.shutdown()
 
-    app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="loraplex", version=routes_tokenize.server_version(), lifespan=lifespan)
     app.state.runtime = runtime
     install_error_handlers(app)
-    for module in (routes_health, routes_openai, routes_tgi, routes_adapters):
+    for module in (routes_health, routes_openai, routes_tgi, routes_adapters, routes_tokenize):
         app.include_router(module.router)
     if routes_testing.enabled():
         app.include_router(routes_testing.router)

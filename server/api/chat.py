@@ -30,6 +30,7 @@ from loraplex.server.api.errors import ApiError
 class ChatTurn:
     role: str
     content: str
+    name: str | None = None  # OpenAI's participant name: given to the template (which may show it)
 
 
 @dataclass(frozen=True)
@@ -43,15 +44,21 @@ def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 
 def build_chat_prompt(tokenizer: PreTrainedTokenizerBase, turns: Sequence[ChatTurn],
-                      add_generation_prompt: bool = True) -> ChatPrompt:
-    """Render `turns` as the model expects them; 400 if the template rejects the conversation."""
+                      add_generation_prompt: bool = True, continue_final_message: bool = False) -> ChatPrompt:
+    """Render `turns` as the model expects them; 400 if the template rejects the conversation.
+
+    `continue_final_message` (vLLM's): the last message stays open (no end-of-turn marker), so the model goes
+    on writing it, e.g. after a prefilled assistant answer."""
+    if continue_final_message and add_generation_prompt:
+        raise ApiError(400, "continue_final_message cannot be combined with add_generation_prompt (set it to "
+                            "false)", param="continue_final_message")
     if not has_chat_template(tokenizer):
         return ChatPrompt(fallback_transcript(turns, add_generation_prompt), templated=False)
-    messages = [{"role": t.role, "content": t.content} for t in turns]
+    messages = [{"role": t.role, "content": t.content, **({"name": t.name} if t.name else {})} for t in turns]
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                             tokenize=False)
-    except TemplateError as exc:  # templates raise on e.g. roles out of order: the caller's to fix
+                                             continue_final_message=continue_final_message, tokenize=False)
+    except (TemplateError, ValueError) as exc:  # roles out of order, nothing to continue: the caller's to fix
         raise ApiError(400, f"messages: the model's chat template rejected the conversation: {exc}",
                        param="messages") from exc
     return ChatPrompt(str(text), templated=True)

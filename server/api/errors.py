@@ -58,7 +58,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         field = ".".join(loc) or "body"
         first_field = first_field or field
-        msg = "not valid Unicode text (a lone surrogate)" if err.get("type") == "string_unicode" else err.get("msg")
+        msg = {"string_unicode": "not valid Unicode text (a lone surrogate)",
+               "extra_forbidden": "unknown field (not part of this API; see docs/api.md)"}.get(err.get("type", ""),
+                                                                                                 err.get("msg"))
         parts.append(f"{field}: {msg or 'invalid'}")
     return "; ".join(parts) or "invalid request", first_field
 
@@ -87,7 +89,9 @@ def install_error_handlers(app: FastAPI) -> None:
         message, field = _validation_message(exc)
         # Text that is not Unicode (a lone surrogate from a "\udcff" escape) is a bad prompt (400, as for
         # invalid UTF-8 bytes), not a wrongly shaped body.
-        status = 400 if any(e.get("type") == "string_unicode" for e in exc.errors()) else 422
+        # An unknown field is refused like a known one this server does not implement: 400 naming it.
+        kinds = {e.get("type") for e in exc.errors()}
+        status = 400 if "string_unicode" in kinds or kinds == {"extra_forbidden"} else 422
         return error_response(request, status, message, field)
 
     @app.exception_handler(StarletteHTTPException)

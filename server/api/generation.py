@@ -22,6 +22,7 @@ import json
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ from starlette.types import Receive, Scope, Send
 
 from loraplex.adapters.errors import AdapterError
 from loraplex.server.api.errors import ApiError
+from loraplex.server.api.limits import check_request_weight
 from loraplex.server.engine.engine import RequestRejected
 from loraplex.server.engine.request import RequestOutput, TokenLogprob
 from loraplex.server.engine.sampling_params import SamplingParams
@@ -78,10 +80,15 @@ def check_loaded(rt: Runtime) -> None:
         raise ApiError(503, "the model is still loading; retry shortly", headers={"Retry-After": "5"})
 
 
-def admit(rt: Runtime, adapter: str | None) -> None:
-    """Take one admission slot or answer 429. The caller must release it (Generation.aclose does)."""
+def admit(rt: Runtime, adapter: str | None, weight: int = 1, what: str = "", param: str | None = None) -> None:
+    """Take `weight` admission slots (one per sequence the request runs: prompts x best_of/n) or answer: 400 when
+    one request asks for more than it may ever hold (limits.request_limit; a 429 would be retried forever), 429
+    when the slots are taken now. The caller releases each (Generation.aclose does, one per choice)."""
     check_ready(rt)  # draining may have begun while the request was being prepared
-    refused = rt.try_admit(adapter)
+    too_heavy = check_request_weight(rt.config.server.max_queue, weight, what)
+    if too_heavy is not None:
+        raise ApiError(400, too_heavy, param=param)
+    refused = rt.try_admit(adapter, weight)
     if refused is not None:
         raise ApiError(429, f"{refused}; retry after {RETRY_AFTER_S}s", headers={"Retry-After": str(RETRY_AFTER_S)})
 
@@ -127,10 +134,37 @@ def resolve_adapter(rt: Runtime, name: str | None, *, param: str, empty_is_base:
 
 
 async def encode_text(rt: Runtime, text: str, *, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
-    """Tokenize off the event loop: a prompt near the body limit takes a noticeable time to encode."""
+    """Tokenize off the event loop: a prompt near the body limit takes a noticeable time to encode. A text too long
+    to fit the context whatever its tokens is refused before tokenizing (a 4 MiB prompt took ~20 s and 700 MB)."""
     check_utf8(text, param=param)
     tokenizer = rt.loaded.tokenizer
+    check_prompt_bytes(len(text.encode("utf-8")), rt.config.engine.max_model_len, max_token_bytes(tokenizer), param)
     return await run_in_threadpool(tokenizer.encode, text, add_special_tokens=add_special_tokens)
+
+
+# How much a tokenizer's normalizer may shrink text before it is split (NFKC folds a 3-byte full-width letter into
+# one byte; accent stripping 2 into 1): the byte bound below allows for it.
+_NORMALIZED_SHRINK = 4
+
+
+def check_prompt_bytes(n_bytes: int, max_model_len: int, token_bytes: int, param: str) -> None:
+    """400 when `n_bytes` of text cannot fit `max_model_len` tokens however it is split: no token spells more than
+    `token_bytes` bytes of input, so such a text has more than `max_model_len` tokens."""
+    limit = max_model_len * token_bytes * _NORMALIZED_SHRINK
+    if n_bytes > limit:
+        raise ApiError(400, f"{param}: the prompt is {n_bytes} bytes, more than the {limit} bytes any prompt that fits "
+                            f"--max-model-len {max_model_len} tokens can have with this tokenizer", param=param)
+
+
+_TOKEN_BYTES: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()  # tokenizer -> longest token
+
+
+def max_token_bytes(tokenizer: Any) -> int:
+    """The UTF-8 length of the tokenizer's longest vocabulary entry (added tokens included): an upper bound on the
+    input bytes one token covers (a byte-level 'Ġ' or a SentencePiece '▁' is longer than the byte it stands for)."""
+    if tokenizer not in _TOKEN_BYTES:
+        _TOKEN_BYTES[tokenizer] = max((len(token.encode("utf-8")) for token in tokenizer.get_vocab()), default=1)
+    return _TOKEN_BYTES[tokenizer]
 
 
 def check_utf8(text: str, *, param: str) -> None:
@@ -171,6 +205,9 @@ def resolve_merge(rt: Runtime, model: str | None, adapters: Sequence[Any] | None
         field = getattr(exc, "field", "adapters")
         where = param + field.removeprefix("adapters") if field.startswith("adapters") else field
         raise ApiError(400, str(exc), param=where) from exc
+    if recipe.virtual and recipe.virtual_name not in rt.engine.adapters.adapters:
+        log.info("%s merge of %s: not computed yet; this request's first step waits while it is computed from the "
+                 "adapters' weights (off the engine thread; later requests reuse it)", strategy, ", ".join(names))
     return recipe
 
 
@@ -237,26 +274,30 @@ class GenerationRequest:
     merge: MergeRecipe | None = None  # several adapters combined (adapter is then None)
     prefix_of: str | None = None  # another choice of the same HTTP request whose prompt blocks it shares
     counted: bool = True  # counted as an HTTP request in the metrics (the extra choices of n > 1 are not)
+    cache_salt: str | None = None  # prefix-cache blocks are shared only between requests with the same salt
 
 
-def start_choices(rt: Runtime, req: GenerationRequest, count: int) -> list[Generation]:
-    """`count` independent choices of one request (n / best_of): the first computes the prompt, the others
-    share its KV blocks (prefix_of). Choice i > 0 of a seeded request draws from a seed derived from (seed, i),
-    so every choice is reproducible and none repeats another. All admitted, or none (429 closes the others)."""
+def plan_choices(rt: Runtime, req: GenerationRequest, count: int) -> list[GenerationRequest]:
+    """`count` independent choices of one prompt (n / best_of), checked to fit: the first computes the prompt, the
+    others share its KV blocks (prefix_of). Choice i > 0 of a seeded request draws from a seed derived from
+    (seed, i), so every choice is reproducible and none repeats another."""
     rt.engine.check_fits(len(req.prompt_ids), req.params)
-    started: list[Generation] = []
-    try:
-        for i in range(count):
-            choice = req if i == 0 else dataclasses.replace(
-                req, request_id=f"{req.request_id}-{i}", params=_choice_params(req.params, i),
-                prefix_of=req.request_id, counted=False)
-            admit(rt, choice.adapter)
-            started.append(Generation(rt, choice))
-    except BaseException:
-        for generation in started:
-            generation.close_unstarted()
-        raise
-    return started
+    return [req if i == 0 else dataclasses.replace(
+        req, request_id=f"{req.request_id}-{i}", params=_choice_params(req.params, i), prefix_of=req.request_id,
+        counted=False) for i in range(count)]
+
+
+def start_planned(rt: Runtime, plans: Sequence[GenerationRequest], what: str, param: str | None = None
+                  ) -> list[Generation]:
+    """Admit every planned sequence of one HTTP request at once (its weight is their number; `what` says where the
+    number comes from, for the 400), then start them all."""
+    admit(rt, plans[0].adapter, len(plans), what, param)
+    return [Generation(rt, plan) for plan in plans]  # nothing here can fail: each releases its slot on close
+
+
+def start_choices(rt: Runtime, req: GenerationRequest, count: int, param: str | None = None) -> list[Generation]:
+    """One prompt's `count` choices, planned and admitted together."""
+    return start_planned(rt, plan_choices(rt, req, count), f"1 prompt x {count} choices", param)
 
 
 def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
@@ -335,7 +376,7 @@ class Generation:
     def __init__(self, rt: Runtime, req: GenerationRequest) -> None:
         self.rt, self.req = rt, req
         self._outs = rt.engine.generate(list(req.prompt_ids), req.params, req.adapter, req.request_id,
-                                        merge=req.merge, prefix_of=req.prefix_of)
+                                        merge=req.merge, prefix_of=req.prefix_of, cache_salt=req.cache_salt)
         self.token_ids: list[int] = []
         self.token_texts: list[str] = []  # text emitted with each token (a held partial char comes later)
         self.token_logprobs: list[float | None] = []  # None while the engine reports no logprobs
@@ -344,6 +385,7 @@ class Generation:
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.error_kind: str | None = None
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache
         self._first_token_at: float | None = None
         self._last_token_at: float | None = None
         self._closed = False
@@ -377,6 +419,7 @@ class Generation:
             self.token_texts[-1] += out.new_text
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
+        self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
         if out.finished:
             self.finish_reason, self.error, self.error_kind = out.finish_reason, out.error, out.error_kind
 
@@ -387,9 +430,9 @@ class Generation:
 
     @property
     def failure_status(self) -> int:
-        adapter = self.req.adapter
-        if adapter is not None and (self.rt.store is None or adapter not in self.rt.store):
-            return 404  # unregistered meanwhile
+        names = self.req.merge.names if self.req.merge is not None else (self.req.adapter,)
+        if any(n is not None and (self.rt.store is None or n not in self.rt.store) for n in names):
+            return 404  # its adapter (or one its merge names) was unregistered meanwhile
         if self.error_kind == "request":
             return 400  # this request's own parameters or adapter (e.g. errored, non-finite logits)
         if self.error_kind == "unavailable":
@@ -401,13 +444,6 @@ class Generation:
         if self.finish_reason in ("stop", "length"):
             return 200
         return self.failure_status if self.finish_reason == "error" else CLIENT_GONE
-
-    def close_unstarted(self) -> None:
-        """Give back the admission of a choice whose siblings could not all be admitted (nothing ran yet:
-        the engine generator never started, so there is no engine request to abort)."""
-        if not self._closed:
-            self._closed = True
-            self.rt.release(self.req.adapter)
 
     async def aclose(self) -> None:
         if self._closed:

@@ -1,4 +1,11 @@
-"""Request body size limit as a pure ASGI middleware (checks Content-Length and counts streamed bytes)."""
+"""Limits at the door: the request body's size (a pure ASGI middleware: checks Content-Length and counts streamed
+bytes), and how many admission slots one request may take.
+
+Admission (Runtime.try_admit) counts sequences, not HTTP requests: a request weighs its prompts x best_of (or n),
+since each runs as one sequence. One adapter (the base model included) may hold 3/4 of --max-queue, and one request
+at most half of that: a single 64-prompt x n=3 request could otherwise take its adapter's whole share, and every
+other client of that adapter got 429 until it ended.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +13,37 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from starlette.exceptions import HTTPException
+
+from loraplex.server.runtime import adapter_queue_limit
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
 
 
-class BodyTooLarge(Exception):
-    pass
+def request_limit(max_queue: int) -> int:
+    """Sequences one request may run at once: half of what one adapter may hold (at least 1)."""
+    return max(1, adapter_queue_limit(max_queue) // 2)
+
+
+def check_request_weight(max_queue: int, weight: int, what: str) -> str | None:
+    """Why a request of `weight` sequences (`what`: "2 prompts x 3 choices") can never be admitted, or None."""
+    limit = request_limit(max_queue)
+    if weight <= limit:
+        return None
+    return (f"this request runs {weight} sequences ({what}); one request may run at most {limit} at once (half of "
+            f"the {adapter_queue_limit(max_queue)} one adapter may hold of --max-queue {max_queue}): send fewer "
+            "prompts or choices per request")
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from `receive` once a streamed (chunked) body passes the limit. An HTTPException, so FastAPI's body
+    reader passes it through (it turns any other error into 400 "There was an error parsing the body") and the
+    app's handler answers 413 in the caller's dialect."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body exceeds the limit of {limit} bytes")
 
 
 class BodySizeLimit:
@@ -38,7 +69,7 @@ class BodySizeLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > limit:
-                raise BodyTooLarge
+                raise BodyTooLarge(limit)
             return message
 
         try:

@@ -1,23 +1,28 @@
 """Adapter admin API: register (by path/S3 URL or by upload), list, describe, unregister; vLLM's aliases.
 
-Every route needs `--admin-key` when one is set. Registration reads and validates files (blocking I/O) and
+Every route needs `--admin-key` when one is set. Registration reads and validates files (blocking I/O, S3) and
 waits for the engine thread to take the new adapter in, so it runs in a worker thread and the event loop keeps
-serving generation traffic meanwhile; records come from the snapshot the engine publishes (store.describe).
+serving generation traffic meanwhile: at most `ADMIN_THREADS` at once, never on the HTTP server's shared worker
+threads (where prompts are tokenized), so registrations waiting on a slow store stall nobody's generation. Records
+come from the snapshot the engine publishes (store.describe).
 Unregistering lets running requests finish on the device copy, ends queued ones with an error, and refuses new
 ones (404).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+import anyio
 from fastapi import APIRouter, Depends, Request
-from starlette.concurrency import run_in_threadpool
+from fastapi.responses import PlainTextResponse
 
 from loraplex.adapters.errors import AdapterConflictError, AdapterNotFoundError
 from loraplex.adapters.names import validate_adapter_name
 from loraplex.adapters.store import AdapterStore
-from loraplex.server.api.auth import require_admin_key
+from loraplex.server.api.auth import KeysFirstRoute, require_admin_key
 from loraplex.server.api.errors import ApiError
 from loraplex.server.api.schemas_adapters import (
     AdapterInfo,
@@ -29,10 +34,20 @@ from loraplex.server.api.schemas_adapters import (
 )
 from loraplex.server.runtime import Runtime
 
-router = APIRouter(dependencies=[Depends(require_admin_key)], tags=["adapters"])
+router = APIRouter(dependencies=[Depends(require_admin_key)], tags=["adapters"], route_class=KeysFirstRoute)
 
 # Bounds on the multipart parser: our fields are 2 files or 1 archive, plus `pinned`; extras are named (400).
 _MAX_FORM_PARTS = 8
+ADMIN_THREADS = 8  # registrations / unregistrations working at once; more wait their turn
+T = TypeVar("T")
+
+
+async def _admin_thread(request: Request, fn: Callable[..., T], *args: Any) -> T:
+    """Run blocking adapter admin work on a thread under the app's admin limiter, not the default one."""
+    limiter = getattr(request.app.state, "admin_limiter", None)
+    if limiter is None:  # made in the event loop that uses it
+        limiter = request.app.state.admin_limiter = anyio.CapacityLimiter(ADMIN_THREADS)
+    return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=limiter)
 
 
 def _store(request: Request, *, writing: bool = False) -> AdapterStore:
@@ -58,14 +73,14 @@ def _check_new_name(request: Request, store: AdapterStore, name: str) -> None:
 async def _register_path(request: Request, name: str, path: str, pinned: bool) -> dict[str, Any]:
     store = _store(request, writing=True)
     _check_new_name(request, store, name)
-    await run_in_threadpool(store.register_path, name, path, pinned)
+    await _admin_thread(request, store.register_path, name, path, pinned)
     return store.describe(name)
 
 
 async def _unregister(request: Request, name: str) -> dict[str, Any]:
     store = _store(request, writing=True)
     record = store.describe(name)  # 404 naming it when unknown; the answer shows what was removed
-    await run_in_threadpool(store.unregister, name)
+    await _admin_thread(request, store.unregister, name)
     rt: Runtime = request.app.state.runtime
     rt.adapter_removed(name)
     return record
@@ -88,7 +103,7 @@ async def upload_adapter(name: str, request: Request) -> dict[str, Any]:
                        "send the fields 'adapter_config.json' and 'adapter_model.safetensors', or 'archive'")
     async with request.form(max_files=_MAX_FORM_PARTS, max_fields=_MAX_FORM_PARTS) as form:
         payload, pinned = upload_payload(form)
-        await run_in_threadpool(store.register_upload, name, payload, pinned)
+        await _admin_thread(request, store.register_upload, name, payload, pinned)
     return store.describe(name)
 
 
@@ -114,13 +129,15 @@ async def delete_adapter(name: str, request: Request) -> dict[str, Any]:
     return await _unregister(request, name)
 
 
-@router.post("/v1/load_lora_adapter", response_model=AdapterInfo)
-async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> dict[str, Any]:
-    """vLLM-compatible registration by path (200, as vLLM answers)."""
-    return await _register_path(request, body.lora_name, body.lora_path, False)
+@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> PlainTextResponse:
+    """vLLM-compatible registration by path: 200 with vLLM's plain success text (errors are JSON, as vLLM's)."""
+    await _register_path(request, body.lora_name, body.lora_path, False)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
-@router.post("/v1/unload_lora_adapter", response_model=AdapterInfo)
-async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) -> dict[str, Any]:
-    """vLLM-compatible unregistration (200)."""
-    return await _unregister(request, body.lora_name)
+@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) -> PlainTextResponse:
+    """vLLM-compatible unregistration: 200 with vLLM's plain success text."""
+    await _unregister(request, body.lora_name)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

@@ -7,6 +7,7 @@ as one `data: {"error": {...}}` event, then `[DONE]`.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -17,7 +18,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from loraplex.server.api.auth import require_api_key
+from loraplex.server.api.auth import KeysFirstRoute, require_api_key
 from loraplex.server.api.chat import ChatTurn, build_chat_prompt
 from loraplex.server.api.errors import ApiError
 from loraplex.server.api.generation import (
@@ -34,6 +35,7 @@ from loraplex.server.api.generation import (
     guided_or_400,
     make_params,
     merged_outputs,
+    plan_choices,
     quote,
     recorded_rejections,
     refuse_unsupported,
@@ -42,7 +44,7 @@ from loraplex.server.api.generation import (
     resolve_merge,
     runtime_of,
     sse,
-    start_choices,
+    start_planned,
 )
 from loraplex.server.api.logprobs import (
     TokenTexts,
@@ -54,10 +56,10 @@ from loraplex.server.api.logprobs import (
 from loraplex.server.api.schemas_openai import ChatCompletionRequest, ChatMessage, CompletionRequest
 from loraplex.server.engine.guided import GuidedSpec
 from loraplex.server.engine.request import RequestOutput
-from loraplex.server.engine.sampling_params import SamplingParams
+from loraplex.server.engine.sampling_params import MAX_LOGIT_BIAS_TOKENS, SamplingParams
 from loraplex.server.runtime import Runtime
 
-router = APIRouter()
+router = APIRouter(route_class=KeysFirstRoute)
 _GENERATION_DEPS = [Depends(require_api_key), Depends(require_ready)]
 _STARTED = int(time.time())
 _SamplingBody = CompletionRequest | ChatCompletionRequest
@@ -168,22 +170,19 @@ async def _start(request: Request, body: _SamplingBody, shape: _Shape,
         refuse_unsupported(body.unsupported())
         merge = resolve_merge(rt, body.model, body.adapters, body.merge_strategy, body.density,
                               body.majority_sign_method)
-        adapter = None if merge else resolve_adapter(rt, body.model, param="model", empty_is_base=False)
+        adapter = None if merge else resolve_adapter(rt, body.model, param="model", empty_is_base=body.model is None)
         per_prompt = _per_prompt(body)
         spec, spec_param = _guided_spec(body)
         guided = await compile_guided(rt, spec, spec_param)
         run = _Run(body, shape, await prompts(rt, body), [], per_prompt)
-        try:
-            for i, prompt in enumerate(run.prompts):
-                params = _sampling(rt, body, prompt, guided)
-                rid = uuid.uuid4().hex
-                req = GenerationRequest(shape.endpoint, body.model, adapter, tuple(prompt.ids), params, arrival,
-                                        rid, merge=merge, counted=i == 0)
-                run.generations += start_choices(rt, req, per_prompt)
-        except BaseException:
-            for generation in run.generations:
-                await generation.aclose()
-            raise
+        plans = []
+        for i, prompt in enumerate(run.prompts):
+            params = _sampling(rt, body, prompt, guided)
+            req = GenerationRequest(shape.endpoint, body.model, adapter, tuple(prompt.ids), params, arrival,
+                                    uuid.uuid4().hex, merge=merge, counted=i == 0, cache_salt=body.cache_salt)
+            plans += plan_choices(rt, req, per_prompt)
+        what = f"{len(run.prompts)} prompt{'s' if len(run.prompts) > 1 else ''} x {per_prompt} choices"
+        run.generations = start_planned(rt, plans, what, "n" if per_prompt > 1 else "prompt")
         return run
 
 
@@ -204,7 +203,8 @@ async def _completion_prompts(rt: Runtime, body: CompletionRequest) -> list[_Pro
     for i, prompt in enumerate(body.prompts):
         param = "prompt" if len(body.prompts) == 1 else f"prompt.{i}"
         if isinstance(prompt, str):
-            out.append(_Prompt(await encode_text(rt, prompt, param=param), prompt))
+            ids = await encode_text(rt, prompt, add_special_tokens=body.add_special_tokens, param=param)
+            out.append(_Prompt(ids, prompt))
         else:
             ids = check_token_ids(rt, prompt, param=param)
             out.append(_Prompt(ids, rt.loaded.tokenizer.decode(ids) if body.echo else ""))
@@ -212,22 +212,42 @@ async def _completion_prompts(rt: Runtime, body: CompletionRequest) -> list[_Pro
 
 
 async def _chat_prompts(rt: Runtime, body: ChatCompletionRequest) -> list[_Prompt]:
-    turns = [ChatTurn(m.role, _content_text(m)) for m in body.messages]
-    prompt = await run_in_threadpool(build_chat_prompt, rt.loaded.tokenizer, turns, body.add_generation_prompt)
-    ids = await encode_text(rt, prompt.text, add_special_tokens=not prompt.templated, param="messages")
-    return [_Prompt(ids, prompt.text)]
+    ids, text = await chat_prompt_ids(rt, body.messages, body.add_generation_prompt, body.continue_final_message,
+                                      body.add_special_tokens)
+    return [_Prompt(ids, text)]
+
+
+async def chat_prompt_ids(rt: Runtime, messages: list[ChatMessage], add_generation_prompt: bool,
+                          continue_final_message: bool, add_special_tokens: bool) -> tuple[list[int], str]:
+    """The prompt's token ids and text for chat `messages` (also what POST /tokenize counts). Special tokens
+    are added on top of the template's only when asked (vLLM's add_special_tokens); a prompt without a
+    template is encoded like a completion prompt."""
+    turns = [ChatTurn(m.role, _content_text(m), m.name) for m in messages]
+    prompt = await run_in_threadpool(build_chat_prompt, rt.loaded.tokenizer, turns, add_generation_prompt,
+                                     continue_final_message)
+    special = add_special_tokens or not prompt.templated
+    return await encode_text(rt, prompt.text, add_special_tokens=special, param="messages"), prompt.text
 
 
 def _sampling(rt: Runtime, body: _SamplingBody, prompt: _Prompt, guided: GuidedSpec | None) -> SamplingParams:
+    """The request's sampling parameters; what it omits comes from the model's generation config
+    (--generation-config), then from OpenAI's defaults."""
+    defaults = rt.sampling_defaults
     max_tokens = body.requested_max_tokens
+    if max_tokens is None:  # chat without a limit: the model's max_new_tokens if it has one, within the context
+        max_tokens = min(defaults.get("max_tokens", 2**62), context_room(rt, len(prompt.ids)))
+
+    def pick(name: str, neutral: float) -> float:
+        value = getattr(body, name)
+        return defaults.get(name, neutral) if value is None else value
+
     return make_params(
-        max_tokens=context_room(rt, len(prompt.ids)) if max_tokens is None else max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, seed=body.seed,
+        max_tokens=max_tokens, temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
+        top_k=int(pick("top_k", 0)), min_p=pick("min_p", 0.0), seed=body.seed,
         stop=tuple(body.stop or ()), stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
         min_tokens=body.min_tokens, skip_special_tokens=body.skip_special_tokens,
         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-        repetition_penalty=body.repetition_penalty or 1.0, logit_bias=_logit_bias(rt, body.logit_bias),
+        repetition_penalty=pick("repetition_penalty", 1.0), logit_bias=_logit_bias(rt, body.logit_bias),
         logprobs=_logprobs(body), prompt_logprobs=_prompt_logprobs(body), guided=guided)
 
 
@@ -250,12 +270,17 @@ def _prompt_logprobs(body: _SamplingBody) -> int | None:
 
 
 def _logit_bias(rt: Runtime, bias: dict[str, float] | None) -> dict[int, float]:
-    """OpenAI sends token ids as JSON object keys (strings)."""
-    out: dict[int, float] = {}
+    """OpenAI sends token ids as JSON object keys (strings): ASCII digits only (str.isdigit also takes "²" and "٣",
+    which int() refuses or reads as another number), at most as many as the vocabulary's largest id has (so a
+    5,000-digit key is never converted)."""
+    bias = bias or {}
+    if len(bias) > MAX_LOGIT_BIAS_TOKENS:
+        raise ApiError(400, f"logit_bias: at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(bias)}", param="logit_bias")
     vocab = rt.loaded.model.config.get_text_config().vocab_size
-    for key, value in (bias or {}).items():
-        if not key.isdigit() or int(key) >= vocab:
-            raise ApiError(400, f"logit_bias: key {quote(key)} is not a token id in [0, {vocab})",
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= len(str(vocab))) or int(key) >= vocab:
+            raise ApiError(400, f"logit_bias: key {quote(key)} is not a token id in [0, {vocab}) (ASCII digits)",
                            param="logit_bias")
         out[int(key)] = value
     return out
@@ -263,40 +288,93 @@ def _logit_bias(rt: Runtime, bias: dict[str, float] | None) -> dict[int, float]:
 
 def _guided_spec(body: _SamplingBody) -> tuple[GuidedSpec | None, str | None]:
     """The one structured-output constraint the request names, if any, and the field that named it (400 for
-    two, or for an unknown response_format type)."""
-    specs: list[tuple[str, Callable[[], GuidedSpec]]] = []
-    fmt = getattr(body, "response_format", None)
-    if fmt is not None:
-        spec = _response_format_spec(fmt)
-        if spec is not None:
-            specs.append((spec.field, lambda: spec))
-    if body.guided_json is not None:
-        specs.append(("guided_json", lambda: GuidedSpec.json_schema(body.guided_json)))
-    if body.guided_regex is not None:
-        specs.append(("guided_regex", lambda: GuidedSpec.regex(body.guided_regex)))
-    if body.guided_choice is not None:
-        specs.append(("guided_choice", lambda: GuidedSpec.choice(body.guided_choice)))
+    two, or for an unknown response_format type). `structured_outputs` is vLLM's current field; `guided_*` its
+    older spelling (aliases); `response_format` OpenAI's."""
+    whitespace, ws_field = _whitespace_pattern(body)
+    specs = _requested_specs(body, whitespace)
     if len(specs) > 1:
         names = ", ".join(name for name, _ in specs)
         raise ApiError(400, f"at most one structured-output constraint per request, got {names}",
                        param=specs[1][0])
+    if whitespace is not None and not (specs and "json" in specs[0][0] or specs and specs[0][0] == "response_format"):
+        raise ApiError(400, f"{ws_field} applies to JSON output only (a JSON schema or json_object)", param=ws_field)
     if not specs:
         return None, None
-    return guided_or_400(specs[0][1], specs[0][0]), specs[0][0]
+    field, build = specs[0]
+    return guided_or_400(build, field), field
 
 
-def _response_format_spec(fmt: dict) -> GuidedSpec | None:
+def _requested_specs(body: _SamplingBody, whitespace: str | None) -> list[tuple[str, Callable[[], GuidedSpec]]]:
+    """(field, builder) for every constraint the request sets."""
+    specs: list[tuple[str, Callable[[], GuidedSpec]]] = []
+    fmt = body.response_format
+    if fmt is not None:
+        spec = _response_format_spec(fmt, whitespace)
+        if spec is not None:
+            field = "response_format.json_schema.schema" if fmt.get("type") == "json_schema" else "response_format"
+            specs.append((field, lambda: spec))
+    so = body.structured_outputs
+    candidates: list[tuple[str, object, Callable[[Any], GuidedSpec]]] = []
+    if so is not None:
+        candidates += [
+            ("structured_outputs.json", so.json_, lambda v: _json_spec("structured_outputs.json", v, whitespace)),
+            ("structured_outputs.regex", so.regex, GuidedSpec.regex),
+            ("structured_outputs.choice", so.choice, GuidedSpec.choice),
+            ("structured_outputs.grammar", so.grammar, GuidedSpec.grammar),
+            ("structured_outputs.json_object", so.json_object or None,
+             lambda _: _json_spec("structured_outputs.json_object", {"type": "object"}, whitespace)),
+        ]
+    candidates += [
+        ("guided_json", body.guided_json, lambda v: _json_spec("guided_json", v, whitespace)),
+        ("guided_regex", body.guided_regex, GuidedSpec.regex),
+        ("guided_choice", body.guided_choice, GuidedSpec.choice),
+        ("guided_grammar", body.guided_grammar, GuidedSpec.grammar),
+    ]
+    for field, value, build in candidates:
+        if value is not None:
+            specs.append((field, lambda build=build, value=value: build(value)))
+    return specs
+
+
+def _whitespace_pattern(body: _SamplingBody) -> tuple[str | None, str]:
+    so = body.structured_outputs
+    if so is not None and so.whitespace_pattern is not None:
+        if body.guided_whitespace_pattern is not None:
+            raise ApiError(400, "give structured_outputs.whitespace_pattern or guided_whitespace_pattern, not both",
+                           param="guided_whitespace_pattern")
+        return so.whitespace_pattern, "structured_outputs.whitespace_pattern"
+    return body.guided_whitespace_pattern, "guided_whitespace_pattern"
+
+
+def _json_spec(field: str, schema: dict | str, whitespace: str | None) -> GuidedSpec:
+    """A JSON-schema spec; `whitespace`: the regex every whitespace gap must match (llguidance's
+    `x-guidance.whitespace_pattern`), else our compact default."""
+    if whitespace is not None:
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as exc:
+                raise ApiError(400, f"{field}: is not valid JSON ({exc})", param=field) from None
+        if isinstance(schema, dict):
+            options = schema.get("x-guidance") if isinstance(schema.get("x-guidance"), dict) else {}
+            schema = {**schema, "x-guidance": {**options, "whitespace_pattern": whitespace}}
+    return GuidedSpec.json_schema(schema)
+
+
+def _response_format_spec(fmt: dict, whitespace: str | None) -> GuidedSpec | None:
     kind = fmt.get("type", "text")
     if kind == "text":
         return None
     if kind == "json_object":
-        return GuidedSpec.json_object()
+        return GuidedSpec.json_object() if whitespace is None else guided_or_400(
+            lambda: _json_spec("response_format", {"type": "object"}, whitespace), "response_format")
     if kind == "json_schema":
         schema = (fmt.get("json_schema") or {}).get("schema") if isinstance(fmt.get("json_schema"), dict) else None
         if schema is None:
             raise ApiError(400, "response_format json_schema needs json_schema.schema (a JSON Schema object)",
                            param="response_format.json_schema.schema")
-        return guided_or_400(lambda: GuidedSpec.json_schema(schema), "response_format.json_schema.schema")
+        return guided_or_400(lambda: _json_spec("response_format.json_schema.schema", schema, whitespace),
+                             "response_format.json_schema.schema")
     raise ApiError(400, f"response_format type {quote(str(kind))} is not one of text, json_object, json_schema",
                    param="response_format.type")
 
@@ -311,25 +389,31 @@ def _content_text(message: ChatMessage) -> str:
 
 def _base_card(rt: Runtime) -> dict[str, Any]:
     return {"id": rt.served_model_name, "object": "model", "created": _STARTED, "owned_by": "loraplex",
-            "root": rt.served_model_name, "parent": None, "max_model_len": rt.config.engine.max_model_len}
+            "root": rt.served_model_name, "parent": None, "max_model_len": rt.max_model_len,
+            "sampling_defaults": rt.sampling_defaults}
 
 
 def _adapter_card(rt: Runtime, name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": int(rt.store.get(name).created_at), "owned_by": "loraplex",
-            "root": name, "parent": rt.served_model_name}
+            "root": name, "parent": rt.served_model_name, "max_model_len": rt.max_model_len}
 
 
 # ---- answering -------------------------------------------------------------------------------------
-def _usage(run: _Run, returned: list[Generation]) -> dict[str, int]:
+def _usage(run: _Run, returned: list[Generation]) -> dict[str, Any]:
+    """OpenAI's counts; a prompt counts once whatever its `n`, with the cached tokens of its first choice (the
+    one that computed it: the others find it in the prefix cache)."""
     n_prompt = sum(len(p.ids) for p in run.prompts)
     n_out = sum(len(g.token_ids) for g in returned)
-    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+    cached = sum(gens[0].num_cached_tokens for _, gens in run.groups())
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _head(run: _Run, object_: str) -> dict[str, Any]:
     first = run.generations[0]
-    return {"id": run.shape.id_prefix + first.req.request_id, "object": object_, "created": int(time.time()),
-            "model": first.req.model}
+    rid = run.body.request_id or first.req.request_id  # vLLM's request_id names the response when given
+    return {"id": run.shape.id_prefix + rid, "object": object_, "created": int(time.time()),
+            "model": first.req.model if first.req.model is not None else first.rt.served_model_name}
 
 
 async def _respond(run: _Run, request: Request) -> Response:

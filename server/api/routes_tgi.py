@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from loraplex.server.api.auth import require_api_key
+from loraplex.server.api.auth import KeysFirstRoute, require_api_key
 from loraplex.server.api.errors import ApiError
 from loraplex.server.api.generation import (
     CLIENT_GONE,
@@ -52,7 +52,7 @@ from loraplex.server.runtime import Runtime
 if TYPE_CHECKING:
     from loraplex.adapters.merge import MergeRecipe
 
-router = APIRouter()
+router = APIRouter(route_class=KeysFirstRoute)
 _GENERATION_DEPS = [Depends(require_api_key), Depends(require_ready)]
 
 
@@ -92,7 +92,7 @@ async def _start(body: TGIRequest, request: Request, endpoint: str) -> list[Gene
             ids = ids[-p.truncate:]  # TGI keeps the last `truncate` tokens
         req = GenerationRequest(endpoint, p.adapter_id, adapter, tuple(ids), _sampling(p, guided), arrival,
                                 merge=merge)
-        return start_choices(rt, req, best_of)
+        return start_choices(rt, req, best_of, "parameters.best_of")
 
 
 def _best_of(p: TGIParameters, stream: bool) -> int:
@@ -225,8 +225,10 @@ async def _respond(generations: list[Generation], request: Request, body: TGIReq
 
 
 async def _events(generation: Generation, body: TGIRequest) -> AsyncGenerator[str, None]:
-    """One event per token; the last carries the full text (and details when asked), as TGI sends them."""
+    """One event per token, numbered by `index` from 0; the last carries the full text (and details when asked),
+    as TGI sends them."""
     rt = generation.rt
+    index = 0
     async for out in generation.outputs():
         if out.finish_reason == "error":
             yield _error_event(out.error or "generation failed")
@@ -235,11 +237,12 @@ async def _events(generation: Generation, body: TGIRequest) -> AsyncGenerator[st
         for i, (token_id, logprob) in enumerate(zip(out.new_token_ids, token_logprobs(out), strict=True)):
             last = out.finished and i == len(out.new_token_ids) - 1
             text = out.new_text if i == len(out.new_token_ids) - 1 else ""
-            event = {"token": _token(rt, token_id, text, logprob),
+            event = {"index": index, "token": _token(rt, token_id, text, logprob),
                      "generated_text": _full_text(body, generation) if last else None,
                      "details": _details(generation, stream=True) if last and body.params.details else None}
             if generation.req.params.logprobs:
                 event["top_tokens"] = _top_tokens(rt, tops[i])
+            index += 1
             yield sse(event)
 
 

@@ -42,6 +42,7 @@ class _Add:
     adapter: str | None
     merge: MergeRecipe | None = None
     prefix_of: str | None = None
+    cache_salt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ class EngineSnapshot:
     kv_usage: float = 0.0  # fraction of KV blocks in use
     running_adapters: tuple[str, ...] = ()  # distinct adapter names of running requests, sorted
     waiting_adapters: tuple[str, ...] = ()  # the same for queued requests
+    prefix_queries: int = 0  # tokens looked up in the prefix cache since start (vllm:prefix_cache_queries)
+    prefix_hits: int = 0  # tokens found there (vllm:prefix_cache_hits)
 
 
 class AsyncEngine:
@@ -134,15 +137,16 @@ class AsyncEngine:
     # ---- requests ------------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
                        request_id: str | None = None, *, merge: MergeRecipe | None = None,
-                       prefix_of: str | None = None) -> AsyncIterator[RequestOutput]:
+                       prefix_of: str | None = None, cache_salt: str | None = None
+                       ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; leaving the iterator early (client gone) aborts the request.
-        `merge` and `prefix_of` as in LLMEngine.add_request."""
+        `merge`, `prefix_of` and `cache_salt` as in LLMEngine.add_request."""
         rid = request_id or uuid.uuid4().hex
         self.check_fits(len(prompt_ids), params)  # reject early, in the caller's context
         self._check_alive()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), queue)
-        self._post(_Add(rid, list(prompt_ids), params, adapter, merge, prefix_of))
+        self._post(_Add(rid, list(prompt_ids), params, adapter, merge, prefix_of, cache_salt))
         if self.dead_reason is not None:  # died between the check and registering: no one will answer
             queue.put_nowait(_dead_output(rid, len(prompt_ids), self.dead_reason))
         finished = False
@@ -248,7 +252,7 @@ class AsyncEngine:
         elif isinstance(item, _Add):
             try:
                 self.engine.add_request(item.request_id, item.prompt_ids, item.params, item.adapter, item.merge,
-                                        item.prefix_of)
+                                        item.prefix_of, item.cache_salt)
             except ValueError as exc:
                 self._deliver([_error_output(item, str(exc), "request")])
         elif item[0] == "abort":
@@ -292,7 +296,7 @@ class AsyncEngine:
         sched = self.engine.scheduler
         self.snapshot = EngineSnapshot(len(sched.waiting), len(sched.running), self.snapshot.steps + int(stepped),
                                        self.engine.pool.usage, _adapter_names(sched.running),
-                                       _adapter_names(sched.waiting))
+                                       sched.waiting.adapter_names(), sched.prefix_queries, sched.prefix_hits)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

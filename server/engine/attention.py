@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from loraplex.adapters.lazy_zeros import lazy_zeros
 from loraplex.server.engine.paged_kernels import PagedKernel, PagedMetadata
 
 ATTN_IMPL = "loraplex_paged"
@@ -80,8 +81,9 @@ class PagedKVCache:
         self.scratch_block = num_blocks
         self.scratch = num_blocks * block_size
         shape = ((num_blocks + 1) * block_size, kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # On the CPU lazily committed (adapters/lazy_zeros.py): resident memory grows with the blocks used.
+        self.k = [lazy_zeros(shape, dtype, device) for _ in range(num_layers)]
+        self.v = [lazy_zeros(shape, dtype, device) for _ in range(num_layers)]
         self.kernel: PagedKernel | None = None
 
     def pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,11 +8,15 @@ weights live in the slot stacks, written in place, so a graph serves whichever a
 
 With a paged attention kernel every bucket has one shape, so `capture_buckets` captures them all at start
 (base-only and LoRA per bucket, on pad rows that touch only the scratch block) and logs the memory they
-hold. On the gather path a new context width captures on first use.
+hold. Nothing is captured while serving: a step whose key was not captured at start runs eagerly (the runner
+asks `serves` first); the engine turns graphs off on the gather path, whose context width changes per step.
 
-The graph itself is behind a two-method interface: `CudaGraph` on CUDA, `RerunGraph` (replay re-runs the
-captured callable) where there is no CUDA, which lets CPU tests check that the forward reads only the
-buffers: a step served through it gives the same tokens as eager only if it does.
+The graph itself is behind a two-method interface: `CudaGraph` on CUDA, `CheckedGraph` where there is no
+CUDA. A CPU cannot replay a graph, so CheckedGraph re-runs the captured callable, under checks that make the
+re-run fail wherever a real replay would silently differ from it (capture_check.py): a host sync, a tensor
+made from host data, a read of any tensor that is not a static buffer (the graph's input buffers, the model's
+parameters and buffers, the KV pool), and a replay whose ops or read addresses differ from the capture's
+(Python state read at capture, frozen in a real graph).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 
 from loraplex.adapters.inject import LoRAInjection
 from loraplex.adapters.ops import LoRABatch
+from loraplex.server.engine.capture_check import CaptureCheck
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +71,25 @@ class CudaGraph:
         self.graph.replay()
 
 
-class RerunGraph:
-    """The stand-in without CUDA: replay runs the captured callable again into the same output tensor."""
+class CheckedGraph:
+    """The stand-in without CUDA: replay re-runs the captured callable into the same output tensor, each run
+    under `CaptureCheck` (the static tensors: what the graph may read that it did not compute itself)."""
+
+    def __init__(self, static: Callable[[], list[torch.Tensor]]) -> None:
+        self.static = static
 
     def capture(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         self.fn = fn
-        self.out = fn()
+        with CaptureCheck(self.static()) as check:
+            self.out = fn()
+        self.signature = check.signature()
         return self.out
 
     def replay(self) -> None:
-        self.out.copy_(self.fn())
+        with CaptureCheck(self.static()) as check:
+            out = self.fn()
+        check.same_as(self.signature)
+        self.out.copy_(out)
 
 
 @dataclass
@@ -90,31 +104,43 @@ class DecodeGraphs:
     replays (capturing first when the key is new)."""
 
     def __init__(self, forward: Forward, lora: LoRAInjection | None, device: torch.device,
-                 make_graph: Callable[[], Graph]) -> None:
+                 make_graph: Callable[[], Graph], static: Callable[[], list[torch.Tensor]] = list) -> None:
         self.forward = forward
         self.lora = lora
         self.device = device
         self.make_graph = make_graph
         self.graphs: dict[GraphKey, _Captured] = {}
+        self._owned: list[torch.Tensor] = []  # every graph's input buffers and LoRA batch tensors
         self.replays = 0
         self.memory_bytes = 0  # device memory the graphs captured at start hold
+        self.static = static  # what a forward may read besides the buffers: parameters, buffers, the KV pool
 
     @staticmethod
-    def for_device(forward: Forward, lora: LoRAInjection | None, device: torch.device) -> DecodeGraphs:
-        """CUDA graphs on a CUDA device (one shared memory pool), the rerun stand-in elsewhere."""
+    def for_device(forward: Forward, lora: LoRAInjection | None, device: torch.device,
+                   static: Callable[[], list[torch.Tensor]] = list) -> DecodeGraphs:
+        """CUDA graphs on a CUDA device (one shared memory pool), the checked stand-in elsewhere."""
         if device.type == "cuda":
             pool = torch.cuda.graph_pool_handle()
-            return DecodeGraphs(forward, lora, device, lambda: CudaGraph(pool))
-        return DecodeGraphs(forward, lora, device, RerunGraph)
+            return DecodeGraphs(forward, lora, device, lambda: CudaGraph(pool), static)
+        graphs = DecodeGraphs(forward, lora, device, lambda: CheckedGraph(graphs.static_tensors), static)
+        return graphs
+
+    def static_tensors(self) -> list[torch.Tensor]:
+        """Every tensor a captured forward may read without computing it: the caller's static tensors, every
+        graph's input buffers and the LoRA batches over them."""
+        return [*self.static(), *self._owned]
+
+    def serves(self, inputs: Inputs, use_lora: bool) -> bool:
+        """A graph was captured at start for this step's shapes (else the runner runs it eagerly)."""
+        return _key(inputs, use_lora) in self.graphs
 
     def run(self, inputs: Inputs, use_lora: bool) -> torch.Tensor:
-        """Logits [B, V] of the padded decode step described by the host tensors `inputs`."""
-        key = _key(inputs, use_lora)
-        captured = self.graphs.get(key)
+        """Logits [B, V] of the padded decode step described by the host tensors `inputs`, replayed from the
+        graph captured at start for its shapes (never captured here: `serves` says whether there is one)."""
+        captured = self.graphs.get(_key(inputs, use_lora))
         if captured is None:
-            captured = self._capture(key, inputs, use_lora)
-        else:
-            _load(captured.buffers, inputs)
+            raise RuntimeError(f"no decode graph was captured at start for {_key(inputs, use_lora)}")
+        _load(captured.buffers, inputs)
         captured.graph.replay()
         self.replays += 1
         return captured.output
@@ -137,6 +163,7 @@ class DecodeGraphs:
         buffers = {name: torch.empty_like(t, device=self.device) for name, t in inputs.items()}
         _load(buffers, inputs)
         batch = self.lora.static_batch(buffers["token_slots"], buffers["group_slots"]) if use_lora else None
+        self._owned += [*buffers.values(), *((batch.rows, batch.padding) if batch is not None else ())]
         graph = self.make_graph()
         output = graph.capture(lambda: self.forward(buffers, batch))
         captured = _Captured(buffers, graph, output)

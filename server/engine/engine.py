@@ -7,17 +7,19 @@ thread.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from loraplex.adapters.host_loader import HostLoader
 from loraplex.adapters.inject import LoRAInjection, inject_multi_lora
-from loraplex.adapters.ops import get_backend
+from loraplex.adapters.messages import Command, Message
+from loraplex.adapters.ops import probe_lora_backend
 from loraplex.adapters.port import AdapterPort
 from loraplex.adapters.slot_table import SlotTable
 from loraplex.adapters.slot_writer import SlotWriter
@@ -28,9 +30,19 @@ from loraplex.server.engine.block_pool import BlockPool
 from loraplex.server.engine.cuda_graphs import DecodeGraphs
 from loraplex.server.engine.detokenizer import IncrementalDetokenizer
 from loraplex.server.engine.guided import CompiledGrammar, GuidedCompiler, GuidedError, GuidedSpec, fill_bitmasks
-from loraplex.server.engine.kv_sizing import auto_num_blocks, kv_bytes_per_token
-from loraplex.server.engine.model_runner import ModelRunner
-from loraplex.server.engine.paged_kernels import select_paged_kernel
+from loraplex.server.engine.kv_sizing import (
+    KVPlan,
+    MemorySnapshot,
+    kv_bytes_per_token,
+    measure_cuda,
+    plan_cpu,
+    plan_cuda,
+    plan_fixed,
+    warn_if_short,
+)
+from loraplex.server.engine.memory_profile import profile_step
+from loraplex.server.engine.model_runner import ModelRunner, RunnerOutput
+from loraplex.server.engine.paged_kernels import PagedKernel, select_paged_kernel
 from loraplex.server.engine.postprocess import Postprocessor
 from loraplex.server.engine.request import Request, RequestOutput, Status, StepResult, StepStats, TokenLogprob
 from loraplex.server.engine.sampler import (
@@ -38,12 +50,13 @@ from loraplex.server.engine.sampler import (
     SampleOutput,
     Sampler,
     SampleRow,
+    TokenCounts,
     bitmask_row,
     check_vocab,
-    make_generator,
+    request_seed,
 )
 from loraplex.server.engine.sampling_params import SamplingParams
-from loraplex.server.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from loraplex.server.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
 from loraplex.server.engine.stop import StopStringMatcher
 from loraplex.server.model_loader import LoadedModel
 
@@ -61,7 +74,9 @@ class RequestRejected(ValueError):
 class EngineConfig:
     max_model_len: int = 2048
     block_size: int = 16
-    num_kv_blocks: int = 0  # 0 = size from free memory
+    num_kv_blocks: int = 0  # 0 = sized by the rules of kv_sizing.py
+    kv_cache_memory: int = 0  # --kv-cache-memory BYTES of KV (0 = unset)
+    gpu_memory_utilization: float = 0.9  # fraction of a CUDA device's memory the engine may use (vLLM's flag)
     scheduler: SchedulerConfig = SchedulerConfig()
     lora: LoRAConfig = LoRAConfig()
     # Pad decode-only steps to a batch bucket with static shapes (what CUDA-graph capture replays).
@@ -75,66 +90,196 @@ class EngineConfig:
             raise ValueError("--max-model-len: must be >= 2")
         if self.block_size < 1 or self.num_kv_blocks < 0:
             raise ValueError("--block-size must be >= 1 and --num-kv-blocks >= 0")
+        if self.kv_cache_memory < 0:
+            raise ValueError("--kv-cache-memory: must be >= 0 bytes (0: unset)")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"--gpu-memory-utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
+
+
+class Runner(Protocol):
+    """Runs one step's chunks (ModelRunner; the simulation's fake forward)."""
+
+    def execute(self, chunks: list[ScheduledChunk]) -> RunnerOutput: ...
+
+
+class SlotCopier(Protocol):
+    """Copies adapter weights into device slots (SlotWriter)."""
+
+    def write(self, slot: int, weights: AdapterWeights) -> None: ...
+
+    def clear(self, slot: int) -> None: ...
+
+    def fence(self) -> None: ...
+
+
+class Loader(Protocol):
+    """Reads adapter files off the engine thread and posts the results (HostLoader)."""
+
+    def submit(self, name: str, epoch: int, urgent: bool) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class EngineParts:
+    """What the engine core drives, built from a loaded model (`LLMEngine.__init__`) or by the engine
+    simulation (tests/sim), which fakes the forward, the slot copies and the loader."""
+
+    tokenizer: Any
+    vocab_size: int  # the logits' width
+    eos_ids: tuple[int, ...]
+    device: torch.device
+    pool: BlockPool
+    runner: Runner
+    slot_writer: SlotCopier
+    # (post, wake) -> the loader: it posts results into the adapter port and wakes the engine
+    make_loader: Callable[[Callable[[Message], None], Callable[[], None]], Loader]
+    guided: GuidedCompiler | None = None
 
 
 class LLMEngine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig,
                  adapter_loader: Callable[[str], AdapterWeights] | None = None) -> None:
-        self.config, self.loaded = config, loaded
-        self.tokenizer = loaded.tokenizer
+        self.loaded = loaded
         model = loaded.model
         self.lora: LoRAInjection = inject_multi_lora(
             model, num_slots=config.lora.max_loras, max_rank=config.lora.max_lora_rank, dtype=loaded.dtype)
-        get_backend(loaded.device)  # choose and log the LoRA kernels now, not at the first adapter's step
         model.set_attn_implementation(register_paged_attention())
-        self.pool, kv = self._make_kv(model, loaded)
+        self.config = config
+        kernel = self._warm_up_kernels(model, loaded)
+        pool, kv = self._make_kv(model, loaded, kernel)
+        graphs = self._graphs_on(loaded.device, kernel)
+        self.runner = ModelRunner(model, kv, config.block_size, self.lora, loaded.device,
+                                  decode_buckets=config.decode_buckets or graphs, max_model_len=config.max_model_len)
+        if graphs:  # every bucket, now: nothing is captured while serving
+            self.runner.use_graphs(DecodeGraphs.for_device(self.runner.forward_decode, self.lora, loaded.device,
+                                                           self.runner.static_tensors), config.scheduler.max_num_seqs)
+        vocab_size = model.get_output_embeddings().out_features
+        eos_ids = _eos_ids(loaded)
+        read = adapter_loader or _no_adapters
+        self._assemble(config, EngineParts(
+            loaded.tokenizer, vocab_size, eos_ids, loaded.device, pool, self.runner,
+            SlotWriter(self.lora, loaded.device), lambda post, wake: HostLoader(read, post, wake),
+            _guided_compiler(loaded.tokenizer, vocab_size, eos_ids)))
+
+    @classmethod
+    def from_parts(cls, config: EngineConfig, parts: EngineParts) -> LLMEngine:
+        """An engine over given parts (the simulation's): no model, no LoRA injection, no KV tensors."""
+        engine = cls.__new__(cls)
+        engine._assemble(config, parts)
+        return engine
+
+    def _assemble(self, config: EngineConfig, parts: EngineParts) -> None:
+        """The core every engine shares: requests, scheduler, adapter slots, sampler, postprocessing."""
+        self.config = config
+        self.tokenizer, self.vocab_size, self.device = parts.tokenizer, parts.vocab_size, parts.device
+        self.pool, self.runner, self.slot_writer = parts.pool, parts.runner, parts.slot_writer
         # Adapters: the engine thread owns the SlotTable and writes slots; the host loader only reads files;
         # other threads post messages to the port and read the snapshot published there.
         self.adapter_port = AdapterPort()
-        self.slot_writer = SlotWriter(self.lora, loaded.device)
-        self.host_loader = HostLoader(adapter_loader or _no_adapters, self.adapter_port.put, self.adapter_port.wake)
+        self.host_loader = parts.make_loader(self.adapter_port.put, self.adapter_port.wake)
         self.adapters = SlotTable(num_slots=config.lora.max_loras, max_host=config.lora.max_cpu_loras,
                                   max_host_bytes=config.lora.max_cpu_lora_bytes, request_load=self.host_loader.submit,
                                   clear_slot=self.slot_writer.clear, is_registered=self.adapter_port.registered)
         self.scheduler = Scheduler(config.scheduler, self.pool, self.adapters)
-        graphs = config.cuda_graphs and loaded.device.type == "cuda"
-        self.runner = ModelRunner(model, kv, config.block_size, self.lora, loaded.device,
-                                  decode_buckets=config.decode_buckets or graphs, max_model_len=config.max_model_len)
-        if graphs:
-            self.runner.use_graphs(DecodeGraphs.for_device(self.runner.forward_decode, self.lora, loaded.device),
-                                   config.scheduler.max_num_seqs)
-        self.sampler = Sampler()
-        self.vocab_size = model.get_output_embeddings().out_features  # the logits' width
-        self.post = Postprocessor(_eos_ids(loaded), config.max_model_len)
-        self.guided = _guided_compiler(self.tokenizer, self.vocab_size, self.post.eos_ids)
+        log.info("prefix caching: %s", "on (full KV blocks reused by prompt prefix, keyed by adapter registration)"
+                 if config.scheduler.prefix_caching else "off (--prefix-caching off)")
+        # A registration dropped: the blocks computed with it are never found again (and are freed first).
+        self.adapters.on_forget = lambda name, epoch: self.pool.forget((name, epoch))
+        self.counts = TokenCounts(self.vocab_size, self.device)  # penalties' token counts, kept per request
+        self.sampler = Sampler(self.counts)
+        self.post = Postprocessor(parts.eos_ids, config.max_model_len)
+        self.guided = parts.guided
         self.requests: dict[str, Request] = {}
-        self._forks: dict[str, list[Request]] = {}  # leader request id -> choices waiting for its prompt
-        self.shared_prefix_tokens = 0  # prompt tokens choices did not compute thanks to a shared prefix
+        self._groups: dict[str, list[Request]] = {}  # n > 1: group id -> its choices that have not ended
 
-    def _make_kv(self, model: torch.nn.Module, loaded: LoadedModel) -> tuple[BlockPool, PagedKVCache]:
+    @property
+    def prefix_cache_hits(self) -> int:
+        """Tokens whose K/V admissions found in the prefix cache instead of computing them (so far)."""
+        return self.scheduler.prefix_hits
+
+    def _warm_up_kernels(self, model: torch.nn.Module, loaded: LoadedModel) -> PagedKernel | None:
+        """Choose the LoRA and paged-attention kernels, each after a probe against its torch twin that also
+        compiles every kernel variant the engine will launch (on CUDA), so nothing compiles while serving."""
+        start = time.perf_counter()
+        lora = probe_lora_backend(loaded.device, set(self.lora.module_shapes().values()), loaded.dtype,
+                                  self.config.lora.max_lora_rank)
         cfg = model.config.get_text_config()
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv_heads = cfg.num_key_value_heads
-        n = self.config.num_kv_blocks or auto_num_blocks(
-            bytes_per_token=kv_bytes_per_token(cfg.num_hidden_layers, kv_heads, head_dim, loaded.dtype),
-            block_size=self.config.block_size, max_num_seqs=self.config.scheduler.max_num_seqs,
-            max_model_len=self.config.max_model_len, device=loaded.device)
-        kv = PagedKVCache(cfg.num_hidden_layers, n, self.config.block_size, kv_heads, head_dim,
-                          loaded.dtype, loaded.device)
-        self.attention_kernel, kv.kernel = select_paged_kernel(
-            loaded.device, loaded.dtype, self.config.block_size, cfg.num_attention_heads, kv_heads, head_dim)
-        log.info("KV pool: %d blocks x %d tokens (%.1f MiB)", n, self.config.block_size, kv.bytes / 2**20)
-        return BlockPool(n, self.config.block_size), kv
+        self.attention_kernel, kernel = select_paged_kernel(
+            loaded.device, loaded.dtype, self.config.block_size, cfg.num_attention_heads, *_kv_geometry(cfg)[1:])
+        self.lora_probe, self.warm_up_s = lora, time.perf_counter() - start
+        log.info("kernel warm-up: %.1f s (LoRA ops %s%s; paged attention %s)", self.warm_up_s, lora.backend,
+                 f": {lora.summary()}" if lora.problems else "", self.attention_kernel)
+        return kernel
+
+    def _graphs_on(self, device: torch.device, kernel: PagedKernel | None) -> bool:
+        """CUDA graphs need a CUDA device and a paged kernel (one shape per bucket, all captured at start)."""
+        if not self.config.cuda_graphs or device.type != "cuda":
+            return False
+        if kernel is None:
+            log.warning("CUDA graphs off: no paged attention kernel passed its probe, and the gather path's "
+                        "context width changes from step to step (graphs are never captured while serving)")
+        return kernel is not None
+
+    def _make_kv(self, model: torch.nn.Module, loaded: LoadedModel, kernel: PagedKernel | None
+                 ) -> tuple[BlockPool, PagedKVCache]:
+        layers, kv_heads, head_dim = _kv_geometry(model.config.get_text_config())
+        per_block = kv_bytes_per_token(layers, kv_heads, head_dim, loaded.dtype) * self.config.block_size
+        plan = self._plan_kv(per_block, loaded.device, kernel, (layers, kv_heads, head_dim))
+        kv = PagedKVCache(layers, plan.num_blocks, self.config.block_size, kv_heads, head_dim, loaded.dtype,
+                          loaded.device)
+        kv.kernel = kernel
+        self.kv_plan = plan
+        log.info("KV pool: %d blocks x %d tokens = %d tokens (%.1f MiB), by %s: %s", plan.num_blocks,
+                 self.config.block_size, plan.num_blocks * self.config.block_size, kv.bytes / 2**20, plan.rule,
+                 plan.reason)
+        return BlockPool(plan.num_blocks, self.config.block_size), kv
+
+    def _plan_kv(self, per_block: int, device: torch.device, kernel: PagedKernel | None,
+                 geometry: tuple[int, int, int]) -> KVPlan:
+        """The pool's size by the first rule that applies (kv_sizing.py)."""
+        cfg = self.config
+        plan = plan_fixed(num_blocks=cfg.num_kv_blocks, kv_cache_memory=cfg.kv_cache_memory, bytes_per_block=per_block)
+        if plan is None and device.type != "cuda":
+            plan = plan_cpu(bytes_per_block=per_block, block_size=cfg.block_size,
+                            max_num_seqs=cfg.scheduler.max_num_seqs, max_model_len=cfg.max_model_len)
+            warn_if_short(plan.num_blocks, per_block)
+        return plan or self._profile_kv(per_block, device, kernel, geometry)
+
+    def _profile_kv(self, per_block: int, device: torch.device, kernel: PagedKernel | None,
+                    geometry: tuple[int, int, int]) -> KVPlan:
+        """CUDA: vLLM's rule over a profile run (kv_sizing.py), the stand-in's memory released first."""
+        snapshot, graph_bytes = self._profile_on_stand_in(device, kernel, geometry)
+        torch.cuda.empty_cache()
+        return plan_cuda(bytes_per_block=per_block, utilization=self.config.gpu_memory_utilization,
+                         snapshot=snapshot, graph_bytes=graph_bytes)
+
+    def _profile_on_stand_in(self, device: torch.device, kernel: PagedKernel | None,
+                             geometry: tuple[int, int, int]) -> tuple[MemorySnapshot, int]:
+        """The largest step, then the CUDA graphs (their memory), on a one-block stand-in pool (memory_profile.py)."""
+        cfg, (layers, kv_heads, head_dim) = self.config, geometry
+        stand_in = PagedKVCache(layers, 1, cfg.block_size, kv_heads, head_dim, self.loaded.dtype, device)
+        stand_in.kernel = kernel
+        runner = ModelRunner(self.loaded.model, stand_in, cfg.block_size, self.lora, device,
+                             max_model_len=cfg.max_model_len)
+        tokens = min(cfg.scheduler.max_batch_tokens, cfg.max_model_len - 1)
+        snapshot = measure_cuda(device, functools.partial(profile_step, runner, tokens))
+        if not self._graphs_on(device, kernel):
+            return snapshot, 0
+        graphs = DecodeGraphs.for_device(runner.forward_decode, self.lora, device, runner.static_tensors)
+        runner.use_graphs(graphs, cfg.scheduler.max_num_seqs)
+        return snapshot, graphs.memory_bytes
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    adapter: str | None = None, merge: MergeRecipe | None = None, prefix_of: str | None = None
-                    ) -> None:
+                    adapter: str | None = None, merge: MergeRecipe | None = None, prefix_of: str | None = None,
+                    cache_salt: str | None = None) -> None:
         """Queue a request for `adapter` (None: the base model), or for several adapters merged (`merge`).
 
-        `prefix_of`: another choice of the same HTTP request (same prompt and adapter, `n` > 1). This one then
-        starts once that one's prompt is in the KV pool, sharing its prompt's full blocks instead of computing
-        them again (it computes at most one block of the prompt itself, for its own first token)."""
+        `prefix_of`: another choice of the same HTTP request (same prompt and adapter, `n` > 1). The choices
+        form a group: each waits while a running sibling computes the prompt, then finds its blocks in the
+        prefix cache; should one of them fail, all of them end. `cache_salt`: only requests with the same salt
+        share cached KV blocks (vLLM's field)."""
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         if merge is not None and adapter is not None:
@@ -146,16 +291,16 @@ class LLMEngine:
         except ValueError as exc:  # GuidedError included (the API compiled it first: normally a cache hit)
             raise RequestRejected(str(exc)) from None
         req = Request(request_id, list(prompt_ids), params, adapter,
-                      make_generator(params.seed, self.loaded.device) if not params.greedy else None,
+                      request_seed(params.seed) if not params.greedy else None,
                       IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
-                      StopStringMatcher(params.stop), merge=merge, guided=guided)
-        self.requests[request_id] = req
+                      StopStringMatcher(params.stop), merge=merge, guided=guided, cache_salt=cache_salt)
         leader = self.requests.get(prefix_of) if prefix_of is not None else None
         if leader is not None and _same_prefix(leader, req):
-            self._forks.setdefault(leader.request_id, []).append(req)  # started by _start_forks
-            self._start_forks()
-        else:
-            self.scheduler.add(req)
+            req.group = leader.group or leader.request_id
+            leader.group = req.group
+            self._groups.setdefault(req.group, [leader]).append(req)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
 
     def compile_grammar(self, spec: GuidedSpec) -> CompiledGrammar:
         """Compile (or find in the cache) a structured-output grammar; any thread (the API calls it first, off
@@ -180,58 +325,40 @@ class LLMEngine:
                                   f"the KV cache capacity of {capacity} tokens")
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        req = self.requests.pop(request_id, None)
+        """End a request at once (its client left); its choice siblings go on (the caller aborts those it
+        no longer wants)."""
+        req = self.requests.get(request_id)
         if req is None:
             return None
-        if not self._drop_fork(req):
-            self.scheduler.finish(req)
-        self._start_forks()  # an aborted leader's choices start on their own
+        self._retire(req)
         return self.post.final(req, "abort")
 
     def fail_adapter(self, adapter: str, reason: str) -> list[RequestOutput]:
         """End every request for `adapter` that has not started (it was unregistered). Requests that started
         hold the adapter's slot, preempted ones included, and finish with it (DESIGN: in-flight ones finish)."""
-        doomed = [r for r in self.scheduler.waiting if not r.holds_adapter and
+        doomed = [r for r in self.scheduler.waiting if not r.started and
                   (r.adapter == adapter or (r.merge is not None and adapter in r.merge.names))]
-        return [self._fail(r, reason, "request") for r in doomed]
+        outputs: list[RequestOutput] = []
+        for req in doomed:
+            if req.status is not Status.FINISHED:  # a sibling's failure may have ended it already
+                outputs += self._fail(req, reason, "request")
+        return outputs
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self._forks)  # requests waiting on adapter loads included
+        return self.scheduler.has_work()  # requests waiting on adapter loads included
 
-    # ---- n > 1: choices sharing their prompt's KV blocks ------------------------------------------
-    def _start_forks(self) -> None:
-        """Hand each waiting choice to the scheduler once its leader's prompt is in the KV pool (sharing its
-        full blocks), or at once, unshared, when the leader can no longer share (finished, preempted)."""
-        for leader_id, forks in list(self._forks.items()):
-            leader = self.requests.get(leader_id)
-            ready = leader is not None and leader.status is Status.RUNNING and \
-                leader.num_computed >= len(leader.prompt_ids)
-            if leader is not None and leader.status is not Status.FINISHED and not ready:
-                continue
-            del self._forks[leader_id]
-            for req in forks:
-                if ready:
-                    self._share_prefix(leader, req)
-                self.scheduler.add(req)
-
-    def _share_prefix(self, leader: Request, req: Request) -> None:
-        """Give `req` the leader's full prompt blocks before the last prompt token (never written again)."""
-        full = (len(req.prompt_ids) - 1) // self.pool.block_size
-        if full and len(leader.blocks) >= full:
-            req.blocks = self.pool.share(leader.blocks[:full])
-            req.num_computed = full * self.pool.block_size
-            req.prompt_logprobs = list(leader.prompt_logprobs)  # the leader scored the whole prompt
-            self.shared_prefix_tokens += req.num_computed
-
-    def _drop_fork(self, req: Request) -> bool:
-        """Take a choice that never reached the scheduler out of the fork list; False if it is not there."""
-        for leader_id, forks in self._forks.items():
-            if req in forks:
-                forks.remove(req)
-                if not forks:
-                    del self._forks[leader_id]
-                return True
-        return False
+    def _retire(self, req: Request) -> None:
+        """Take a request out of the engine for good (finished, aborted or failed): blocks and refs return."""
+        self.requests.pop(req.request_id, None)
+        self.scheduler.finish(req)
+        if req.counts_row is not None:
+            self.counts.close(req.counts_row)
+            req.counts_row = None
+        group = self._groups.get(req.group) if req.group is not None else None
+        if group is not None:
+            group.remove(req)
+            if not group:
+                del self._groups[req.group]
 
     # ---- adapters (engine thread) -----------------------------------------------------------------
     def apply_adapter_messages(self) -> bool:
@@ -243,8 +370,10 @@ class LLMEngine:
         for msg in messages:
             try:
                 self.adapters.apply(msg)
-            except Exception:  # noqa: BLE001 - one bad message must not stop the engine serving everyone
+            except Exception as exc:  # noqa: BLE001 - one bad message must not stop the engine serving everyone
                 log.exception("adapter message %s failed", type(msg).__name__)
+                if isinstance(msg, Command):  # its caller answers with the failure, not with success
+                    msg.fail(f"{type(exc).__name__}: {exc}")
         copied = self.adapters.load_due(self.slot_writer.write)
         self.slot_writer.fence()
         self.adapter_port.publish(self.adapters.snapshot(), messages)
@@ -268,7 +397,7 @@ class LLMEngine:
         scheduled in it; every terminal output built before the fault is still returned."""
         self.apply_adapter_messages()
         sched = self.scheduler.schedule()
-        outputs = [self._fail(req, reason, "request") for req, reason in sched.failed]
+        outputs = self._fail_all(sched.failed)
         if not sched.chunks:
             return StepResult(outputs)
         slots = {s for c in sched.chunks for s in (c.request.merge_slots or (c.request.slot,)) if s >= 0}
@@ -279,14 +408,17 @@ class LLMEngine:
             log.exception("engine step failed; failing the %d requests scheduled in it", len(sched.chunks))
             reason = (f"internal engine error in the step that ran this request ({type(exc).__name__}: {exc}); "
                       "other requests are unaffected")
-            outputs += [self._fail(c.request, reason, "internal") for c in sched.chunks
-                        if c.request.status is not Status.FINISHED]
-        self._start_forks()  # leaders whose prompt is now in the pool (or that ended) release their choices
+            for c in sched.chunks:
+                if c.request.status is not Status.FINISHED:  # a sibling's failure may have ended it already
+                    outputs += self._fail(c.request, reason, "internal")
         return StepResult(outputs, stats)
 
     def _run(self, sched: SchedulerOutput, outputs: list[RequestOutput]) -> None:
         """Forward, sample, postprocess; appends to `outputs` as it goes (a later fault keeps them)."""
         result = self.runner.execute(sched.chunks)
+        for chunk in sched.chunks:  # the forward wrote their K/V: completed blocks join the prefix cache
+            chunk.request.num_computed = chunk.start + chunk.n
+            self.scheduler.publish_computed(chunk.request)
         for chunk, rows in result.prompt_logits:
             _record_prompt_logprobs(chunk.request, chunk.start, rows)
         ends = [c.request for c in sched.chunks if c.samples]
@@ -294,14 +426,14 @@ class LLMEngine:
         logits = result.logits if len(sampling) == len(ends) else result.logits[sampling]
         reqs = [ends[i] for i in sampling]
         picks, bad = self._sample(logits, reqs, self._guided_bitmask(reqs))
-        outputs += [self._fail(req, reason, "request") for req, reason in bad.items()]
-        outputs += [self._finish_scored(ends[i]) for i in range(len(ends)) if ends[i].params.max_tokens == 0]
+        outputs += self._fail_all(list(bad.items()))
+        outputs += [self._finish_scored(ends[i]) for i in range(len(ends))
+                    if ends[i].params.max_tokens == 0 and ends[i].status is not Status.FINISHED]
         self._postprocess(sched, picks, outputs)
 
     def _finish_scored(self, req: Request) -> RequestOutput:
         """A request that only scores its prompt (max_tokens 0): done once the prompt is computed."""
-        self.requests.pop(req.request_id, None)
-        self.scheduler.finish(req)
+        self._retire(req)
         return self._with_prompt_logprobs(req, self.post.final(req, "length"))
 
     def _with_prompt_logprobs(self, req: Request, out: RequestOutput) -> RequestOutput:
@@ -331,6 +463,7 @@ class LLMEngine:
         finite = torch.isfinite(lo) & torch.isfinite(hi)  # [N]
         logits = torch.where(finite[:, None], logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
         out, errors = self._sample_rows(logits, reqs, bitmask)
+        self._record_counts(reqs, out.tokens)
         # One device -> host copy: [N, 4 + 2K] = token, logprob, finite, no allowed token, K top ids, K top logprobs.
         table = torch.stack([out.tokens.double(), out.logprobs.double(), finite.double(), out.no_token.double()], dim=1)
         k_max = 0 if out.top_ids is None else out.top_ids.shape[1]
@@ -344,8 +477,8 @@ class LLMEngine:
             if not ok:
                 errors[req] = _non_finite_message(req)
             elif no_token:
-                errors[req] = ("the structured-output grammar allows no token at this position (min_tokens may "
-                               "forbid the only ones it allows)")
+                why = (req.guided and req.guided.dead_end) or "min_tokens may forbid the only ones it allows"
+                errors[req] = f"the structured-output grammar allows no token at this position ({why})"
             elif req.guided is not None and not req.guided.accept(int(token)):  # only a masking bug gets here
                 errors[req] = f"sampled token {int(token)} breaks the grammar ({req.guided.error})"
             else:
@@ -376,28 +509,48 @@ class LLMEngine:
         return _concat_outputs(parts), errors
 
     def _sample_row(self, req: Request) -> SampleRow:
-        return SampleRow(req.params, req.generator, self.post.eos_ids, req.prompt_ids, req.output_ids)
+        if req.params.has_penalties and req.counts_row is None:  # counted once, then one token per step
+            req.counts_row = self.counts.open(req.prompt_ids, req.output_ids)
+        return SampleRow(req.params, req.seed, self.post.eos_ids, req.prompt_ids, req.output_ids, req.counts_row)
+
+    def _record_counts(self, reqs: list[Request], tokens: torch.Tensor) -> None:
+        """The penalties' counts learn this step's tokens (one accumulate, on the device)."""
+        rows = [i for i, r in enumerate(reqs) if r.counts_row is not None]
+        if rows:
+            at = torch.tensor(rows, device=tokens.device)
+            self.counts.record(torch.tensor([reqs[i].counts_row for i in rows], device=self.counts.device),
+                               tokens.index_select(0, at).to(self.counts.device))
 
     def _postprocess(self, sched: SchedulerOutput, tokens: dict[Request, Pick],
                      outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
         for chunk in sched.chunks:
             req = chunk.request
-            req.num_computed = chunk.start + chunk.n
             if req not in tokens or req.status is not Status.RUNNING:
                 continue
             req.first_token_time = req.first_token_time or now
             pick = tokens[req]
             out = self._with_prompt_logprobs(req, self.post.append(req, pick.token, pick.logprob, pick.top))
             if out.finished:
-                self.requests.pop(req.request_id, None)
-                self.scheduler.finish(req)
+                self._retire(req)
             outputs.append(out)
 
-    def _fail(self, req: Request, reason: str, kind: str) -> RequestOutput:
-        self.requests.pop(req.request_id, None)
-        self.scheduler.finish(req)
-        return self.post.final(req, "error", error=reason, error_kind=kind)
+    def _fail_all(self, failures: list[tuple[Request, str]]) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        for req, reason in failures:
+            if req.status is not Status.FINISHED:  # a sibling's failure may have ended it already
+                outputs += self._fail(req, reason, "request")
+        return outputs
+
+    def _fail(self, req: Request, reason: str, kind: str) -> list[RequestOutput]:
+        """End `req` with an error, and every choice of its group with it (one answer for the HTTP request)."""
+        siblings = [r for r in self._groups.get(req.group, ()) if r is not req] if req.group is not None else []
+        outputs = []
+        for r in [req, *siblings]:
+            self._retire(r)
+            outputs.append(self.post.final(r, "error", error=reason if r is req else
+                                           f"another choice of this request failed: {reason}", error_kind=kind))
+        return outputs
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,24 +589,24 @@ def _same_prefix(leader: Request, req: Request) -> bool:
 
 def _record_prompt_logprobs(req: Request, start: int, logits: torch.Tensor) -> None:
     """logits [m, V]: rows start .. start + m - 1 of the prompt, row i predicting prompt token start + i + 1.
-    Positions recorded before (a preempted request computes its prompt again) are not recorded twice."""
-    done = len(req.prompt_logprobs)  # positions 1 .. done are recorded
-    skip = done - start
+    Positions recorded before (a preempted request computes its prompt again) are not recorded twice. One
+    device -> host copy: [m, 2 + 2k] = chosen logprob, rank, k top ids, k top logprobs."""
+    skip = len(req.prompt_logprobs) - start  # positions 1 .. len(req.prompt_logprobs) are recorded
     if skip >= logits.shape[0]:
         return
     rows = logits[max(skip, 0):]
     first = start + max(skip, 0) + 1  # the prompt position rows[0] predicts
-    targets = torch.tensor(req.prompt_ids[first : first + rows.shape[0]], device=rows.device)
+    targets = req.prompt_ids[first : first + rows.shape[0]]
     logprobs = torch.log_softmax(rows, dim=-1)  # [m, V] fp32
-    chosen_t = logprobs.gather(1, targets[:, None])  # [m, 1]
-    ranks = ((logprobs > chosen_t).sum(dim=-1) + 1).tolist()
-    chosen = chosen_t[:, 0].tolist()
-    k = req.params.prompt_logprobs
-    top = logprobs.topk(k, dim=-1) if k else None
-    top_ids = top.indices.tolist() if top is not None else [[]] * len(chosen)
-    top_lps = top.values.tolist() if top is not None else [[]] * len(chosen)
-    for token, lp, ids, lps, rank in zip(targets.tolist(), chosen, top_ids, top_lps, ranks, strict=True):
-        req.prompt_logprobs.append(TokenLogprob(token, lp, tuple(zip(ids, lps, strict=True)), rank))
+    chosen = logprobs.gather(1, torch.tensor(targets, device=rows.device)[:, None])  # [m, 1]
+    parts = [chosen.double(), ((logprobs > chosen).sum(dim=-1, keepdim=True) + 1).double()]
+    k = req.params.prompt_logprobs or 0
+    if k:
+        top = logprobs.topk(k, dim=-1)
+        parts += [top.indices.double(), top.values.double()]  # ids < 2**53: exact in float64
+    for token, row in zip(targets, torch.cat(parts, dim=1).tolist(), strict=True):
+        alternatives = tuple(zip(map(int, row[2 : 2 + k]), row[2 + k :], strict=True))
+        req.prompt_logprobs.append(TokenLogprob(token, row[0], alternatives, int(row[1])))
 
 
 def _guided_compiler(tokenizer: object, vocab_size: int, eos_ids: tuple[int, ...]) -> GuidedCompiler | None:
@@ -470,6 +623,12 @@ def _non_finite_message(req: Request) -> str:
                                                               "the base model")
     return (f"the forward pass produced non-finite logits (NaN or inf) for this request with {source}; "
             "its weights may overflow in this dtype. Other requests are unaffected")
+
+
+def _kv_geometry(cfg: object) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) of a transformers text config."""
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim
 
 
 def _eos_ids(loaded: LoadedModel) -> tuple[int, ...]:

@@ -11,6 +11,16 @@ Bitmask layout (llguidance's and xgrammar's): a row is ceil(vocab_size / 32) int
 is token 32w + j, 1 = allowed. EOS is allowed exactly when the grammar is complete; ids the tokenizer does
 not have (a model's padded vocabulary) and special tokens other than EOS are never allowed.
 
+A mask never lets through a token the parser would refuse, and never offers EOS where the output would be
+incomplete, whatever the tokenizer: llguidance's row is corrected where it can be wrong. A state in error (a
+lexer limit hit mid-way) allows nothing (llguidance would offer only EOS, and a request would end "stop" with
+invalid text); EOS is cleared unless the grammar accepts; and where the vocabulary lacks some bytes (a
+byte-level BPE trained on a small corpus), a state whose forced continuation holds such a byte allows nothing
+(llguidance then offers tokens that do not start with the forced bytes, which its parser refuses). An empty row
+fails the request with the reason (`GuidedState.dead_end`). Whatever can be seen at the grammar's start is
+refused at compile time instead (`GuidedError`, a 400 before admission): a grammar the library cannot build or
+that hits a limit at once, one that allows no output, and one whose forced start this vocabulary cannot spell.
+
 The library is llguidance, chosen by measurement (bench/bench_guided.py, bench/results/guided.json): every
 random output valid on every test grammar (xgrammar 0.2.9 let raw control characters into strings with
 `maxLength`: invalid JSON), grammars compile in 0.6-4 ms at vocab 49152 without holding the GIL (xgrammar:
@@ -31,12 +41,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import llguidance
 import llguidance.hf
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-GuidedKind = Literal["json_object", "json_schema", "regex", "choice"]
+GuidedKind = Literal["json_object", "json_schema", "regex", "choice", "grammar"]
 
 # The request field each kind comes from: GuidedError messages name it, so a 400 says what to fix.
 FIELDS: dict[str, str] = {
@@ -44,11 +55,13 @@ FIELDS: dict[str, str] = {
     "json_schema": "response_format.json_schema.schema",
     "regex": "guided_regex",
     "choice": "guided_choice",
+    "grammar": "guided_grammar",
 }
 MAX_SPEC_BYTES = 64 * 1024  # a schema's canonical JSON text, or a regex
 MAX_CHOICES = 256
 MAX_CHOICE_CHARS = 1024
 CACHE_SIZE = 256  # compiled grammars kept per compiler (LRU)
+LEXER_FUEL = 200_000  # llguidance's initial_lexer_fuel (its default: 1,000,000); see GuidedCompiler
 # JSON whitespace: none but one space after ':' and ',' (`{"a": 1, "b": 2}`), as OpenAI's structured outputs
 # look. Flexible whitespace lets a small model pad an object with spaces and newlines until max_tokens cuts it
 # (measured: a random-weight model under a 16-character cap per gap still ran 80 tokens of whitespace).
@@ -85,7 +98,8 @@ class GuidedSpec:
     value: str | tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        expected = {"json_object": type(None), "json_schema": str, "regex": str, "choice": tuple}.get(self.kind)
+        expected = {"json_object": type(None), "json_schema": str, "regex": str, "choice": tuple,
+                    "grammar": str}.get(self.kind)
         if expected is None:
             raise ValueError(f"unknown guided kind {self.kind!r}; expected one of {sorted(FIELDS)}")
         if not isinstance(self.value, expected):
@@ -126,6 +140,15 @@ class GuidedSpec:
         return cls("regex", pattern)
 
     @classmethod
+    def grammar(cls, lark: str) -> GuidedSpec:
+        """The whole output must match the grammar `lark` (llguidance's Lark syntax: `start: ...` rules)."""
+        field = FIELDS["grammar"]
+        if not isinstance(lark, str) or not lark.strip():
+            raise GuidedError(field, "must be a non-empty string")
+        _check_size(field, lark)
+        return cls("grammar", lark)
+
+    @classmethod
     def choice(cls, options: Sequence[str]) -> GuidedSpec:
         """The output is exactly one of `options` (duplicates dropped, order kept)."""
         field = FIELDS["choice"]
@@ -158,11 +181,13 @@ class CompiledGrammar:
     """One compiled spec, shared by every request that asks for it: a pristine llguidance matcher that new
     states deep-copy (microseconds). Immutable once published."""
 
-    __slots__ = ("spec", "vocab_size", "words", "_template")
+    __slots__ = ("spec", "vocab_size", "words", "vocab", "_template")
 
-    def __init__(self, spec: GuidedSpec, template: llguidance.LLMatcher, vocab_size: int, words: int) -> None:
+    def __init__(self, spec: GuidedSpec, template: llguidance.LLMatcher, vocab_size: int, words: int,
+                 vocab: _Vocabulary) -> None:
         # words: the library's row width, ceil(max(vocab_size, len(tokenizer)) / 32)
         self.spec, self._template, self.vocab_size, self.words = spec, template, vocab_size, words
+        self.vocab = vocab
 
     def new_state(self) -> GuidedState:
         """A state at the grammar's start, for one generating sequence."""
@@ -191,9 +216,15 @@ class GuidedCompiler:
             raise ValueError(f"no EOS id inside the vocabulary of {vocab_size}: pass eos_token_ids")
         self.vocab_size, self.words = vocab_size, (n_vocab + 31) // 32
         self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=n_vocab, eos_token=eos)
+        self._vocab = _Vocabulary(self._tokenizer, n_vocab, eos)
         # verbose_errors=False: a rejected spec's message is the reason, not a dump of parser state.
-        self._limits = llguidance.LLParserLimits(verbose_errors=False)
-        self._cache: OrderedDict[GuidedSpec, CompiledGrammar] = OrderedDict()
+        # initial_lexer_fuel: a fifth of the library's default. What a regex may cost to analyse before it is refused:
+        # `(?:a{1000}){1000}` took 1.8-2.9 s and +254 MiB to refuse at the default, 0.2-0.5 s and +25-49 MiB here;
+        # JSON schemas with 60 patterned fields, 256-value enums of 200 characters, 256 choices of 1,000 characters,
+        # formats (email, date-time, uuid) need far less (measured).
+        self._limits = llguidance.LLParserLimits(verbose_errors=False, initial_lexer_fuel=LEXER_FUEL)
+        # Refusals are cached too: a spec that fails to compile may cost a few hundred milliseconds each time.
+        self._cache: OrderedDict[GuidedSpec, CompiledGrammar | GuidedError] = OrderedDict()
         self._pending: dict[GuidedSpec, Future[CompiledGrammar]] = {}
         self._lock = threading.Lock()
         self._cache_size = cache_size
@@ -209,6 +240,8 @@ class GuidedCompiler:
             hit = self._cache.get(spec)
             if hit is not None:
                 self._cache.move_to_end(spec)
+                if isinstance(hit, GuidedError):
+                    raise GuidedError(hit.field, hit.reason)
                 return hit
             pending = self._pending.get(spec)
             owner = pending is None
@@ -219,7 +252,7 @@ class GuidedCompiler:
         try:
             compiled = self._build(spec)
         except BaseException as exc:
-            self._settle(spec, None)
+            self._settle(spec, exc if isinstance(exc, GuidedError) else None)
             pending.set_exception(exc)
             raise
         self._settle(spec, compiled)
@@ -227,10 +260,11 @@ class GuidedCompiler:
         return compiled
 
     def cached(self) -> int:
+        """Compiled grammars in the cache (refusals not counted)."""
         with self._lock:
-            return len(self._cache)
+            return sum(not isinstance(v, GuidedError) for v in self._cache.values())
 
-    def _settle(self, spec: GuidedSpec, compiled: CompiledGrammar | None) -> None:
+    def _settle(self, spec: GuidedSpec, compiled: CompiledGrammar | GuidedError | None) -> None:
         with self._lock:
             del self._pending[spec]
             if compiled is None:
@@ -243,11 +277,44 @@ class GuidedCompiler:
         matcher = llguidance.LLMatcher(self._tokenizer, _grammar(spec), log_level=0, limits=self._limits)
         if matcher.is_error():
             raise GuidedError(spec.field, f"cannot be enforced: {_clean(matcher.get_error())}")
-        # Lexer states (and, the first time, the tokenizer's trie: ~3 ms at 49k tokens) are built lazily and
-        # shared by copies: one mask here, on a copy (the template stays at the start), moves that cost off
-        # the engine thread.
-        matcher.deep_copy().compute_bitmask()
-        return CompiledGrammar(spec, matcher, self.vocab_size, self.words)
+        compiled = CompiledGrammar(spec, matcher, self.vocab_size, self.words, self._vocab)
+        _probe(compiled)
+        return compiled
+
+
+def _probe(compiled: CompiledGrammar) -> None:
+    """Refuse (GuidedError) what the grammar's start already shows it cannot honour, on copies (the template stays
+    at the start). Lexer states (and, the first time, the tokenizer's trie: ~3 ms at 49k tokens) are built lazily
+    and shared by copies, so this also moves that cost off the engine thread.
+
+    - the first mask: the library failing (a limit), no token allowed, or a forced start this vocabulary cannot
+      spell;
+    - the output the grammar forces from there, consumed: a grammar that forces output without end (a `$ref`
+      cycle whose every branch is required) hits the parser's item limit here, in tens of milliseconds;
+    - a second start: lexer states the first mask built count against the library's limits for every copy after
+      it (`(?:a{1000}){1000}` passes the first mask and fails all later ones).
+    """
+    start = compiled.new_state()
+    unspellable = compiled.vocab.unspellable(start._matcher.compute_ff_bytes()) if compiled.vocab.missing else None
+    if unspellable is not None:
+        raise GuidedError(compiled.spec.field, f"cannot be enforced: {unspellable}")
+    _check_row(start)
+    forced = start._matcher.compute_ff_tokens()
+    if forced:
+        if not start._matcher.consume_tokens(forced) or start._matcher.is_error():
+            raise GuidedError(compiled.spec.field, f"cannot be enforced: {_clean(start._matcher.get_error())}")
+        _check_row(start)
+    _check_row(compiled.new_state())
+
+
+def _check_row(state: GuidedState) -> None:
+    row = torch.empty(1, state.grammar.words, dtype=torch.int32)
+    _fill_into([state], row, parallel=False)
+    field = state.grammar.spec.field
+    if state.dead_end is not None:
+        raise GuidedError(field, f"cannot be enforced: {state.dead_end}")
+    if not row.any():
+        raise GuidedError(field, "cannot be enforced: it allows no output that this model's vocabulary can spell")
 
 
 def _grammar(spec: GuidedSpec) -> str:
@@ -255,33 +322,84 @@ def _grammar(spec: GuidedSpec) -> str:
     matcher = llguidance.LLMatcher
     if spec.kind == "regex":
         return matcher.grammar_from_regex(spec.value)
+    if spec.kind == "grammar":
+        return matcher.grammar_from_lark(spec.value)
     if spec.kind == "choice":
         # Lark string literals take JSON escapes: quotes, backslashes and control characters are safe.
         return matcher.grammar_from_lark("start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.value))
     schema = spec.value if spec.kind == "json_schema" else _ANY_OBJECT
     try:
-        return matcher.grammar_from_json_schema(schema, overrides=_JSON_OPTIONS)
+        return matcher.grammar_from_json_schema(schema, overrides=_json_options(schema))
     except ValueError as exc:
         raise GuidedError(spec.field, f"cannot be enforced: {_clean(str(exc))}") from None
+
+
+def _json_options(schema: str) -> dict[str, object]:
+    """Our compact JSON layout, unless the schema's `x-guidance` sets a `whitespace_pattern` (vLLM's field): then
+    the separators are bare and every gap between tokens matches that pattern."""
+    options = json.loads(schema).get("x-guidance")
+    if isinstance(options, dict) and "whitespace_pattern" in options:
+        return {**_JSON_OPTIONS, "item_separator": ",", "key_separator": ":"}
+    return _JSON_OPTIONS
 
 
 def _clean(message: str) -> str:
     """The library's reason on one line: no grammar-source excerpt, no state marker, bounded length."""
     message = message.replace("<non-verbose/>", "")
+    if message.strip() == "NoExtensionBias":  # llguidance's name for "the mask came out empty"
+        return "no token can continue the output here (the grammar allows nothing more, or nothing this model's " \
+               "vocabulary can spell)"
     message = re.sub(r"^at \d+\(\d+\): ", "", message)  # a position in the generated grammar text, not the user's
     message = re.split(r"\n\s*\d+ \|", message)[0]  # a lark source excerpt follows the reason
     message = re.sub(r"\s+", " ", message).strip()
     return message if len(message) <= 500 else message[:497] + "..."
 
 
+class _Vocabulary:
+    """What a mask needs beyond llguidance's own view of the tokenizer: where the EOS bits are, and the bytes no
+    token holds (none for a byte-level BPE with all 256 bytes, or a byte-fallback vocabulary; some for a BPE trained
+    on a small corpus). Built once per compiler: one decode per token (~50 ms at 49k tokens)."""
+
+    __slots__ = ("eos_keep", "missing")
+
+    def __init__(self, tokenizer: llguidance.LLTokenizer, n_vocab: int, eos: Sequence[int]) -> None:
+        # (word, int32 with every bit set but the EOS token's): `row[word] &= keep` clears it
+        self.eos_keep = tuple((t // 32, _int32(~(1 << (t % 32)))) for t in eos)
+        held: set[int] = set()
+        for token in range(n_vocab):
+            if not tokenizer.is_special_token(token):
+                held.update(tokenizer.decode_bytes([token]))
+        self.missing = _UTF8_BYTES - held
+
+    def unspellable(self, forced: bytes) -> str | None:
+        """Why `forced` (bytes the grammar requires next) cannot be written with this vocabulary; None if it can."""
+        bad = sorted({b for b in forced if b in self.missing})
+        if not bad:
+            return None
+        text = forced.decode("utf-8", "replace")
+        shown = ", ".join(repr(chr(b)) if 32 <= b < 127 else f"0x{b:02x}" for b in bad)
+        return (f"the output must continue with {text[:80]!r}, which this model's vocabulary cannot spell (no token "
+                f"holds {shown})")
+
+
+# Bytes that occur in UTF-8 text (0xC0, 0xC1 and 0xF5-0xFF never do): the only ones a grammar can force.
+_UTF8_BYTES = frozenset(range(0xC0)) | frozenset(range(0xC2, 0xF5))
+
+
+def _int32(value: int) -> int:
+    return (value + 2**31) % 2**32 - 2**31
+
+
 # ---- per-sequence state -------------------------------------------------------------------------------------
 class GuidedState:
     """Where one generating sequence is in its grammar. Engine thread only."""
 
-    __slots__ = ("grammar", "_matcher")
+    __slots__ = ("grammar", "_matcher", "dead_end")
 
     def __init__(self, grammar: CompiledGrammar, matcher: llguidance.LLMatcher) -> None:
         self.grammar, self._matcher = grammar, matcher
+        # Set by each fill: why no token may follow (the row allowed nothing), None while the grammar can go on.
+        self.dead_end: str | None = None
 
     def fill(self, bitmask_row: torch.Tensor) -> None:
         """Write the tokens allowed next into `bitmask_row` [ceil(vocab_size / 32)] int32, CPU, contiguous."""
@@ -312,6 +430,22 @@ class GuidedState:
     def copy(self) -> GuidedState:
         """An independent state at the same point (a deep copy: microseconds)."""
         return GuidedState(self.grammar, self._matcher.deep_copy())
+
+    def _correct(self, row: np.ndarray) -> None:
+        """Fix llguidance's row [W] int32 where it can be wrong (module docstring) and set `dead_end`."""
+        self.dead_end = self._find_dead_end()
+        if self.dead_end is not None:
+            row[:] = 0
+        elif not self._matcher.is_accepting():
+            for word, keep in self.grammar.vocab.eos_keep:
+                row[word] &= keep
+
+    def _find_dead_end(self) -> str | None:
+        if self._matcher.is_error():
+            return f"the grammar failed: {_clean(self._matcher.get_error())}"
+        if not self.grammar.vocab.missing:
+            return None
+        return self.grammar.vocab.unspellable(self._matcher.compute_ff_bytes())
 
 
 # ---- batches ------------------------------------------------------------------------------------------------
@@ -362,15 +496,19 @@ def fill_bitmasks(states: Sequence[GuidedState], vocab_size: int, out: torch.Ten
 
 
 def _fill_into(states: Sequence[GuidedState], out: torch.Tensor, parallel: bool) -> None:
-    """out [M, W] int32 (W = the states' width), CPU, contiguous: row i at data_ptr + i * 4W bytes."""
+    """out [M, W] int32 (W = the states' width), CPU, contiguous: row i at data_ptr + i * 4W bytes; then each row
+    corrected (GuidedState._correct)."""
     row_bytes = 4 * out.shape[1]
     if parallel and len(states) > 1:
         pairs = [(s._matcher, i) for i, s in enumerate(states)]
         _parallel().unsafe_compute_mask_ptr(pairs, out.data_ptr(), row_bytes, out.shape[0])
-        return
-    base = out.data_ptr()
+    else:
+        base = out.data_ptr()
+        for i, state in enumerate(states):
+            state._matcher.unsafe_compute_mask_ptr(base + i * row_bytes, row_bytes)
+    rows = out.numpy()  # a view: scalar edits cost ~100 ns here, microseconds through torch
     for i, state in enumerate(states):
-        state._matcher.unsafe_compute_mask_ptr(base + i * row_bytes, row_bytes)
+        state._correct(rows[i])
 
 
 def _usable_cpus() -> int:

@@ -30,9 +30,10 @@ import torch
 
 from loraplex.adapters.inject import LoRAInjection
 from loraplex.adapters.ops import LoRABatch, TokenMerges
+from loraplex.adapters.ops.staging import HostStaging
 from loraplex.server.engine.attention import AttentionMetadata, PagedKVCache, PrefillPart
 from loraplex.server.engine.cuda_graphs import DecodeGraphs
-from loraplex.server.engine.paged_kernels import PagedMetadata, paged_metadata
+from loraplex.server.engine.paged_kernels import PagedMetadata, padded_table, paged_metadata
 from loraplex.server.engine.scheduler import ScheduledChunk
 
 DecodeInputs = dict[str, torch.Tensor]  # name -> tensor of one padded decode step (see _decode_inputs)
@@ -60,20 +61,31 @@ class ModelRunner:
         self.decode_buckets = decode_buckets
         self.max_blocks = -(-max_model_len // block_size)  # block table width of a paged decode step
         self.graphs: DecodeGraphs | None = None  # set by the engine when CUDA graphs are on
+        # The step's small host -> device inputs go through one page-locked buffer (the LoRA layout's too).
+        self.staging = lora.buffers.staging if lora is not None else HostStaging(device)
 
     @torch.inference_mode()
     def use_graphs(self, graphs: DecodeGraphs, max_num_seqs: int) -> None:
         """Serve padded decode steps from `graphs`. With a paged kernel every bucket up to `max_num_seqs` has
-        one shape: capture them now (on pad rows); on the gather path each context width captures on first
-        use."""
+        one shape: capture them all now (on pad rows). Nothing is captured while serving, so on the gather path
+        (a shape per context width) every step runs eagerly; the engine does not use graphs there."""
         self.decode_buckets = True
         self.graphs = graphs
         if self.kv.kernel is not None:
             sizes = [1 << i for i in range(bucket(max_num_seqs).bit_length())]  # 1, 2, 4, ..., bucket(max)
             graphs.capture_buckets(lambda n: self._decode_inputs([], n, [0] * n, [0] * n, [-1] * n), sizes)
 
+    def static_tensors(self) -> list[torch.Tensor]:
+        """What a captured decode forward may read besides its input buffers: the model's parameters and buffers
+        (the LoRA slot stacks among them) and the KV pool."""
+        return [*self.model.parameters(), *self.model.buffers(), *self.kv.k, *self.kv.v]
+
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> RunnerOutput:
+        self.staging.reset()  # the previous step's copies landed: its tokens were read on the host
+        return self._execute(chunks)
+
+    def _execute(self, chunks: list[ScheduledChunk]) -> RunnerOutput:
         """Forward every chunk; fp32 logits [K, V] for the K chunks that sample, in chunk order, plus the rows
         that predict prompt tokens for the chunks whose request asked for prompt logprobs."""
         order = sorted(range(len(chunks)), key=lambda i: chunks[i].n != 1)  # decodes first, else stable
@@ -120,7 +132,7 @@ class ModelRunner:
         replayed from a graph when graphs are on, else eager. A step with linearly merged rows (`merges`)
         runs eagerly: a graph replays the one-slot-per-row gather form only."""
         use_lora = self.lora is not None and max(slots) >= 0
-        if self.graphs is not None and not merges:
+        if self.graphs is not None and not merges and self.graphs.serves(inputs, use_lora):
             return self.graphs.run(inputs, use_lora)
         device_inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
         batch = None
@@ -205,13 +217,13 @@ class ModelRunner:
         width = -(-max(lengths) // bs)
         width = bucket(width) if static else width
         lmax = width * bs if static else max(lengths)
-        table = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables], dtype=torch.long)
+        table = padded_table(tables, width, 0, torch.long)  # [D, width]
         index = (table[:, :, None] * bs + torch.arange(bs)).view(len(tables), -1)[:, :lmax]  # [D, Lmax]
         mask = torch.arange(lmax)[None, :] < torch.tensor(lengths)[:, None]  # [D, Lmax]
         return index.reshape(-1), mask.view(len(tables), 1, 1, lmax)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
-        return _long(values).to(self.device, non_blocking=True)
+        return self.staging.to_device(values, torch.long)
 
 
 def _merged_rows(chunks: list[ScheduledChunk]) -> TokenMerges:

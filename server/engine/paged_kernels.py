@@ -16,7 +16,8 @@ Candidates, in order, each chosen only if importable and a probe on the device m
   triton        our own kernel (triton_attention.py), for older torch without flash-attn
 None of them on the CPU: there the runner keeps the gather + SDPA path (attention.py). The choice is logged.
 `LORAPLEX_PAGED_ATTENTION=NAME` considers only that candidate, on any device (`triton` on the CPU needs
-TRITON_INTERPRET=1); `=reference` takes the torch twin (tests drive the paged metadata path on CPU).
+TRITON_INTERPRET=1); `=reference` takes the torch twin (tests drive the paged metadata path on CPU), in its
+sync-free decode form for decode steps (what a captured graph runs: tests check capture on the CPU with it).
 """
 
 from __future__ import annotations
@@ -76,6 +77,30 @@ def reference_paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: t
     return out
 
 
+def decode_paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, meta: PagedMetadata,
+                           scale: float | None) -> torch.Tensor:
+    """The twin for decode steps (one query per sequence, q [N, H, dim]) in tensor ops only, no host sync:
+    gather every sequence's block-table row of pages (pads included, masked out by seqused_k)."""
+    n, width = meta.block_table.shape
+    bs, kv_heads, dim = k_pages.shape[1:]
+    pages = meta.block_table.reshape(-1).long()  # [N * W]
+    k = k_pages.index_select(0, pages).view(n, width * bs, kv_heads, dim).transpose(1, 2)  # [N, KVH, L, dim]
+    v = v_pages.index_select(0, pages).view(n, width * bs, kv_heads, dim).transpose(1, 2)
+    mask = torch.arange(width * bs, device=q.device)[None, :] < meta.seqused_k[:, None]  # [N, L]
+    q4 = q.reshape(n, kv_heads, q.shape[1] // kv_heads, dim)  # the query heads of each KV group as rows
+    o = F.scaled_dot_product_attention(q4, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None, None, :],
+                                       scale=scale)  # [N, KVH, G, dim]
+    return o.reshape(n, -1, dim)
+
+
+def _reference_kernel(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, meta: PagedMetadata,
+                      scale: float | None) -> torch.Tensor:
+    """LORAPLEX_PAGED_ATTENTION=reference: the twin, sync-free for decode steps (a host int decides)."""
+    if meta.max_q == 1 and q.shape[0] == meta.block_table.shape[0]:
+        return decode_paged_attention(q, k_pages, v_pages, meta, scale)
+    return reference_paged_attention(q, k_pages, v_pages, meta, scale)
+
+
 def _torch_varlen() -> PagedKernel | None:
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -125,7 +150,7 @@ def select_paged_kernel(device: torch.device, dtype: torch.dtype, block_size: in
     SDPA path (the CPU, or no candidate passed its probe)."""
     forced = os.environ.get("LORAPLEX_PAGED_ATTENTION")
     if forced == "reference":
-        return "reference", reference_paged_attention
+        return "reference", _reference_kernel
     if forced is None and device.type != "cuda":
         return "gather", None
     for name, make in CANDIDATES.items():
@@ -151,11 +176,13 @@ def probe(kernel: PagedKernel, device: torch.device, dtype: torch.dtype, block_s
     of order) and compare with the twin; None when it matches, else why not."""
     gen = torch.Generator().manual_seed(0)
     lengths, queries = [3 * block_size - 1, 2 * block_size + 2], [1, block_size + 2]
-    pages = 6
+    need = [-(-n // block_size) for n in lengths]  # 3 pages each (at --block-size 1: 2 and 4)
+    pages = sum(need)
+    order = [*range(pages - 1, -1, -2), *range(pages - 2, -1, -2)]  # pages out of order: 5, 3, 1, 4, 2, 0
     k_pages, v_pages = (torch.randn(pages, block_size, kv_heads, head_dim, generator=gen).to(device, dtype)
                         for _ in range(2))
     q = torch.randn(sum(queries), heads, head_dim, generator=gen).to(device, dtype)
-    meta = paged_metadata(queries, lengths, [[4, 0, 2], [5, 1, 3]], width=3, device=device)
+    meta = paged_metadata(queries, lengths, [order[: need[0]], order[need[0]:]], width=max(need), device=device)
     try:
         got = kernel(q, k_pages, v_pages, meta, head_dim**-0.5)
     except Exception as exc:  # noqa: BLE001 - any failure means "not this kernel"; the reason is logged
@@ -173,9 +200,23 @@ def paged_metadata(queries: list[int], lengths: list[int], tables: list[list[int
     for n, length in zip(queries, lengths, strict=True):
         cu_q.append(cu_q[-1] + n)
         cu_k.append(cu_k[-1] + length)
-    table = [t[:width] + [pad_page] * (width - len(t[:width])) for t in tables]
 
-    def i32(values: list[int] | list[list[int]]) -> torch.Tensor:
+    def i32(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
 
-    return PagedMetadata(i32(cu_q), i32(cu_k), i32(lengths), i32(table), max(queries), max(lengths))
+    table = padded_table(tables, width, pad_page, torch.int32).to(device, non_blocking=True)
+    return PagedMetadata(i32(cu_q), i32(cu_k), i32(lengths), table, max(queries), max(lengths))
+
+
+def padded_table(tables: list[list[int]], width: int, pad: int, dtype: torch.dtype) -> torch.Tensor:
+    """[len(tables), width] host tensor of each row's first `width` entries, right-padded with `pad`. Costs
+    O(entries), not O(rows x width): a decode step's tables are as wide as --max-model-len (a graph per bucket)
+    while most contexts are far shorter (building the padded lists in Python took 12 ms per step at 64 rows x
+    2048 pages)."""
+    flat = torch.tensor([b for t in tables for b in t[:width]], dtype=dtype)  # [E], row after row
+    # Entry j of row i goes to i * width + j: one scatter (index built on the host, no device op to size it).
+    where = torch.tensor([i * width + j for i, t in enumerate(tables) for j in range(min(len(t), width))],
+                         dtype=torch.long)
+    table = torch.full((len(tables) * width,), pad, dtype=dtype)
+    table[where] = flat
+    return table.view(len(tables), width)

@@ -55,4 +55,4 @@ class Postprocessor:
     def _output(req: Request, tokens: list[int], text: str, reason: str | None,
                 error: str | None = None) -> RequestOutput:
         return RequestOutput(req.request_id, tokens, text, reason is not None, reason,
-                             len(req.prompt_ids), len(req.output_ids), error)
+                             len(req.prompt_ids), len(req.output_ids), error, num_cached_tokens=req.num_cached_tokens)

@@ -7,8 +7,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
-
 from loraplex.server.engine.detokenizer import IncrementalDetokenizer
 from loraplex.server.engine.sampling_params import SamplingParams
 from loraplex.server.engine.stop import StopStringMatcher
@@ -16,6 +14,7 @@ from loraplex.server.engine.stop import StopStringMatcher
 if TYPE_CHECKING:
     from loraplex.adapters.merge import MergeRecipe
     from loraplex.server.engine.guided import GuidedState
+    from loraplex.server.engine.prefix_cache import KVIdentity
 
 
 class Status(enum.Enum):
@@ -56,6 +55,7 @@ class RequestOutput:
     # Who is at fault when finish_reason == "error": "request" (its own parameters, prompt or adapter: a
     # client error), "internal" (a server fault in a step) or "unavailable" (the engine stopped).
     error_kind: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (OpenAI's cached_tokens)
 
 
 @dataclass(eq=False)
@@ -64,7 +64,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: str | None
-    generator: torch.Generator | None
+    seed: int | None  # the sampling seed (its own or a random one; None when greedy)
     detokenizer: IncrementalDetokenizer
     stop_matcher: StopStringMatcher
     arrival: float = field(default_factory=time.monotonic)
@@ -80,7 +80,11 @@ class Request:
     waiting_steps: int = 0  # steps spent blocked at the head of the queue (fairness)
     started: bool = False  # admitted at least once: from then on it keeps its adapter ref until finished
     charged_prompt: int = 0  # prompt tokens already charged to its tenant's fairness counter
-    fair_preempted: bool = False  # preempted once for fairness: never again (bounds its recomputation)
+    # len(output_ids) when last preempted for fairness (None: never); see scheduler.REFAIR_TOKENS
+    fair_preempted_at: int | None = None
+    # The choices of one n > 1 request share a group (the first choice's id): they share prompt blocks, and
+    # when one fails they all end.
+    group: str | None = None
     # Several registered adapters combined for this request (LoRAX-style merging); `adapter` is then None.
     merge: MergeRecipe | None = None
     merge_slots: tuple[int, ...] = ()  # device slots of a merge's adapters (recipe order) while it holds them
@@ -88,6 +92,15 @@ class Request:
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     prompt_logprobs_sent: bool = False
     guided: GuidedState | None = None  # the structured-output grammar's state, advanced by each output token
+    # Prefix caching: what its K/V depends on besides its tokens (set when it first holds its adapters), the keys
+    # of its full blocks so far, how many of its blocks are published (or were found), and the prompt tokens
+    # its first admission found cached (usage.prompt_tokens_details.cached_tokens).
+    cache_salt: str | None = None
+    kv_identity: KVIdentity | None = None
+    block_keys: list[bytes] = field(default_factory=list)
+    num_published: int = 0
+    num_cached_tokens: int = 0
+    counts_row: int | None = None  # its row of the engine's TokenCounts (penalties), once it first samples
 
     @property
     def num_tokens(self) -> int:
@@ -98,7 +111,9 @@ class Request:
         p = len(self.prompt_ids)
         if end <= p:
             return self.prompt_ids[start:end]
-        return (self.prompt_ids + self.output_ids)[start:end]
+        if start >= p:  # a decode: no copy of the prompt
+            return self.output_ids[start - p : end - p]
+        return self.prompt_ids[start:] + self.output_ids[: end - p]
 
 
 @dataclass(frozen=True)

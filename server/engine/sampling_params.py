@@ -27,8 +27,9 @@ MAX_LOGPROBS = 20
 class SamplingParams:
     """How to pick each next token and when to stop.
 
-    `temperature` below `GREEDY_TEMPERATURE_EPS` (0 included) or `top_k == 1` means greedy; `top_k` 0 or -1
-    and `top_p` 1.0 mean "off".
+    `temperature` below `GREEDY_TEMPERATURE_EPS` (0 included) or `top_k == 1` means greedy; `top_k` 0 or -1,
+    `top_p` 1.0 and `min_p` 0.0 mean "off". `min_p` (vLLM's) drops tokens whose probability, after temperature,
+    is below `min_p` times the most likely token's.
     `stop` strings are matched on detokenized text and excluded from the output (as OpenAI does);
     `stop_token_ids` end the request like EOS. `min_tokens` forbids EOS and stop tokens until that many
     tokens were generated. Lists given for `stop`/`stop_token_ids` are stored as tuples (hashable, frozen).
@@ -47,6 +48,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -85,6 +87,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
         if not _is_int(self.top_k) or self.top_k < -1:
             raise ValueError(f"top_k must be an integer >= -1 (0 or -1 disables it), got {self.top_k!r}")
         if self.seed is not None and (not _is_int(self.seed) or not _SEED_MIN <= self.seed <= _SEED_MAX):

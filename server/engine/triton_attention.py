@@ -24,12 +24,16 @@ from loraplex.server.engine.paged_kernels import PagedMetadata
 
 BLOCK_M = 16  # query rows per program: tl.dot's smallest M on GPUs
 BLOCK_N = 32  # context tokens per tile
+WIDE_FP32_DIM = 128  # fp32 dots from this padded head dim up run on 8 warps (see num_warps)
 
 
-@triton.jit
+# The block table's row stride is the step's widest context in blocks (eager steps): not specialised on, so
+# it never makes a new variant (a compile) while serving. `group` (query heads per KV head) is divided once per
+# program: a runtime int costs nothing and keeps one variant per head dim instead of one per GQA ratio.
+@triton.jit(do_not_specialize=("stride_table", "group"))
 def _paged_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_q_ptr, used_ptr, table_ptr, scale,
-                            stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_table,
-                            GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, DIM: tl.constexpr,
+                            stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_table, group,
+                            PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, DIM: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, F32_DOT: tl.constexpr):
     seq, head, q_tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_lo = tl.load(cu_q_ptr + seq)
@@ -46,7 +50,7 @@ def _paged_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_q_ptr, used_ptr, tabl
     if F32_DOT:
         q = q.to(tl.float32)
     pos = length - n + rows  # [BLOCK_M] each query's own position
-    kv_head = head // GROUP
+    kv_head = head // group
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DIM], tl.float32)
@@ -89,11 +93,26 @@ def triton_paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
     q = q.contiguous()  # the rotary embedding leaves it head-major; one small copy per layer
     out = torch.empty_like(q)  # [T, H, dim]
     grid = (num_seqs, heads, triton.cdiv(meta.max_q, BLOCK_M))
+    f32_dot, padded = _f32_dot(q), triton.next_power_of_2(max(dim, 16))
     _paged_attention_kernel[grid](
         q, k_pages, v_pages, out, meta.cu_seq_q, meta.seqused_k, meta.block_table,
         scale if scale is not None else dim**-0.5,
         q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
-        meta.block_table.stride(0),
-        GROUP=heads // kv_heads, PAGE=page, HEAD_DIM=dim, DIM=triton.next_power_of_2(max(dim, 16)),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, F32_DOT=q.dtype == torch.float32 or not q.is_cuda)
+        meta.block_table.stride(0), heads // kv_heads,
+        PAGE=page, HEAD_DIM=dim, DIM=padded, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, F32_DOT=f32_dot,
+        num_warps=num_warps(f32_dot, padded))
     return out
+
+
+def num_warps(f32_dot: bool, padded_dim: int) -> int:
+    """4 warps, as triton defaults to; 8 for fp32 dots at a padded head dim >= 128, whose [BLOCK_M, DIM] fp32
+    accumulator and K/V tiles spill on 4 warps (triton 3.7.1, sm_90, DIM 256: 32 registers and 10 KB of spill
+    stores per thread; 8 warps: 95 registers, none. DIM 128: 4-16 B on 4 warps. bench/results/gpu_aot*.md)."""
+    return 8 if f32_dot and padded_dim >= WIDE_FP32_DIM else 4
+
+
+def _f32_dot(q: torch.Tensor) -> bool:
+    """fp32 (IEEE) dots for fp32 data, and for any data under the interpreter (the CPU), whose tl.dot reads
+    bf16's raw bits; a GPU runs fp16/bf16 on tensor cores. (tests/gpu_aot replaces this to record what a GPU
+    launches.)"""
+    return q.dtype == torch.float32 or not q.is_cuda

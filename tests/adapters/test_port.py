@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
+from loraplex.adapters.errors import AdapterCommandError, AdapterCommandTimeout
 from loraplex.adapters.messages import Forget, HostLoaded, Pin, PutHost, Restore
 from loraplex.adapters.peft_config import LoraSpec
 from loraplex.adapters.port import AdapterPort
@@ -50,16 +53,16 @@ def test_put_queues_without_waking_and_register_posts_restore_put_host_pin_in_or
     port.put(HostLoaded("x", 1, weights("x"), 0.0))  # the host loader wakes once itself, after posting
     assert wakes == []
     w = weights("a")
-    last = port.register("a", w, pinned=True)
-    assert isinstance(last, Pin) and wakes
+    commands = port.register("a", w, pinned=True)
+    assert [type(c) for c in commands] == [Restore, PutHost, Pin] and wakes
     msgs = port.drain()
     assert [type(m) for m in msgs] == [HostLoaded, Restore, PutHost, Pin] and msgs[2].weights is w
-    assert isinstance(port.register("b", w, pinned=False), PutHost)
+    assert [type(c) for c in port.register("b", w, pinned=False)] == [Restore, PutHost]
 
 
 def test_without_an_engine_thread_admin_calls_do_not_wait():
     port = AdapterPort()
-    assert port.wait_applied(port.forget("a")) is False and port.wait_applied(None) is False
+    assert port.wait_applied([port.forget("a")]) is False and port.wait_applied([None]) is False
     assert port.pending()  # applied at the next step of whoever drives the engine
 
 
@@ -76,21 +79,41 @@ def test_admin_calls_wait_until_the_engine_thread_applied_them_and_published():
     thread = threading.Thread(target=engine)
     thread.start()
     try:
-        assert port.wait_applied(port.pin("a")) is True
+        assert port.wait_applied([port.pin("a"), port.forget("b")]) is True
         assert port.snapshot is published  # the caller sees the snapshot that shows its command
     finally:
         stop.set()
         thread.join(TIMEOUT)
 
 
-def test_a_waiting_admin_call_returns_when_the_engine_thread_stops():
+def test_a_waiting_admin_call_fails_when_the_engine_thread_stops():
     port, running = AdapterPort(), threading.Event()
     running.set()
     port.engine_running = running.is_set
     command = port.forget("a")  # nobody drains: the engine is wedged, then dies
     threading.Timer(0.05, running.clear).start()
-    assert port.wait_applied(command, timeout=TIMEOUT) is False
+    with pytest.raises(AdapterCommandTimeout, match=r"stopped before applying Forget\('a'\)"):
+        port.wait_applied([command], timeout=TIMEOUT)
     assert not command.applied.is_set()
+
+
+def test_a_command_not_applied_in_time_is_a_503_naming_it():
+    port = AdapterPort()
+    port.engine_running = lambda: True  # a wedged engine thread: it never drains
+    with pytest.raises(AdapterCommandTimeout, match=r"did not apply Pin\('a'\) within 1 s") as err:
+        port.wait_applied([port.pin("a")], timeout=1)
+    assert err.value.status == 503
+
+
+def test_a_command_the_engine_failed_to_apply_is_a_500_naming_it():
+    port = AdapterPort()
+    port.engine_running = lambda: True
+    command = port.forget("a")
+    command.fail("KeyError: 'a'")  # what the engine thread records when applying it raised
+    port.publish(AdapterSnapshot(num_slots=1), port.drain())
+    with pytest.raises(AdapterCommandError, match=r"failed to apply Forget\('a'\): KeyError") as err:
+        port.wait_applied([command])
+    assert err.value.status == 500
 
 
 def test_publish_releases_only_commands():

@@ -153,8 +153,10 @@ def test_local_missing_path_is_404_and_file_is_400(tree):
 
 def test_local_without_root_refuses_every_path(tree):
     source = LocalDirSource(None)
-    with pytest.raises(AdapterForbiddenError, match="--adapter-root is not set"):
+    with pytest.raises(AdapterForbiddenError, match="no --adapter-root") as info:
         source.resolve(str(tree["root"] / "good"))
+    # The 403 says which flag turns it on and that an upload needs none.
+    assert "LORAPLEX_ADAPTER_ROOT" in str(info.value) and "PUT /v1/adapters/{name}" in str(info.value)
 
 
 def test_local_root_must_exist(tmp_path):

@@ -190,6 +190,24 @@ def test_with_an_engine_thread_admin_calls_answer_once_the_engine_applied_them(m
         thread.join(30)
 
 
+@pytest.mark.parametrize("cuda", [False, True])
+def test_registration_seeds_the_host_tier_pinned_where_cuda_is(make_store, monkeypatch, cuda):
+    """The validation read seeds the host tier: page-locked on a CUDA machine, as the host loader's reads are, so
+    a fresh adapter's first slot copy is asynchronous (pinning itself needs CUDA: recorded here, not done)."""
+    asked: list[bool] = []
+    real = AdapterWeights.prepared
+
+    def prepared(self: AdapterWeights, *, pin: bool = False) -> AdapterWeights:
+        asked.append(pin)
+        return real(self, pin=False)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(AdapterWeights, "prepared", prepared)
+    store = make_store()
+    store.register_path("g", "good0")
+    assert asked == [cuda]
+
+
 def test_without_an_engine_the_tier_is_disk(make_store):
     store = make_store(attach=False)
     store.register_path("g", "good0")
@@ -562,3 +580,61 @@ def test_changes_seen_by_this_replicas_own_write_are_applied_at_the_next_sync(re
     a.unregister("x")
     b.register_path("z", "other")  # sees the deletion the same way
     assert b.sync() == ["x"] and b.names() == ["y", "z"]
+
+
+def test_a_replica_registering_a_name_another_replica_deleted_forgets_its_old_copy(replicas):
+    """Issue 19, bug 4: b's own write read a's DELETE of x before b's sync applied it; b then registered x again
+    and overwrote its bookkeeping without forgetting the old copy, so the new rank-4 record was served with the
+    old rank-8 weights still in the slot (until an eviction), and the old local copy leaked."""
+    a, b = replicas(2)
+    a.register_path("x", "good0")
+    b.sync()
+    side = b.engine_side
+    assert side.acquire("x").max_rank == 8  # the old registration sits in a device slot on b
+    side.table.release("x")
+    removed: list[str] = []
+    b.on_removed = removed.append
+    a.unregister("x")
+    b.register_path("y", "good1")  # b's conditional write reads the newest manifest: its view loses x
+    b.register_path("x", "other")  # no sync ran in between: b's engine still holds the old x
+    assert removed == ["x"]  # the old registration's queued requests fail, its metric labels go
+    assert side.acquire("x").max_rank == 4
+    assert len(list(b.s3.owned_dir.iterdir())) == 0  # b read its own upload in place: no download kept
+
+
+def test_an_admin_command_the_engine_failed_to_apply_is_an_error_not_a_success(make_store):
+    """Issue 19, bug 5: applying a command raised on the engine thread, yet it was marked applied and DELETE
+    answered "slot freed". Now the caller gets AdapterCommandError (500) naming the command."""
+    from loraplex.adapters.errors import AdapterCommandError
+
+    store = make_store(num_slots=2)
+    side, stop = store.engine_side, threading.Event()
+    store.register_path("g", "good0")
+    side.apply()
+    side.port.engine_running = lambda: not stop.is_set()
+
+    def broken_forget(name: str) -> None:
+        raise KeyError(name)
+
+    side.table.forget = broken_forget
+
+    def engine_thread() -> None:  # what LLMEngine.apply_adapter_messages does with a failing message
+        while not stop.is_set():
+            if side.port.wait_for_message(0.01):
+                msgs = side.port.drain()
+                for msg in msgs:
+                    try:
+                        side.table.apply(msg)
+                    except Exception as exc:  # noqa: BLE001
+                        msg.fail(f"{type(exc).__name__}: {exc}")
+                side.port.publish(side.table.snapshot(), msgs)
+
+    thread = threading.Thread(target=engine_thread)
+    thread.start()
+    try:
+        with pytest.raises(AdapterCommandError, match=r"failed to apply Forget\('g'\): KeyError") as err:
+            store.unregister("g")
+        assert err.value.status == 500
+    finally:
+        stop.set()
+        thread.join(30)

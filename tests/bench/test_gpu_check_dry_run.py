@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = {"pytest", "kernels", "adapters", "engine_bf16", "engine_nf4"}
+STAGES = {"pytest", "kernels", "adapters", "start", "engine_bf16", "engine_nf4"}
 # Not installed on the GPU reference machine (bitsandbytes neither, but it is brought as a wheel there).
 ABSENT = ("fastapi", "starlette", "uvicorn", "pydantic", "pydantic_core", "multipart", "python_multipart", "boto3",
           "botocore")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import shutil
 import time
 from pathlib import Path
@@ -108,9 +109,13 @@ class PeftReference:
 
     def _greedy(self, prompt: list[int], max_tokens: int) -> list[int]:
         ids, cache, out = torch.tensor([prompt], device=self.device), None, []
+        # transformers renamed `past_key_values` to `cache` (in and out); the GPU reference machine's 5.17 has
+        # the old name.
+        name = "cache" if "cache" in inspect.signature(self.model.get_base_model().forward).parameters \
+            else "past_key_values"
         for _ in range(max_tokens):
-            res = self.model(input_ids=ids, cache=cache, use_cache=True)
-            cache = res.cache
+            res = self.model(input_ids=ids, use_cache=True, **{name: cache})
+            cache = getattr(res, name)
             out.append(int(res.logits[0, -1].argmax()))
             ids = torch.tensor([[out[-1]]], device=self.device)
         return out

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from loraplex.server.cli import FLAGS, _env_name, build_parser, configs_from_args
-from loraplex.server.config import LoRAConfig, ModelConfig, ServerConfig
+from loraplex.server.config import ConnectionLimits, LoRAConfig, ModelConfig, ServerConfig
 from loraplex.server.demo import with_demo_adapters
 from loraplex.server.engine.engine import EngineConfig
 from loraplex.server.engine.scheduler import SchedulerConfig
@@ -35,6 +35,11 @@ FLAG_FIELDS = {
     "--registry": (ServerConfig, "registry"),
     "--registry-poll-seconds": (ServerConfig, "registry_poll_s"),
     "--drain-timeout": (ServerConfig, "drain_timeout_s"),
+    "--s3-timeout": (ServerConfig, "s3_timeout_s"),
+    "--max-connections": (ConnectionLimits, "max_connections"),
+    "--header-timeout": (ConnectionLimits, "header_timeout_s"),
+    "--body-timeout": (ConnectionLimits, "body_timeout_s"),
+    "--stream-write-timeout": (ConnectionLimits, "stream_write_timeout_s"),
     "--max-loras": (LoRAConfig, "max_loras"),
     "--max-cpu-loras": (LoRAConfig, "max_cpu_loras"),
     "--max-cpu-lora-bytes": (LoRAConfig, "max_cpu_lora_bytes"),
@@ -42,9 +47,12 @@ FLAG_FIELDS = {
     "--max-num-seqs": (SchedulerConfig, "max_num_seqs"),
     "--max-batch-tokens": (SchedulerConfig, "max_batch_tokens"),
     "--scheduling-policy": (SchedulerConfig, "policy"),
-    "--max-model-len": (EngineConfig, "max_model_len"),
+    "--max-model-len": (ModelConfig, "max_model_len"),  # unset: the model's own (the runtime sets the engine's)
+    "--generation-config": (ModelConfig, "generation_config"),
     "--num-kv-blocks": (EngineConfig, "num_kv_blocks"),
     "--block-size": (EngineConfig, "block_size"),
+    "--kv-cache-memory": (EngineConfig, "kv_cache_memory"),
+    "--gpu-memory-utilization": (EngineConfig, "gpu_memory_utilization"),
 }
 
 
@@ -66,16 +74,37 @@ def _field_default(config: type, name: str) -> object:
 
 def test_every_flag_default_is_its_config_dataclass_default():
     flags = {flag for flag, *_ in FLAGS}
-    assert flags - {"--log-level", "--cuda-graphs"} == set(FLAG_FIELDS)
+    assert flags - {"--log-level", "--cuda-graphs", "--prefix-caching"} == set(FLAG_FIELDS)  # on|off: below
     serve = _serve_parser()
     for flag, (config, name) in FLAG_FIELDS.items():
         assert serve.get_default(flag.lstrip("-").replace("-", "_")) == _field_default(config, name), flag
 
 
+def test_engine_and_scheduler_defaults_written_in_the_cli_are_their_dataclass_defaults():
+    # cli.py spells them out so that --help never imports torch.
+    from loraplex.server.cli import ENGINE_DEFAULTS, SCHEDULER_DEFAULTS
+
+    for name, value in ENGINE_DEFAULTS.items():
+        assert value == (None if name == "max_model_len" else _field_default(EngineConfig, name)), name
+    for name, value in SCHEDULER_DEFAULTS.items():
+        assert value == _field_default(SchedulerConfig, name), name
+
+
+def test_help_answers_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from loraplex.server.cli import build_parser; build_parser().format_help(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'uvicorn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_no_flags_build_the_default_configs():
     cfg = configs_from_args(build_parser().parse_args(["serve"]))
-    # ModelConfig gets the engine's context limit (the one --max-model-len sets).
-    model = ModelConfig(max_model_len=EngineConfig().max_model_len)
+    # No --max-model-len: the model config says "the model's own", the engine keeps its default until the model
+    # is loaded (Runtime sets it then).
+    model = ModelConfig()
     # No --model: the demo, with its adapters preloaded when they are built (server/demo.py).
     assert cfg == RuntimeConfig(model, EngineConfig(), with_demo_adapters(ServerConfig()))
     with_model = configs_from_args(build_parser().parse_args(["serve", "--model", "m"]))
@@ -132,3 +161,11 @@ def test_registry_flags_build_the_server_config_and_refuse_bad_values(monkeypatc
                          (["--registry-poll-seconds", "0"], "--registry-poll-seconds: must be > 0")):
         with pytest.raises(ValueError, match=message):
             configs_from_args(build_parser().parse_args(["serve", "--model", "m", *bad]))
+
+
+def test_kv_flags_reach_the_engine_config_and_are_validated(monkeypatch):
+    monkeypatch.setenv("LORAPLEX_GPU_MEMORY_UTILIZATION", "0.8")
+    cfg = configs_from_args(build_parser().parse_args(["serve", "--kv-cache-memory", "1000000"]))
+    assert (cfg.engine.kv_cache_memory, cfg.engine.gpu_memory_utilization) == (1_000_000, 0.8)
+    with pytest.raises(ValueError, match="--gpu-memory-utilization: must be in"):
+        configs_from_args(build_parser().parse_args(["serve", "--gpu-memory-utilization", "0"]))

@@ -4,6 +4,7 @@ defaults. scripts/test.sh installs the wheel, so the demo is tested, not skipped
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 from pathlib import Path
@@ -89,17 +90,17 @@ def _fake_adapters(root: Path) -> Path:
     return root
 
 
-def test_the_demo_preloads_its_adapters_unless_told_otherwise(tmp_path, monkeypatch):
+def test_the_demo_preloads_its_adapters_from_their_folder_and_leaves_the_root_alone(tmp_path, monkeypatch):
     monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(demo, "REPO_DEMO_ADAPTERS", tmp_path / "repo")
     assert demo.with_demo_adapters(ServerConfig()) == ServerConfig()  # none built: the base alone (and a hint)
     repo = _fake_adapters(tmp_path / "repo")
     cfg = demo.with_demo_adapters(ServerConfig())
-    assert cfg.adapter_root == repo and cfg.preload == tuple((n, n) for n in demo.DEMO_ADAPTERS)
+    # Registered from their own folder (as copies): no --adapter-root is set for them, none is implied.
+    assert cfg.demo_adapters == repo and cfg.adapter_root is None and cfg.preload == ()
     rebuilt = _fake_adapters(tmp_path / "cache" / "demo-adapters")
-    assert demo.with_demo_adapters(ServerConfig()).adapter_root == rebuilt  # a rebuild wins
+    assert demo.with_demo_adapters(ServerConfig()).demo_adapters == rebuilt  # a rebuild (or the image's) wins
     mine = ServerConfig(adapter_root=tmp_path)
-    assert demo.with_demo_adapters(mine) == mine  # a root without them: the user's setup, untouched
-    image = ServerConfig(adapter_root=repo)  # the Docker image copies them into its --adapter-root
-    assert demo.with_demo_adapters(image).preload == tuple((n, n) for n in demo.DEMO_ADAPTERS)
-    assert demo.with_demo_adapters(ServerConfig(preload=(("a", "b"),))).preload == (("a", "b"),)
+    assert demo.with_demo_adapters(mine) == dataclasses.replace(mine, demo_adapters=rebuilt)  # root untouched
+    # The user's own --preload replaces the demo adapters.
+    assert demo.with_demo_adapters(ServerConfig(preload=(("a", "b"),))) == ServerConfig(preload=(("a", "b"),))

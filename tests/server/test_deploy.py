@@ -119,35 +119,100 @@ def test_server_deployment_wiring(manifests):
     assert all(p["targetPort"] in ports for p in svc["spec"]["ports"])
 
 
-def test_fleet_overlay_turns_the_base_into_replicas_on_a_shared_registry(manifests, monkeypatch):
-    """deploy/k8s-fleet patches deploy/k8s (kustomize is not installed here: the merge is checked by hand)."""
+def _kubectl() -> str:
+    """kubectl with a kustomize that renders today's kustomization.yaml: scripts/install_kubectl.sh (run by
+    scripts/test.sh) puts one into .venv/bin when the machine has none."""
+    for candidate in (Path(sys.executable).parent / "kubectl", shutil.which("kubectl")):
+        if candidate and Path(candidate).is_file():
+            return str(candidate)
+    pytest.fail("kubectl not found: run `bash scripts/install_kubectl.sh` (scripts/test.sh does)")
+
+
+def kustomize(folder: Path) -> list[dict]:
+    """`kubectl kustomize folder`: the objects `kubectl apply -k folder` would create."""
+    out = subprocess.run([_kubectl(), "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d is not None]
+
+
+OVERLAYS = ("k8s", "k8s-fleet", "k8s-fleet-models", "k8s/inference")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_kustomize_renders_each_overlay_and_the_result_validates(overlay):
+    kv = pytest.importorskip("kubernetes_validate")
+    objects = kustomize(DEPLOY / overlay)
+    assert objects
+    for obj in objects:
+        assert overlay == "k8s/inference" or obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "loraplex"
+        if obj["kind"] not in NON_CORE_KINDS:
+            kv.validate(obj, K8S_VERSION, strict=True)  # raises ValidationError naming the bad field
+
+
+def _rendered(objects: list[dict], kind: str, name: str) -> dict:
+    return _one(objects, kind, name)
+
+
+def _settings(objects: list[dict], monkeypatch) -> object:
+    """The RuntimeConfig `loraplex serve` builds from the rendered ConfigMap (every key a real flag)."""
     from loraplex.server.cli import build_parser, configs_from_args
 
-    fleet = DEPLOY / "k8s-fleet"
-    spec = _docs(fleet / "kustomization.yaml")[0]
-    patches = {d["kind"]: d for p in spec["patches"] for d in _docs(fleet / p["path"])}
-    for kind, patch in patches.items():  # every patch names an object of the base
-        _one(manifests, kind, patch["metadata"]["name"])
-    assert patches["PersistentVolumeClaim"]["$patch"] == "delete"
-    # The merged settings are real flags with valid values, and name a shared registry.
-    config = {**_one(manifests, "ConfigMap", "loraplex-config")["data"], **patches["ConfigMap"]["data"]}
+    config = _rendered(objects, "ConfigMap", "loraplex-config")["data"]
     for key in [k for k in os.environ if k.startswith("LORAPLEX_")]:
         monkeypatch.delenv(key)
     for key, value in config.items():
         assert key in _flag_envs(), key
         monkeypatch.setenv(key, value)
-    server = configs_from_args(build_parser().parse_args(["serve"])).server
-    assert server.registry.startswith("s3://") and server.registry_poll_s > 0
-    # Replicas without the PVC: the state volume becomes an emptyDir, and the pod reads the S3 credentials.
-    dep = patches["Deployment"]
+    return configs_from_args(build_parser().parse_args(["serve"]))
+
+
+def _mounts(deployment: dict) -> list[dict]:
+    return _container(deployment).get("volumeMounts", [])
+
+
+def test_single_server_serves_the_demo_with_its_adapters_from_the_image(monkeypatch):
+    """The demo model and its adapters are baked into the image's cache (Dockerfile); nothing the manifests mount
+    may hide that folder, or the demo would come up without adapters."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    cache = re.search(r"LORAPLEX_CACHE=(\S+)", dockerfile).group(1)
+    assert f"COPY deploy/adapters {cache}/demo-adapters" in dockerfile
+    assert "demo_model_dir()" in dockerfile  # converted at build time, not by every pod
+    objects = kustomize(K8S)
+    cfg = _settings(objects, monkeypatch)
+    assert cfg.model.path is None and cfg.server.demo_adapters is not None  # the demo, with its adapters
+    dep = _rendered(objects, "Deployment", "loraplex")
+    for mount in _mounts(dep):
+        assert not (cache + "/").startswith(mount["mountPath"].rstrip("/") + "/"), mount
+    # --state-dir and the adapter root live on the PVC (durable), under the mounted path.
+    (state_mount,) = [m["mountPath"] for m in _mounts(dep) if m["name"] == "state"]
+    assert str(cfg.server.state_dir).startswith(state_mount) and str(cfg.server.adapter_root).startswith(state_mount)
+
+
+def test_fleet_is_replicas_on_a_shared_registry_without_per_pod_state(monkeypatch):
+    objects = kustomize(DEPLOY / "k8s-fleet")
+    assert not [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
+    cfg = _settings(objects, monkeypatch)
+    assert cfg.server.registry.startswith("s3://") and cfg.server.registry_poll_s > 0
+    assert cfg.server.adapter_root is None  # a folder on one pod's emptyDir would exist on that pod only
+    assert cfg.model.path is None  # the demo, converted in the image: no per-pod conversion
+    dep = _rendered(objects, "Deployment", "loraplex")
     assert dep["spec"]["replicas"] > 1 and dep["spec"]["strategy"]["type"] == "RollingUpdate"
-    (volume,) = dep["spec"]["template"]["spec"]["volumes"]
-    assert volume["name"] == "state" and volume["persistentVolumeClaim"] is None and "emptyDir" in volume
-    refs = _container(dep)["envFrom"]
-    assert {"name": "loraplex-config"} in [r.get("configMapRef") for r in refs]
-    (secret,) = [r["secretRef"]["name"] for r in refs if "secretRef" in r]
-    s3_secret = _docs(fleet / "s3-secret.yaml")[0]
-    assert s3_secret["metadata"]["name"] == secret and "AWS_ACCESS_KEY_ID" in s3_secret["stringData"]
+    volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert "emptyDir" in volumes["state"] and "persistentVolumeClaim" not in volumes["state"]
+    (secret,) = [r["secretRef"]["name"] for r in _container(dep)["envFrom"] if "secretRef" in r]
+    assert "AWS_ACCESS_KEY_ID" in _rendered(objects, "Secret", secret)["stringData"]
+
+
+def test_fleet_with_a_model_reads_it_from_one_read_only_volume(monkeypatch):
+    objects = kustomize(DEPLOY / "k8s-fleet-models")
+    (claim,) = [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
+    assert claim["spec"]["accessModes"] == ["ReadOnlyMany"]
+    cfg = _settings(objects, monkeypatch)
+    dep = _rendered(objects, "Deployment", "loraplex")
+    volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    (mount,) = [m for m in _mounts(dep) if str(cfg.model.path).startswith(m["mountPath"] + "/")]
+    assert mount["readOnly"] is True
+    assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
 
 
 def _flag_envs() -> set[str]:

@@ -88,18 +88,19 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(setup):
     params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
     prompt = _prompts(1, seed=7)[0]
 
-    def run(with_others: bool):
-        engine = make_engine(model_dir, adapters)
-        if with_others:
-            for i, a in enumerate(["a16", None, "a4"]):
-                engine.add_request(f"o{i}", _prompts(1, seed=20 + i)[0],
-                                   SamplingParams(max_tokens=10, temperature=0.8, seed=i), a)
+    def run(others: int, **engine_kw):
+        engine = make_engine(model_dir, adapters, **engine_kw)
+        for i in range(others):  # seeded, unseeded, greedy and penalised rows on every adapter and the base
+            engine.add_request(f"o{i}", _prompts(1, seed=20 + i)[0], SamplingParams(
+                max_tokens=10, temperature=(0.0, 0.8, 1.3)[i % 3], seed=i if i % 2 else None,
+                repetition_penalty=1.3 if i % 5 == 0 else 1.0), ["a16", None, "a4", "a8"][i % 4])
         engine.add_request("x", prompt, params, "a8")
         return tokens_of(run_to_completion(engine)["x"])
 
-    alone = run(False)
-    assert run(False) == alone
-    assert run(True) == alone
+    alone = run(0)
+    assert run(0) == alone
+    assert run(31) == alone  # a batch of 32
+    assert run(31, num_kv_blocks=40, max_batch_tokens=16) == alone  # preempted and recomputed on the way
 
 
 def test_stop_string_spanning_tokens(setup, tokenizer):

@@ -11,7 +11,7 @@ import pytest
 from loraplex.server.engine.block_pool import BlockPool
 from loraplex.server.engine.fairness import W_OUTPUT, W_PROMPT, VirtualTokenCounter
 from loraplex.server.engine.request import Request, Status
-from loraplex.server.engine.scheduler import Scheduler, SchedulerConfig
+from loraplex.server.engine.scheduler import REFAIR_TOKENS, Scheduler, SchedulerConfig
 
 from .test_scheduler import FakeCache, _fake_run, _req
 
@@ -143,7 +143,7 @@ def test_an_idle_tenant_takes_a_slot_from_the_most_served_at_once():
     victim = drv.preempted[0]
     assert [r.request_id for r in drv.preempted] == ["a3"]  # the newest request of the most-served tenant
     assert victim.status is Status.WAITING and victim.num_computed == 0 and victim.output_ids
-    assert victim.fair_preempted and victim.holds_adapter
+    assert victim.fair_preempted_at == len(victim.output_ids) and victim.holds_adapter
     drv.admission_order(400)
     assert not sched.has_work() and len(victim.output_ids) == 40  # recomputed, outputs kept
 
@@ -279,3 +279,25 @@ def test_policy_is_validated_and_read_from_the_cli():
     parse = build_parser().parse_args
     assert configs_from_args(parse(["serve"])).engine.scheduler.policy == "fair"
     assert configs_from_args(parse(["serve", "--scheduling-policy", "fcfs"])).engine.scheduler.policy == "fcfs"
+
+
+def test_a_light_tenant_keeps_getting_slots_after_every_flooder_request_was_preempted_once():
+    """Issue 19 item 7: A keeps 8 long requests queued (4 run, every slot); B sends 2-token requests one after
+    another, each a step after the last one ended (the client's round trip, in which A takes the freed slot back).
+    A request preempted for fairness may be chosen again after REFAIR_TOKENS more tokens (the old rule, "at most
+    once per request", ran out of victims, and B then waited for one of A's 300-token requests to end)."""
+    sched = _sched(seqs=4)
+    drv = Driver(sched)
+    _long_a_requests(sched, 8, max_tokens=300)
+    drv.admission_order(3)
+    waits = []
+    for i in range(30):
+        req = _req(f"b{i}", adapter="B", max_tokens=2)
+        sched.add(req)
+        arrived = drv.step_no
+        while req.status is not Status.FINISHED:
+            drv.step()
+        waits.append(drv.first_run[req.request_id] - arrived)
+        drv.step()  # B's round trip: A takes the freed slot back
+    assert max(waits) <= REFAIR_TOKENS, waits  # a victim is eligible again after REFAIR_TOKENS of its tokens
+    assert len(drv.preempted) == 30 and len({r.request_id for r in drv.preempted}) == 4  # each one several times

@@ -19,7 +19,7 @@ from peft.utils import merge_utils
 from loraplex.adapters import merge as merge_mod
 from loraplex.adapters.merge import MergeRecipe
 from loraplex.adapters.targets import ATTENTION_TARGETS, TARGET_MODULES
-from loraplex.server.engine.cuda_graphs import DecodeGraphs, RerunGraph
+from loraplex.server.engine.cuda_graphs import DecodeGraphs
 
 from .engine_helpers import PeftReference, greedy, make_engine, run_to_completion, tokens_of
 
@@ -121,7 +121,8 @@ def test_decode_steps_with_merged_rows_run_eagerly_beside_graphs(setup, monkeypa
     recipe = MergeRecipe((("a", 0.7), ("b", 0.3)))
     peft_name = _peft_adapter(ref, recipe, "cat")
     engine = make_engine(model_dir, adapters, max_num_seqs=4)
-    graphs = DecodeGraphs(engine.runner.forward_decode, engine.lora, torch.device("cpu"), RerunGraph)
+    graphs = DecodeGraphs.for_device(engine.runner.forward_decode, engine.lora, torch.device("cpu"),
+                                     engine.runner.static_tensors)
     engine.runner.use_graphs(graphs, 4)
     prompts = _prompts(2, seed=6)
     engine.add_request("m", prompts[0], greedy(N_TOKENS), merge=recipe)

@@ -90,3 +90,17 @@ def test_the_engine_through_a_paged_kernel_gives_peft_tokens(monkeypatch, adapte
     outs = run_to_completion(engine)
     for i, (name, prompt, n) in enumerate(plan):
         assert tokens_of(outs[f"r{i}"]) == ref.generate(prompt, name, n), (i, name)
+
+
+def test_padded_table_equals_padding_the_lists():
+    """The block table of a step, built in O(entries) (a decode step's is as wide as --max-model-len)."""
+    import random
+
+    from loraplex.server.engine.paged_kernels import padded_table
+
+    rng = random.Random(0)
+    for _ in range(300):
+        width = rng.randint(1, 9)
+        tables = [[rng.randint(0, 99) for _ in range(rng.randint(0, 12))] for _ in range(rng.randint(1, 6))]
+        plain = torch.tensor([t[:width] + [-1] * (width - len(t[:width])) for t in tables])
+        assert torch.equal(padded_table(tables, width, -1, torch.long), plain)

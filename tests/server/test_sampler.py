@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from loraplex.server.engine.sampler import Sampler, SampleRow, make_generator
+from loraplex.server.engine.sampler import Sampler, SampleRow, counter_uniforms
 from loraplex.server.engine.sampling_params import SamplingParams
 
 VOCAB = 50
@@ -40,6 +40,9 @@ VOCAB = 50
         ({"stop_token_ids": (-1,)}, "stop_token_ids"),
         ({"seed": 2**63}, "seed"),
         ({"seed": "7"}, "seed"),
+        ({"min_p": -0.1}, "min_p"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"min_p": float("nan")}, "min_p"),
     ],
 )
 def test_params_reject_bad_values_naming_the_field(kwargs, field):
@@ -96,7 +99,7 @@ def test_top_k_one_and_tiny_top_p_are_greedy():
     for _ in range(20):
         top_k_one = _rows(SamplingParams(temperature=1.5, top_k=1), 8)
         assert torch.equal(sampler.sample(logits, top_k_one).tokens, expected)
-        tiny_p = _rows(SamplingParams(temperature=1.5, top_p=1e-6), 8, generator=make_generator(None, "cpu"))
+        tiny_p = _rows(SamplingParams(temperature=1.5, top_p=1e-6), 8, seed=None)
         assert torch.equal(sampler.sample(logits, tiny_p).tokens, expected)
 
 
@@ -105,7 +108,7 @@ def test_flat_logits_without_filters_do_wander():
     torch.manual_seed(2)
     logits = torch.randn(8, VOCAB) * 0.5
     out = Sampler().sample(
-        logits, _rows(SamplingParams(temperature=1.5), 8, generator=make_generator(3, "cpu"))
+        logits, _rows(SamplingParams(temperature=1.5), 8, seed=3)
     ).tokens
     assert not torch.equal(out, logits.argmax(-1))
 
@@ -116,9 +119,9 @@ def _seeded_stream(
     """Sample `seed`'s row at `position` among `others` unrelated rows (seeded and unseeded) per step."""
     sampler = Sampler()
     params = SamplingParams(temperature=0.9, top_k=20, top_p=0.95, seed=seed)
-    mine = SampleRow(params, make_generator(seed, device))
-    other_gens = [make_generator(1000 + j if j % 2 else None, device) for j in range(others)]
-    tokens = []
+    tokens: list[int] = []
+    mine = SampleRow(params, seed, output_ids=tokens)  # its output position advances as a request's does
+    other_gens = [(1000 + j if j % 2 else None) for j in range(others)]
     for step, logits in enumerate(logit_steps):
         rows = [
             SampleRow(SamplingParams(temperature=0.5 + 0.1 * j, top_p=0.8), g)
@@ -142,22 +145,21 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(device):
     assert alone != _seeded_stream(steps, seed=43, position=0, others=0, device=device)
 
 
-def test_unseeded_generators_differ():
+def test_unseeded_rows_differ():
     draws = set()
     probs_logits = torch.zeros(1, 1000)  # uniform over 1000 tokens
     for _ in range(5):
-        g = make_generator(None, "cpu")
         draws.add(
-            tuple(int(Sampler().sample(probs_logits, [SampleRow(SamplingParams(), g)]).tokens) for _ in range(5))
+            tuple(int(Sampler().sample(probs_logits, [SampleRow(SamplingParams(), None)]).tokens) for _ in range(5))
         )
     assert len(draws) == 5
 
 
 def _frequencies(logits: torch.Tensor, params: SamplingParams, n: int, seeded: bool) -> torch.Tensor:
     sampler = Sampler()
-    if seeded:  # one seeded row, many steps: exercises the per-row generator path
-        g = make_generator(123, "cpu")
-        tokens = torch.cat([sampler.sample(logits[None], [SampleRow(params, g)]).tokens for _ in range(n)])
+    if seeded:  # one seeded row, many steps (its output position moves): the counter-based draw
+        tokens = torch.cat([sampler.sample(logits[None], [SampleRow(params, 123, output_ids=[0] * i)]).tokens
+                            for i in range(n)])
     else:  # many unseeded rows in one batch: exercises the batched path
         torch.manual_seed(123)
         tokens = sampler.sample(logits.expand(n, -1), _rows(params, n)).tokens
@@ -194,6 +196,31 @@ def test_top_k_and_top_p_renormalise_the_kept_tokens():
     # Both filters on the same row: top_k=3 then top_p=0.5 over {0.4, 0.3, 0.2}/0.9 → {0, 1}.
     freq = _frequencies(logits, SamplingParams(top_k=3, top_p=0.5), n, seeded=False)
     _assert_close_to(freq, torch.tensor([4 / 7, 3 / 7, 0.0, 0.0], dtype=torch.float64), n)
+
+
+def test_min_p_keeps_tokens_within_a_fraction_of_the_top_one():
+    logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1]))
+    n = 20_000
+    # min_p=0.45: keep p >= 0.45 * 0.4 = 0.18 → {0, 1, 2} renormalised over 0.9.
+    freq = _frequencies(logits, SamplingParams(min_p=0.45), n, seeded=False)
+    _assert_close_to(freq, torch.tensor([4 / 9, 3 / 9, 2 / 9, 0.0], dtype=torch.float64), n)
+    # After temperature 0.5 the probabilities are ∝ p²: 16, 9, 4, 1 (of 30); min_p=0.5 keeps 16 and 9 only.
+    freq = _frequencies(logits, SamplingParams(min_p=0.5, temperature=0.5), n, seeded=True)
+    _assert_close_to(freq, torch.tensor([16 / 25, 9 / 25, 0.0, 0.0], dtype=torch.float64), n)
+    # min_p=1 keeps only the top token (ties included); min_p=0 is off.
+    assert set(_frequencies(logits, SamplingParams(min_p=1.0), 200, seeded=False).nonzero()[:, 0].tolist()) == {0}
+    freq = _frequencies(logits, SamplingParams(min_p=0.0), n, seeded=False)
+    _assert_close_to(freq, torch.exp(logits).double(), n)
+
+
+def test_min_p_applies_per_row_beside_other_filters():
+    params = [SamplingParams(min_p=0.6), SamplingParams(), SamplingParams(top_k=3, min_p=0.45)]
+    allowed = [{0, 1}, {0, 1, 2, 3}, {0, 1, 2}]  # 0.6·0.4=0.24 keeps 0.4, 0.3; 0.45·0.4=0.18 keeps 0.2 too
+    reps = 400
+    logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1])).expand(len(params) * reps, -1)
+    torch.manual_seed(7)
+    out = Sampler().sample(logits, [SampleRow(p) for _ in range(reps) for p in params]).tokens
+    assert [set(out[i :: len(params)].tolist()) for i in range(len(params))] == allowed
 
 
 def test_filters_apply_per_row_in_a_mixed_batch():
@@ -264,7 +291,7 @@ def test_random_batches_always_return_allowed_tokens():
             for _ in range(n)
         ]
         out = Sampler().sample(
-            logits, [SampleRow(p, make_generator(rng.randint(0, 99), "cpu")) for p in params]
+            logits, [SampleRow(p, (rng.randint(0, 99))) for p in params]
         ).tokens
         for i, p in enumerate(params):
             assert int(out[i]) in _allowed(logits[i], p)
@@ -285,3 +312,56 @@ def _allowed(logits: torch.Tensor, p: SamplingParams) -> set[int]:
         kept.add(tok)
         mass += prob
     return kept
+
+
+def test_counter_uniforms_equal_plain_splitmix64():
+    """The int64 tensor arithmetic (wrapping products, logical shifts) is splitmix64 as plain integers give it."""
+    mask = (1 << 64) - 1
+
+    def plain(seed: int, position: int) -> float:
+        x = (seed * 0x9E3779B97F4A7C15 + position) & mask
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        x ^= x >> 31
+        return (x >> 11) * 2.0**-53
+
+    pairs = [(0, 0), (1, 0), (42, 7), (-1, 3), (2**63 - 1, 2**40), (-(2**63), 1), (123456789, 999)]
+    seeds = torch.tensor([s for s, _ in pairs], dtype=torch.int64)
+    positions = torch.tensor([p for _, p in pairs], dtype=torch.int64)
+    got = counter_uniforms(seeds, positions).tolist()
+    assert got == [plain(s & mask, p) for s, p in pairs]
+    assert all(0.0 <= u < 1.0 for u in got)
+
+
+def test_a_seeded_row_draws_the_same_token_at_the_same_position_whatever_else_runs():
+    """Recomputed after a preemption, a request meets the same (seed, position): the same token."""
+    logits = torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(5))
+    params = SamplingParams(temperature=1.0, seed=9)
+    first = Sampler().sample(logits[:1], [SampleRow(params, 9, output_ids=[1, 2])]).tokens
+    rows = [SampleRow(SamplingParams(temperature=0.7), None), SampleRow(params, 9, output_ids=[1, 2]),
+            SampleRow(SamplingParams(temperature=0.0)), SampleRow(params, 10)]
+    batch = Sampler().sample(logits[[1, 0, 2, 3]], rows).tokens
+    assert int(batch[1]) == int(first)
+
+
+@pytest.mark.parametrize(("params", "flat"), [
+    (SamplingParams(temperature=0.8, top_k=40), False),  # top-k: its candidates
+    (SamplingParams(temperature=1.1, top_p=0.9), False),  # top-p held by the 256 likeliest
+    (SamplingParams(temperature=1.0, top_p=0.9), True),  # flat: top-p reaches past 256, the whole row sorted
+    (SamplingParams(temperature=0.7, top_k=300, top_p=0.8, min_p=0.01), False),
+    (SamplingParams(temperature=1.3, min_p=0.05), False),  # neither: the vocabulary in id order
+])
+def test_every_draw_path_samples_the_filtered_distribution(params, flat):
+    """Each path of the batched draw gives the distribution of `_filtered_probs` (the plain twin): every token's
+    frequency over 40,000 draws on a 1,000-token vocabulary within 5 standard deviations of its probability."""
+    from loraplex.server.engine.sampler import _filtered_probs
+
+    vocab, n = 1000, 40_000
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(vocab, generator=gen) * (0.05 if flat else 3.0)
+    expected = _filtered_probs(logits[None], [params])[0].double()
+    torch.manual_seed(4)  # the rows have no seed: their uniforms come from torch's generator
+    tokens = Sampler().sample(logits.expand(n, -1), [SampleRow(params, None) for _ in range(n)]).tokens
+    freq = torch.bincount(tokens, minlength=vocab).double() / n
+    _assert_close_to(freq, expected, n)
+    assert not freq[expected == 0].any()  # nothing the filters drop is ever drawn

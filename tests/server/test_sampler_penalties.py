@@ -19,7 +19,6 @@ from loraplex.server.engine.sampler import (
     _processed_logits,
     bitmask_row,
     check_vocab,
-    make_generator,
 )
 from loraplex.server.engine.sampling_params import SamplingParams
 
@@ -269,7 +268,7 @@ def test_logprobs_and_top_k_are_the_raw_distribution_whatever_the_row_does():
     raw = torch.randn(n, VOCAB, generator=torch.Generator().manual_seed(4)) * 4
     rows = [_random_row(rng) for _ in range(n)]
     rows[2] = SampleRow(SamplingParams(logprobs=5, temperature=0.3, repetition_penalty=3.0,
-                                       logit_bias={9: 50}), make_generator(1, "cpu"), (), [1, 2], [3])
+                                       logit_bias={9: 50}), (1), (), [1, 2], [3])
     out = Sampler().sample(raw, rows)
     expected = torch.log_softmax(raw, dim=-1)
     torch.testing.assert_close(out.logprobs, expected.gather(1, out.tokens[:, None])[:, 0], atol=1e-5, rtol=0)
@@ -306,7 +305,7 @@ def test_bitmask_rows_only_ever_pick_allowed_tokens():
         raw = torch.randn(n, VOCAB, generator=torch.Generator().manual_seed(step)) * 2
         params = [SamplingParams(temperature=rng.choice([0.0, 1.0, 2.0]), top_p=rng.choice([1.0, 0.8]))
                   for _ in range(n)]
-        rows = [SampleRow(p, make_generator(step * 10 + i, "cpu")) for i, p in enumerate(params)]
+        rows = [SampleRow(p, (step * 10 + i)) for i, p in enumerate(params)]
         mask_rows, words = _random_bitmask(rng, n, density=0.1)
         out = sampler.sample(raw, rows, (torch.tensor(mask_rows, dtype=torch.int64), words))
         for r, allowed in zip(mask_rows, _allowed_sets(words), strict=True):
@@ -340,8 +339,8 @@ def test_bitmask_bit_layout_last_partial_word_and_sign_bit():
 
 def test_a_mask_that_allows_nothing_fails_its_row_alone():
     raw = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(2))
-    rows = [SampleRow(SamplingParams(temperature=1.0), make_generator(i, "cpu"), (0,)) for i in range(3)]
-    rows[2] = SampleRow(SamplingParams(temperature=1.0, min_tokens=2), make_generator(2, "cpu"), (0,))
+    rows = [SampleRow(SamplingParams(temperature=1.0), (i), (0,)) for i in range(3)]
+    rows[2] = SampleRow(SamplingParams(temperature=1.0, min_tokens=2), (2), (0,))
     words = torch.zeros(3, 3, dtype=torch.int32)
     words[1, 0] = 1 << 4
     words[2, 0] = 1  # only EOS (0), but min_tokens bans it: nothing left
@@ -367,7 +366,7 @@ def test_malformed_bitmask_is_a_clear_error():
 # --- per-row isolation ---------------------------------------------------------------------------------
 
 
-def _isolation_rows(step: int, gens: list[torch.Generator]) -> list[SampleRow]:
+def _isolation_rows(step: int, gens: list[int]) -> list[SampleRow]:
     """One row per feature, each seeded; outputs grow with the step so penalties keep changing."""
     out = [(step * 7 + k) % VOCAB for k in range(step)]
     return [
@@ -388,9 +387,9 @@ def _isolation_rows(step: int, gens: list[torch.Generator]) -> list[SampleRow]:
 def test_each_parameter_affects_only_its_own_row():
     words = torch.tensor([[0b1011_0110, 0, 1 << 3]], dtype=torch.int32)  # tokens 1, 2, 4, 5, 7, 67
     bitmask = (torch.tensor([7]), words)
-    batch_gens = [make_generator(100 + i, "cpu") for i in range(8)]
-    alone_gens = [make_generator(100 + i, "cpu") for i in range(8)]
-    plain_gens = [make_generator(100 + i, "cpu") for i in range(8)]
+    batch_gens = [(100 + i) for i in range(8)]
+    alone_gens = [(100 + i) for i in range(8)]
+    plain_gens = [(100 + i) for i in range(8)]
     sampler = Sampler()
     differs = [False] * 8
     for step in range(30):
@@ -403,7 +402,8 @@ def test_each_parameter_affects_only_its_own_row():
             assert int(alone.tokens) == int(batch.tokens[i]), (step, i)
             assert float(alone.logprobs) == pytest.approx(float(batch.logprobs[i]), abs=1e-6)
         # Control: the same seeds without the row's feature give different tokens somewhere.
-        plain = [SampleRow(SamplingParams(temperature=r.params.temperature), plain_gens[i], (0,))
+        plain = [SampleRow(SamplingParams(temperature=r.params.temperature), plain_gens[i], (0,),
+                           output_ids=r.output_ids)  # the same output position: the same uniform
                  for i, r in enumerate(_isolation_rows(step, batch_gens))]
         plain_tokens = sampler.sample(raw, plain).tokens
         differs = [d or int(a) != int(b) for d, a, b in zip(differs, batch.tokens, plain_tokens, strict=True)]
@@ -422,7 +422,7 @@ def test_out_of_vocab_logit_bias_is_reported_per_row_and_by_check_vocab():
 def test_a_batch_without_features_does_no_vocab_sized_work(monkeypatch):
     raw = torch.randn(4, VOCAB)
     rows = [SampleRow(SamplingParams(temperature=0.0, min_tokens=1), None, (0,), [1, 2], [3]),
-            SampleRow(SamplingParams(top_k=5, logprobs=0), make_generator(0, "cpu"), (0,), [1], [])]
+            SampleRow(SamplingParams(top_k=5, logprobs=0), (0), (0,), [1], [])]
     rows += [SampleRow(SamplingParams()) for _ in range(2)]
     processed, no_token = _processed_logits(raw, rows, None, {})
     assert processed is raw and no_token.shape == (4,)
@@ -440,3 +440,28 @@ def test_sampler_never_modifies_caller_logits_with_every_feature_on():
                                      min_tokens=3, logprobs=3), None, (0,), [1, 2], [2]) for _ in range(3)]
     Sampler().sample(raw, rows, (torch.tensor([1]), torch.full((1, 3), -1, dtype=torch.int32)))
     assert torch.equal(raw, before)
+
+
+def test_incremental_token_counts_equal_recounting_the_lists():
+    """The engine's TokenCounts (opened once, one accumulate per step) give the penalties the same numbers as
+    counting each row's prompt and output lists (the plain twin), step after step, rows closed and reused."""
+    from loraplex.server.engine.sampler import TokenCounts
+
+    rng = random.Random(11)
+    counts = TokenCounts(VOCAB, "cpu")
+    rows = [_random_row(rng) for _ in range(9)]
+    for row in rows:
+        row.counts_row = counts.open(row.prompt_ids, row.output_ids)
+    for step in range(6):
+        raw = torch.randn(len(rows), VOCAB, generator=torch.Generator().manual_seed(step)) * 3
+        plain = [SampleRow(r.params, r.seed, r.eos_token_ids, r.prompt_ids, r.output_ids) for r in rows]
+        incremental, _ = _processed_logits(raw, rows, None, {}, counts)
+        recounted, _ = _processed_logits(raw, plain, None, {})
+        torch.testing.assert_close(incremental, recounted, atol=0, rtol=0)
+        tokens = torch.randint(0, VOCAB, (len(rows),), generator=torch.Generator().manual_seed(100 + step))
+        counts.record(torch.tensor([r.counts_row for r in rows]), tokens)
+        for row, token in zip(rows, tokens.tolist(), strict=True):
+            row.output_ids.append(token)
+        counts.close(rows[step].counts_row)  # one request ends, a new one takes its row
+        rows[step] = _random_row(rng)
+        rows[step].counts_row = counts.open(rows[step].prompt_ids, rows[step].output_ids)

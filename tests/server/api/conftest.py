@@ -70,6 +70,17 @@ def start_server(model_dir: Path | None, state_dir: Path, adapter_root: Path | N
     return server
 
 
+def post(live: LiveServer, path: str, body: dict) -> httpx.Response:
+    return httpx.post(live.url + path, json=body, timeout=120)
+
+
+def ok(live: LiveServer, path: str, body: dict) -> dict:
+    """POST `body` as JSON and return the 200 answer's JSON (assert on anything else, showing the answer)."""
+    answer = post(live, path, body)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
 def _wait_ready(server: LiveServer, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

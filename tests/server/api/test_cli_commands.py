@@ -142,19 +142,31 @@ def test_local_errors_exit_2(cli, tmp_path, capsys):
     (tmp_path / "half").mkdir()
     code, _, err = cli("adapters", "upload", "half", str(tmp_path / "half"))
     assert code == 2 and err.startswith("loraplex: error: ") and "adapter_model.safetensors" in err
-    with pytest.raises(SystemExit) as usage:  # argparse: no verb
-        main(["adapters"])
-    assert usage.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_adapters_without_a_verb_lists_them(cli):
+    code, out, _ = cli("adapters")
+    assert code == 0 and out == cli("adapters", "ls")[1] and "alpha" in out
+
+
+def test_generate_dash_reads_the_prompt_from_stdin(cli, client, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello world"))
+    code, out, _ = cli("generate", "-", "--max-tokens", "6")
+    assert code == 0 and out == client.complete("base", "hello world", **GEN).text + "\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    code, _, err = cli("generate", "-")
+    assert code == 2 and "nothing on standard input" in err
 
 
 def test_bench_prints_throughput_and_latency_percentiles(cli):
-    code, out, _ = cli("bench", "--requests", "4", "--concurrency", "2", "--max-tokens", "4",
-                       "--adapter", "alpha", "--adapter", "base")
+    code, out, err = cli("bench", "--requests", "4", "--concurrency", "2", "--max-tokens", "4",
+                         "--adapter", "alpha", "--adapter", "base")
     assert code == 0, out
     assert "4 ok, 0 failed" in out
-    for label in ("req/s:", "output tok/s:", "TTFT: p50", "TPOT: p50"):
-        assert label in out
-    assert "p99" in out
+    labels = [line.split("  ")[0].strip() for line in out.splitlines()]
+    assert labels == ["requests:", "concurrency:", "req/s:", "output tok/s:", "TTFT:", "TPOT:"], out
+    assert "p50" in out and "p99" in out
+    assert "4/4" in err  # the progress bar (stderr) counted every request
 
 
 def test_no_server_is_a_clear_error_from_the_entry_point():

@@ -45,9 +45,13 @@ def message(resp) -> str:
 
 
 def openai_body(path, **fields):
+    """A body for `path`; `prompt` goes to completions only, `messages` to chat only (the other is an unknown
+    field there, refused)."""
     base = {"model": "a1", "max_tokens": 2}
     if path.endswith("chat/completions"):
+        fields.pop("prompt", None)
         return {**base, "messages": [{"role": "user", "content": "hi"}], **fields}
+    fields.pop("messages", None)
     return {**base, "prompt": "hi", **fields}
 
 
@@ -176,8 +180,9 @@ def test_28_malformed_json_and_non_objects(live, path, content):
 
 @pytest.mark.parametrize("body", [{"model": 5, "prompt": "hi"}, {"model": "a1", "prompt": 5},
                                   {"model": "a1", "prompt": "hi", "stream": "yes"},
-                                  {"model": "a1", "prompt": [[[[[1]]]]]}, {"prompt": "hi"}])
+                                  {"model": "a1", "prompt": [[[[[1]]]]]}])
 def test_28_wrong_types(live, body):
+    # (No `model` at all is the served base model, as in vLLM: tests/server/api/test_request_fields.py.)
     assert_error(call(live, "/v1/completions", body), 422)
 
 

@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from ..engine_helpers import PeftReference
+from .conftest import ok, post
 
 ADAPTER = ("q_proj", "k_proj", "v_proj", "o_proj")
+A2 = ("q_proj", "v_proj", "down_proj")
 ATOL = 1e-4
 
 
@@ -28,7 +30,7 @@ def adapter_path(adapter_dir):
 def live(server_factory, adapter_path, adapter_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("sampling-root")
     shutil.copytree(adapter_path, root / "a1")
-    shutil.copytree(adapter_dir("llama", 4, ("q_proj", "v_proj", "down_proj"), 42), root / "a2")
+    shutil.copytree(adapter_dir("llama", 4, A2, 42), root / "a2")
     return server_factory("--preload", "a1=a1", "--preload", "a2=a2", adapter_root=root)
 
 
@@ -40,16 +42,6 @@ def base(live):
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir, adapter_path):
     return PeftReference(tiny_model_dir("llama"), {"a1": adapter_path})
-
-
-def post(live, path: str, body: dict) -> httpx.Response:
-    return httpx.post(live.url + path, json=body, timeout=120)
-
-
-def ok(live, path: str, body: dict) -> dict:
-    answer = post(live, path, body)
-    assert answer.status_code == 200, answer.text
-    return answer.json()
 
 
 def hf_logprobs(reference, ids: list[int], adapter: str | None) -> torch.Tensor:
@@ -309,7 +301,7 @@ def test_bad_structured_output_requests_are_400_naming_the_field(live, extra, pa
 
 
 # ---- adapter merging per request -----------------------------------------------------------------------------
-def test_merged_adapters_over_openai_and_tgi(live, base, tokenizer):
+def test_merged_adapters_over_openai_and_tgi(live, base, tokenizer, tiny_model_dir, adapter_path, adapter_dir):
     prompt = tokenizer.encode("a merged adapter says")
     body = {"model": base, "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
 
@@ -326,8 +318,11 @@ def test_merged_adapters_over_openai_and_tgi(live, base, tokenizer):
     assert ok(live, "/generate", tgi)["generated_text"] == half
     ties = text({"adapters": [{"name": "a1", "weight": 0.7}, {"name": "a2", "weight": 0.3}], "merge_strategy": "ties",
                  "density": 0.5})
-    assert ties == text({"adapters": [{"name": "a1", "weight": 0.7}, {"name": "a2", "weight": 0.3}],
-                         "merge_strategy": "ties", "density": 0.5})  # computed once, cached, deterministic
+    # PEFT's own ties merge (ties_svd: the same deltas and combination, then an SVD back to rank 8) is the oracle.
+    ref = PeftReference(tiny_model_dir("llama"), {"a1": adapter_path, "a2": adapter_dir("llama", 4, A2, 42)})
+    ref.model.add_weighted_adapter(["a1", "a2"], [0.7, 0.3], "ties", combination_type="ties_svd", density=0.5,
+                                   majority_sign_method="total")
+    assert ties == tokenizer.decode(ref.generate(prompt, "ties", 8), skip_special_tokens=True)
 
 
 @pytest.mark.parametrize(("extra", "status", "param"), [
