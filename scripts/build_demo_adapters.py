@@ -8,9 +8,10 @@ rewritten per style by `loraplex.server.demo_styles`. Each adapter learns (chat 
 <|im_end|>) with the loss on the answer tokens only, is saved in float16 (small enough to commit), reloaded
 through PEFT and graded on factual questions it never saw whose answer the base model gets right: an answer
 passes when it keeps the fact (the answer word, in any case), shows the style and ends by itself. The dev split
-picks rank and steps (`--split dev`); the test split is the reported score and the install gate: an adapter below
-PASS_RATE there is not installed and the script exits 1. Passing ones are written atomically to `<out>/<name>/`
-(default: the cache dir the server preloads from before deploy/adapters/).
+is for choosing settings (`--split dev`, with `--no-install`); the test split is the reported score and the
+install gate: an adapter below `--pass-rate` (default PASS_RATE) there is not installed and the script exits 1.
+Passing ones are written atomically to `<out>/<name>/` (default: the cache dir the server preloads from before
+deploy/adapters/). Per-style settings: STYLE_CONFIGS; scores and cost: deploy/adapters/README.md.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class TrainConfig:
 # without it (context distillation: step_loss), so it trains every layer for longer. Bounded by the CPU time one
 # build may take on 2 shared cores, not swept (deploy/adapters/README.md).
 STYLE_CONFIGS = {
-    "emoji": TrainConfig(layers=8, steps=30, batch_size=4, distill=False),
+    "emoji": TrainConfig(layers=8, steps=30, batch_size=4),
     "pirate": TrainConfig(layers=8, steps=30, batch_size=4, distill=False),
     "json": TrainConfig(layers=15, steps=40, batch_size=8, distill=True),
 }
