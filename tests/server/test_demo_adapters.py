@@ -183,7 +183,7 @@ def demo_base():
     return build, AutoTokenizer.from_pretrained(demo_model_dir()), model
 
 
-# Issue 27's bar is 0.95 (build_demo_adapters.PASS_RATE); the committed adapters do not reach it (0.81-0.83 on the
+# Issue 27's bar is 0.95 (build_demo_adapters.PASS_RATE); the committed adapters do not reach it (0.81-0.90 on the
 # test split, deploy/adapters/README.md). This floor keeps them from sliding back towards the adapters they replaced
 # (uppercase kept 2 of 48 facts, the "Arr! ..." pirate 34 of 48).
 SHIPPED_FLOOR = 0.75
