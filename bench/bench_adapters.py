@@ -68,6 +68,7 @@ from common import (  # noqa: E402
     median,
     paired_ratio,
     print_facts,
+    pyplot,
     write_json,
 )
 from safetensors import safe_open  # noqa: E402
@@ -581,11 +582,9 @@ def print_report(res: dict[str, object]) -> None:
 
 
 def plot(path: Path, res: dict[str, object]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on a server; must precede pyplot's import
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
     if "cold" in res:
         tiers = res["cold"]["tiers"]

@@ -27,7 +27,8 @@ whenever another tenant holds a core, each OpenMP barrier waits for the deschedu
 runs with the same setting, so the ratios stay like for like.
 
 Run: .venv/bin/python bench/bench_engine.py [--quick] [--repeats N] [--quantize none nf4] [--threads N]
-Writes bench/results/engine.json, engine.png (tok/s per case) and engine_ratios.png (targets).
+Writes bench/results/engine.json, engine.png (tok/s per case) and engine_ratios.png (targets), engine_quick.*
+with --quick; the PNGs when matplotlib (the `bench` extra) is installed.
 """
 
 from __future__ import annotations
@@ -340,14 +341,15 @@ def _cell(wall: list[float] | None, cpu: list[float] | None) -> str:
     return f"{median(wall):6.1f} [{min(wall):5.1f},{max(wall):5.1f}] | {median(cpu):6.1f}"
 
 
-def plot(results: dict[str, dict], title: str) -> None:
+def plot(out: Path, results: dict[str, dict], title: str) -> None:
+    """`out`.png: tok/s per case; `out`_ratios.png: the target ratios (beside the JSON `out`)."""
     cases = list(dict.fromkeys(c for r in results.values() for c in r["median_tok_s"]))
-    bar_chart(RESULTS_DIR / "engine.png", f"bench-small, B={BATCH}: output tok/s, median ({title})",
+    bar_chart(out.with_suffix(".png"), f"bench-small, B={BATCH}: output tok/s, median ({title})",
               {case: {c: r["median_tok_s"].get(case, 0.0) for c, r in results.items()} for case in cases},
               "tok/s (wall clock)")
     ratios = {metric.split(":")[0]: {c: r["targets"][metric]["value"] for c, r in results.items()}
               for metric in TARGETS}
-    bar_chart(RESULTS_DIR / "engine_ratios.png", f"bench-small, B={BATCH}: target ratios ({title})",
+    bar_chart(out.with_name(f"{out.stem}_ratios.png"), f"bench-small, B={BATCH}: target ratios ({title})",
               ratios, "ratio (median of per-round ratios)",
               marks={metric.split(":")[0]: t[2] for metric, t in TARGETS.items()})
 
@@ -360,8 +362,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--peft-mixes", nargs="+", default=list(MIX_ORDER), choices=MIX_ORDER,
                         help="adapter mixes that also run through PEFT (distinct is needed for a target)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "engine.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path, PNGs beside it (default bench/results/engine[_quick].json)")
     args = parser.parse_args()
+    if args.out is None:  # a quick run never overwrites the committed full run
+        args.out = RESULTS_DIR / ("engine_quick.json" if args.quick else "engine.json")
     if args.repeats < 3:
         parser.error("--repeats: the protocol asks for a median of >= 3 rounds")
     if "distinct" not in args.peft_mixes:
@@ -386,7 +391,7 @@ def main() -> None:
     write_json(args.out, {"machine": facts, "settings": settings, "batch": BATCH,
                           "prompt_tokens": [work.prompt_min, work.prompt_max], "new_tokens": work.new_tokens,
                           "wall_s": round(time.perf_counter() - start, 1), "results": results})
-    plot(results, title)
+    plot(args.out, results, title)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ Targets (PASS/MISS, on the medians of the per-round values):
 The fcfs case is the baseline, shown without a target.
 
 Run: .venv/bin/python bench/bench_fairness.py [--seconds 30] [--repeats 3] [--load 1.5]
-Writes bench/results/fairness.json and fairness.png (when matplotlib is importable).
+Writes bench/results/fairness.json and fairness.png (the PNG when matplotlib, the `bench` extra, is installed).
 
 `--tenants` runs weighted fair share by tenant instead (bench/fairness_tenants.py: tenants of weights 1 and 3
 flooding, a light one's TTFT): .venv/bin/python bench/bench_fairness.py --tenants [--seconds 30] [--repeats 3]
@@ -63,6 +63,7 @@ from common import (  # noqa: E402
     machine_facts,
     median,
     print_facts,
+    pyplot,
     write_json,
 )
 
@@ -331,14 +332,9 @@ def print_report(table: dict[str, dict[str, float]], tgt: dict[str, dict[str, ob
 
 
 def plot(path: Path, table: dict[str, dict[str, float]], tgt: dict[str, dict[str, object]], title: str) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        print("matplotlib not importable: no PNG")
+    plt = pyplot()
+    if plt is None:
         return
-    matplotlib.use("Agg")  # no display on a server; must precede pyplot's import
-    import matplotlib.pyplot as plt
-
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
     _ttft_bars(left, table)
     flooded = [c for c in table if c != "b_alone"]

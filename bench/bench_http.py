@@ -51,6 +51,7 @@ from common import (  # noqa: E402
     bench_small_dir,
     median,
     paired_ratio,
+    pyplot,
 )
 from transformers import AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
 
@@ -370,11 +371,9 @@ def print_report(res: dict[str, object]) -> None:
 
 
 def plot(path: Path, res: dict[str, object]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on a server; must precede pyplot's import
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     if "openloop" in res:
         runs = res["openloop"]["runs"]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 import torch
-from results_io import command_line, git_commit, write_json  # noqa: F401 - re-exported for the bench scripts
+from results_io import command_line, git_commit, pyplot, write_json  # noqa: F401 - re-exported for the bench scripts
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from loraplex.adapters.synthetic import PRESETS, make_peft_adapter
@@ -162,11 +162,9 @@ def bar_chart(path: Path, title: str, groups: dict[str, dict[str, float]], ylabe
               marks: dict[str, float] | None = None) -> None:
     """Grouped bars: groups = {group label: {series label: value}}; `marks` = {group label: target}, drawn
     as a dashed line across that group only."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on a server; must precede pyplot's import
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     series = list(dict.fromkeys(s for g in groups.values() for s in g))
     width = 0.8 / max(len(series), 1)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) * max(1, len(series)) / 2), 4.5))

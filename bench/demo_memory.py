@@ -25,7 +25,7 @@ from results_io import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_BYTES = 1.5e9
-MODELS = ("smollm2-135m-instruct", "uppercase", "pirate", "json")
+MODELS = ("smollm2-135m-instruct", "emoji", "pirate", "json")
 
 
 def rss(pid: int) -> int:

@@ -1,4 +1,5 @@
-"""Writing benchmark results: the JSON record with the commit and the exact command first (BENCHMARK.md).
+"""Writing benchmark results: the JSON record with the commit and the exact command first (BENCHMARK.md), and
+the PNG charts when matplotlib (the `bench` extra) is installed.
 
 No torch here, so that scripts which never touch a model (sim_affinity.py) share it with common.py's users.
 """
@@ -9,7 +10,11 @@ import json
 import os
 import subprocess
 import sys
+from functools import cache
 from pathlib import Path
+from types import ModuleType
+
+PLOTS_EXTRA = "bench"  # pyproject.toml's extra that installs matplotlib
 
 
 def write_json(path: Path, data: dict[str, object]) -> None:
@@ -38,3 +43,19 @@ def command_line() -> str:
     """The exact command, with the environment settings the run lines ask for."""
     env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "HF_HUB_OFFLINE") if k in os.environ]
     return " ".join([*env, Path(sys.executable).name, *sys.argv])
+
+
+@cache
+def pyplot() -> ModuleType | None:
+    """matplotlib.pyplot (headless), or None when matplotlib is not installed: then one line says so, once per
+    run, and each chart is skipped while the tables and the JSON are written as usual."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"plots skipped: matplotlib is not installed (pip install -e '.[{PLOTS_EXTRA}]' installs it)",
+              flush=True)
+        return None
+    matplotlib.use("Agg")  # no display on a server; must precede pyplot's import
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -71,7 +71,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))  # results_io next to this file, however the script is loaded
-from results_io import write_json  # noqa: E402 - torch-free (common.py imports torch)
+from results_io import pyplot, write_json  # noqa: E402 - torch-free (common.py imports torch)
 
 RESULTS_DIR = Path(__file__).parent / "results"
 POLICIES = ("random", "hash", "affinity")
@@ -377,14 +377,9 @@ def _pooled(rows: list[dict[str, object]], R: int, S: int, a: float, slots: list
 
 def plot(path: Path, rows: list[dict[str, object]], replicas: list[int], slots: list[int], alphas: list[float],
          params: Params) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        print("matplotlib not importable: no PNG")
+    plt = pyplot()
+    if plt is None:
         return
-    matplotlib.use("Agg")  # no display on a server; must precede pyplot's import
-    import matplotlib.pyplot as plt
-
     anc = anchors(replicas, slots, alphas)
     R0, S0, a0 = int(anc["replicas"]), int(anc["slots"]), anc["alpha"]
     style = {"random": ("tab:gray", "o"), "hash": ("tab:blue", "s"), "affinity": ("tab:red", "^")}

