@@ -48,10 +48,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from common import RESULTS_DIR, bench_adapters, bench_small_dir, machine_facts, print_facts, write_json  # noqa: E402
+from synthetic_adapters import PRESETS  # noqa: E402
 
 import loraplex.adapters.layer as lora_layer  # noqa: E402
 from loraplex.adapters.ops.trace import OpTrace  # noqa: E402
-from loraplex.adapters.synthetic import PRESETS  # noqa: E402
 from loraplex.adapters.weights import load_adapter_dir  # noqa: E402
 from loraplex.server.config import LoRAConfig, ModelConfig  # noqa: E402
 from loraplex.server.engine.engine import EngineConfig, LLMEngine  # noqa: E402

@@ -2,7 +2,7 @@
 ÷ B alone <= 2): the in-process `LLMEngine`, open-loop Poisson arrivals in wall-clock time.
 
 Two tenants, each with its own S1 adapter (rank 8 on q/k/v/o), on the tiny llama test model
-(server/tiny_models.py: hidden 64, 2 layers, seeded random weights). Its step time barely grows with the batch
+(tests/fixtures/tiny_models.py: hidden 64, 2 layers, seeded random weights). Its step time barely grows with the batch
 (as a GPU's at small batch), so B's TTFT ratio shows the scheduler's wait rather than a CPU's compute per
 extra sequence; bench-small takes ~0.4 s a step on 2 cores, too slow for hundreds of B requests per run.
 
@@ -66,6 +66,7 @@ from common import (  # noqa: E402
     pyplot,
     write_json,
 )
+from tiny_models import build_model_dir  # noqa: E402
 
 from loraplex.adapters.weights import load_adapter_dir  # noqa: E402
 from loraplex.server.config import LoRAConfig, ModelConfig  # noqa: E402
@@ -74,7 +75,6 @@ from loraplex.server.engine.request import Request  # noqa: E402
 from loraplex.server.engine.sampling_params import SamplingParams  # noqa: E402
 from loraplex.server.engine.scheduler import SchedulerConfig  # noqa: E402
 from loraplex.server.model_loader import load_model  # noqa: E402
-from loraplex.server.tiny_models import build_model_dir  # noqa: E402
 
 SEQS = 16
 BATCH_TOKENS = 256
@@ -409,7 +409,7 @@ def main() -> None:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     write_json(args.out, {
         "machine": facts,
-        "settings": settings, "model": "tiny llama (server/tiny_models.py, seed 0)", "adapters": "S1 x 2",
+        "settings": settings, "model": "tiny llama (tests/fixtures/tiny_models.py, seed 0)", "adapters": "S1 x 2",
         "engine": {"max_num_seqs": SEQS, "max_batch_tokens": BATCH_TOKENS, "block_size": BLOCK_SIZE},
         "prompt_tokens": PROMPT, "new_tokens": OUTPUT, "capacity": capacity,
         "offered_req_s": {"A": rates[0], "B": rates[1]}, "wall_s": round(time.perf_counter() - start, 1),

@@ -402,7 +402,7 @@ def measure_wrapper(tokenizer, vocab_size: int) -> dict[str, float]:
 
 # ---- main --------------------------------------------------------------------------------------------------
 def tokenizers(skip_smol: bool) -> dict[str, Any]:
-    from loraplex.server.tiny_models import train_tokenizer
+    from tiny_models import train_tokenizer
 
     found: dict[str, Any] = {"tiny": train_tokenizer()}
     if not skip_smol:

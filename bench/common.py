@@ -27,9 +27,15 @@ import torch
 from results_io import command_line, git_commit, pyplot, write_json  # noqa: F401 - re-exported for the bench scripts
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from loraplex.adapters.synthetic import PRESETS, make_peft_adapter
 from loraplex.server.demo import DemoUnavailable, demo_gguf, demo_model_dir
-from loraplex.server.tiny_models import CORPUS, bench_small_config, build_model_dir, train_tokenizer
+
+# The tiny seeded models and synthetic PEFT adapters are test fixtures (tests/fixtures/, not part of the installed
+# package); the benchmarks build their workloads with them too.
+FIXTURES_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
+if str(FIXTURES_DIR) not in sys.path:
+    sys.path.insert(0, str(FIXTURES_DIR))
+from synthetic_adapters import PRESETS, make_peft_adapter  # noqa: E402
+from tiny_models import CORPUS, bench_small_config, build_model_dir, train_tokenizer  # noqa: E402
 
 RESULTS_DIR = Path(__file__).parent / "results"
 

@@ -157,7 +157,7 @@ def main(args: argparse.Namespace) -> None:
     out = args.out if args.out != RESULTS_DIR / "fairness.json" else DEFAULT_OUT
     write_json(out, {
         "machine": facts, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "model": "tiny llama (server/tiny_models.py, seed 0)", "adapters": ADAPTERS,
+        "model": "tiny llama (tests/fixtures/tiny_models.py, seed 0)", "adapters": ADAPTERS,
         "tenants": {t: {"weight": s.weight} for t, s in SPECS.items()},
         "engine": {"max_num_seqs": bf.SEQS, "max_batch_tokens": bf.BATCH_TOKENS, "block_size": bf.BLOCK_SIZE},
         "capacity": cap, "offered_req_s": {"w1": rates[0], "w3": rates[0], "light": rates[1]},

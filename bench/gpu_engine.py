@@ -29,6 +29,7 @@ import torch
 from bench_engine import base_bytes
 from common import Measure, Stopwatch, bench_adapters, bench_config_dir, interleaved, median, paired_ratio
 from gpu_kernels import copy_bandwidth
+from tiny_models import train_tokenizer
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
 from loraplex.adapters.ops import get_backend
@@ -38,7 +39,6 @@ from loraplex.server.engine.engine import EngineConfig, LLMEngine
 from loraplex.server.engine.sampling_params import SamplingParams
 from loraplex.server.engine.scheduler import SchedulerConfig
 from loraplex.server.model_loader import LoadedModel, load_model, targetable_modules
-from loraplex.server.tiny_models import train_tokenizer
 
 BLOCK_SIZE = 16
 RANK = 16  # preset P

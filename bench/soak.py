@@ -58,10 +58,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import httpx  # noqa: E402
 from common import RESULTS_DIR, ServerProcess, machine_facts, print_facts, write_json  # noqa: E402
+from synthetic_adapters import make_peft_adapter  # noqa: E402
+from tiny_models import CORPUS, build_model_dir  # noqa: E402
 
-from loraplex.adapters.synthetic import make_peft_adapter  # noqa: E402
 from loraplex.adapters.targets import ATTENTION_TARGETS, TARGET_MODULES  # noqa: E402
-from loraplex.server.tiny_models import CORPUS, build_model_dir  # noqa: E402
 
 BASE = "tiny-base"
 VOCAB = 512  # the tiny model's vocabulary (ids 0..2 are special tokens)

@@ -69,7 +69,7 @@ def s3_endpoint() -> Iterator[str]:
 
 def family_seed(family: str) -> int:
     """A fixed weight seed per family, distinct so that llama and mistral (same shape) differ."""
-    from loraplex.server.tiny_models import FAMILIES
+    from tiny_models import FAMILIES
 
     return FAMILIES.index(family)
 
@@ -77,7 +77,7 @@ def family_seed(family: str) -> int:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """`tiny_model_dir(family="llama") -> Path`: a tiny seeded model dir, built once per family."""
-    from loraplex.server.tiny_models import build_model_dir
+    from tiny_models import build_model_dir
 
     root = tmp_path_factory.mktemp("tiny-models")
     built: dict[str, Path] = {}
@@ -92,7 +92,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], 
 
 @pytest.fixture(scope="session")
 def tokenizer():  # -> PreTrainedTokenizerFast (the tiny models' tokenizer, vocab 512)
-    from loraplex.server.tiny_models import train_tokenizer
+    from tiny_models import train_tokenizer
 
     return train_tokenizer()
 
@@ -101,7 +101,7 @@ def tokenizer():  # -> PreTrainedTokenizerFast (the tiny models' tokenizer, voca
 def adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Callable[[str], Path]) -> Callable[..., Path]:
     """`adapter_dir(family, rank, targets, seed, alpha=None, use_rslora=False, use_dora=False,
     ensure_weight_tying=False) -> Path`, cached per args."""
-    from loraplex.adapters.synthetic import make_peft_adapter
+    from synthetic_adapters import make_peft_adapter
 
     root = tmp_path_factory.mktemp("adapters")
     built: dict[tuple, Path] = {}

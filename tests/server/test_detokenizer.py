@@ -5,10 +5,10 @@ from __future__ import annotations
 import random
 
 import pytest
+from tiny_models import EOS_ID, train_tokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from loraplex.server.engine.detokenizer import IncrementalDetokenizer
-from loraplex.server.tiny_models import EOS_ID, train_tokenizer
 
 TEXT = "café naïve 日本語 🎉 — the quick brown fox 🦊 says héllo to 世界! Grüße, Привет. 👍🏽 done"
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 import random
 
 import pytest
+from tiny_models import CORPUS, EOS_TOKEN, SPECIAL_TOKENS
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from loraplex.server.engine.guided import GuidedCompiler, GuidedError, GuidedSpec, GuidedState, fill_bitmasks
-from loraplex.server.tiny_models import CORPUS, EOS_TOKEN, SPECIAL_TOKENS
 
 
 def _small_bpe() -> PreTrainedTokenizerFast:

@@ -10,6 +10,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from peft import PeftModel
+from tiny_models import FAMILIES
 from transformers import AutoModelForCausalLM
 
 from loraplex.server.config import ModelConfig
@@ -21,7 +22,6 @@ from loraplex.server.model_loader import (
     resolve_dtype,
     targetable_modules,
 )
-from loraplex.server.tiny_models import FAMILIES
 
 IDS = torch.tensor([[5, 40, 77, 300, 12, 9, 260, 146]])
 

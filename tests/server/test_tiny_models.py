@@ -5,21 +5,21 @@ from __future__ import annotations
 import json
 
 import pytest
+import tiny_models
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from loraplex.adapters.synthetic import PRESETS, make_peft_adapter
-from loraplex.adapters.targets import ATTENTION_TARGETS, TARGET_MODULES
-from loraplex.server import tiny_models
-from loraplex.server.tiny_models import (
+from synthetic_adapters import PRESETS, make_peft_adapter
+from tiny_models import (
     FAMILIES,
     bench_small_config,
     build_model_dir,
     tiny_config,
     train_tokenizer,
 )
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from loraplex.adapters.targets import ATTENTION_TARGETS, TARGET_MODULES
 
 TEXTS = [
     "Le café est très bon, naïve façade.",

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import httpx
 import jsonschema
 import pytest
+from tiny_models import EOS_ID, EOS_TOKEN
 
 from loraplex.server.api.schemas_openai import (
     _CHAT_NOT_IMPLEMENTED,
@@ -26,7 +27,6 @@ from loraplex.server.api.schemas_openai import (
     ChatCompletionRequest,
     CompletionRequest,
 )
-from loraplex.server.tiny_models import EOS_ID, EOS_TOKEN
 
 from .conftest import ok, post
 
