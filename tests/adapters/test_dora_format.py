@@ -1,8 +1,8 @@
 """Registration-time validation of DoRA, embedding and lm_head adapters: every bad tensor is a 400 naming it.
 
 Good adapters are written by PEFT itself (tests/fixtures/synthetic_adapters.py); each bad one is a copy with one
-tensor or config field broken. The base is a tiny seeded Llama (separate lm_head) or Qwen2 (lm_head tied to the embedding),
-seen through `LoRAInjection.module_shapes()`, which knows the embedding, lm_head and the base weights.
+tensor or config field broken. The base is a tiny seeded Llama (separate lm_head) or Qwen2 (lm_head tied to the
+embedding), seen through `LoRAInjection.module_shapes()`, which knows the embedding, lm_head and the base weights.
 """
 
 from __future__ import annotations
