@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from loraplex.adapters.digest import dir_digest
 from loraplex.adapters.errors import AdapterConflictError
 from loraplex.adapters.merge import is_virtual
 from loraplex.adapters.registry_poller import RegistryPoller
@@ -195,11 +196,14 @@ class Runtime:
         if root is None:
             return
         for name in DEMO_ADAPTERS:
-            if name in self.store:
-                continue  # kept from --state-dir (or another replica registered it)
+            replace = name in self.store  # kept from --state-dir (or another replica registered it)
+            if replace and self.store.get(name).current.sha256 == dir_digest(root / name):
+                continue
+            if replace:  # the shipped files changed since that registration (a rebuilt demo): ship them
+                log.info("demo adapter %s: its files changed; registering them as its new current version", name)
             files = {f: (root / name / f).read_bytes() for f in ADAPTER_FILES}
             try:
-                self.store.register_upload(name, files)
+                self.store.register_upload(name, files, replace=replace)
             except AdapterConflictError:  # another replica of a shared registry preloaded it first
                 self.store.sync()
         log.info("demo adapters from %s: %s", root, ", ".join(DEMO_ADAPTERS))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,41 @@ def test_the_demo_preloads_its_adapters_from_their_folder_and_leaves_the_root_al
     assert demo.with_demo_adapters(mine) == dataclasses.replace(mine, demo_adapters=rebuilt)  # root untouched
     # The user's own --preload replaces the demo adapters.
     assert demo.with_demo_adapters(ServerConfig(preload=(("a", "b"),))) == ServerConfig(preload=(("a", "b"),))
+
+
+def test_a_rebuilt_demo_adapter_becomes_the_current_version_at_the_next_start(tmp_path, tiny_model_dir, adapter_dir):
+    """The demo's adapters persist in --state-dir; when their shipped files change (a rebuilt demo), the next start
+    registers the new files as the current version instead of serving the old registration forever."""
+    from loraplex.adapters.digest import dir_digest
+    from loraplex.server.cli import build_parser, configs_from_args
+    from loraplex.server.demo import DEMO_ADAPTERS
+    from loraplex.server.runtime import Runtime
+
+    root = tmp_path / "demo-adapters"
+    for i, name in enumerate(DEMO_ADAPTERS):
+        shutil.copytree(adapter_dir("llama", rank=4, seed=60 + i), root / name)
+    args = ["serve", "--model", str(tiny_model_dir("llama")), "--state-dir", str(tmp_path / "state"), "--device",
+            "cpu", "--dtype", "float32", "--max-model-len", "64", "--num-kv-blocks", "32"]
+
+    def start() -> Runtime:
+        config = configs_from_args(build_parser().parse_args(args))
+        config = dataclasses.replace(config, server=dataclasses.replace(config.server, demo_adapters=root))
+        runtime = Runtime(config)
+        runtime.load()
+        assert runtime.load_error is None, runtime.load_error
+        return runtime
+
+    first = start()
+    old = {name: first.store.get(name).current.sha256 for name in DEMO_ADAPTERS}
+    first.shutdown()
+    rebuilt = DEMO_ADAPTERS[1]
+    shutil.rmtree(root / rebuilt)
+    shutil.copytree(adapter_dir("llama", rank=8, seed=99), root / rebuilt)
+    second = start()
+    try:
+        for name in DEMO_ADAPTERS:
+            assert second.store.get(name).current.sha256 == dir_digest(root / name)
+            assert len(second.store.get(name).versions) == (2 if name == rebuilt else 1)
+        assert old[rebuilt] != dir_digest(root / rebuilt)
+    finally:
+        second.shutdown()
