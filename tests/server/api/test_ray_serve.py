@@ -66,6 +66,10 @@ RAY_ENV = {
     # this deadline (0.1 s by default), else to another one: generous here, so a busy machine changes nothing.
     "RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "10",
     "RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "10",
+    # Ray's controller kills a proxy that misses its ready check (5 s) or 3 health checks (10 s each): on 2 cores
+    # beside two busy loops it did, and every test of the module errored. Generous: a slow machine is not a fault.
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "120",
 }
 
 
